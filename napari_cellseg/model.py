@@ -1,0 +1,172 @@
+"""The segmentation network: a timm backbone + torchvision FPN + torchvision Mask R-CNN heads.
+
+``ModelConfig`` holds every architecture choice and is stored inside each checkpoint, so a
+checkpoint always rebuilds the exact network that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the Mask R-CNN. Defaults follow the Kaggle Sartorius starter."""
+
+    backbone: str = "convnext_tiny"
+    fpn_channels: int = 256
+    num_classes: int = 2  # background + cell
+    min_size: int = 520  # 704x520 starter images are not rescaled
+    max_size: int = 704
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)  # one per FPN level (4 + pool)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    box_detections_per_img: int = 500
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    box_score_thresh: float = 0.05  # floor: detections below never reach Detections
+    box_nms_thresh: float = 0.5
+    box_head_size: int = 1024  # TwoMLPHead representation size
+    mask_head_channels: int = 256
+    mask_head_layers: int = 4
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (lists, not tuples): safe for ``torch.load(weights_only=True)``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            warnings.warn(f"ignoring unknown model config keys: {', '.join(unknown)}", stacklevel=2)
+        kwargs = {}
+        for k, v in d.items():
+            if k in names:
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)
+
+
+class BackboneError(RuntimeError):
+    """Backbone weights could not be built or loaded."""
+
+
+def _create_body(config: ModelConfig, backbone_weights: str | Path | None):
+    import timm
+
+    kwargs: dict[str, Any] = dict(features_only=True, out_indices=(0, 1, 2, 3))
+    if backbone_weights is None:
+        return timm.create_model(config.backbone, pretrained=False, **kwargs)
+    if str(backbone_weights) == "imagenet":
+        try:
+            return timm.create_model(config.backbone, pretrained=True, **kwargs)
+        except Exception as exc:  # no network, hub unreachable, unknown tag...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackboneError(
+                f"could not download ImageNet weights for {config.backbone!r} ({first}); "
+                "download them elsewhere and pass the file with --backbone-weights FILE"
+            ) from None
+    path = Path(backbone_weights)
+    if not path.is_file():
+        raise BackboneError(f"{path}: backbone weights file not found")
+    try:
+        return timm.create_model(
+            config.backbone, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+        )
+    except Exception as exc:
+        raise BackboneError(
+            f"{path}: not ImageNet weights for timm model {config.backbone!r} ({exc})"
+        ) from None
+
+
+def build_backbone(config: ModelConfig, backbone_weights: str | Path | None = None):
+    import torch
+    from torch import nn
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    body = _create_body(config, backbone_weights)
+    channels = list(body.feature_info.channels())
+
+    class TimmFPN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+            self.fpn = FeaturePyramidNetwork(channels, config.fpn_channels, extra_blocks=LastLevelMaxPool())
+            self.out_channels = config.fpn_channels
+
+        def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+            feats = self.body(x)
+            return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+    return TimmFPN()
+
+
+def build_model(config: ModelConfig | None = None, backbone_weights: str | Path | None = None):
+    """Build the Mask R-CNN. ``backbone_weights``: None (random), a local file, or "imagenet"."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+    from torchvision.ops import MultiScaleRoIAlign
+
+    config = config or ModelConfig()
+    backbone = build_backbone(config, backbone_weights)
+    n_levels = 5
+    if len(config.anchor_sizes) != n_levels:
+        raise ValueError(f"anchor_sizes needs {n_levels} values (one per FPN level), got {config.anchor_sizes}")
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in config.anchor_sizes),
+        aspect_ratios=(tuple(config.aspect_ratios),) * n_levels,
+    )
+    names = ["0", "1", "2", "3"]
+    box_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
+    c = backbone.out_channels
+    box_head = TwoMLPHead(c * 7 * 7, config.box_head_size)
+    mask_head = MaskRCNNHeads(c, [config.mask_head_channels] * config.mask_head_layers, 1)
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    model = MaskRCNN(
+        backbone,
+        num_classes=None,
+        min_size=config.min_size,
+        max_size=config.max_size,
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=config.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=config.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=config.rpn_batch_size_per_image,
+        box_roi_pool=box_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(config.box_head_size, config.num_classes),
+        box_score_thresh=config.box_score_thresh,
+        box_nms_thresh=config.box_nms_thresh,
+        box_detections_per_img=config.box_detections_per_img,
+        box_batch_size_per_image=config.box_batch_size_per_image,
+        mask_roi_pool=mask_pool,
+        mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(config.mask_head_channels, config.mask_head_channels, config.num_classes),
+    )
+    return model

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install (scripts/setup.sh) and run the whole test suite, GUI tests included, on a virtual screen.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec xvfb-run -a -s "-screen 0 1600x1000x24" python3 -m pytest -ra "$@"

@@ -1,0 +1,1 @@
+"""Fine-tuning for napari-cellseg models (the Kaggle Sartorius starter recipe)."""
