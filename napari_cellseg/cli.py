@@ -1,0 +1,308 @@
+"""The ``cellseg`` command line: ``cellseg to-labels | to-csv | evaluate ...``.
+
+Adding a sub-command: write ``_add_xxx(subparsers)`` that creates the parser and calls
+``parser.set_defaults(func=_cmd_xxx)``, write ``_cmd_xxx(args) -> int``, and append
+``_add_xxx`` to ``COMMANDS``. Import heavy modules (torch, ...) inside ``_cmd_xxx`` only: the
+file commands here must stay torch-free. Any ValueError / OSError (CsvError, ImageError,
+CheckpointError, ...) raised by a command becomes one line on stderr,
+``cellseg <cmd>: error: <message>``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+
+# ---- shared helpers --------------------------------------------------------------------------
+def _shape_arg(text: str) -> tuple[int, int]:
+    """argparse type for ``HxW`` (height x width), e.g. ``520x704``."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        if h > 0 and w > 0:
+            return h, w
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 520x704, got {text!r}")
+
+
+def _progress(iterable=None, **kwargs):
+    """tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("unit", "image")
+    return tqdm(iterable, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)
+
+
+def _label_image(path: Path):
+    """Read a label image file: a 2-D integer array (HxWx1 squeezed), else ImageError."""
+    from .images import ImageError, read_raw
+
+    labels = read_raw(path)
+    if labels.ndim == 3 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+        raise ImageError(f"{path}: not a 2-D integer label image "
+                         f"(shape {labels.shape}, dtype {labels.dtype})")
+    return labels
+
+
+def _image_shape(path: Path) -> tuple[int, int]:
+    from .images import ImageError, read_raw
+
+    array = read_raw(path)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+        return int(array.shape[0]), int(array.shape[1])
+    raise ImageError(f"{path}: cannot take an image size from shape {array.shape}")
+
+
+def _files_by_id(paths, what: str) -> dict[str, Path]:
+    """Image files (folders expanded) keyed by file stem = image id."""
+    from .images import list_images
+
+    found: dict[str, Path] = {}
+    for path in list_images(paths):
+        if path.stem in found:
+            raise ValueError(f"{path}: image id {path.stem!r} also given by {found[path.stem]}")
+        found[path.stem] = path
+    if not found:
+        raise ValueError(f"no {what} found in {', '.join(map(str, paths))}")
+    return found
+
+
+class _LabelFiles(Mapping):
+    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded)."""
+
+    def __init__(self, files: dict[str, Path], bar=None):
+        self.files, self.bar = files, bar
+
+    def __getitem__(self, image_id):
+        labels = _label_image(self.files[image_id])
+        if self.bar is not None:
+            self.bar.update(1)
+        return labels
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def shape(self, image_id):
+        return _image_shape(self.files[image_id])
+
+    def labels(self, image_id, shape=None):
+        labels = _label_image(self.files[image_id])
+        if shape is not None and labels.shape != tuple(shape):
+            raise ValueError(f"{self.files[image_id]}: size {labels.shape[0]}x{labels.shape[1]} "
+                             f"(HxW) differs from the ground truth {shape[0]}x{shape[1]}")
+        return labels
+
+    @property
+    def ids(self):
+        return list(self.files)
+
+
+def _label_source(path_text: str):
+    """A CSV (Annotations) or a folder / file of label images (_LabelFiles)."""
+    from .annotations import read_annotations
+
+    path = Path(path_text)
+    if path.suffix.lower() == ".csv":
+        return read_annotations(path)
+    return _LabelFiles(_files_by_id([path], "label images"))
+
+
+def _safe_id(image_id: str) -> str:
+    if not image_id or image_id in (".", "..") or any(c in image_id for c in '/\\:\0'):
+        raise ValueError(f"image id {image_id!r} cannot be used as a file name")
+    return image_id
+
+
+# ---- to-labels -------------------------------------------------------------------------------
+def _add_to_labels(subparsers) -> None:
+    p = subparsers.add_parser(
+        "to-labels", help="annotation CSV -> one label TIFF per image",
+        description="Decode an annotation / submission CSV into one label TIFF per image id "
+                    "(uint16, or int32 above 65535 cells). Image sizes come from the CSV's "
+                    "width/height columns, else from --shape, else from the matching images.")
+    p.add_argument("annotations", help="train.csv-style, Kaggle (id,predicted) or starter CSV")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--shape", type=_shape_arg, metavar="HxW",
+                      help="image size (height x width) when the CSV has no width/height")
+    size.add_argument("--images", metavar="DIR",
+                      help="folder of the original images (file stem = image id) for the sizes")
+    p.set_defaults(func=_cmd_to_labels)
+
+
+def _cmd_to_labels(args) -> int:
+    import numpy as np
+    import tifffile
+
+    from .annotations import read_annotations
+    from .atomic import atomic_write
+
+    ann = read_annotations(args.annotations)
+    images = _files_by_id([args.images], "images") if args.images else {}
+    shapes = {}
+    for image_id in ann.ids:  # check every size source before writing anything
+        _safe_id(image_id)
+        if ann.shape(image_id) is not None:
+            shapes[image_id] = None
+        elif args.shape:
+            shapes[image_id] = args.shape
+        elif images:
+            if image_id not in images:
+                raise ValueError(f"no image for id {image_id!r} in {args.images}")
+            shapes[image_id] = images[image_id]
+        else:
+            ann.labels(image_id)  # raises CsvError: unknown width/height (names file and row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for image_id in _progress(ann.ids, desc="to-labels"):
+        shape = shapes[image_id]
+        if isinstance(shape, Path):
+            shape = _image_shape(shape)
+        labels = ann.labels(image_id, shape)
+        if labels.max(initial=0) <= np.iinfo(np.uint16).max:
+            labels = labels.astype(np.uint16)
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, labels, compression="zlib")
+        with atomic_write(args.out / f"{image_id}.tif", "wb") as fh:
+            fh.write(buffer.getvalue())
+    print(f"wrote {len(ann.ids)} label images to {args.out}")
+    return 0
+
+
+# ---- to-csv ----------------------------------------------------------------------------------
+def _add_to_csv(subparsers) -> None:
+    p = subparsers.add_parser(
+        "to-csv", help="label images -> annotation CSV",
+        description="Encode label images (file stem = image id) as one CSV row per cell.")
+    p.add_argument("labels", nargs="+", help="label image files and/or folders of them")
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write (atomically)")
+    p.add_argument("--format", choices=("kaggle", "starter", "train"), default="kaggle",
+                   help="kaggle: id,predicted; starter: idx,id,annotation; "
+                        "train: id,annotation,width,height (default: %(default)s)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep rows of other images already in --out, replace these images' rows")
+    p.set_defaults(func=_cmd_to_csv)
+
+
+def _cmd_to_csv(args) -> int:
+    from .annotations import write_annotations
+
+    files = _files_by_id(args.labels, "label images")
+    with _progress(total=len(files), desc="to-csv") as bar:
+        write_annotations(args.out, _LabelFiles(files, bar), format=args.format, merge=args.merge)
+    print(f"wrote {len(files)} images to {args.out} ({args.format} format)")
+    return 0
+
+
+# ---- evaluate --------------------------------------------------------------------------------
+def _add_evaluate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="Kaggle mAP of predictions against ground truth",
+        description="Score predictions with the Kaggle Sartorius metric (mean over IoU "
+                    "0.50:0.05:0.95 of TP/(TP+FP+FN)). Every image in GT is scored; a missing "
+                    "prediction counts as an empty one (0 when GT has cells). Sizes for a CSV "
+                    "without width/height come from the ground truth.")
+    p.add_argument("--gt", required=True, help="ground truth: annotation CSV or label folder")
+    p.add_argument("--pred", required=True, help="predictions: CSV (any format) or label folder")
+    p.add_argument("--shape", type=_shape_arg, metavar="HxW",
+                   help="image size when the ground truth CSV has no width/height")
+    p.add_argument("--iou", type=float, default=0.5,
+                   help="IoU threshold for the TP/FP/FN counts (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from .metrics import evaluate_image
+
+    gt, pred = _label_source(args.gt), _label_source(args.pred)
+    results, missing = [], []
+    for image_id in _progress(gt.ids, desc="evaluate"):
+        gt_labels = gt.labels(image_id, gt.shape(image_id) or args.shape)
+        if image_id in pred:
+            pred_labels = pred.labels(image_id, gt_labels.shape)
+        else:
+            missing.append(image_id)
+            pred_labels = np.zeros_like(gt_labels)
+        score = evaluate_image(gt_labels, pred_labels, iou=args.iou)
+        results.append({"id": image_id, **score.to_dict()})
+    extra = [i for i in pred.ids if i not in gt]
+    mean = float(np.mean([r["map"] for r in results]))
+    if args.json:
+        json.dump({"mean_map": mean, "n_images": len(results), "iou": args.iou,
+                   "images": results, "missing_predictions": missing,
+                   "extra_predictions": extra}, sys.stdout, indent=1)
+        print()
+        return 0
+    width = max(8, *(len(r["id"]) for r in results))
+    print(f"{'image':<{width}}  {'mAP':>6}  {'gt':>5}  {'pred':>5}  {'TP':>5}  {'FP':>5}  {'FN':>5}")
+    for r in results:
+        print(f"{r['id']:<{width}}  {r['map']:6.4f}  {r['n_gt']:5d}  {r['n_pred']:5d}  "
+              f"{r['tp']:5d}  {r['fp']:5d}  {r['fn']:5d}")
+    print(f"mean mAP over {len(results)} images: {mean:.4f}  (TP/FP/FN at IoU > {args.iou})")
+    if missing:
+        print(f"note: {len(missing)} images had no prediction (scored as empty)", file=sys.stderr)
+    if extra:
+        print(f"note: {len(extra)} predicted images are not in the ground truth (ignored)",
+              file=sys.stderr)
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cellseg", description="napari-cellseg: cell instance segmentation tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}"
+    else:
+        message = str(exc) or type(exc).__name__
+    return " ".join(message.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as exc:
+        print(f"cellseg {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cellseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
