@@ -25,6 +25,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         open_kwargs.setdefault("newline", "")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
+        umask = os.umask(0)  # mkstemp makes 0600 files; give the usual 0666 & ~umask instead
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, mode, **open_kwargs) as fh:
             yield fh
             fh.flush()
