@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from napari_cellseg.metrics import THRESHOLDS, average_precision, evaluate_image, iou_matrix
+
+
+def _reference(gt, pred):
+    """Per-pair loop version of the Kaggle metric."""
+    gi, pi = [i for i in np.unique(gt) if i], [i for i in np.unique(pred) if i]
+    if not gi and not pi:
+        return 1.0
+    iou = np.array([[((gt == g) & (pred == p)).sum() / ((gt == g) | (pred == p)).sum()
+                     for p in pi] for g in gi]).reshape(len(gi), len(pi))
+    scores = []
+    for t in THRESHOLDS:
+        tp = int((iou > t).sum())
+        scores.append(tp / (len(gi) + len(pi) - tp))
+    return float(np.mean(scores))
+
+
+def test_thresholds():
+    assert np.allclose(THRESHOLDS, np.arange(0.5, 1.0, 0.05)) and len(THRESHOLDS) == 10
+
+
+def test_hand_computed_example():
+    gt = np.zeros((10, 10), int)
+    gt[:5, :5] = 1
+    gt[6:, 6:] = 2
+    pred = np.zeros((10, 10), int)
+    pred[:5, :4] = 3  # IoU 0.8 with gt 1: a hit below 0.8, not at 0.8 (strict >)
+    pred[0, 9] = 9  # false positive
+    score = evaluate_image(gt, pred)
+    assert score.per_threshold[0.75] == pytest.approx(1 / 3)
+    assert score.per_threshold[0.8] == 0.0
+    assert score.map == pytest.approx(6 / 3 / 10)
+    assert score.tp_pred.tolist() == [3] and score.fp_pred.tolist() == [9]
+    assert score.fn_gt.tolist() == [2] and (score.tp, score.fp, score.fn) == (1, 1, 1)
+    assert evaluate_image(gt, pred, iou=0.85).tp == 0
+
+
+def test_edge_cases():
+    empty = np.zeros((4, 4), int)
+    full = np.ones((4, 4), int)
+    assert average_precision(empty, empty) == 1.0
+    assert average_precision(full, empty) == 0.0 and average_precision(empty, full) == 0.0
+    assert average_precision(full, full * 7) == 1.0  # no background at all
+    with pytest.raises(ValueError, match="differ in size"):
+        average_precision(empty, np.zeros((4, 5), int))
+
+
+def test_matches_reference_on_perturbed_nuclei(nuclei_label_slices):
+    rng = np.random.default_rng(1)
+    for gt in nuclei_label_slices.values():
+        pred = np.roll(gt, 3, axis=1)  # shifted masks: IoUs spread over the thresholds
+        pred[pred == rng.choice(np.unique(gt)[1:])] = 0  # one missed cell
+        pred[:6, :6] = 999  # one false positive
+        assert average_precision(gt, pred) == pytest.approx(_reference(gt, pred))
+        assert average_precision(gt, gt) == 1.0
+
+
+def test_iou_matrix():
+    gt = np.array([[1, 1, 0], [2, 2, 2]])
+    pred = np.array([[5, 0, 0], [5, 6, 6]])
+    iou, gi, pi = iou_matrix(gt, pred)
+    assert gi.tolist() == [1, 2] and pi.tolist() == [5, 6]
+    assert np.allclose(iou, [[1 / 3, 0], [1 / 4, 2 / 3]])
