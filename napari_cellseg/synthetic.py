@@ -363,12 +363,14 @@ def _write_tif(path: Path, array: np.ndarray) -> None:
         fh.write(buf.getvalue())
 
 
-def write_dataset(out_dir, n: int, kind: str = "mixed", seed: int = 0, shape=(256, 256), **opts):
+def write_dataset(out_dir, n: int, kind: str = "mixed", seed: int = 0, shape=(256, 256),
+                  start: int = 0, **opts):
     """Write ``n`` images to ``out_dir/images/NAME.tif`` and labels to ``out_dir/labels/NAME.tif``.
 
     ``kind``: "nuclei", "cells" or "mixed" (each image picks one). Names look like
-    ``synth_nuclei_0003.tif`` (the number is the index within this call). Each file is written
-    atomically. Returns the list of names (without suffix).
+    ``synth_nuclei_0003.tif``; numbers run from ``start`` (so several calls can fill one
+    folder) and image i depends only on (seed, i). Each file is written atomically.
+    Returns the list of names (without suffix).
     """
     if kind not in KINDS + ("mixed",):
         raise ValueError(f"kind must be one of {KINDS + ('mixed',)}, got {kind!r}")
@@ -376,7 +378,7 @@ def write_dataset(out_dir, n: int, kind: str = "mixed", seed: int = 0, shape=(25
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     names = []
-    for i in range(int(n)):
+    for i in range(int(start), int(start) + int(n)):
         state = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
         k = kind if kind != "mixed" else KINDS[state % 2]
         image, labels = make_image(k, shape=shape, seed=state, **opts)
