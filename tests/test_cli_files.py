@@ -1,0 +1,125 @@
+"""`cellseg to-labels | to-csv | evaluate` run as subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_cellseg.annotations import read_annotations
+
+
+def cellseg(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "napari_cellseg.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture
+def label_dir(tmp_path, nuclei_label_slices):
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    for image_id, labels in nuclei_label_slices.items():
+        tifffile.imwrite(folder / f"{image_id}.tif", labels.astype(np.uint16))
+    return folder
+
+
+def test_help_for_every_command():
+    for command in ("to-labels", "to-csv", "evaluate"):
+        result = cellseg(command, "--help")
+        assert result.returncode == 0 and "usage: cellseg " + command in result.stdout
+
+
+def test_round_trip_and_evaluate(tmp_path, label_dir, nuclei_label_slices):
+    csv = tmp_path / "train.csv"
+    assert cellseg("to-csv", label_dir, "--out", csv, "--format", "train").returncode == 0
+    assert read_annotations(csv).ids == list(nuclei_label_slices)
+    out = tmp_path / "back"
+    result = cellseg("to-labels", csv, "--out", out)
+    assert result.returncode == 0, result.stderr
+    for image_id, labels in nuclei_label_slices.items():
+        back = tifffile.imread(out / f"{image_id}.tif")
+        assert back.shape == labels.shape and (back > 0).sum() == (labels > 0).sum()
+        assert len(np.unique(back)) == len(np.unique(labels))
+        assert len(np.unique(np.stack([labels.ravel(), back.ravel()]), axis=1).T) == len(np.unique(labels))
+    result = cellseg("evaluate", "--gt", label_dir, "--pred", csv, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["mean_map"] == 1.0 and report["n_images"] == len(nuclei_label_slices)
+    assert all(r["fp"] == 0 and r["fn"] == 0 for r in report["images"])
+
+
+def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
+    csv = tmp_path / "sub.csv"
+    assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes
+    result = cellseg("to-labels", csv, "--out", tmp_path / "o1")
+    assert result.returncode == 2 and "unknown width/height" in result.stderr
+    assert not (tmp_path / "o1").exists()  # nothing written before failing
+    assert cellseg("to-labels", csv, "--out", tmp_path / "o2", "--shape", "256x256").returncode == 0
+    assert cellseg("to-labels", csv, "--out", tmp_path / "o3", "--images", label_dir).returncode == 0
+    assert len(list((tmp_path / "o3").glob("*.tif"))) == len(nuclei_label_slices)
+    # prediction with one image missing and one cell removed, sizes taken from the GT folder
+    first, *rest = nuclei_label_slices
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for image_id in rest:
+        labels = nuclei_label_slices[image_id].copy()
+        labels[labels == labels.max()] = 0
+        tifffile.imwrite(pred / f"{image_id}.tif", labels)
+    result = cellseg("evaluate", "--gt", csv, "--pred", pred, "--shape", "256x256", "--json")
+    report = json.loads(result.stdout)
+    scores = {r["id"]: r for r in report["images"]}
+    assert scores[first]["map"] == 0.0 and report["missing_predictions"] == [first]
+    assert all(scores[i]["fn"] == 1 and 0.9 < scores[i]["map"] < 1 for i in rest)
+    text = cellseg("evaluate", "--gt", csv, "--pred", pred, "--shape", "256x256")
+    assert text.returncode == 0 and f"mean mAP over {len(scores)} images: " in text.stdout
+
+
+BAD_CSV = {
+    "missing column": "id,annotation,width\na,1 2,3\n",
+    "token": "id,annotation,width,height\na,1 x,3,3\n",
+    "past end": "id,annotation,width,height\na,9 3,3,3\n",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CSV))
+def test_bad_csv_exit_2_one_line(tmp_path, name):
+    path = tmp_path / "bad.csv"
+    path.write_text(BAD_CSV[name])
+    result = cellseg("to-labels", path, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cellseg to-labels: error: {path}: ")
+    assert name == "empty" or "row " in lines[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_binary_and_bad_images(tmp_path):
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(bytes(range(256)))
+    result = cellseg("evaluate", "--gt", binary, "--pred", binary)
+    assert result.returncode == 2 and "binary file" in result.stderr
+    (tmp_path / "lab").mkdir()
+    tifffile.imwrite(tmp_path / "lab" / "a.tif", np.zeros((2, 3, 4, 5), np.uint16))
+    out = tmp_path / "x.csv"
+    result = cellseg("to-csv", tmp_path / "lab", "--out", out)
+    assert result.returncode == 2 and "a.tif: not a 2-D integer label image" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".x.csv*"))  # no half-written file
+    result = cellseg("to-csv", tmp_path / "nothing", "--out", out)
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_usage_errors_exit_2():
+    assert cellseg().returncode == 2
+    assert cellseg("to-labels", "a.csv", "--out", "o", "--shape", "big").returncode == 2
+
+
+def test_commands_do_not_import_torch(tmp_path, label_dir):
+    code = ("import sys; from napari_cellseg.cli import main; "
+            f"rc = main(['to-csv', {str(label_dir)!r}, '--out', {str(tmp_path / 'a.csv')!r}]); "
+            f"rc += main(['evaluate', '--gt', {str(label_dir)!r}, '--pred', {str(tmp_path / 'a.csv')!r}]); "
+            "print(rc, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split()[-2:] == ["0", "False"], result.stderr
