@@ -1,0 +1,185 @@
+"""Non-Qt logic behind the widget, reader and writer: image ids, planes, export, CSV -> layers.
+
+Everything takes napari layer objects (or plain arrays) and returns plain data, so tests can call
+it without a window. No numerics live in the Qt callbacks; they live here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_KEY = "napari_cellseg"  # key in Labels.metadata marking a result layer
+CSV_FORMATS = {
+    "kaggle": "Kaggle submission (id, predicted)",
+    "starter": "Starter notebook (idx, id, annotation)",
+    "train": "Training CSV (id, annotation, width, height)",
+}
+_PLANE_SUFFIX = re.compile(r"^(?P<base>.+)_z(?P<z>\d+)$")
+
+
+class InputError(ValueError):
+    """Bad input from the user (no image, wrong dimensions, nothing to export...)."""
+
+
+@dataclass
+class Result:
+    """What a result layer remembers (stored in ``layer.metadata[META_KEY]``)."""
+
+    image_id: str
+    image_layer: str
+    plane: tuple[int, ...] = ()
+    detections: Any = None  # predict.Detections (kept so sliders never re-run the network)
+    thresholds: dict = field(default_factory=dict)
+    checkpoint: str = ""
+    edited: bool = False
+
+
+def result_of(layer) -> Result | None:
+    meta = getattr(layer, "metadata", None) or {}
+    r = meta.get(META_KEY)
+    return r if isinstance(r, Result) else None
+
+
+def image_id_for_layer(layer) -> str:
+    """The file stem of the layer's source, else the layer name."""
+    src = getattr(getattr(layer, "source", None), "path", None)
+    if src:
+        return Path(str(src)).stem
+    return str(layer.name)
+
+
+def spatial_shape(layer) -> tuple[int, ...]:
+    """Shape without the RGB channel axis."""
+    shape = tuple(int(s) for s in layer.data.shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def image_plane(layer, current_step=None, ndisplay: int = 2) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The 2D (grey or RGB) array to segment and the plane index prefix (``()`` for a 2D image).
+
+    A stack (3D/4D) needs a chosen plane: the viewer's current step, shown in 2D view.
+    """
+    if getattr(layer, "multiscale", False):
+        raise InputError(f"layer {layer.name!r} is multiscale; open a single-resolution image")
+    shape = spatial_shape(layer)
+    if len(shape) < 2:
+        raise InputError(f"layer {layer.name!r} has {len(shape)} dimension(s); need a 2D image")
+    if len(shape) == 2:
+        return np.asarray(layer.data), ()
+    if ndisplay != 2 or current_step is None:
+        raise InputError(
+            f"layer {layer.name!r} is a {len(shape)}D stack: switch the viewer to 2D view and "
+            "move the slider to the plane to segment")
+    lead = len(shape) - 2
+    step = tuple(int(s) for s in current_step)
+    # napari aligns layers to the right: the layer's leading axes are the viewer's last-but-2 axes
+    start = len(step) - len(shape)
+    if start < 0:
+        raise InputError(f"layer {layer.name!r}: no plane chosen (viewer has fewer axes than the layer)")
+    prefix = tuple(min(max(step[start + i], 0), shape[i] - 1) for i in range(lead))
+    return np.asarray(layer.data[prefix]), prefix
+
+
+def result_layer_name(image_layer_name: str) -> str:
+    return f"{image_layer_name} cells"
+
+
+def plane_id(image_id: str, prefix: tuple[int, ...]) -> str:
+    return image_id + "".join(f"_z{p}" for p in prefix)
+
+
+def labels_items(layer) -> dict[str, np.ndarray]:
+    """``{image id: 2D labels}`` for one Labels layer (each labelled plane of a stack)."""
+    r = result_of(layer)
+    meta = getattr(layer, "metadata", None) or {}
+    base = r.image_id if r else meta.get("image_id") or _strip_cells(str(layer.name))
+    data = np.asarray(layer.data)
+    if data.ndim == 2:
+        return {base: data}
+    if data.ndim < 2:
+        raise InputError(f"layer {layer.name!r} is not a 2D label image")
+    items = {}
+    for prefix in np.ndindex(*data.shape[:-2]):
+        plane = data[prefix]
+        if plane.any():
+            items[plane_id(base, prefix)] = plane
+    return items
+
+
+def _strip_cells(name: str) -> str:
+    return name[: -len(" cells")] if name.endswith(" cells") else name
+
+
+def export_items(layers, only=None) -> dict[str, np.ndarray]:
+    """Collect ``{image id: labels}`` from result layers (``only``: one layer, else every one)."""
+    chosen = [only] if only is not None else [lyr for lyr in layers if result_of(lyr) is not None]
+    if not chosen or any(lyr is None for lyr in chosen):
+        raise InputError("nothing segmented yet: press Segment first (nothing was written)")
+    items: dict[str, np.ndarray] = {}
+    for lyr in chosen:
+        for key, lab in labels_items(lyr).items():
+            if key in items:
+                raise InputError(f"two layers export the same image id {key!r}; rename one")
+            items[key] = lab
+    if not items:
+        raise InputError("the segmented layers hold no cells in any plane (nothing was written)")
+    return items
+
+
+def export_csv(path, items: dict[str, np.ndarray], fmt: str = "kaggle") -> int:
+    """Write/merge ``items`` into ``path`` (atomic; other ids' rows kept). Returns cells written."""
+    from .annotations import write_annotations
+
+    if fmt not in CSV_FORMATS:
+        raise InputError(f"unknown CSV format {fmt!r}; choose one of {', '.join(CSV_FORMATS)}")
+    write_annotations(path, {k: np.asarray(v) for k, v in items.items()}, format=fmt,
+                      merge=Path(path).exists())
+    return int(sum(len(np.unique(v[v > 0])) for v in items.values()))
+
+
+def shape_from_layers(image_id: str, layers) -> tuple[int, int] | None:
+    """(H, W) of an open image whose id is ``image_id`` (or ``ID_zN`` for a stack plane)."""
+    m = _PLANE_SUFFIX.match(image_id)
+    for lyr in layers or ():
+        if type(lyr).__name__ not in ("Image", "Labels") or result_of(lyr) is not None:
+            continue
+        ids = {image_id_for_layer(lyr), str(lyr.name)}
+        shape = spatial_shape(lyr)
+        if image_id in ids and len(shape) >= 2:
+            return shape[-2:]
+        if m and m.group("base") in ids and len(shape) > 2:
+            return shape[-2:]
+    return None
+
+
+def csv_to_layer_data(path, layers=()) -> list[tuple]:
+    """Read an annotation/submission CSV into napari LayerData tuples, one per image id.
+
+    The size comes from width/height columns, else from an open image with that id; ids with
+    no known size raise ``InputError`` naming them (nothing is added).
+    """
+    from .annotations import read_annotations
+
+    ann = read_annotations(path)
+    shapes, unknown = {}, []
+    for image_id in ann.ids:
+        shape = ann.shape(image_id) or shape_from_layers(image_id, layers)
+        if shape is None:
+            unknown.append(image_id)
+        shapes[image_id] = shape
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise InputError(
+            f"{path}: image size unknown for {listed}: the CSV has no width/height columns; "
+            "open the image(s) with that name first, then open the CSV again")
+    out = []
+    for image_id in ann.ids:
+        labels = ann.labels(image_id, shape=tuple(shapes[image_id]))
+        out.append((labels, {"name": result_layer_name(image_id),
+                             "metadata": {"image_id": image_id, "source_csv": str(path)}}, "labels"))
+    return out

@@ -1,0 +1,481 @@
+"""The "Segment cells" dock widget (thin: reads the form, calls the core, puts results in layers).
+
+Prediction runs in a napari thread worker (``predict.Predictor.iter_predict``, imported lazily so
+napari start-up never imports torch). The network output (Detections) is kept in the result
+layer's metadata; the sliders only call ``Detections.to_labels``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
+                            QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
+                            QVBoxLayout, QWidget)
+from superqt import QLabeledDoubleSlider
+
+from . import _edit
+from ._layers import (CSV_FORMATS, InputError, Result, export_csv, export_items, image_id_for_layer,
+                      image_plane, result_layer_name, result_of, spatial_shape)
+
+MAX_RECENT = 5
+
+
+# ---------------------------------------------------------------- settings (small json file)
+
+def settings_path() -> Path:
+    base = os.environ.get("NAPARI_CELLSEG_CONFIG_DIR") or Path.home() / ".config" / "napari-cellseg"
+    return Path(base) / "settings.json"
+
+
+def load_settings() -> dict:
+    try:
+        return json.loads(settings_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_settings(update: dict) -> None:
+    from .atomic import atomic_write
+
+    data = {**load_settings(), **update}
+    try:
+        settings_path().parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(settings_path()) as f:
+            json.dump(data, f, indent=1)
+    except OSError:  # a read-only home must not break segmentation
+        pass
+
+
+def _segment_job(checkpoint, device, image, scale, cache):
+    """Worker body: load (or reuse) the predictor, run it once, return (Detections, thresholds)."""
+    from .predict import Predictor
+
+    path = Path(checkpoint)
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, device)
+    predictor = cache.get(key)
+    if predictor is None:
+        yield {"stage": "loading model", "fraction": 0.0}
+        predictor = Predictor.from_checkpoint(path, device=device)
+        cache.clear()  # one model in memory at a time
+        cache[key] = predictor
+    dets = yield from predictor.iter_predict(image, scale=scale)
+    return dets, dict(predictor.thresholds)
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: pick image + model, Segment, tune thresholds live, edit, export CSV."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self._predictors: dict = {}
+        self._worker = None
+        self._bound: set[int] = set()
+        self._build()
+        self._refresh_images()
+        self._refresh_models()
+        ev = self.viewer.layers.events
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.connect(self._refresh_images)
+        self._update_tune_panel()
+
+    # ------------------------------------------------------------ UI
+    def _build(self):
+        root = QVBoxLayout(self)
+        hint = QLabel("1. choose an image and a model  2. Segment  3. tune the sliders, fix cells "
+                      "by hand  4. Export CSV")
+        hint.setWordWrap(True)
+        root.addWidget(hint)
+
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("2D grey or RGB image layer. For a stack, the plane shown in the "
+                                    "viewer is segmented.")
+        self.image_combo.currentIndexChanged.connect(self._update_tune_panel)
+        form.addRow("Image", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Checkpoint (.bin/.pth) written by cellseg-train, or the bundled "
+                                    "demo model")
+        self.browse_btn = QPushButton("Browse…")
+        self.browse_btn.setToolTip("Choose a checkpoint file")
+        self.browse_btn.clicked.connect(self._on_browse)
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(self.browse_btn)
+        form.addRow("Model", row)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("auto = GPU if one is available, else CPU")
+        form.addRow("Device", self.device_combo)
+        self.scale_spin = QDoubleSpinBox()
+        self.scale_spin.setRange(0.25, 4.0)
+        self.scale_spin.setSingleStep(0.25)
+        self.scale_spin.setValue(1.0)
+        self.scale_spin.setToolTip("Resize the image by this factor before the network: > 1 when "
+                                   "cells look smaller than in the training images, < 1 when larger")
+        form.addRow("Object scale", self.scale_spin)
+        root.addLayout(form)
+
+        run_row = QHBoxLayout()
+        self.segment_btn = QPushButton("Segment")
+        self.segment_btn.setToolTip("Run the network once on the image (the sliders below then work "
+                                    "without re-running it)")
+        self.segment_btn.clicked.connect(self.segment)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.cancel)
+        run_row.addWidget(self.segment_btn, 2)
+        run_row.addWidget(self.cancel_btn, 1)
+        root.addLayout(run_row)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        root.addWidget(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+
+        tune = QGroupBox("Tune (instant, no re-run)")
+        tform = QFormLayout(tune)
+        self.box_slider = self._slider("Detections scoring below this are dropped")
+        self.mask_slider = self._slider("Pixel probability above which a pixel belongs to the cell")
+        tform.addRow("Box confidence", self.box_slider)
+        tform.addRow("Mask threshold", self.mask_slider)
+        self.area_spin = QSpinBox()
+        self.area_spin.setRange(0, 1_000_000)
+        self.area_spin.setSuffix(" px")
+        self.area_spin.setToolTip("Cells with fewer pixels are dropped")
+        self.area_spin.valueChanged.connect(self.redraw)
+        tform.addRow("Min area", self.area_spin)
+        self.count_label = QLabel("")
+        tform.addRow("Cells", self.count_label)
+        self.reset_btn = QPushButton("Edited by hand — Reset to model")
+        self.reset_btn.setToolTip("The sliders are locked so hand edits are not lost. This discards "
+                                  "the edits and redraws from the model output.")
+        self.reset_btn.setStyleSheet("QPushButton { color: #ffb000; font-weight: bold; }")
+        self.reset_btn.clicked.connect(self.reset_to_model)
+        tform.addRow(self.reset_btn)
+        root.addWidget(tune)
+        self.tune_box = tune
+
+        edit = QGroupBox("Edit (on the cells layer)")
+        ev = QVBoxLayout(edit)
+        keys = "\n".join(f"{k}: {h}" for k, h in _edit.SHORTCUTS.values())
+        help_lbl = QLabel("Paint / fill / erase / pick with napari's layer tools. Keys (mouse over the "
+                          "image):\n" + keys)
+        help_lbl.setWordWrap(True)
+        ev.addWidget(help_lbl)
+        erow = QHBoxLayout()
+        self.newid_btn = QPushButton("New id for last stroke")
+        self.newid_btn.clicked.connect(functools.partial(self._edit_action, "new_id"))
+        self.renumber_btn = QPushButton("Renumber 1..N")
+        self.renumber_btn.clicked.connect(functools.partial(self._edit_action, "renumber"))
+        erow.addWidget(self.newid_btn)
+        erow.addWidget(self.renumber_btn)
+        ev.addLayout(erow)
+        root.addWidget(edit)
+        self.edit_box = edit
+
+        exp = QGroupBox("Export")
+        xform = QFormLayout(exp)
+        self.format_combo = QComboBox()
+        for key, text in CSV_FORMATS.items():
+            self.format_combo.addItem(text, key)
+        xform.addRow("Format", self.format_combo)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(["all segmented images", "selected image only"])
+        self.scope_combo.setToolTip("An existing CSV keeps the rows of other images; rows of these "
+                                    "images are replaced")
+        xform.addRow("Write", self.scope_combo)
+        self.export_btn = QPushButton("Export CSV…")
+        self.export_btn.clicked.connect(self.export)
+        xform.addRow(self.export_btn)
+        root.addWidget(exp)
+        root.addStretch(1)
+
+    def _slider(self, tip):
+        s = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        s.setRange(0.0, 1.0)
+        s.setSingleStep(0.01)
+        s.setDecimals(2)
+        s.setValue(0.5)
+        s.setToolTip(tip)
+        s.valueChanged.connect(self.redraw)
+        return s
+
+    # ------------------------------------------------------------ messages
+    def _error(self, msg):
+        self.status.setText(f"⚠ {msg}")
+        show_error(msg)
+
+    def _info(self, msg, notify=False):
+        self.status.setText(msg)
+        if notify:
+            show_info(msg)
+
+    # ------------------------------------------------------------ pickers
+    def _refresh_images(self, event=None):
+        current = self.image_combo.currentText()
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        names = [lyr.name for lyr in self.viewer.layers if isinstance(lyr, Image)]
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        elif names:
+            sel = self.viewer.layers.selection.active
+            self.image_combo.setCurrentText(sel.name if isinstance(sel, Image) else names[-1])
+        self.image_combo.blockSignals(False)
+        self.image_combo.setPlaceholderText("open an image first")
+        self._update_tune_panel()
+
+    def _refresh_models(self, select: str | None = None):
+        from .checkpoint import bundled_model_path
+
+        self.model_combo.clear()
+        bundled = bundled_model_path()
+        if bundled.is_file():
+            self.model_combo.addItem("Demo model (bundled)", str(bundled))
+        for p in load_settings().get("recent_checkpoints", []):
+            if Path(p).is_file() and Path(p) != bundled:
+                self.model_combo.addItem(Path(p).name, p)
+                self.model_combo.setItemData(self.model_combo.count() - 1, p, Qt.ItemDataRole.ToolTipRole)
+        if self.model_combo.count() == 0:
+            self.model_combo.setPlaceholderText("no model yet: press Browse…")
+        else:
+            self.model_combo.setCurrentIndex(0)
+        last = select or load_settings().get("last_checkpoint")
+        for i in range(self.model_combo.count()):
+            if self.model_combo.itemData(i) == last:
+                self.model_combo.setCurrentIndex(i)
+
+    def _ask_checkpoint_file(self) -> str:  # tests replace this
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "",
+                                              "Checkpoints (*.bin *.pth *.pt *.ckpt);;All files (*)")
+        return path
+
+    def _on_browse(self):
+        path = self._ask_checkpoint_file()
+        if path:
+            self.set_checkpoint(path)
+
+    def set_checkpoint(self, path):
+        path = str(Path(path).resolve())
+        recent = [path] + [p for p in load_settings().get("recent_checkpoints", []) if p != path]
+        save_settings({"recent_checkpoints": recent[:MAX_RECENT], "last_checkpoint": path})
+        self._refresh_models(select=path)
+
+    def _checkpoint(self) -> str:
+        path = self.model_combo.currentData()
+        if not path:
+            raise InputError("no model chosen: the bundled demo model is not installed; press "
+                             "Browse… and pick a checkpoint file")
+        return path
+
+    def _image_layer(self) -> Image:
+        name = self.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise InputError("no image layer: open an image (File > Open) and choose it under Image")
+        return self.viewer.layers[name]
+
+    def _result_layer(self) -> Labels | None:
+        name = self.image_combo.currentText()
+        target = result_layer_name(name) if name else None
+        if target and target in self.viewer.layers:
+            lyr = self.viewer.layers[target]
+            if isinstance(lyr, Labels) and result_of(lyr) is not None:
+                return lyr
+        return None
+
+    # ------------------------------------------------------------ segment / cancel
+    def segment(self):
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None:
+            return
+        try:
+            layer = self._image_layer()
+            image, plane = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+            checkpoint = self._checkpoint()
+            existing = self._result_layer()
+            if existing is not None and result_of(existing).edited:
+                raise InputError(f"{existing.name!r} has hand edits: press 'Reset to model' to discard "
+                                 "them (or rename that layer to keep them), then Segment again")
+        except InputError as exc:
+            self._error(str(exc))
+            return
+        save_settings({"last_checkpoint": checkpoint})
+        worker = create_worker(_segment_job, checkpoint, self.device_combo.currentText(), image,
+                               float(self.scale_spin.value()), self._predictors,
+                               _ignore_errors=True)  # errors are shown by _on_failed
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(functools.partial(self._on_done, layer, plane, checkpoint))
+        worker.errored.connect(self._on_failed)
+        worker.aborted.connect(lambda: self._info("Cancelled: nothing changed.", notify=True))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.segment_btn.setEnabled(False)
+        self.cancel_btn.setEnabled(True)
+        self.progress.setValue(0)
+        self._info(f"Segmenting {layer.name}{f' plane {plane}' if plane else ''}…")
+        worker.start()
+
+    def cancel(self):
+        if self._worker is not None:
+            self._info("Cancelling…")
+            self._worker.quit()
+
+    def _on_progress(self, event):
+        self.progress.setValue(int(100 * float(event.get("fraction", 0.0))))
+        self.status.setText(f"Segmenting: {event.get('stage', '')}…")
+
+    def _on_failed(self, exc):
+        self._error(f"Segmentation failed: {exc}")
+
+    def _on_finished(self):
+        self._worker = None
+        self.segment_btn.setEnabled(True)
+        self.cancel_btn.setEnabled(False)
+
+    def _on_done(self, image_layer, plane, checkpoint, value):
+        dets, thresholds = value
+        self.progress.setValue(100)
+        name = result_layer_name(image_layer.name)
+        shape = spatial_shape(image_layer)
+        lyr = self.viewer.layers[name] if name in self.viewer.layers else None
+        if not isinstance(lyr, Labels) or tuple(lyr.data.shape) != shape:
+            if lyr is not None:
+                self.viewer.layers.remove(lyr)
+            lyr = self.viewer.add_labels(np.zeros(shape, np.int32), name=name, scale=image_layer.scale,
+                                         translate=image_layer.translate)
+        lyr.metadata["napari_cellseg"] = Result(
+            image_id=image_id_for_layer(image_layer), image_layer=image_layer.name, plane=plane,
+            detections=dets, thresholds=dict(thresholds), checkpoint=str(checkpoint))
+        if id(lyr) not in self._bound:
+            self._bound.add(id(lyr))
+            lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
+            _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
+        self.image_combo.setCurrentText(image_layer.name)
+        for w, key in ((self.box_slider, "box_conf"), (self.mask_slider, "mask_threshold"),
+                       (self.area_spin, "min_area")):
+            w.blockSignals(True)
+            w.setValue(type(w.value())(thresholds.get(key, w.value())))
+            w.blockSignals(False)
+        self._update_tune_panel()
+        n = self.redraw()
+        self.viewer.layers.selection.active = lyr
+        self._info(f"{n} cells found in {image_layer.name} ({len(dets)} detections kept for the "
+                   "sliders).", notify=True)
+
+    # ------------------------------------------------------------ sliders
+    def thresholds(self) -> dict:
+        return {"box_conf": float(self.box_slider.value()),
+                "mask_threshold": float(self.mask_slider.value()),
+                "min_area": int(self.area_spin.value())}
+
+    def redraw(self, *_):
+        """Re-derive the labels from the kept Detections (never runs the network)."""
+        lyr = self._result_layer()
+        r = result_of(lyr) if lyr is not None else None
+        if r is None or r.edited:
+            return None
+        t = self.thresholds()
+        labels = r.detections.to_labels(t["box_conf"], t["mask_threshold"], t["min_area"])
+        if r.plane:
+            lyr.data[r.plane] = labels
+            lyr.refresh()
+        else:
+            lyr.data = labels
+        if hasattr(lyr, "_reset_history"):
+            lyr._reset_history()  # old strokes must not replay onto a different drawing
+        r.thresholds = t
+        n = int(labels.max()) if labels.size else 0
+        self.count_label.setText(f"{n} cells")
+        return n
+
+    def _update_tune_panel(self, *_):
+        lyr = self._result_layer()
+        r = result_of(lyr) if lyr is not None else None
+        live = r is not None and not r.edited
+        for w in (self.box_slider, self.mask_slider, self.area_spin):
+            w.setEnabled(live)
+        self.reset_btn.setVisible(r is not None and r.edited)
+        self.edit_box.setEnabled(r is not None)
+        if r is None:
+            self.count_label.setText("— press Segment first")
+        elif r.edited:
+            self.count_label.setText(f"{len(np.unique(lyr.data[r.plane])) - 1} cells (hand-edited; "
+                                     "sliders locked)")
+
+    def _on_hand_edit(self, lyr, event=None):
+        r = result_of(lyr)
+        if r is not None and not r.edited:
+            r.edited = True
+            self._update_tune_panel()
+
+    def reset_to_model(self):
+        lyr = self._result_layer()
+        if lyr is None:
+            return
+        result_of(lyr).edited = False
+        self._update_tune_panel()
+        self.redraw()
+        self._info("Hand edits discarded; labels redrawn from the model output.")
+
+    # ------------------------------------------------------------ editing buttons
+    def _edit_report(self, msg, error):
+        (self._error if error else self._info)(msg)
+
+    def _edit_action(self, name, *_):
+        lyr = self._result_layer()
+        if lyr is None:
+            self._error("segment an image first")
+            return
+        try:
+            if name == "new_id":
+                msg = f"last stroke is now cell {_edit.new_id_for_last_stroke(lyr)}"
+            else:
+                msg = f"renumbered: ids 1..{_edit.renumber(lyr)}"
+        except _edit.EditError as exc:
+            self._error(str(exc))
+            return
+        self._info(msg)
+
+    # ------------------------------------------------------------ export
+    def _ask_save_path(self) -> str:  # tests replace this
+        start = load_settings().get("last_export", "")
+        path, _ = QFileDialog.getSaveFileName(self, "Export CSV", start, "CSV (*.csv)")
+        return path
+
+    def export(self):
+        fmt = self.format_combo.currentData()
+        try:
+            only = None
+            if self.scope_combo.currentIndex() == 1:
+                only = self._result_layer()
+                if only is None:
+                    raise InputError("the selected image has not been segmented: nothing to export")
+            items = export_items(self.viewer.layers, only=only)
+        except InputError as exc:
+            self._error(str(exc))
+            return
+        path = self._ask_save_path()
+        if not path:
+            return
+        if not path.lower().endswith(".csv"):
+            path += ".csv"
+        try:
+            n = export_csv(path, items, fmt)
+        except (ValueError, OSError) as exc:  # CsvError is a ValueError
+            self._error(f"Export failed, nothing written: {exc}")
+            return
+        save_settings({"last_export": path})
+        self._info(f"Wrote {n} cells of {len(items)} image(s) to {path}", notify=True)

@@ -1,0 +1,63 @@
+"""The npe2 manifest validates and every python_name in it imports (without torch)."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = ROOT / "napari.yaml"
+
+
+def _python_names():
+    data = yaml.safe_load(MANIFEST.read_text())
+    return [c["python_name"] for c in data["contributions"]["commands"]]
+
+
+def test_manifest_symlink_and_entry_point():
+    link = ROOT / "napari_cellseg" / "napari.yaml"
+    assert link.is_symlink() and link.resolve() == MANIFEST.resolve()
+    assert 'napari-cellseg = "napari_cellseg:napari.yaml"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_npe2_validate():
+    exe = shutil.which("npe2")
+    cmd = [exe] if exe else [sys.executable, "-m", "npe2"]
+    res = subprocess.run(cmd + ["validate", "napari-cellseg"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in (res.stdout + res.stderr).lower()
+
+
+@pytest.mark.parametrize("python_name", _python_names())
+def test_python_names_import(python_name):
+    module, _, attr = python_name.partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    assert callable(obj)
+
+
+def test_contributions_import_without_torch():
+    code = ("import sys, importlib, yaml\n"
+            f"d = yaml.safe_load(open({str(MANIFEST)!r}))\n"
+            "for c in d['contributions']['commands']:\n"
+            "    m, _, a = c['python_name'].partition(':')\n"
+            "    getattr(importlib.import_module(m), a)\n"
+            "bad = [m for m in ('torch', 'torchvision', 'timm') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_samples_load():
+    from napari_cellseg._sample import cells_sample, nuclei_sample
+
+    for fn, name in ((nuclei_sample, "nuclei"), (cells_sample, "cells")):
+        (img, meta, kind), (lab, lmeta, lkind) = fn()
+        assert kind == "image" and meta["name"] == name and img.ndim in (2, 3)
+        assert lkind == "labels" and lab.shape == img.shape[:2] and lab.max() > 0

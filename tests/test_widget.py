@@ -1,0 +1,259 @@
+"""The "Segment cells" widget driven in a real napari viewer (run under ``xvfb-run -a``).
+
+A tiny random-weight Mask R-CNN (convnext_atto, box_score_thresh 0) gives plenty of detections
+on a 96x128 image within a second on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_cellseg import _widget  # noqa: E402
+from napari_cellseg._layers import result_of  # noqa: E402
+
+TIMEOUT = 120_000
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import torch
+
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32,
+                      box_head_size=128, box_score_thresh=0.0, min_size=128, max_size=128,
+                      box_detections_per_img=60)
+    model = build_model(cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.bin"
+    save_checkpoint(path, model, cfg, thresholds={"box_conf": 0.3, "mask_threshold": 0.4, "min_area": 0})
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_CELLSEG_CONFIG_DIR", str(tmp_path / "config"))
+    errors = []
+    monkeypatch.setattr(_widget, "show_error", errors.append)
+    monkeypatch.setattr(_widget, "show_info", lambda msg: None)
+    return errors
+
+
+@pytest.fixture
+def errors(_isolated):
+    return _isolated
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    from napari_cellseg import predict
+
+    calls = []
+    orig = predict.Predictor._forward
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return (yield from orig(self, *a, **k))
+
+    monkeypatch.setattr(predict.Predictor, "_forward", counted)
+    return calls
+
+
+def _image(seed=0, shape=(96, 128)):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(100, 10, shape)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for cy, cx in rng.uniform(10, min(shape) - 10, (8, 2)):
+        img += 120 * (((yy - cy) ** 2 + (xx - cx) ** 2) < 36)
+    return img.astype(np.uint16)
+
+
+def _widget_with(make_napari_viewer, qtbot, checkpoint, image=None, name="img"):
+    viewer = make_napari_viewer()
+    if image is not False:
+        viewer.add_image(_image() if image is None else image, name=name)
+    w = _widget.SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    if checkpoint is not None:
+        w.set_checkpoint(checkpoint)
+    return viewer, w
+
+
+def _segment(qtbot, w):
+    w.segment()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+
+
+def test_segment_sliders_edit_export_roundtrip(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path,
+                                               forward_calls, errors):
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    assert not w.box_slider.isEnabled()  # nothing to tune before Segment
+    _segment(qtbot, w)
+    assert errors == []
+    lyr = viewer.layers["img cells"]
+    assert len(forward_calls) == 1
+    # sliders start at the checkpoint's stored thresholds
+    assert w.box_slider.value() == pytest.approx(0.3)
+    assert w.mask_slider.value() == pytest.approx(0.4)
+    n0 = int(lyr.data.max())
+    assert n0 > 0 and w.count_label.text() == f"{n0} cells"
+
+    # box confidence: all detections at 0, none at 1
+    w.box_slider.setValue(0.0)
+    n_all = int(lyr.data.max())
+    w.box_slider.setValue(1.0)
+    assert int(lyr.data.max()) == 0 and w.count_label.text() == "0 cells"
+    w.box_slider.setValue(0.0)
+    assert int(lyr.data.max()) == n_all >= n0
+    # mask threshold changes the drawing
+    before = lyr.data.copy()
+    w.mask_slider.setValue(0.95)
+    assert not np.array_equal(before, lyr.data)
+    w.mask_slider.setValue(0.4)
+    w.area_spin.setValue(10_000)
+    assert int(lyr.data.max()) == 0
+    w.area_spin.setValue(0)
+    assert len(forward_calls) == 1  # the network ran once for all of that
+
+    # a second Segment reuses the cached model and the layer (not stacked up)
+    _segment(qtbot, w)
+    assert len(forward_calls) == 2 and len(w._predictors) == 1
+    assert [x.name for x in viewer.layers] == ["img", "img cells"]
+
+    # hand edit: paint a new cell; the sliders lock and the edit survives a slider move
+    lyr.paint((5, 5), 999, refresh=True)
+    assert result_of(lyr).edited and not w.reset_btn.isHidden()
+    assert not w.box_slider.isEnabled()
+    edited = lyr.data.copy()
+    w.box_slider.setValue(1.0)
+    np.testing.assert_array_equal(lyr.data, edited)
+    assert (lyr.data == 999).any()
+
+    # Segment refuses to overwrite hand edits
+    _segment(qtbot, w)
+    assert "hand edits" in errors[-1] and len(forward_calls) == 2
+
+    # export, then re-open through napari's reader and compare
+    out = tmp_path / "sub.csv"
+    w._ask_save_path = lambda: str(out)
+    w.export()
+    assert out.is_file(), errors
+    layers = viewer.open(str(out), plugin="napari-cellseg")
+    assert len(layers) == 1 and layers[0] is not lyr
+    np.testing.assert_array_equal(layers[0].data > 0, lyr.data > 0)
+    ids = np.unique(lyr.data[lyr.data > 0])
+    for new_id, old_id in enumerate(ids, start=1):  # exported in ascending id -> 1..N
+        np.testing.assert_array_equal(layers[0].data == new_id, lyr.data == old_id)
+
+    # Reset to model: the drawing comes back from Detections, sliders work again
+    w.reset_to_model()
+    assert w.reset_btn.isHidden() and w.box_slider.isEnabled()
+    assert not (lyr.data == 999).any()
+    assert len(forward_calls) == 2
+
+
+def test_edit_actions_are_undoable(make_napari_viewer, qtbot):
+    from napari_cellseg import _edit
+
+    viewer = make_napari_viewer()
+    data = np.zeros((20, 20), np.int32)
+    data[2:6, 2:6], data[10:15, 10:15], data[2:6, 12:16] = 3, 7, 9
+    lyr = viewer.add_labels(data.copy(), name="x cells")
+    viewer.cursor.position = (12, 12)
+    assert _edit.delete_cell(lyr, viewer) == 7
+    assert not (lyr.data == 7).any()
+    lyr.undo()
+    assert (lyr.data == 7).sum() == 25
+    lyr.selected_label = 3
+    assert _edit.merge_cells(lyr, viewer) == (3, 7)
+    assert (lyr.data == 3).sum() == 16 + 25
+    assert _edit.renumber(lyr) == 2
+    assert set(np.unique(lyr.data)) == {0, 1, 2}
+    lyr.undo(), lyr.undo()
+    np.testing.assert_array_equal(lyr.data, data)
+    lyr.selected_label = 3
+    lyr.paint((17, 17), 3)
+    new = _edit.new_id_for_last_stroke(lyr)
+    assert new == 10 and (lyr.data == 10).any() and (lyr.data[2:6, 2:6] == 3).all()
+    viewer.cursor.position = (0, 0)
+    with pytest.raises(_edit.EditError, match="background"):
+        _edit.delete_cell(lyr, viewer)
+
+
+def test_cancel_running_job(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
+    from napari_cellseg import predict
+
+    def slow(self, image, scale=1.0):
+        for i in range(2000):
+            time.sleep(0.01)
+            yield {"stage": "slow", "fraction": i / 2000}
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(predict.Predictor, "iter_predict", slow)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    w.segment()
+    qtbot.waitUntil(lambda: w.status.text().startswith("Segmenting: slow"), timeout=TIMEOUT)
+    assert w.cancel_btn.isEnabled() and not w.segment_btn.isEnabled()
+    w.cancel()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10_000)
+    assert "Cancelled" in w.status.text()
+    assert "img cells" not in viewer.layers and w.segment_btn.isEnabled()
+
+
+def test_stack_plane_and_3d_view(make_napari_viewer, qtbot, tiny_checkpoint, errors):
+    stack = np.stack([_image(s) for s in range(3)])
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=stack, name="stack")
+    viewer.dims.ndisplay = 3
+    w.segment()
+    assert "stack" in errors[-1] and "2D view" in errors[-1] and w._worker is None
+    viewer.dims.ndisplay = 2
+    viewer.dims.set_current_step(0, 1)
+    _segment(qtbot, w)
+    lyr = viewer.layers["stack cells"]
+    assert lyr.data.shape == stack.shape
+    assert lyr.data[1].max() > 0 and lyr.data[0].max() == 0 and lyr.data[2].max() == 0
+    w.box_slider.setValue(1.0)
+    assert lyr.data[1].max() == 0
+
+
+def test_bad_input_notifies_and_writes_nothing(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path,
+                                               errors):
+    viewer, w = _widget_with(make_napari_viewer, qtbot, None, image=False)
+    w.segment()
+    assert "no image layer" in errors[-1]
+    viewer.add_image(_image(), name="img")
+    # no model: the bundled model may or may not be installed; an explicit bad file must fail
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a checkpoint")
+    w.set_checkpoint(bad)
+    _segment(qtbot, w)
+    assert "Segmentation failed" in errors[-1] and "bad.bin" in errors[-1]
+    assert "img cells" not in viewer.layers
+    # export with nothing segmented
+    out = tmp_path / "nothing.csv"
+    w._ask_save_path = lambda: str(out)
+    w.export()
+    assert "nothing segmented" in errors[-1] and not out.exists()
+    # a CSV without sizes for an image that is not open
+    csv = tmp_path / "unknown.csv"
+    csv.write_text("id,predicted\nnot_open,1 5\n")
+    with pytest.raises(Exception, match="image size unknown"):
+        viewer.open(str(csv), plugin="napari-cellseg")
+    assert [x.name for x in viewer.layers] == ["img"]
+
+
+def test_missing_model_message(make_napari_viewer, qtbot, monkeypatch, tmp_path, errors):
+    from napari_cellseg import checkpoint
+
+    monkeypatch.setattr(checkpoint, "bundled_model_path", lambda: tmp_path / "absent.bin")
+    viewer, w = _widget_with(make_napari_viewer, qtbot, None)
+    assert w.model_combo.count() == 0
+    w.segment()
+    assert "Browse" in errors[-1] and w._worker is None
