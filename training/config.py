@@ -1,0 +1,189 @@
+"""``TrainConfig``: every choice of a training run, shared by the CLI and the napari widget.
+
+The CLI flags are generated from the dataclass fields (``--field-name``), so the two never
+drift apart; the model architecture lives in ``TrainConfig.model`` (a ``ModelConfig``), whose
+fields get flags of their own (``--backbone``, ``--fpn-channels`` ...). Defaults follow the
+Kaggle Sartorius starter. This module is cheap to import (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from napari_cellseg.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """An inconsistent training configuration; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paths are strings (``""`` / ``None`` = not given)."""
+
+    # data sources (one of: train_csv + images, image_dir + label_dir, or arrays from the widget)
+    train_csv: str | None = None
+    images: str | None = None
+    image_dir: str | None = None
+    label_dir: str | None = None
+    out: str = "runs/train"
+    # schedule
+    epochs: int = 20
+    batch_size: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    val_fraction: float = 0.1
+    grad_clip: float = 1.0
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    # geometry and augmentation
+    width: int = 704
+    height: int = 520
+    crop_size: int = 0
+    steps_per_epoch: int = 0
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    augment: bool = True
+    # model initialisation
+    backbone_weights: str | None = None
+    init_checkpoint: str | None = None
+    freeze_backbone_epochs: int = 0
+    # run control
+    resume: bool = False
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 2025
+    workers: int = 0
+    select_by: str = "loss"
+    tune_thresholds: bool = True
+    max_val_images: int = 0
+    figures: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError for values that cannot work; returns self."""
+        def bad(name, why):
+            raise ConfigError(f"--{name.replace('_', '-')}: {why}")
+
+        if self.epochs < 1:
+            bad("epochs", f"must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            bad("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.val_fraction < 1:
+            bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.width < 0 or self.height < 0 or (self.width == 0) != (self.height == 0):
+            bad("width", f"width/height must both be > 0 (resize) or both 0 (native size), got {self.width}x{self.height}")
+        if self.crop_size < 0 or 0 < self.crop_size < 32:
+            bad("crop_size", f"must be 0 (no crop) or >= 32, got {self.crop_size}")
+        if self.steps_per_epoch < 0:
+            bad("steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            bad("scale_range", f"needs 0 < MIN <= MAX, got {lo} {hi}")
+        if self.select_by not in ("loss", "map"):
+            bad("select_by", f"must be 'loss' or 'map', got {self.select_by!r}")
+        if self.workers < 0:
+            bad("workers", f"must be >= 0, got {self.workers}")
+        if self.freeze_backbone_epochs < 0:
+            bad("freeze_backbone_epochs", f"must be >= 0, got {self.freeze_backbone_epochs}")
+        if self.grad_clip < 0:
+            bad("grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.train_csv and (self.image_dir or self.label_dir):
+            bad("train_csv", "give either --train-csv/--images or --image-dir/--label-dir, not both")
+        if self.train_csv and not self.images:
+            bad("images", "--train-csv needs --images DIR (the folder with the images it names)")
+        if bool(self.image_dir) != bool(self.label_dir):
+            bad("label_dir", "--image-dir and --label-dir go together")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain builtins only (safe inside a weights_only checkpoint)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "model":
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for k, v in d.items():
+            if k not in names:
+                continue
+            if k == "model":
+                v = ModelConfig.from_dict(v) if isinstance(v, dict) else v
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+
+# One line of help per field; the CLI uses these (and the widget may show them as tooltips).
+HELP: dict[str, str] = {
+    "train_csv": "Kaggle-style annotation CSV (id,annotation,width,height,...: one RLE row per cell)",
+    "images": "folder with the images named by --train-csv (ID.png / ID.tif ...)",
+    "image_dir": "folder of images (cellpose/stardist style); labels matched by file stem",
+    "label_dir": "folder of instance label images (0 = background, 1..N = cells), same stems as --image-dir",
+    "out": "output folder: best_model.bin, last.ckpt, log.csv, loss.png, figures/",
+    "epochs": "number of epochs (total, also when resuming)",
+    "batch_size": "images per optimisation step",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "val_fraction": "fraction of images held out for validation (split by image id, never both sets)",
+    "grad_clip": "clip the gradient norm at this value (0 = off)",
+    "plateau_factor": "ReduceLROnPlateau: multiply the lr by this when the val loss stalls",
+    "plateau_patience": "ReduceLROnPlateau: epochs without val-loss improvement before lowering the lr",
+    "width": "resize every image to WIDTH x HEIGHT (0 0 = keep native size); ignored for training crops",
+    "height": "see --width",
+    "crop_size": "train on random CROP x CROP crops at native scale (0 = whole resized images); "
+                 "validation then uses whole images at native size",
+    "steps_per_epoch": "optimisation steps per epoch (0 = one pass over the training images); "
+                       "with --crop-size, many small random crops per epoch",
+    "scale_range": "random rescale factor range MIN MAX applied before cropping (scale augmentation)",
+    "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",
+    "backbone_weights": "ImageNet weights file for the timm backbone (no downloads here)",
+    "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
+    "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
+    "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, log)",
+    "device": "auto (CUDA if available), cpu, cuda, cuda:1 ...",
+    "amp": "mixed precision on CUDA (never used on CPU)",
+    "seed": "random seed for Python, NumPy, torch and cuDNN (deterministic mode)",
+    "workers": "DataLoader worker processes (0 = load in the main process)",
+    "select_by": "best_model.bin criterion: 'loss' (lowest val loss) or 'map' (highest val mAP)",
+    "tune_thresholds": "grid-search box_conf / mask_threshold for the best val mAP each epoch; "
+                       "the best pair is stored in the checkpoint",
+    "max_val_images": "evaluate mAP on at most N validation images (0 = all)",
+    "figures": "write loss.png and the qualitative PNGs under OUT/figures",
+    # model
+    "backbone": "timm backbone name (convnext_tiny, convnext_atto, ...)",
+    "fpn_channels": "FPN output channels",
+    "num_classes": "classes including background",
+    "min_size": "Mask R-CNN transform: short side the image is resized to at inference",
+    "max_size": "Mask R-CNN transform: cap on the long side at inference",
+    "anchor_sizes": "anchor size (px) per FPN level, 5 values",
+    "aspect_ratios": "anchor aspect ratios",
+    "box_detections_per_img": "maximum detections per image",
+    "rpn_pre_nms_top_n_train": "RPN proposals kept before NMS (training)",
+    "rpn_post_nms_top_n_train": "RPN proposals kept after NMS (training)",
+    "rpn_pre_nms_top_n_test": "RPN proposals kept before NMS (inference)",
+    "rpn_post_nms_top_n_test": "RPN proposals kept after NMS (inference)",
+    "rpn_batch_size_per_image": "anchors sampled per image for the RPN loss",
+    "box_batch_size_per_image": "proposals sampled per image for the box/mask heads",
+    "box_score_thresh": "score floor for detections",
+    "box_nms_thresh": "NMS IoU threshold for detections",
+    "box_head_size": "hidden size of the box head MLP",
+    "mask_head_channels": "channels of the mask head convolutions",
+    "mask_head_layers": "number of mask head convolutions",
+    "image_mean": "normalisation mean (RGB, inputs in [0, 1]); done inside the model only",
+    "image_std": "normalisation std (RGB)",
+}

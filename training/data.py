@@ -1,0 +1,317 @@
+"""Training data: Kaggle train.csv + images, image/label-TIFF folders, in-memory arrays.
+
+Every source is loaded ONCE into ``Sample`` objects (image as float16 in [0, 1], instances as a
+few uint16 label "layers": cells that overlap go to different layers, so overlapping Kaggle masks
+survive). RLE strings are decoded once per image here, never per epoch. ``InstanceDataset``
+then augments the layers (one warp per layer, not per cell) and rebuilds per-instance masks and
+boxes, so masks and boxes always agree. Bad input raises ``DataError`` naming file and problem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+MIN_AREA = 4  # instances smaller than this (after augmentation) are dropped as degenerate
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file/row and the problem."""
+
+
+@dataclass
+class Sample:
+    image_id: str
+    image: np.ndarray  # float16 HxWxC, C in (1, 3), values in [0, 1]
+    layers: np.ndarray  # uint16 (L, H, W): instance ids per layer, 0 = background
+
+    @property
+    def n_instances(self) -> int:
+        return int(sum(len(np.unique(layer)) - 1 for layer in self.layers))
+
+
+# ---------------------------------------------------------------- image reading / normalising
+def _read_raw(path: Path) -> np.ndarray:
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+            return np.asarray(tifffile.imread(path))
+        import imageio.v3 as iio
+        return np.asarray(iio.imread(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a data error
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def to_float_image(array: np.ndarray) -> np.ndarray:
+    """HxW / HxWx{1,3,4} array -> float32 HxWx3 in [0, 1], the normalisation the Predictor uses."""
+    try:
+        from napari_cellseg.images import to_rgb_float
+    except ImportError:  # images.py not there yet: same rule (dtype range, grey -> RGB)
+        to_rgb_float = None
+    if to_rgb_float is not None:
+        return np.asarray(to_rgb_float(array), dtype=np.float32)
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 4:
+        a = a[..., :3]
+    if a.dtype == np.uint8:
+        f = a.astype(np.float32) / 255.0
+    elif np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        f = a.astype(np.float32)
+        lo, hi = np.percentile(f, (0.1, 99.9))
+        f = np.clip((f - lo) / max(hi - lo, 1e-6), 0, 1)
+    else:
+        f = a.astype(np.float32)
+        lo, hi = float(np.nanmin(f)), float(np.nanmax(f))
+        f = np.clip((f - lo) / max(hi - lo, 1e-6), 0, 1) if (lo < 0 or hi > 1) else f
+    if f.ndim == 2:
+        f = np.repeat(f[..., None], 3, axis=2)
+    elif f.shape[-1] == 1:
+        f = np.repeat(f, 3, axis=2)
+    return f
+
+
+def _compact(img: np.ndarray) -> np.ndarray:
+    """float32 HxWx3 -> float16 HxWx1 when grey (halves/sixths the cache)."""
+    if np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]):
+        img = img[..., :1]
+    return img.astype(np.float16)
+
+
+def labels_to_layers(labels: np.ndarray, where: str = "labels") -> np.ndarray:
+    """Instance label image -> (1, H, W) uint16 with ids 1..N."""
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise DataError(f"{where}: label image must be 2-D, got shape {lab.shape}")
+    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        if not np.all(np.mod(lab, 1) == 0):
+            raise DataError(f"{where}: label image has non-integer values")
+    if lab.min() < 0:
+        raise DataError(f"{where}: label image has negative ids")
+    ids, inv = np.unique(lab, return_inverse=True)
+    if len(ids) - (ids[0] == 0) > 65535:
+        raise DataError(f"{where}: more than 65535 instances in one image")
+    new = inv.reshape(lab.shape).astype(np.int64) + (0 if ids[0] == 0 else 1)
+    return new.astype(np.uint16)[None]
+
+
+def masks_to_layers(masks: Sequence[np.ndarray], shape) -> np.ndarray:
+    """Possibly overlapping bool masks -> (L, H, W) uint16 layers, greedy: first layer that is free."""
+    layers: list[np.ndarray] = []
+    counters: list[int] = []
+    for m in masks:
+        idx = np.flatnonzero(m)
+        if idx.size == 0:
+            continue
+        for li, layer in enumerate(layers):
+            if not layer.ravel()[idx].any():
+                break
+        else:
+            layers.append(np.zeros(shape, np.uint16))
+            counters.append(0)
+            li = len(layers) - 1
+        counters[li] += 1
+        layers[li].ravel()[idx] = counters[li]
+    if not layers:
+        return np.zeros((1, *shape), np.uint16)
+    return np.stack(layers)
+
+
+def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: str) -> Sample:
+    img = to_float_image(image)
+    if img.shape[:2] != layers.shape[1:]:
+        raise DataError(f"{where}: image is {img.shape[1]}x{img.shape[0]} (WxH) but its labels are "
+                        f"{layers.shape[2]}x{layers.shape[1]}")
+    return Sample(image_id, _compact(img), layers)
+
+
+# ---------------------------------------------------------------- sources
+def _index_images(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            out.setdefault(p.stem, p)
+    return out
+
+
+def load_folder_samples(image_dir, label_dir) -> list[Sample]:
+    """images/NAME.ext + labels/NAME.tif (stem match). A Z-stack with a matching label stack gives
+    one sample per plane that carries labels (ids NAME[z])."""
+    images, labels = _index_images(Path(image_dir)), _index_images(Path(label_dir))
+    if not images:
+        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    missing = sorted(set(images) - set(labels))
+    if missing:
+        raise DataError(f"{label_dir}: no label image for {len(missing)} image(s), e.g. {missing[0]!r} "
+                        f"(labels are matched by file stem)")
+    samples = []
+    for stem, ipath in images.items():
+        lpath = labels[stem]
+        img, lab = _read_raw(ipath), _read_raw(lpath)
+        if lab.ndim == 3 and img.ndim == 3 and img.shape == lab.shape and lab.shape[0] not in (3, 4) \
+                and img.shape[-1] not in (3, 4):
+            for z in range(lab.shape[0]):
+                if lab[z].any():
+                    samples.append(_make_sample(f"{stem}[{z}]", img[z], labels_to_layers(lab[z], f"{lpath}[{z}]"),
+                                                f"{ipath}[{z}]"))
+            continue
+        if lab.ndim == 3 and lab.shape[-1] == 1:
+            lab = lab[..., 0]
+        if img.shape[:2] != lab.shape[:2]:
+            raise DataError(f"{ipath}: image is {img.shape[1]}x{img.shape[0]} (WxH) but its labels "
+                            f"{lpath.name} are {lab.shape[-1]}x{lab.shape[-2]}")
+        samples.append(_make_sample(stem, img, labels_to_layers(lab, str(lpath)), str(ipath)))
+    return samples
+
+
+def load_csv_samples(csv_path, image_dir) -> list[Sample]:
+    """Kaggle train.csv (one RLE row per cell) + the folder of the images it names."""
+    from napari_cellseg.annotations import read_annotations
+    from napari_cellseg.rle import rle_decode
+
+    ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
+    files = _index_images(Path(image_dir))
+    missing = [i for i in ann.ids if str(i) not in files]
+    if missing:
+        rows = ann.table.index[ann.table["id"].astype(str) == str(missing[0])]
+        row = int(rows[0]) + 2 if len(rows) else "?"
+        raise DataError(f"{csv_path}: row {row} (spreadsheet row incl. header): image {missing[0]!r} not found "
+                        f"in {image_dir} ({len(missing)} id(s) without an image)")
+    samples = []
+    for image_id in ann.ids:
+        path = files[str(image_id)]
+        img = _read_raw(path)
+        shape = ann.shape(image_id) or img.shape[:2]
+        if tuple(shape) != tuple(img.shape[:2]):
+            raise DataError(f"{csv_path}: id {image_id!r}: width/height {shape[1]}x{shape[0]} but image "
+                            f"{path.name} is {img.shape[1]}x{img.shape[0]}")
+        masks = [rle_decode(r, shape) for r in ann.rles(image_id)]
+        samples.append(_make_sample(str(image_id), img, masks_to_layers(masks, tuple(shape)), str(path)))
+    return samples
+
+
+def array_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                  ids: Sequence[str] | None = None) -> list[Sample]:
+    """In-memory images (any dtype, grey or RGB) and instance label images (the napari widget)."""
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} label images")
+    ids = list(ids) if ids is not None else [f"image{i}" for i in range(len(images))]
+    return [_make_sample(str(i), np.asarray(im), labels_to_layers(np.asarray(lab), f"labels of {i}"), str(i))
+            for i, im, lab in zip(ids, images, labels)]
+
+
+def load_samples(config) -> list[Sample]:
+    if config.train_csv:
+        samples = load_csv_samples(config.train_csv, config.images)
+    elif config.image_dir:
+        samples = load_folder_samples(config.image_dir, config.label_dir)
+    else:
+        raise DataError("no training data: give --train-csv CSV --images DIR or --image-dir DIR --label-dir DIR")
+    if not samples:
+        raise DataError("the training set is empty (no image carries any labels)")
+    return samples
+
+
+def split_samples(samples: list[Sample], val_fraction: float, seed: int):
+    """Group split by image id (no id in both sets); ceil(fraction * n_ids) ids go to validation."""
+    ids = sorted({s.image_id for s in samples})
+    if val_fraction <= 0:
+        raise DataError("--val-fraction 0 leaves nothing to validate (best_model.bin is chosen on validation images)")
+    n_val = math.ceil(val_fraction * len(ids))
+    if n_val >= len(ids):
+        raise DataError(f"the val split takes all {len(ids)} image(s) and leaves nothing to train on; "
+                        f"add images or lower --val-fraction")
+    rng = np.random.default_rng(seed)
+    val_ids = set(rng.permutation(ids)[:n_val].tolist())
+    train = [s for s in samples if s.image_id not in val_ids]
+    val = [s for s in samples if s.image_id in val_ids]
+    if not any(s.layers.any() for s in val):
+        raise DataError(f"the {len(val)} validation image(s) carry no cells: nothing to validate; "
+                        f"change --seed or --val-fraction")
+    if not any(s.layers.any() for s in train):
+        raise DataError("the training images carry no cells: the training set is empty")
+    return train, val
+
+
+# ---------------------------------------------------------------- dataset
+def layers_to_instances(layers: Sequence[np.ndarray], min_area: int = MIN_AREA):
+    """Label layers -> (masks uint8 (N,H,W), boxes float32 (N,4) xyxy, areas float32 (N,))."""
+    layers = [np.asarray(la) for la in layers]
+    h, w = layers[0].shape
+    masks, boxes, areas = [], [], []
+    for layer in layers:
+        for lab_id, sl in enumerate(ndimage.find_objects(layer), start=1):
+            if sl is None:
+                continue
+            crop = layer[sl] == lab_id
+            area = int(crop.sum())
+            ys, xs = sl
+            if area < min_area or xs.stop - xs.start < 2 or ys.stop - ys.start < 2:
+                continue
+            m = np.zeros((h, w), np.uint8)
+            m[sl][crop] = 1
+            masks.append(m)
+            boxes.append((xs.start, ys.start, xs.stop, ys.stop))
+            areas.append(area)
+    if not masks:
+        return np.zeros((0, h, w), np.uint8), np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    return np.stack(masks), np.asarray(boxes, np.float32), np.asarray(areas, np.float32)
+
+
+class InstanceDataset:
+    """torch-style dataset of (image tensor 3xHxW float32 in [0,1], target dict).
+
+    ``length`` > len(samples) repeats the samples (random crops: many steps per epoch)."""
+
+    def __init__(self, samples: list[Sample], pipeline, length: int | None = None):
+        if not samples:
+            raise DataError("empty dataset")
+        self.samples = samples
+        self.pipeline = pipeline
+        self.length = length or len(samples)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def raw(self, index: int):
+        """Augmented numpy image (HxWx3 float32) and (masks, boxes, areas)."""
+        s = self.samples[index % len(self.samples)]
+        img = s.image.astype(np.float32)
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=2)
+        out = self.pipeline(image=img, masks=list(s.layers))
+        image = np.clip(out["image"], 0.0, 1.0).astype(np.float32, copy=False)
+        return image, layers_to_instances(out["masks"])
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image, (masks, boxes, areas) = self.raw(index)
+        n = len(boxes)
+        target = {
+            "boxes": torch.from_numpy(boxes).reshape(n, 4),
+            "labels": torch.ones(n, dtype=torch.int64),
+            "masks": torch.from_numpy(masks),
+            "image_id": torch.tensor(index % len(self.samples), dtype=torch.int64),
+            "area": torch.from_numpy(areas),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+        }
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+
+
+def ArrayDataset(images, labels, pipeline=None, ids=None) -> InstanceDataset:  # noqa: N802 - class-like factory
+    """Dataset from in-memory arrays (napari layers); default pipeline: no resize, no augmentation."""
+    from .augment import test_pipeline
+
+    return InstanceDataset(array_samples(images, labels, ids), pipeline or test_pipeline(0, 0))
+
+
+def collate(batch):
+    return tuple(zip(*batch))
