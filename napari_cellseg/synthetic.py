@@ -250,7 +250,7 @@ def _rng_opts(rng, opts):
 # --------------------------------------------------------------------------- renderers
 def _render_nuclei(rng, shape, objects, labels, order, noise):
     h, w = shape
-    illum = 1.0 + 0.12 * _smooth_noise(rng, shape, max(h, w) / 2.5)
+    illum = 1.0 + 0.12 * _smooth_noise(rng, shape, max(h, w, 600) / 2.5)
     texture = 0.75 * _smooth_noise(rng, shape, 1.5) + 0.45 * _smooth_noise(rng, shape, 5.0)
     amp_tex = rng.uniform(0.15, 0.3)
     signal = np.zeros(shape, np.float32)
@@ -293,7 +293,7 @@ def _render_nuclei(rng, shape, objects, labels, order, noise):
 def _render_cells(rng, shape, objects, labels, order, noise):
     h, w = shape
     base = rng.uniform(0.42, 0.58)
-    img = base + 0.04 * _smooth_noise(rng, shape, max(h, w) / 2.0) \
+    img = base + 0.04 * _smooth_noise(rng, shape, max(h, w, 600) / 2.0) \
         + 0.008 * _smooth_noise(rng, shape, 4.0)
     fg = labels > 0
     d_out = ndi.distance_transform_edt(~fg).astype(np.float32) if fg.any() \
