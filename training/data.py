@@ -155,8 +155,7 @@ def load_folder_samples(image_dir, label_dir) -> list[Sample]:
     for stem, ipath in images.items():
         lpath = labels[stem]
         img, lab = _read_raw(ipath), _read_raw(lpath)
-        if lab.ndim == 3 and img.ndim == 3 and img.shape == lab.shape and lab.shape[0] not in (3, 4) \
-                and img.shape[-1] not in (3, 4):
+        if lab.ndim == 3 and lab.shape[-1] != 1 and img.shape[:3] == lab.shape:  # Z-stack (+ channels)
             for z in range(lab.shape[0]):
                 if lab[z].any():
                     samples.append(_make_sample(f"{stem}[{z}]", img[z], labels_to_layers(lab[z], f"{lpath}[{z}]"),
@@ -180,8 +179,11 @@ def load_csv_samples(csv_path, image_dir) -> list[Sample]:
     files = _index_images(Path(image_dir))
     missing = [i for i in ann.ids if str(i) not in files]
     if missing:
-        rows = ann.table.index[ann.table["id"].astype(str) == str(missing[0])]
-        row = int(rows[0]) + 2 if len(rows) else "?"
+        try:  # spreadsheet row of the first row of that id (header = row 1)
+            row = ann._rows[ann._index[missing[0]][0]]
+        except (AttributeError, KeyError, IndexError, TypeError):
+            ids = ann.table["id"].astype(str).tolist()
+            row = ids.index(str(missing[0])) + 2
         raise DataError(f"{csv_path}: row {row} (spreadsheet row incl. header): image {missing[0]!r} not found "
                         f"in {image_dir} ({len(missing)} id(s) without an image)")
     samples = []

@@ -1,0 +1,143 @@
+"""training.data / augment / evaluate: sources, layers, augmentation sync, split, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk, ellipse
+
+from training.augment import test_pipeline as eval_pipeline, train_pipeline
+from training.data import (DataError, InstanceDataset, array_samples, labels_to_layers, layers_to_instances,
+                           load_csv_samples, load_folder_samples, masks_to_layers, split_samples)
+from training import evaluate as ev
+
+
+def synth(seed: int, shape=(128, 128), n=6):
+    """Grey uint16 image with n bright discs/ellipses and its instance labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    for i in range(1, n + 1):
+        r, c = rng.integers(15, shape[0] - 15), rng.integers(15, shape[1] - 15)
+        rr, cc = (disk((r, c), rng.integers(5, 12), shape=shape) if i % 2 else
+                  ellipse(r, c, rng.integers(4, 9), rng.integers(8, 14), shape=shape, rotation=rng.random() * 3))
+        labels[rr, cc] = i
+    image = (labels > 0) * 30000 + rng.integers(0, 3000, shape)
+    return image.astype(np.uint16), labels
+
+
+def write_folder(root, n=5, shape=(128, 128)):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for k in range(n):
+        im, lab = synth(k, shape)
+        tifffile.imwrite(root / "images" / f"s{k}.tif", im)
+        tifffile.imwrite(root / "labels" / f"s{k}.tif", lab)
+    return root / "images", root / "labels"
+
+
+def test_overlapping_masks_survive_in_layers():
+    a = np.zeros((40, 40), bool); a[5:20, 5:20] = True
+    b = np.zeros((40, 40), bool); b[15:30, 15:30] = True  # overlaps a
+    c = np.zeros((40, 40), bool); c[32:38, 0:8] = True
+    layers = masks_to_layers([a, b, c], (40, 40))
+    assert layers.shape[0] == 2
+    masks, boxes, areas = layers_to_instances(layers)
+    got = sorted(int(m.sum()) for m in masks)
+    assert got == sorted([a.sum(), b.sum(), c.sum()])
+    assert any(np.array_equal(m.astype(bool), b) for m in masks)
+
+
+def test_instances_drop_degenerate_and_boxes_fit_masks():
+    lab = np.zeros((30, 30), np.int32); lab[2:10, 3:12] = 7; lab[20, 20] = 9; lab[15:17, 0:1] = 3
+    masks, boxes, areas = layers_to_instances(labels_to_layers(lab))
+    assert len(masks) == 1 and areas[0] == 72
+    assert boxes.tolist() == [[3, 2, 12, 10]]
+
+
+def test_augmented_boxes_always_match_masks():
+    im, lab = synth(3)
+    ds = InstanceDataset(array_samples([im], [lab]), train_pipeline(crop_size=96, scale_range=(0.5, 2.0), seed=1), 12)
+    sizes = []
+    for i in range(len(ds)):
+        img, t = ds[i]
+        assert img.shape == (3, 96, 96) and img.dtype.is_floating_point and 0 <= img.min() and img.max() <= 1
+        for m, b in zip(t["masks"].numpy(), t["boxes"].numpy()):
+            ys, xs = np.nonzero(m)
+            assert b.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert t["area"].tolist() == [float(m.sum()) for m in t["masks"].numpy()]
+        if len(t["area"]):
+            sizes.append(float(np.sqrt(t["area"].numpy()).max()))
+    assert max(sizes) / min(sizes) > 1.5  # scale augmentation changes object sizes
+
+
+def test_test_pipeline_resizes_only():
+    im, lab = synth(1)
+    ds = InstanceDataset(array_samples([im], [lab]), eval_pipeline(64, 48))
+    a, ta = ds[0]
+    b, tb = ds[0]
+    assert a.shape == (3, 48, 64) and np.array_equal(a.numpy(), b.numpy())
+
+
+def test_folder_source_stacks_and_mismatch(tmp_path):
+    images, labels = write_folder(tmp_path / "ok", n=3)
+    samples = load_folder_samples(images, labels)
+    assert [s.image_id for s in samples] == ["s0", "s1", "s2"] and samples[0].n_instances == 6
+    stack_dir = tmp_path / "stack"
+    (stack_dir / "im").mkdir(parents=True); (stack_dir / "lab").mkdir()
+    ims, labs = zip(*(synth(k) for k in range(4)))
+    labs = list(labs); labs[1] = np.zeros_like(labs[1])
+    tifffile.imwrite(stack_dir / "im" / "st.tif", np.stack(ims))
+    tifffile.imwrite(stack_dir / "lab" / "st.tif", np.stack(labs).astype(np.uint32))
+    assert [s.image_id for s in load_folder_samples(stack_dir / "im", stack_dir / "lab")] == ["st[0]", "st[2]", "st[3]"]
+    tifffile.imwrite(labels / "s1.tif", np.zeros((100, 128), np.int32))
+    with pytest.raises(DataError, match="s1.tif.*128x128.*128x100"):
+        load_folder_samples(images, labels)
+
+
+def test_csv_source_decodes_once_and_names_missing_rows(tmp_path):
+    from napari_cellseg.annotations import write_annotations
+    import imageio.v3 as iio
+
+    (tmp_path / "img").mkdir()
+    items = {}
+    for k in range(3):
+        im, lab = synth(k)
+        iio.imwrite(tmp_path / "img" / f"id{k}.png", (im >> 8).astype(np.uint8))
+        items[f"id{k}"] = lab
+    csv = tmp_path / "train.csv"
+    write_annotations(csv, items, format="train")
+    samples = load_csv_samples(csv, tmp_path / "img")
+    for s in samples:
+        masks, _, _ = layers_to_instances(s.layers)
+        assert len(masks) == len(np.unique(items[s.image_id])) - 1
+    (tmp_path / "img" / "id1.png").unlink()
+    with pytest.raises(DataError, match=r"train.csv: row \d+.*'id1' not found"):
+        load_csv_samples(csv, tmp_path / "img")
+
+
+def test_split_is_grouped_and_errors_are_clear():
+    samples = array_samples(*zip(*(synth(k) for k in range(10))))
+    train, val = split_samples(samples, 0.2, seed=1)
+    assert len(val) == 2 and not {s.image_id for s in train} & {s.image_id for s in val}
+    assert split_samples(samples, 0.2, seed=1)[1][0].image_id == val[0].image_id
+    with pytest.raises(DataError, match="nothing to validate"):
+        split_samples(samples, 0.0, seed=1)
+    with pytest.raises(DataError, match="nothing to train"):
+        split_samples(samples[:1], 0.5, seed=1)
+    empty = array_samples([synth(0)[0]] * 2, [np.zeros((128, 128), np.int32)] * 2)
+    with pytest.raises(DataError, match="no cells"):
+        split_samples(samples[:1] + empty, 0.5, seed=0)
+
+
+def test_threshold_grid_matches_direct_labels():
+    rng = np.random.default_rng(0)
+    gt = np.zeros((64, 64), np.int32); gt[5:20, 5:20] = 1; gt[30:50, 30:50] = 2
+    probs = rng.random((5, 64, 64)).astype(np.float32) * 0.3
+    probs[0, 5:20, 5:20] = 0.9; probs[1, 30:50, 30:50] = 0.55; probs[2, 0:40, 0:40] = 0.45
+    scores = np.array([0.95, 0.85, 0.6, 0.45, 0.35])
+    best, thr, grid = ev.tune_thresholds([(scores, probs)], [gt])
+    for (bc, mt), v in grid.items():
+        assert v == pytest.approx(ev.average_precision(gt, ev.to_labels(scores, probs, bc, mt)))
+    assert best == pytest.approx(1.0) and grid[(thr["box_conf"], thr["mask_threshold"])] == best
+    assert grid[(0.5, 0.4)] < 0.9 and grid[(0.7, 0.4)] == pytest.approx(1.0)  # low conf adds a false cell
