@@ -42,6 +42,10 @@ class ModelConfig:
     mask_head_layers: int = 4
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    # False: torchvision's transform rescales every image so its short side is min_size (capped
+    # by max_size), as in the starter. True: the network sees images at their native pixel size
+    # (times the user's object-size scale); set by training on native-scale crops.
+    native_scale: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, not tuples): safe for ``torch.load(weights_only=True)``."""
