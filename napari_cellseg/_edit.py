@@ -11,8 +11,8 @@ import numpy as np
 
 #: action name -> (key, one-line help). Shown in the widget and bound on every result layer.
 SHORTCUTS = {
-    "delete": ("Shift-D", "delete the cell under the cursor"),
-    "merge": ("Shift-M", "merge the cell under the cursor into the selected label"),
+    "delete": ("Shift-D", "delete the cell"),
+    "merge": ("Shift-M", "merge it into the selected label"),
     "new_id": ("Shift-N", "give the last painted stroke a new id"),
     "renumber": ("Shift-R", "renumber ids 1..N"),
 }

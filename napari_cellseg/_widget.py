@@ -90,8 +90,8 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------ UI
     def _build(self):
         root = QVBoxLayout(self)
-        hint = QLabel("1. choose an image and a model  2. Segment  3. tune the sliders, fix cells "
-                      "by hand  4. Export CSV")
+        hint = QLabel("① pick image and model → ② Segment → ③ tune sliders, fix cells by hand "
+                      "→ ④ Export CSV")
         hint.setWordWrap(True)
         root.addWidget(hint)
 
@@ -169,8 +169,8 @@ class SegmentWidget(QWidget):
         edit = QGroupBox("Edit (on the cells layer)")
         ev = QVBoxLayout(edit)
         keys = "\n".join(f"{k}: {h}" for k, h in _edit.SHORTCUTS.values())
-        help_lbl = QLabel("Paint / fill / erase / pick with napari's layer tools. Keys (mouse over the "
-                          "image):\n" + keys)
+        help_lbl = QLabel("Paint, fill, erase, pick: napari's layer tools (top left). "
+                          "Keys, with the mouse over a cell:\n" + keys)
         help_lbl.setWordWrap(True)
         ev.addWidget(help_lbl)
         erow = QHBoxLayout()
@@ -191,7 +191,7 @@ class SegmentWidget(QWidget):
             self.format_combo.addItem(text, key)
         xform.addRow("Format", self.format_combo)
         self.scope_combo = QComboBox()
-        self.scope_combo.addItems(["all segmented images", "selected image only"])
+        self.scope_combo.addItems(["all segmented images", "current image only"])
         self.scope_combo.setToolTip("An existing CSV keeps the rows of other images; rows of these "
                                     "images are replaced")
         xform.addRow("Write", self.scope_combo)
@@ -210,6 +210,11 @@ class SegmentWidget(QWidget):
         s.setToolTip(tip)
         s.valueChanged.connect(self.redraw)
         return s
+
+    def sizeHint(self):  # keep the dock narrow; labels wrap
+        from qtpy.QtCore import QSize
+
+        return QSize(340, super().sizeHint().height())
 
     # ------------------------------------------------------------ messages
     def _error(self, msg):
@@ -313,6 +318,7 @@ class SegmentWidget(QWidget):
             self._error(str(exc))
             return
         save_settings({"last_checkpoint": checkpoint})
+        self._preload_torch()
         worker = create_worker(_segment_job, checkpoint, self.device_combo.currentText(), image,
                                float(self.scale_spin.value()), self._predictors,
                                _ignore_errors=True)  # errors are shown by _on_failed
@@ -327,6 +333,21 @@ class SegmentWidget(QWidget):
         self.progress.setValue(0)
         self._info(f"Segmenting {layer.name}{f' plane {plane}' if plane else ''}…")
         worker.start()
+
+    def _preload_torch(self):
+        """Import torch in the GUI thread, safely next to OpenGL (see _torch_guard). Once."""
+        import sys
+
+        if "napari_cellseg.predict" in sys.modules:
+            return
+        from qtpy.QtWidgets import QApplication
+
+        from ._torch_guard import import_torch
+
+        self._info("Loading PyTorch (first Segment only, a few seconds)…")
+        QApplication.processEvents()
+        import_torch()
+        from . import predict  # noqa: F401
 
     def cancel(self):
         if self._worker is not None:
@@ -372,8 +393,9 @@ class SegmentWidget(QWidget):
         self._update_tune_panel()
         n = self.redraw()
         self.viewer.layers.selection.active = lyr
-        self._info(f"{n} cells found in {image_layer.name} ({len(dets)} detections kept for the "
-                   "sliders).", notify=True)
+        tip = " — lower Box confidence to see more" if n == 0 and len(dets) else ""
+        self._info(f"{n} cells in {image_layer.name} ({len(dets)} candidates kept for the "
+                   f"sliders){tip}.", notify=True)
 
     # ------------------------------------------------------------ sliders
     def thresholds(self) -> dict:
@@ -397,6 +419,7 @@ class SegmentWidget(QWidget):
         if hasattr(lyr, "_reset_history"):
             lyr._reset_history()  # old strokes must not replay onto a different drawing
         r.thresholds = t
+        self.status.setText("")
         n = int(labels.max()) if labels.size else 0
         self.count_label.setText(f"{n} cells")
         return n
