@@ -1,0 +1,148 @@
+"""cellseg-train end to end on CPU with a tiny model: outputs, checkpoint loading, resume,
+SIGKILL mid-epoch, bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from training.cli import main
+from test_training_data import synth, write_folder
+
+TINY = ["--backbone", "convnext_atto", "--fpn-channels", "32", "--mask-head-channels", "32",
+        "--box-head-size", "128", "--rpn-pre-nms-top-n-test", "100", "--rpn-post-nms-top-n-test", "50",
+        "--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "100",
+        "--box-detections-per-img", "50", "--box-batch-size-per-image", "64",
+        "--width", "0", "--height", "0", "--steps-per-epoch", "2", "--val-fraction", "0.3",
+        "--anchor-sizes", "8", "16", "32", "64", "128"]
+
+
+@pytest.fixture
+def data(tmp_path, nuclei_labels, shared_data):
+    """4 synthetic 128x128 images + 2 real nuclei slices (cropped to 128x128)."""
+    images, labels = write_folder(tmp_path / "d", n=4)
+    raw = tifffile.imread(shared_data / "nuclei3d_image.tif")
+    for z in (30, 40):
+        tifffile.imwrite(images / f"nuc{z}.tif", raw[z, :128, :128])
+        tifffile.imwrite(labels / f"nuc{z}.tif", np.asarray(nuclei_labels[z, :128, :128]))
+    return images, labels
+
+
+def log_rows(out: Path):
+    with open(out / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_two_epochs_then_resume(data, tmp_path):
+    from napari_cellseg.checkpoint import load_checkpoint, read_checkpoint
+
+    images, labels = data
+    out = tmp_path / "run"
+    args = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY]
+    assert main([*args, "--epochs", "2"]) == 0
+    for name in ("best_model.bin", "last.ckpt", "log.csv", "loss.png", "figures/train_samples.png",
+                 "figures/val_epoch002.png"):
+        assert (out / name).is_file(), name
+    rows = log_rows(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(np.isfinite(float(r["val_loss"])) and 0 <= float(r["val_map"]) <= 1 for r in rows)
+    model, cfg, thr, info = load_checkpoint(out / "best_model.bin")
+    assert cfg.backbone == "convnext_atto" and cfg.fpn_channels == 32 and cfg.anchor_sizes == (8, 16, 32, 64, 128)
+    assert {"box_conf", "mask_threshold"} <= set(thr) and info["n_train"] + info["n_val"] == 6
+    best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
+    assert str(info["epoch"]) == best_epoch
+    from napari_cellseg.predict import Predictor
+    det = Predictor.from_checkpoint(out / "best_model.bin", device="cpu").predict(synth(9)[0])
+    assert det.image_shape == (128, 128)
+    # resume: continues at epoch 3, keeps the earlier log rows and the optimizer state
+    before = read_checkpoint(out / "last.ckpt")
+    assert before["epoch"] == 2 and before["optimizer"]["state"]
+    assert main([*args, "--epochs", "3", "--resume"]) == 0
+    rows3 = log_rows(out)
+    assert [r["epoch"] for r in rows3] == ["1", "2", "3"] and rows3[:2] == rows
+    assert read_checkpoint(out / "last.ckpt")["epoch"] == 3
+    # a finished run is not silently overwritten
+    assert main([*args, "--epochs", "3"]) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume(data, tmp_path):
+    from napari_cellseg.checkpoint import load_checkpoint
+
+    images, labels = data
+    out = tmp_path / "killed"
+    args = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+            "--epochs", "3", "--no-figures"]
+    cmd = [sys.executable, "-m", "training", *args, "--steps-per-epoch", "40"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while not (out / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert (out / "last.ckpt").exists(), "epoch 1 never finished"
+        time.sleep(3)  # well inside epoch 2 (40 steps)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    load_checkpoint(out / "best_model.bin")  # intact
+    assert [r["epoch"] for r in log_rows(out)] == ["1"]
+    assert main([*args, "--resume", "--steps-per-epoch", "2"]) == 0
+    assert [r["epoch"] for r in log_rows(out)] == ["1", "2", "3"]
+    load_checkpoint(out / "best_model.bin")
+
+
+def _bad(argv, capsys, out):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("cellseg-train: error:")
+    assert not out.exists()
+    return err[-1]
+
+
+def test_bad_input_exit_2_nothing_written(tmp_path, capsys):
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    base = ["--out", str(out), *TINY]
+    # CSV rows for images that do not exist
+    from napari_cellseg.annotations import write_annotations
+    write_annotations(tmp_path / "train.csv", {"s0": synth(0)[1], "ghost": synth(1)[1]}, format="train")
+    (tmp_path / "png").mkdir()
+    import imageio.v3 as iio
+    iio.imwrite(tmp_path / "png" / "s0.png", (synth(0)[0] >> 8).astype(np.uint8))
+    msg = _bad(["--train-csv", str(tmp_path / "train.csv"), "--images", str(tmp_path / "png"), *base], capsys, out)
+    assert "train.csv: row" in msg and "ghost" in msg
+    # image/label size mismatch
+    tifffile.imwrite(labels / "s2.tif", np.zeros((64, 128), np.int32))
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), *base], capsys, out)
+    assert "s2.tif" in msg and "128x64" in msg
+    tifffile.imwrite(labels / "s2.tif", synth(2)[1])
+    # empty training set (no labelled cells)
+    for k in range(3):
+        tifffile.imwrite(labels / f"s{k}.tif", np.zeros((128, 128), np.int32))
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), *base], capsys, out)
+    assert "no cells" in msg or "empty" in msg
+    # a val split that leaves nothing to validate / to train
+    for k in range(3):
+        tifffile.imwrite(labels / f"s{k}.tif", synth(k)[1])
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), *base, "--val-fraction", "0"], capsys, out)
+    assert "nothing to validate" in msg
+    # an output folder that cannot be created / written (its parent is a file; works as root too)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), *base[2:], "--out", str(blocker / "run")],
+               capsys, blocker / "run")
+    assert "not writable" in msg and "not_a_folder" in msg
