@@ -261,8 +261,30 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+# ---- demo (napari front end; the code lives in _demo.py) ------------------------------------
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="open napari with a sample image and the Segment cells widget",
+        description="Open napari with a sample image (or --image FILE) and the 'Segment cells' "
+                    "widget docked, the bundled demo model pre-selected when installed.")
+    p.add_argument("--sample", choices=["nuclei", "cells"], default="nuclei",
+                   help="packaged sample image to open (default: nuclei)")
+    p.add_argument("--image", type=Path, help="open this image file instead of a sample")
+    p.add_argument("--checkpoint", type=Path, help="pre-select this checkpoint in the widget")
+    p.add_argument("--no-run", action="store_true",
+                   help="set everything up but do not enter the event loop (for tests)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from ._demo import run_demo
+
+    run_demo(sample=args.sample, checkpoint=args.checkpoint, image=args.image, run=not args.no_run)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
-COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate]
+COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -257,3 +257,17 @@ def test_missing_model_message(make_napari_viewer, qtbot, monkeypatch, tmp_path,
     assert w.model_combo.count() == 0
     w.segment()
     assert "Browse" in errors[-1] and w._worker is None
+
+
+def test_demo_setup(make_napari_viewer, qtbot, tiny_checkpoint):
+    from napari_cellseg._demo import setup_demo
+    from napari_cellseg.cli import main
+
+    viewer = make_napari_viewer()
+    w = setup_demo(viewer, sample="nuclei", checkpoint=tiny_checkpoint)
+    assert "Segment cells" in viewer.window._dock_widgets
+    assert w.image_combo.currentText() == "nuclei"
+    assert w.model_combo.currentData() == str(tiny_checkpoint.resolve())
+    assert viewer.layers["nuclei"].data.ndim == 2
+    # a bad checkpoint fails before any window opens: one line, exit code 2
+    assert main(["demo", "--no-run", "--checkpoint", "/no/such/model.bin"]) == 2

@@ -1,0 +1,51 @@
+"""``cellseg demo``: napari with a sample image and the "Segment cells" widget docked.
+
+``setup_demo(viewer, ...)`` is the testable part; ``run_demo`` creates the viewer and enters
+the Qt event loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def setup_demo(viewer, sample: str = "nuclei", checkpoint=None, image=None):
+    """Open ``image`` (a file) or the packaged ``sample``, dock the widget, pre-select a model.
+
+    Returns the widget. ``checkpoint=None`` keeps the widget's choice: the bundled demo model
+    when installed, else the last checkpoint used.
+    """
+    from ._sample import cells_sample, nuclei_sample
+    from ._widget import SegmentWidget
+
+    if image is not None:
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: image file not found")
+        layers = viewer.open(str(path))
+    else:
+        samples = {"nuclei": nuclei_sample, "cells": cells_sample}
+        if sample not in samples:
+            raise ValueError(f"unknown sample {sample!r}; choose one of {', '.join(samples)}")
+        layers = [getattr(viewer, f"add_{kind}")(data, **meta) for data, meta, kind in samples[sample]()]
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment cells", area="right")
+    if checkpoint is not None:
+        widget.set_checkpoint(checkpoint)
+    images = [lyr for lyr in layers if type(lyr).__name__ == "Image"]
+    if images:
+        viewer.layers.selection.active = images[0]
+        widget.image_combo.setCurrentText(images[0].name)
+    return widget
+
+
+def run_demo(sample: str = "nuclei", checkpoint=None, image=None, run: bool = True):
+    import napari
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: checkpoint file not found")
+    viewer = napari.Viewer(title="napari-cellseg demo")
+    widget = setup_demo(viewer, sample=sample, checkpoint=checkpoint, image=image)
+    if run:
+        napari.run()
+    return viewer, widget
