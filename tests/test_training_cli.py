@@ -81,26 +81,29 @@ def test_sigkill_mid_epoch_then_resume(data, tmp_path):
 
     images, labels = data
     out = tmp_path / "killed"
-    args = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
-            "--epochs", "3", "--no-figures"]
-    cmd = [sys.executable, "-m", "training", *args, "--steps-per-epoch", "40"]
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY, "--no-figures"]
+    assert main([*args, "--epochs", "1", "--steps-per-epoch", "2"]) == 0  # epoch 1 done, quickly
+    best_before = (out / "best_model.bin").read_bytes()
+    err = tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "training", *args, "--epochs", "3", "--resume", "--steps-per-epoch", "200"]
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=fh)
     try:
-        deadline = time.time() + 400
-        while not (out / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert (out / "last.ckpt").exists(), "epoch 1 never finished"
-        time.sleep(3)  # well inside epoch 2 (40 steps)
+        deadline = time.time() + 300
+        while "epoch 2 train" not in err.read_text(errors="replace") and time.time() < deadline:
+            assert proc.poll() is None, err.read_text(errors="replace")[-2000:]
+            time.sleep(0.3)
+        time.sleep(2)  # inside epoch 2 (200 steps)
         assert proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert (out / "best_model.bin").read_bytes() == best_before
     load_checkpoint(out / "best_model.bin")  # intact
     assert [r["epoch"] for r in log_rows(out)] == ["1"]
-    assert main([*args, "--resume", "--steps-per-epoch", "2"]) == 0
+    assert main([*args, "--epochs", "3", "--resume", "--steps-per-epoch", "2"]) == 0
     assert [r["epoch"] for r in log_rows(out)] == ["1", "2", "3"]
     load_checkpoint(out / "best_model.bin")
 
