@@ -411,9 +411,10 @@ class SegmentWidget(QWidget):
             return None
         t = self.thresholds()
         labels = r.detections.to_labels(t["box_conf"], t["mask_threshold"], t["min_area"])
-        if r.plane:
-            lyr.data[r.plane] = labels
-            lyr.refresh()
+        target = lyr.data[r.plane] if r.plane else lyr.data
+        if isinstance(lyr.data, np.ndarray) and target.shape == labels.shape:
+            np.copyto(target, labels, casting="unsafe")  # in place: 2-3x cheaper than .data = ...
+            lyr.refresh(extent=False)
         else:
             lyr.data = labels
         if hasattr(lyr, "_reset_history"):
