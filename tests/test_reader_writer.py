@@ -1,0 +1,126 @@
+"""The napari reader/writer contributions and the non-Qt helpers behind export (no window)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from napari_cellseg._layers import (InputError, Result, csv_to_layer_data, export_csv, export_items,
+                                    image_id_for_layer, image_plane, labels_items, shape_from_layers)
+from napari_cellseg._reader import get_reader
+from napari_cellseg._writer import write_labels
+from napari_cellseg.annotations import read_annotations
+
+
+def _labels(seed=0, shape=(40, 50), n=5):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.int32)
+    for i in range(1, n + 1):
+        y, x = rng.integers(0, shape[0] - 8), rng.integers(0, shape[1] - 8)
+        lab[y:y + rng.integers(3, 8), x:x + rng.integers(3, 8)] = i
+    return lab
+
+
+class FakeLayer(SimpleNamespace):
+    pass
+
+
+def Image(name, data, path=None, rgb=False):  # noqa: N802 - mimics napari.layers.Image
+    lyr = type("Image", (FakeLayer,), {})(name=name, data=data, rgb=rgb, multiscale=False, metadata={},
+                                         source=SimpleNamespace(path=path))
+    return lyr
+
+
+def test_image_id_from_source_path_else_name():
+    assert image_id_for_layer(Image("shown name", np.zeros((4, 4)), path="/data/abc123.tif")) == "abc123"
+    assert image_id_for_layer(Image("shown name", np.zeros((4, 4)))) == "shown name"
+
+
+def test_image_plane_2d_rgb_stack_and_3d_view():
+    img = Image("a", np.arange(12).reshape(3, 4))
+    arr, plane = image_plane(img)
+    assert plane == () and arr.shape == (3, 4)
+    rgb = Image("rgb", np.zeros((3, 4, 3)), rgb=True)
+    assert image_plane(rgb)[0].shape == (3, 4, 3)
+    stack = Image("s", np.arange(2 * 3 * 4).reshape(2, 3, 4))
+    arr, plane = image_plane(stack, current_step=(1, 0, 0), ndisplay=2)
+    assert plane == (1,) and np.array_equal(arr, stack.data[1])
+    with pytest.raises(InputError, match="2D view"):
+        image_plane(stack, current_step=(1, 0, 0), ndisplay=3)
+    with pytest.raises(InputError, match="need a 2D image"):
+        image_plane(Image("line", np.zeros(5)))
+
+
+def test_export_merges_and_reader_round_trips(tmp_path):
+    a, b = _labels(0), _labels(1)
+    la = FakeLayer(name="a cells", data=a, metadata={"napari_cellseg": Result("img_a", "a")})
+    lb = FakeLayer(name="b cells", data=b, metadata={"napari_cellseg": Result("img_b", "b")})
+    other = FakeLayer(name="not a result", data=_labels(2), metadata={})
+    items = export_items([la, lb, other])
+    assert sorted(items) == ["img_a", "img_b"]
+    out = tmp_path / "train.csv"
+    assert export_csv(out, items, "train") == len(np.unique(a)) - 1 + len(np.unique(b)) - 1
+    # re-export one image into the same file: its rows replaced, the other's kept
+    a2 = a.copy()
+    a2[a2 == 1] = 0
+    export_csv(out, {"img_a": a2}, "train")
+    layers = get_reader(str(out))(str(out))
+    got = {meta["metadata"]["image_id"]: data for data, meta, kind in layers}
+    assert [kind for *_, kind in layers] == ["labels", "labels"]
+    np.testing.assert_array_equal(got["img_b"], b)
+    np.testing.assert_array_equal(got["img_a"] > 0, a2 > 0)
+    assert len(np.unique(got["img_a"])) == len(np.unique(a2))
+
+
+def test_kaggle_csv_size_from_open_image_else_clear_error(tmp_path):
+    lab = _labels(3)
+    out = tmp_path / "sub.csv"
+    export_csv(out, {"img_a": lab}, "kaggle")
+    with pytest.raises(InputError, match="image size unknown for img_a"):
+        csv_to_layer_data(out, layers=[])
+    opened = Image("img_a", np.zeros((40, 50, 3)), rgb=True)
+    assert shape_from_layers("img_a", [opened]) == (40, 50)
+    (data, meta, kind), = csv_to_layer_data(out, layers=[opened])
+    np.testing.assert_array_equal(data, lab)
+    assert meta["name"] == "img_a cells"
+
+
+def test_stack_layer_exports_each_labelled_plane(tmp_path):
+    stack = np.zeros((3, 40, 50), np.int32)
+    stack[2] = _labels(4)
+    lyr = FakeLayer(name="s cells", data=stack, metadata={"napari_cellseg": Result("s", "s", plane=(2,))})
+    items = labels_items(lyr)
+    assert list(items) == ["s_z2"]
+    out = tmp_path / "s.csv"
+    export_csv(out, items, "starter")
+    src = Image("s", np.zeros((3, 40, 50)))
+    (data, meta, _), = csv_to_layer_data(out, layers=[src])
+    np.testing.assert_array_equal(data, stack[2])
+
+
+def test_export_nothing_segmented_writes_nothing(tmp_path):
+    with pytest.raises(InputError, match="nothing segmented"):
+        export_items([FakeLayer(name="x", data=_labels(), metadata={})])
+
+
+def test_napari_writer_keeps_other_ids_and_format(tmp_path):
+    out = tmp_path / "w.csv"
+    a, b = _labels(5), _labels(6)
+    assert write_labels(str(out), a, {"name": "first cells", "metadata": {}}) == [str(out)]
+    assert read_annotations(out).format == "train"  # new file: self-describing sizes
+    write_labels(str(out), b, {"name": "second", "metadata": {"image_id": "two"}})
+    ann = read_annotations(out)
+    assert ann.ids == ["first", "two"]
+    np.testing.assert_array_equal(ann.labels("first"), a)
+    np.testing.assert_array_equal(ann.labels("two"), b)
+    write_labels(str(out), np.zeros_like(a), {"name": "first cells", "metadata": {}})
+    ann = read_annotations(out)
+    assert ann.labels("first").max() == 0 and ann.labels("two").max() == b.max()
+
+
+def test_reader_ignores_other_files():
+    assert get_reader("image.tif") is None
+    assert get_reader(["a.csv", "b.csv"]) is None
+    assert get_reader("CELLS.CSV") is not None
