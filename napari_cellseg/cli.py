@@ -1,4 +1,4 @@
-"""The ``cellseg`` command line: ``cellseg to-labels | to-csv | evaluate ...``.
+"""The ``cellseg`` command line: ``cellseg predict | to-labels | to-csv | evaluate ...``.
 
 Adding a sub-command: write ``_add_xxx(subparsers)`` that creates the parser and calls
 ``parser.set_defaults(func=_cmd_xxx)``, write ``_cmd_xxx(args) -> int``, and append
@@ -283,8 +283,40 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# ---- predict (the logic lives in batch.py) ---------------------------------------------------
+def _add_predict(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="segment images with a checkpoint -> submission CSV",
+        description="Run the Mask R-CNN once per image and write one CSV row per cell (id = "
+                    "file stem; an image with no cell still gets its row). Thresholds default to "
+                    "the checkpoint's. Under torchrun each rank takes files[rank::world] and "
+                    "rank 0 writes the merged CSV.")
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, type=Path, help="CSV file to write (atomically)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
+    p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
+    p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="resize images by this factor before the network (object size; default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--format", choices=("kaggle", "starter"), default="kaggle",
+                   help="kaggle: id,predicted; starter: idx,id,annotation (default: %(default)s)")
+    p.add_argument("--labels-dir", type=Path, help="also write one label TIFF per image here")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    from .batch import run_predict
+
+    return run_predict(args, progress_factory=_progress)
+
+
 # ---- entry point -----------------------------------------------------------------------------
-COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo]
+COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict]
 
 
 def build_parser() -> argparse.ArgumentParser:

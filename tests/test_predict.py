@@ -1,0 +1,218 @@
+"""Predictor / Detections / `cellseg predict` / the torchrun split-merge, on a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_cellseg.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from napari_cellseg.model import ModelConfig, build_model  # noqa: E402
+from napari_cellseg.predict import Detections, Predictor, PredictError, drain  # noqa: E402
+
+TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+            min_size=128, max_size=192)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY)
+    model = build_model(config).eval()
+    with torch.no_grad():  # random weights would give few boxes: make many pass box_conf 0.5
+        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
+    return model, config
+
+
+def _image(shape, seed=0):
+    return np.random.default_rng(seed).random((*shape, 3), dtype=np.float32)
+
+
+def stock_labels(model, image, box_conf=0.5, mask_threshold=0.5):
+    """torchvision's own forward (masks pasted full size) + starter overlap removal."""
+    with torch.inference_mode():
+        out = model([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))])[0]
+    scores, masks = out["scores"].numpy(), out["masks"][:, 0].numpy() > mask_threshold
+    labels, taken, k = np.zeros(image.shape[:2], np.int32), np.zeros(image.shape[:2], bool), 0
+    for i in np.argsort(-scores, kind="stable"):
+        if scores[i] >= box_conf and (masks[i] & ~taken).any():
+            k += 1
+            labels[masks[i] & ~taken] = k
+            taken |= masks[i]
+    return labels, out
+
+
+def min_instance_iou(a, b):
+    n = max(a.max(), b.max())
+    inter = np.bincount(a[(a == b) & (a > 0)], minlength=n + 1)[1:]
+    union = np.bincount(a.ravel(), minlength=n + 1)[1:] + np.bincount(b.ravel(), minlength=n + 1)[1:] - inter
+    return float((inter / np.maximum(union, 1)).min())
+
+
+# ---- same answer as stock torchvision ---------------------------------------------------------
+@pytest.mark.parametrize("shape", [(128, 160), (100, 90)])  # not resized / upscaled by transform
+def test_to_labels_matches_stock_torchvision(tiny, shape):
+    model, config = tiny
+    image = _image(shape)
+    ref, out = stock_labels(model, image, 0.5, 0.5)
+    dets = Predictor(model, config).predict(image)
+    assert len(dets) == len(out["scores"]) > 50
+    np.testing.assert_allclose(dets.boxes, out["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(dets.scores, out["scores"].numpy(), atol=1e-5)
+    labels = dets.to_labels(0.5, 0.5)
+    assert labels.shape == shape and labels.dtype == np.int32
+    assert labels.max() == ref.max() > 20
+    assert min_instance_iou(ref, labels) >= 0.98
+
+
+def test_mask_threshold_and_box_conf_match_stock(tiny):
+    model, config = tiny
+    image = _image((128, 160), seed=3)
+    dets = Predictor(model, config).predict(image)
+    conf = float(np.median(dets.scores))
+    ref, _ = stock_labels(model, image, conf, 0.7)
+    labels = dets.to_labels(conf, 0.7)
+    assert labels.max() == ref.max() and min_instance_iou(ref, labels) >= 0.98
+
+
+# ---- Detections.to_labels semantics ----------------------------------------------------------
+def _dets(boxes, scores, probs=None, shape=(40, 50)):
+    probs = np.ones((len(scores), 28, 28), np.float32) if probs is None else probs
+    return Detections(np.array(boxes, np.float32), np.array(scores, np.float32), probs, shape)
+
+
+def test_overlap_goes_to_higher_score_and_ids_descend():
+    d = _dets([[5, 5, 20, 20], [12, 12, 30, 30]], [0.6, 0.9])  # given out of order
+    assert np.all(np.diff(d.scores) <= 0)
+    lab = d.to_labels(0.5, 0.5)
+    assert set(np.unique(lab)) == {0, 1, 2}
+    assert lab[15, 15] == 1  # overlap: the 0.9 box (id 1) wins
+    assert lab[25, 25] == 1 and lab[7, 7] == 2
+    assert d.to_labels(0.7, 0.5).max() == 1  # box_conf drops the 0.6 detection
+
+
+def test_min_area_empty_and_threshold():
+    probs = np.full((3, 28, 28), 0.6, np.float32)
+    probs[2] = 0.2  # never above threshold 0.5 -> empty -> dropped
+    d = _dets([[0, 0, 30, 30], [2, 2, 5, 5], [30, 30, 45, 38]], [0.9, 0.8, 0.7], probs)
+    lab = d.to_labels(0.5, 0.5)
+    assert lab.max() == 1  # the small box lies inside the bigger, better one; the third is empty
+    lab = d.to_labels(0.0, 0.1)
+    assert lab.max() == 2 and np.count_nonzero(lab == 2) > 50
+    assert d.to_labels(0.0, 0.1, min_area=10_000).max() == 0
+    big = int(np.count_nonzero(lab == 1))
+    lab = d.to_labels(0.0, 0.1, min_area=big)  # id 2 (smaller) dropped, ids stay consecutive
+    assert lab.max() == 1 and np.count_nonzero(lab == 1) == big
+    assert d.to_labels(0.5, 0.7).max() == 0
+    empty = _dets(np.zeros((0, 4)), [], np.zeros((0, 28, 28), np.float32))
+    assert empty.to_labels().shape == (40, 50) and empty.to_labels().max() == 0
+
+
+def test_paste_geometry_equals_torchvision_paste_masks(tiny):
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    rng = np.random.default_rng(1)
+    h, w = 60, 70
+    boxes = np.array([[-4.3, 3.2, 20.7, 30.1], [50.5, 40.2, 75.0, 66.0], [10, 10, 10.4, 11],
+                      [30.2, 5.9, 44.8, 20.2]], np.float32)
+    probs = rng.random((4, 28, 28)).astype(np.float32)
+    pasted = paste_masks_in_image(torch.from_numpy(probs)[:, None], torch.from_numpy(boxes), (h, w))[:, 0]
+    for i in range(4):  # one detection at a time: the pasted mask itself
+        d = Detections(boxes[i:i + 1], [0.9], probs[i:i + 1], (h, w))
+        for thr in (0.3, 0.5, 0.8):
+            np.testing.assert_array_equal(d.to_labels(0.5, thr) > 0, pasted[i].numpy() > thr)
+
+
+def test_crop_cache_is_reused():
+    d = _dets([[5, 5, 20, 20]], [0.9])
+    d.to_labels()
+    cache = d._cache
+    d.to_labels(0.1, 0.9)
+    assert d._cache is cache
+
+
+# ---- Predictor --------------------------------------------------------------------------------
+def test_iter_predict_progress_and_result(tiny):
+    model, config = tiny
+    gen = Predictor(model, config, mask_chunk=16).iter_predict(_image((64, 80)))
+    events = []
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        dets = stop.value
+    assert isinstance(dets, Detections) and dets.image_shape == (64, 80)
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "load" and stages[-1] == "done" and stages.count("masks") >= 2
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert dets.probs.shape == (len(dets), 28, 28) and dets.probs.dtype == np.float32
+    assert 0 <= dets.probs.min() and dets.probs.max() <= 1
+
+
+def test_cancel_between_stages(tiny):
+    model, config = tiny
+    gen = Predictor(model, config).iter_predict(_image((64, 80)))
+    assert next(gen)["stage"] == "load" and next(gen)["stage"] == "backbone"
+    gen.close()  # what a napari worker.quit() amounts to: no further stage runs
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_scale_maps_boxes_to_original_pixels(tiny):
+    model, config = tiny
+    image = _image((128, 160), seed=2)
+    pred = Predictor(model, config)
+    full, half = pred.predict(image), pred.predict(image, scale=0.5)
+    assert half.image_shape == full.image_shape == (128, 160)
+    assert half.boxes[:, [0, 2]].max() <= 160 and half.boxes[:, [1, 3]].max() <= 128
+    assert half.boxes[:, 2].max() > 100  # boxes were scaled back up, not left at half size
+    assert not np.allclose(np.sort(half.scores)[:10], np.sort(full.scores)[:10])
+    assert half.to_labels(0.5, 0.5).shape == (128, 160)
+    with pytest.raises(PredictError):
+        pred.predict(image, scale=0)
+
+
+def test_predict_many_batches_equal_single(tiny):
+    model, config = tiny
+    images = [_image((96, 128), seed=s) for s in range(3)]
+    pred = Predictor(model, config)
+    got = list(pred.predict_many(images, batch_size=2))
+    assert [i for i, _ in got] == [0, 1, 2]
+    for (_, d), image in zip(got, images):
+        single = pred.predict(image)
+        np.testing.assert_allclose(d.scores, single.scores, atol=1e-4)
+        assert min_instance_iou(single.to_labels(), d.to_labels()) >= 0.98
+
+
+def test_precision_and_device_errors(tiny):
+    model, config = tiny
+    with pytest.raises(PredictError, match="fp16"):
+        Predictor(model, config, device="cpu", precision="fp16")
+    with pytest.raises(PredictError, match="precision"):
+        Predictor(model, config, precision="int8")
+    with pytest.raises(PredictError):
+        Predictor(model, config, device="nonsense")
+    assert Predictor(model, config, device="cpu", precision="auto").precision in ("fp32", "bf16")
+
+
+def test_from_checkpoint_keeps_thresholds(tiny, tmp_path):
+    model, config = tiny
+    path = tmp_path / "m.bin"
+    save_checkpoint(path, model, config, thresholds={"box_conf": 0.6, "mask_threshold": 0.4, "min_area": 3})
+    pred = Predictor.from_checkpoint(path, device="cpu")
+    assert pred.thresholds == {"box_conf": 0.6, "mask_threshold": 0.4, "min_area": 3}
+    assert pred.config == config
+    image = _image((64, 80))
+    np.testing.assert_allclose(pred.predict(image).scores, Predictor(model, config).predict(image).scores,
+                               atol=1e-5)
+    with pytest.raises(CheckpointError):
+        Predictor.from_checkpoint(tmp_path / "missing.bin", device="cpu")
+
+
+def test_drain_returns_generator_value():
+    def job():
+        yield {"stage": "a", "fraction": 0.5}
+        return 42
+    assert drain(job()) == 42
