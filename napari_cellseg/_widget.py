@@ -138,6 +138,7 @@ class SegmentWidget(QWidget):
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
+        self.progress.setVisible(False)  # shown while a job runs
         root.addWidget(self.progress)
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -194,7 +195,7 @@ class SegmentWidget(QWidget):
         self.scope_combo.addItems(["all segmented images", "current image only"])
         self.scope_combo.setToolTip("An existing CSV keeps the rows of other images; rows of these "
                                     "images are replaced")
-        xform.addRow("Write", self.scope_combo)
+        xform.addRow("Images", self.scope_combo)
         self.export_btn = QPushButton("Export CSV…")
         self.export_btn.clicked.connect(self.export)
         xform.addRow(self.export_btn)
@@ -331,6 +332,7 @@ class SegmentWidget(QWidget):
         self.segment_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         self.progress.setValue(0)
+        self.progress.setVisible(True)
         self._info(f"Segmenting {layer.name}{f' plane {plane}' if plane else ''}…")
         worker.start()
 
@@ -363,6 +365,7 @@ class SegmentWidget(QWidget):
 
     def _on_finished(self):
         self._worker = None
+        self.progress.setVisible(False)
         self.segment_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
 

@@ -102,6 +102,8 @@ def test_segment_sliders_edit_export_roundtrip(make_napari_viewer, qtbot, tiny_c
     # sliders start at the checkpoint's stored thresholds
     assert w.box_slider.value() == pytest.approx(0.3)
     assert w.mask_slider.value() == pytest.approx(0.4)
+    bound = {str(k) for k in lyr.keymap}
+    assert {"Shift+D", "Shift+M", "Shift+N", "Shift+R"} <= bound, bound
     n0 = int(lyr.data.max())
     assert n0 > 0 and w.count_label.text() == f"{n0} cells"
 
