@@ -149,3 +149,26 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys):
     msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), *base[2:], "--out", str(blocker / "run")],
                capsys, blocker / "run")
     assert "not writable" in msg and "not_a_folder" in msg
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_two_cpu_processes(tmp_path):
+    """torchrun --nproc_per_node=2 -m training: DDP over gloo; rank 0 alone logs and saves."""
+    import shutil
+    from napari_cellseg.checkpoint import load_checkpoint
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    images, labels = write_folder(tmp_path / "d", n=5)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "training", "--image-dir", str(images),
+                           "--label-dir", str(labels), "--out", str(out), *TINY, "--epochs", "2", "--no-figures",
+                           "--device", "cpu"], cwd=Path(__file__).parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in log_rows(out)] == ["1", "2"]
+    _, cfg, _, info = load_checkpoint(out / "best_model.bin")
+    assert info["world_size"] == 2 and cfg.backbone == "convnext_atto"
+    assert proc.stderr.count("cellseg-train: done") == 1  # rank 0 alone reports

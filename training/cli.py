@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from napari_cellseg.model import ModelConfig
@@ -86,11 +87,14 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     bar = None
+    quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 alone reports
     try:
         config.validate()
         gen = train(config)
         for ev in gen:
             stage = ev["stage"]
+            if quiet:
+                continue
             if stage == "setup":
                 print(f"cellseg-train: {ev['message']}", file=sys.stderr)
             elif stage in ("train", "val"):

@@ -98,6 +98,9 @@ def _build(config: TrainConfig, device):
     from napari_cellseg.checkpoint import load_checkpoint
     from napari_cellseg.model import build_model
 
+    if config.crop_size or not (config.width and config.height):
+        # the network is trained on native-scale pixels: predict must not rescale either
+        config.model.native_scale = True
     model = build_model(config.model, config.backbone_weights or None)
     if config.init_checkpoint:
         src, src_cfg, _, _ = load_checkpoint(config.init_checkpoint, config=config.model)
@@ -235,7 +238,8 @@ def train(config: TrainConfig, samples=None):
         model.load_state_dict(resume_obj["state_dict"])
     use_amp = bool(config.amp and device.type == "cuda")
     params = [p for p in model.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  foreach=True)  # multi-tensor: ~5x faster step on CPU too
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
                                                            patience=config.plateau_patience)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -268,7 +272,8 @@ def train(config: TrainConfig, samples=None):
         ev.plot_samples([(im, ev.masks_to_labels(m[0]), f"{len(m[0])} cells") for im, m in shown],
                         fig_dir / "train_samples.png", "augmented training samples")
     info_base = {"n_train": len(train_s), "n_val": len(val_s), "train_ids": [s.image_id for s in train_s][:2000],
-                 "val_ids": [s.image_id for s in val_s], "train_config": config.to_dict()}
+                 "val_ids": [s.image_id for s in val_s], "train_config": config.to_dict(),
+                 "world_size": world, "device": str(device), "input_scale": "native (the model does not resize in training)"}
     yield {"stage": "setup", "message": f"{len(train_s)} train / {len(val_s)} val images on {device}",
            "n_train": len(train_s), "n_val": len(val_s), "start_epoch": start}
     for epoch in range(start, config.epochs + 1):
@@ -278,6 +283,10 @@ def train(config: TrainConfig, samples=None):
         loader = _loader(train_ds, config, True, epoch, world, rank)
         tr_loss, tr_mask, skipped = yield from train_one_epoch(model, loader, optimizer, scaler, device, epoch,
                                                                config, use_amp)
+        if world > 1:  # mean train loss over all ranks
+            t = torch.tensor([tr_loss, tr_mask, float(skipped)], dtype=torch.float64)
+            dist.all_reduce(t)
+            tr_loss, tr_mask, skipped = float(t[0]) / world, float(t[1]) / world, int(t[2])
         row = None
         if rank == 0:
             v_loss, v_mask, preds = yield from evaluate(model, val_ds, device, epoch, config, gts)
