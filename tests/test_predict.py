@@ -12,7 +12,8 @@ from napari_cellseg.model import ModelConfig, build_model  # noqa: E402
 from napari_cellseg.predict import Detections, Predictor, PredictError, drain  # noqa: E402
 
 TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
-            min_size=128, max_size=192)
+            min_size=128, max_size=192, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300,
+            box_detections_per_img=150)
 
 
 @pytest.fixture(scope="module")

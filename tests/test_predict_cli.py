@@ -1,0 +1,155 @@
+"""`cellseg predict` end to end on a tiny random checkpoint, and the torchrun split/merge logic."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_cellseg.batch import ImageResult, gather_results, merge_shards, shard  # noqa: E402
+from napari_cellseg.cli import main  # noqa: E402
+
+TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+            min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
+            box_detections_per_img=100)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    import imageio.v3 as iio
+
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    root = tmp_path_factory.mktemp("predict_cli")
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY)
+    model = build_model(config)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
+    save_checkpoint(root / "tiny.bin", model, config, thresholds={"box_conf": 0.5, "mask_threshold": 0.5})
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("b_img", "a_img", "c_img"):
+        iio.imwrite(images / f"{name}.png", (rng.random((96, 112)) * 255).astype(np.uint8))
+    return root
+
+
+def _run(args, capsys):
+    rc = main(["predict", *map(str, args)])
+    return rc, capsys.readouterr()
+
+
+def test_predict_writes_csv_and_labels(workdir, tmp_path, capsys):
+    from napari_cellseg.annotations import read_annotations
+
+    out = tmp_path / "sub.csv"
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", workdir / "images", "--out", out,
+                    "--labels-dir", tmp_path / "labels", "--device", "cpu", "--batch-size", "2"], capsys)
+    assert rc == 0, cap.err
+    ann = read_annotations(out)
+    assert ann.format == "kaggle" and set(ann.ids) == {"a_img", "b_img", "c_img"}
+    for image_id in ann.ids:
+        assert len(ann.rles(image_id)) > 5
+    import tifffile
+    lab = tifffile.imread(tmp_path / "labels" / "a_img.tif")
+    assert lab.shape == (96, 112) and lab.max() == len(ann.rles("a_img"))
+    assert np.array_equal(ann.labels("a_img", (96, 112)) > 0, lab > 0)
+
+
+def test_image_without_cells_gets_its_row_starter(workdir, tmp_path, capsys):
+    from napari_cellseg.annotations import read_annotations
+
+    out = tmp_path / "sub.csv"
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", workdir / "images" / "a_img.png",
+                    workdir / "images" / "c_img.png", "--out", out, "--box-conf", "1.01",
+                    "--format", "starter", "--device", "cpu"], capsys)
+    assert rc == 0, cap.err
+    ann = read_annotations(out)
+    assert ann.format == "starter" and ann.ids == ["a_img", "c_img"]
+    assert ann.rles("a_img") == [] and "-1" in out.read_text()
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "truncated_ckpt", "bad_image", "empty_dir", "no_ckpt"])
+def test_bad_input_exit_2_nothing_written(workdir, tmp_path, capsys, case):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    ckpt = workdir / "tiny.bin"
+    if case != "empty_dir":
+        (images / "ok.png").write_bytes((workdir / "images" / "a_img.png").read_bytes())
+    if case == "missing_ckpt":
+        ckpt = tmp_path / "nope.bin"
+    elif case == "truncated_ckpt":
+        ckpt = tmp_path / "cut.bin"
+        ckpt.write_bytes((workdir / "tiny.bin").read_bytes()[:5000])
+    elif case == "bad_image":
+        (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out, labels = tmp_path / "sub.csv", tmp_path / "labels"
+    args = ([] if case == "no_ckpt" else ["--checkpoint", ckpt]) + [images, "--out", out,
+                                                                     "--labels-dir", labels, "--device", "cpu"]
+    from napari_cellseg.checkpoint import bundled_model_path
+    if case == "no_ckpt" and bundled_model_path().is_file():
+        pytest.skip("the bundled demo model is installed")
+    rc, cap = _run(args, capsys)
+    assert rc == 2
+    err = cap.err.strip().splitlines()
+    assert err[-1].startswith("cellseg predict: error: ") and "Traceback" not in cap.err
+    expected = {"missing_ckpt": "nope.bin", "truncated_ckpt": "cut.bin", "bad_image": "zz_broken.png",
+                "empty_dir": "no images", "no_ckpt": "bundled demo model"}[case]
+    assert expected in err[-1]
+    if case == "no_ckpt":
+        assert "using the bundled demo model" in cap.err
+    assert not out.exists() and not labels.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sub.csv")]
+
+
+# ---- torchrun split / merge ---------------------------------------------------------------------
+def test_shard_and_merge_restore_input_order():
+    items = list("abcdefg")
+    parts = [shard(items, r, 3) for r in range(3)]
+    assert [v for _, v in parts[1]] == items[1::3]
+    assert merge_shards(reversed(parts), len(items)) == items
+    with pytest.raises(ValueError, match="not predicted"):
+        merge_shards(parts[:2], len(items))
+
+
+def _dist_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        files = [f"img{i}" for i in range(5)]
+        local = [(i, ImageResult(f, (4, 4), [f"{i + 1} {rank + 1}"])) for i, f in shard(files, rank, world)]
+        merged = gather_results(local, None, rank, world, len(files))
+        if rank == 0:
+            Path(out_dir, "merged.txt").write_text("\n".join(f"{r.image_id}|{r.rles[0]}" for r in merged))
+        error = "img3.png: cannot read" if rank == 1 else None
+        try:
+            gather_results(local, error, rank, world, len(files))
+        except ValueError as exc:
+            Path(out_dir, f"error{rank}.txt").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_on_two_gloo_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    lines = (tmp_path / "merged.txt").read_text().splitlines()
+    # input order restored; even items came from rank 0, odd ones from rank 1
+    assert lines == [f"img{i}|{i + 1} {i % 2 + 1}" for i in range(5)]
+    assert (tmp_path / "error0.txt").read_text() == "img3.png: cannot read"  # raised on rank 0
+    assert not (tmp_path / "error1.txt").exists()
