@@ -140,4 +140,4 @@ def test_threshold_grid_matches_direct_labels():
     for (bc, mt), v in grid.items():
         assert v == pytest.approx(ev.average_precision(gt, ev.to_labels(scores, probs, bc, mt)))
     assert best == pytest.approx(1.0) and grid[(thr["box_conf"], thr["mask_threshold"])] == best
-    assert grid[(0.5, 0.4)] < 0.9 and grid[(0.7, 0.4)] == pytest.approx(1.0)  # low conf adds a false cell
+    assert grid[(0.55, 0.35)] < 0.9 and grid[(0.65, 0.35)] == pytest.approx(1.0)  # low conf adds a false cell

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-BOX_CONF_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-MASK_THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)
+# same grid as napari_cellseg.tuning (0.05 .. 0.95 in steps of 0.1)
+BOX_CONF_GRID = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
+MASK_THRESHOLD_GRID = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
 
 
 def _fallback_average_precision(gt: np.ndarray, pred: np.ndarray) -> float:
