@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
                             QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
                             QVBoxLayout, QWidget)
@@ -444,9 +444,11 @@ class SegmentWidget(QWidget):
 
     def _on_hand_edit(self, lyr, event=None):
         r = result_of(lyr)
-        if r is not None and not r.edited:
+        if r is not None:
             r.edited = True
-            self._update_tune_panel()
+            if lyr is self._result_layer():
+                # napari emits paint before the stroke is in .data: update once it is
+                QTimer.singleShot(0, self._update_tune_panel)  # lock sliders, Reset, count
 
     def reset_to_model(self):
         lyr = self._result_layer()

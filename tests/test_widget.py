@@ -131,6 +131,8 @@ def test_segment_sliders_edit_export_roundtrip(make_napari_viewer, qtbot, tiny_c
 
     # hand edit: paint a new cell; the sliders lock and the edit survives a slider move
     lyr.paint((5, 5), 999, refresh=True)
+    n_edit = len(np.unique(lyr.data)) - 1
+    qtbot.waitUntil(lambda: w.count_label.text().startswith(f"{n_edit} cells (hand-edited"))
     assert result_of(lyr).edited and not w.reset_btn.isHidden()
     assert not w.box_slider.isEnabled()
     edited = lyr.data.copy()
@@ -271,5 +273,9 @@ def test_demo_setup(make_napari_viewer, qtbot, tiny_checkpoint):
     assert w.image_combo.currentText() == "nuclei"
     assert w.model_combo.currentData() == str(tiny_checkpoint.resolve())
     assert viewer.layers["nuclei"].data.ndim == 2
+    # the checkpoint choice is remembered by the next widget
+    w2 = _widget.SegmentWidget(viewer)
+    assert w2.model_combo.currentData() == str(tiny_checkpoint.resolve())
+    w2.close()
     # a bad checkpoint fails before any window opens: one line, exit code 2
     assert main(["demo", "--no-run", "--checkpoint", "/no/such/model.bin"]) == 2
