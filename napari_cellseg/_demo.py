@@ -39,13 +39,40 @@ def setup_demo(viewer, sample: str = "nuclei", checkpoint=None, image=None):
     return widget
 
 
-def run_demo(sample: str = "nuclei", checkpoint=None, image=None, run: bool = True):
+def segment_and_screenshot(viewer, widget, path, timeout: float = 600.0, size=(1300, 860)) -> str:
+    """Press Segment, wait for the result (Qt events keep flowing), save a window screenshot."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    viewer.window._qt_window.resize(*size)
+    widget.segment()
+    start = time.monotonic()
+    while widget._worker is not None and time.monotonic() - start < timeout:
+        app.processEvents()
+        time.sleep(0.05)
+    if widget._worker is not None:
+        widget.cancel()
+        raise TimeoutError(f"segmentation did not finish within {timeout:.0f} s")
+    for _ in range(10):
+        app.processEvents()
+        time.sleep(0.02)
+    viewer.screenshot(str(path), canvas_only=False)
+    return widget.status.text()
+
+
+def run_demo(sample: str = "nuclei", checkpoint=None, image=None, run: bool = True, screenshot=None):
+    """Open the demo; ``screenshot=PATH`` segments once, saves the window and closes instead."""
     import napari
 
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"{checkpoint}: checkpoint file not found")
     viewer = napari.Viewer(title="napari-cellseg demo")
     widget = setup_demo(viewer, sample=sample, checkpoint=checkpoint, image=image)
-    if run:
+    if screenshot is not None:
+        print(segment_and_screenshot(viewer, widget, screenshot))
+        viewer.close()
+    elif run:
         napari.run()
     return viewer, widget

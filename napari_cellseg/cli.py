@@ -273,13 +273,16 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--checkpoint", type=Path, help="pre-select this checkpoint in the widget")
     p.add_argument("--no-run", action="store_true",
                    help="set everything up but do not enter the event loop (for tests)")
+    p.add_argument("--screenshot", type=Path, metavar="PNG",
+                   help="press Segment, save a screenshot of the window to PNG and exit")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from ._demo import run_demo
 
-    run_demo(sample=args.sample, checkpoint=args.checkpoint, image=args.image, run=not args.no_run)
+    run_demo(sample=args.sample, checkpoint=args.checkpoint, image=args.image,
+             run=not args.no_run, screenshot=args.screenshot)
     return 0
 
 
