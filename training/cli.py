@@ -49,7 +49,7 @@ def _add_field(group, name: str, default, dest: str) -> None:
     else:
         choices = ("loss", "map") if name == "select_by" else None
         group.add_argument(_flag(name), type=str, choices=choices, metavar=None if choices else "PATH"
-                           if name not in ("device",) else "DEVICE",
+                           if name not in ("device", "backbone") else name.upper(),
                            help=help_ + (f" (default: {default})" if default else ""), **kw)
 
 
