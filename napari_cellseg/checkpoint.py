@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,16 @@ def read_checkpoint(path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # torch's message is a long paragraph; keep the one fact that matters
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: the file needs code ({found.group(1)}) to unpickle, which is never "
+                "run (only tensors and plain containers are allowed)") from None
+        detail = re.search(r"(Unsupported operand \d+|Unsupported class [\w.]+)", str(exc))
         raise CheckpointError(
-            f"{path}: refused: the file needs arbitrary code to unpickle, which is never run "
-            f"(only tensors and plain containers are allowed). {first}"
-        ) from None
+            f"{path}: not a readable PyTorch checkpoint (truncated or foreign file?)"
+            f"{': ' + detail.group(1) if detail else ''}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or foreign file?): {first}") from None
