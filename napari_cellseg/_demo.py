@@ -55,6 +55,10 @@ def segment_and_screenshot(viewer, widget, path, timeout: float = 600.0, size=(1
     if widget._worker is not None:
         widget.cancel()
         raise TimeoutError(f"segmentation did not finish within {timeout:.0f} s")
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()  # pop-ups would cover the canvas
     for _ in range(10):
         app.processEvents()
         time.sleep(0.02)

@@ -8,8 +8,6 @@ layer's metadata; the sliders only call ``Detections.to_labels``.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,52 +20,12 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 from superqt import QLabeledDoubleSlider
 
 from . import _edit
-from ._layers import (CSV_FORMATS, InputError, Result, export_csv, export_items, image_id_for_layer,
+from ._layers import (InputError, Result, export_csv, export_items, image_id_for_layer,
                       image_plane, result_layer_name, result_of, spatial_shape)
+from ._panels import build_edit_box, build_export_box
+from ._settings import load_settings, save_settings, segment_job
 
 MAX_RECENT = 5
-
-
-# ---------------------------------------------------------------- settings (small json file)
-
-def settings_path() -> Path:
-    base = os.environ.get("NAPARI_CELLSEG_CONFIG_DIR") or Path.home() / ".config" / "napari-cellseg"
-    return Path(base) / "settings.json"
-
-
-def load_settings() -> dict:
-    try:
-        return json.loads(settings_path().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def save_settings(update: dict) -> None:
-    from .atomic import atomic_write
-
-    data = {**load_settings(), **update}
-    try:
-        settings_path().parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(settings_path()) as f:
-            json.dump(data, f, indent=1)
-    except OSError:  # a read-only home must not break segmentation
-        pass
-
-
-def _segment_job(checkpoint, device, image, scale, cache):
-    """Worker body: load (or reuse) the predictor, run it once, return (Detections, thresholds)."""
-    from .predict import Predictor
-
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, device)
-    predictor = cache.get(key)
-    if predictor is None:
-        yield {"stage": "loading model", "fraction": 0.0}
-        predictor = Predictor.from_checkpoint(path, device=device)
-        cache.clear()  # one model in memory at a time
-        cache[key] = predictor
-    dets = yield from predictor.iter_predict(image, scale=scale)
-    return dets, dict(predictor.thresholds)
 
 
 class SegmentWidget(QWidget):
@@ -167,39 +125,9 @@ class SegmentWidget(QWidget):
         root.addWidget(tune)
         self.tune_box = tune
 
-        edit = QGroupBox("Edit (on the cells layer)")
-        ev = QVBoxLayout(edit)
-        keys = "\n".join(f"{k}: {h}" for k, h in _edit.SHORTCUTS.values())
-        help_lbl = QLabel("Paint, fill, erase, pick: napari's layer tools (top left). "
-                          "Keys, with the mouse over a cell:\n" + keys)
-        help_lbl.setWordWrap(True)
-        ev.addWidget(help_lbl)
-        erow = QHBoxLayout()
-        self.newid_btn = QPushButton("New id for last stroke")
-        self.newid_btn.clicked.connect(functools.partial(self._edit_action, "new_id"))
-        self.renumber_btn = QPushButton("Renumber 1..N")
-        self.renumber_btn.clicked.connect(functools.partial(self._edit_action, "renumber"))
-        erow.addWidget(self.newid_btn)
-        erow.addWidget(self.renumber_btn)
-        ev.addLayout(erow)
-        root.addWidget(edit)
-        self.edit_box = edit
-
-        exp = QGroupBox("Export")
-        xform = QFormLayout(exp)
-        self.format_combo = QComboBox()
-        for key, text in CSV_FORMATS.items():
-            self.format_combo.addItem(text, key)
-        xform.addRow("Format", self.format_combo)
-        self.scope_combo = QComboBox()
-        self.scope_combo.addItems(["all segmented images", "current image only"])
-        self.scope_combo.setToolTip("An existing CSV keeps the rows of other images; rows of these "
-                                    "images are replaced")
-        xform.addRow("Images", self.scope_combo)
-        self.export_btn = QPushButton("Export CSV…")
-        self.export_btn.clicked.connect(self.export)
-        xform.addRow(self.export_btn)
-        root.addWidget(exp)
+        self.edit_box = build_edit_box(self)
+        root.addWidget(self.edit_box)
+        root.addWidget(build_export_box(self))
         root.addStretch(1)
 
     def _slider(self, tip):
@@ -320,7 +248,7 @@ class SegmentWidget(QWidget):
             return
         save_settings({"last_checkpoint": checkpoint})
         self._preload_torch()
-        worker = create_worker(_segment_job, checkpoint, self.device_combo.currentText(), image,
+        worker = create_worker(segment_job, checkpoint, self.device_combo.currentText(), image,
                                float(self.scale_spin.value()), self._predictors,
                                _ignore_errors=True)  # errors are shown by _on_failed
         worker.yielded.connect(self._on_progress)
