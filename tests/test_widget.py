@@ -279,3 +279,13 @@ def test_demo_setup(make_napari_viewer, qtbot, tiny_checkpoint):
     w2.close()
     # a bad checkpoint fails before any window opens: one line, exit code 2
     assert main(["demo", "--no-run", "--checkpoint", "/no/such/model.bin"]) == 2
+
+
+def test_rgb_image_segments(make_napari_viewer, qtbot, tiny_checkpoint, errors):
+    rgb = np.stack([_image(5).astype(np.uint8)] * 3, axis=-1)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=rgb, name="rgb")
+    assert viewer.layers["rgb"].rgb
+    _segment(qtbot, w)
+    assert errors == []
+    lyr = viewer.layers["rgb cells"]
+    assert lyr.data.shape == rgb.shape[:2] and lyr.data.max() > 0
