@@ -318,8 +318,42 @@ def _cmd_predict(args) -> int:
     return run_predict(args, progress_factory=_progress)
 
 
+# ---- tune (the logic lives in tune_cmd.py) --------------------------------------------------
+def _add_tune(subparsers) -> None:
+    p = subparsers.add_parser(
+        "tune", help="choose box_conf / mask_threshold by mAP against ground truth",
+        description="Run the network once per image with ground truth (image id = file stem in "
+                    "--images), score every box_conf x mask_threshold pair of a grid from the "
+                    "kept output (no re-run), print the best pair and the mAP table. --write "
+                    "stores the best pair in the checkpoint.")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--gt", required=True, help="ground truth: annotation CSV or label folder")
+    p.add_argument("--images", required=True, help="folder of the images (file stem = image id)")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--grid", type=int, metavar="N",
+                      help="N x N grid of bin centres in (0, 1) (default: 10 -> 0.05 .. 0.95)")
+    grid.add_argument("--box-confs", type=float, nargs="+", metavar="C", help="box_conf values")
+    p.add_argument("--mask-thresholds", type=float, nargs="+", metavar="T",
+                   help="mask_threshold values (with --box-confs; default 0.05 .. 0.95)")
+    p.add_argument("--min-area", type=int, help="drop cells smaller than this (default: checkpoint's)")
+    p.add_argument("--scale", type=float, default=1.0, help="object-size scale (default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"box_conf", "mask_threshold", "map", "table": [...]} as JSON')
+    p.add_argument("--write", action="store_true", help="store the best pair in the checkpoint")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    if args.grid is not None and args.mask_thresholds:
+        raise ValueError("--grid and --mask-thresholds cannot be combined")
+    from .tune_cmd import run_tune
+
+    return run_tune(args, progress_factory=_progress)
+
+
 # ---- entry point -----------------------------------------------------------------------------
-COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict]
+COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict, _add_tune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,153 @@
+"""``cellseg tune``: pick box_conf / mask_threshold from measured mAP against ground truth.
+
+Each image goes through the network once (``Predictor.predict_many``); the whole grid is then
+scored from the kept Detections by :func:`napari_cellseg.tuning.sweep` (the same code the
+training engine and the napari Review widget use). ``--write`` stores the best pair into the
+checkpoint atomically. Every input is checked before the (slow) prediction starts, and nothing is
+written when anything fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["grid_values", "run_tune", "format_table", "write_thresholds"]
+
+
+def grid_values(n: int) -> tuple[float, ...]:
+    """``n`` evenly spaced bin centres in (0, 1): n=10 gives 0.05, 0.15, ..., 0.95."""
+    if not 1 <= int(n) <= 100:
+        raise ValueError(f"--grid must be between 1 and 100, got {n}")
+    return tuple(float(v) for v in np.round((np.arange(int(n)) + 0.5) / int(n), 4))
+
+
+def _check_values(values, flag: str) -> tuple[float, ...]:
+    vals = tuple(float(v) for v in values)
+    bad = [v for v in vals if not (np.isfinite(v) and 0.0 <= v <= 1.0)]
+    if bad:
+        raise ValueError(f"{flag}: values must be between 0 and 1, got {bad[0]}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"{flag}: repeated value")
+    return tuple(sorted(vals))
+
+
+def format_table(result) -> str:
+    """The mAP table as a B x M grid (rows: box_conf, columns: mask_threshold), best marked *."""
+    head = "box_conf \\ mask_thr " + " ".join(f"{m:>7.3g}" for m in result.mask_thresholds)
+    lines = [head]
+    bi = int(np.flatnonzero(result.box_confs == result.best["box_conf"])[0])
+    bj = int(np.flatnonzero(result.mask_thresholds == result.best["mask_threshold"])[0])
+    for i, b in enumerate(result.box_confs):
+        cells = [f"{result.map[i, j]:.4f}" + ("*" if (i, j) == (bi, bj) else " ")
+                 for j in range(len(result.mask_thresholds))]
+        lines.append(f"{b:>19.3g} " + " ".join(f"{c:>7}" for c in cells))
+    return "\n".join(lines)
+
+
+def _check_writable_checkpoint(path: Path) -> None:
+    from .checkpoint import CheckpointError, read_checkpoint
+
+    obj = read_checkpoint(path)
+    if not ("state_dict" in obj and "config" in obj):
+        raise CheckpointError(f"{path}: --write needs a napari-cellseg checkpoint (a bare state_dict "
+                              "has no place for thresholds); nothing written")
+
+
+def write_thresholds(path, thresholds: dict, info: dict | None = None) -> dict:
+    """Store ``thresholds`` (box_conf, mask_threshold, min_area) in a checkpoint, atomically."""
+    from .atomic import atomic_torch_save
+    from .checkpoint import DEFAULT_THRESHOLDS, read_checkpoint
+
+    path = Path(path)
+    _check_writable_checkpoint(path)
+    obj = read_checkpoint(path)
+    obj["thresholds"] = {**DEFAULT_THRESHOLDS, **(obj.get("thresholds") or {}), **thresholds}
+    if info:
+        obj["info"] = {**(obj.get("info") or {}), "tuned": dict(info)}
+    atomic_torch_save(obj, path)
+    return obj["thresholds"]
+
+
+def run_tune(args, progress_factory=None) -> int:
+    """The ``cellseg tune`` command (args from cli.py's parser)."""
+    from .checkpoint import resolve_checkpoint
+    from .cli import _files_by_id, _image_shape, _label_source
+    from .predict import Predictor
+    from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
+
+    # ---- check everything before predicting
+    if args.grid is not None:
+        box_confs = mask_thresholds = grid_values(args.grid)
+    else:
+        box_confs = args.box_confs or DEFAULT_BOX_CONFS
+        mask_thresholds = args.mask_thresholds or DEFAULT_MASK_THRESHOLDS
+    box_confs = _check_values(box_confs, "--box-confs")
+    mask_thresholds = _check_values(mask_thresholds, "--mask-thresholds")
+    if args.min_area is not None and args.min_area < 0:
+        raise ValueError(f"--min-area must be >= 0, got {args.min_area}")
+    ckpt = resolve_checkpoint(args.checkpoint)  # CheckpointError when the bundled model is missing
+    if args.write:
+        _check_writable_checkpoint(ckpt)
+    gt = _label_source(args.gt)
+    images = _files_by_id([args.images], "images")
+    ids = [i for i in gt.ids if i in images]
+    if not ids:
+        sample = ", ".join(list(gt.ids)[:3])
+        raise ValueError(f"no image in {args.images} has a file stem matching a ground-truth id "
+                         f"of {args.gt} (ids like {sample})")
+    shapes = {}
+    for image_id in ids:
+        size = _image_shape(images[image_id])
+        known = gt.shape(image_id)
+        if known is not None and tuple(known) != size:
+            raise ValueError(f"{images[image_id]}: image is {size[0]}x{size[1]} (HxW) but the ground "
+                             f"truth for {image_id!r} is {known[0]}x{known[1]}")
+        shapes[image_id] = size
+
+    # ---- one forward pass per image, then the grid from the kept Detections
+    if args.checkpoint is None:
+        print("cellseg tune: no --checkpoint given, tuning the bundled demo model", file=sys.stderr)
+    predictor = Predictor.from_checkpoint(ckpt, device=args.device)
+    min_area = int(predictor.thresholds.get("min_area", 0) if args.min_area is None else args.min_area)
+    bar = progress_factory(total=len(ids), desc="tune: predict") if progress_factory else None
+    pairs = []
+    try:
+        for k, dets in predictor.predict_many([images[i] for i in ids], scale=args.scale):
+            image_id = ids[k]
+            labels = gt.labels(image_id, shapes[image_id])
+            if tuple(labels.shape) != tuple(dets.image_shape):
+                raise ValueError(f"{image_id}: ground truth {labels.shape} and prediction "
+                                 f"{dets.image_shape} differ in size")
+            pairs.append((dets, labels))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = sweep(pairs, box_confs, mask_thresholds, min_area=min_area)
+    best = {**result.best, "min_area": min_area}
+
+    if args.write:
+        write_thresholds(ckpt, {k: best[k] for k in ("box_conf", "mask_threshold", "min_area")},
+                         info={"map": best["map"], "n_images": result.n_images,
+                               "gt": str(args.gt), "images": str(args.images)})
+    if args.json:
+        doc = {**best, "n_images": result.n_images, "checkpoint": str(ckpt),
+               "box_confs": [float(b) for b in result.box_confs],
+               "mask_thresholds": [float(m) for m in result.mask_thresholds],
+               "table": result.table(), "written": bool(args.write)}
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"mAP over {result.n_images} images (rows: box_conf, columns: mask_threshold; "
+          f"min_area {min_area}):")
+    print(format_table(result))
+    print(f"best: box_conf {best['box_conf']:.3g}  mask_threshold {best['mask_threshold']:.3g}  "
+          f"mAP {best['map']:.4f}")
+    if args.write:
+        print(f"stored in {ckpt}")
+    return 0
