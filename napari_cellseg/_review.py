@@ -1,0 +1,422 @@
+"""The "Review" dock widget: score a prediction against ground truth, see where it is wrong, and
+pick the two thresholds from measured mAP.
+
+* mAP and TP/(TP+FP+FN) per IoU threshold come from ``metrics.evaluate_image`` (the numbers of
+  ``cellseg evaluate``); an overlay Labels layer colours true positives, false positives and
+  missed ground-truth cells at the chosen IoU. It updates (debounced) whenever the prediction or
+  the ground truth layer is redrawn (Segment widget sliders) or edited by hand.
+* Sweep: ``tuning.sweep`` scores a box_conf x mask_threshold grid from the Detections the Segment
+  widget keeps (no new forward pass), shown as a heat map; "Use best" sets the Segment sliders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.layers import Labels
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ._layers import InputError, image_plane, result_of
+
+OVERLAY_KEY = "napari_cellseg_review"  # metadata marker of the overlay layer
+TP, FP, FN = 1, 2, 3
+COLORS = {TP: (0.15, 0.85, 0.25, 1.0), FP: (1.0, 0.45, 0.0, 1.0), FN: (1.0, 0.1, 1.0, 1.0)}
+NAMES = {TP: "true positive", FP: "false positive", FN: "missed (FN)"}
+BG = "#262930"  # napari dark theme
+FG = "#d6d6d6"
+
+
+def overlay_labels(gt: np.ndarray, pred: np.ndarray, score) -> np.ndarray:
+    """1 = true-positive prediction, 2 = false-positive prediction, 3 = missed GT cell.
+
+    Predicted cells are filled (their borders left at 0 so touching cells stay apart); a missed
+    GT cell is filled where no cell was predicted and always outlined on top, so a poorly placed
+    false positive over it stays visible.
+    """
+    from skimage.segmentation import find_boundaries
+
+    out = np.zeros(pred.shape, np.uint8)
+    out[np.isin(pred, score.tp_pred)] = TP
+    out[np.isin(pred, score.fp_pred)] = FP
+    out[find_boundaries(pred, mode="inner")] = 0
+    fn_labels = np.where(np.isin(gt, score.fn_gt), gt, 0)
+    fn = fn_labels > 0
+    out[fn & (pred == 0)] = FN
+    out[find_boundaries(fn_labels, mode="inner")] = 0
+    out[find_boundaries(fn_labels, mode="thick") & (fn | (out == 0))] = FN
+    return out
+
+
+def _figure(height):
+    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.2, height), dpi=100, facecolor=BG, layout="constrained")
+    canvas = FigureCanvasQTAgg(fig)
+    canvas.setMinimumHeight(int(height * 100))
+    return fig, canvas
+
+
+def _style(ax):
+    ax.set_facecolor(BG)
+    ax.tick_params(colors=FG, labelsize=7)
+    for s in ax.spines.values():
+        s.set_color("#5a5f6a")
+    ax.xaxis.label.set_color(FG)
+    ax.yaxis.label.set_color(FG)
+    ax.title.set_color(FG)
+
+
+class ReviewWidget(QWidget):
+    """Dock widget: prediction vs ground truth, TP/FP/FN overlay, threshold sweep."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.score = None  # metrics.ImageScore of the last update
+        self.sweep_result = None  # tuning.SweepResult of the last sweep
+        self._sweep_pred = None  # the prediction layer the sweep was run for
+        self._watched: list = []
+        self._worker = None
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self.update_review)
+        self._build()
+        ev = self.viewer.layers.events
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.connect(self._refresh_layers)
+        self.viewer.dims.events.current_step.connect(self.schedule)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------ UI
+    def _build(self):
+        root = QVBoxLayout(self)
+        form = QFormLayout()
+        self.pred_combo = QComboBox()
+        self.pred_combo.setToolTip("Labels layer with the predicted cells (e.g. '<image> cells')")
+        self.gt_combo = QComboBox()
+        self.gt_combo.setToolTip("Labels layer with the true cells (e.g. opened from train.csv)")
+        self.iou_spin = QDoubleSpinBox()
+        self.iou_spin.setRange(0.5, 0.95)
+        self.iou_spin.setSingleStep(0.05)
+        self.iou_spin.setDecimals(2)
+        self.iou_spin.setValue(0.5)
+        self.iou_spin.setToolTip("A predicted cell is a true positive when its IoU with a true "
+                                 "cell is above this")
+        for w in (self.pred_combo, self.gt_combo):
+            w.currentIndexChanged.connect(self._on_choice)
+        self.iou_spin.valueChanged.connect(self.schedule)
+        form.addRow("Prediction", self.pred_combo)
+        form.addRow("Ground truth", self.gt_combo)
+        form.addRow("Colour at IoU >", self.iou_spin)
+        root.addLayout(form)
+        self.summary = QLabel("choose a prediction and a ground-truth Labels layer")
+        self.summary.setWordWrap(True)
+        self.summary.setTextFormat(1)  # Qt.RichText
+        root.addWidget(self.summary)
+        self.bar_fig, self.bar_canvas = _figure(1.7)
+        root.addWidget(self.bar_canvas)
+
+        box = QGroupBox("Threshold sweep (from the kept network output)")
+        bl = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.grid_spin = QSpinBox()
+        self.grid_spin.setRange(2, 20)
+        self.grid_spin.setValue(10)
+        self.grid_spin.setPrefix("grid ")
+        self.grid_spin.setSuffix(" × N")
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(["this image", "all segmented images with GT"])
+        self.scope_combo.setToolTip("Other images are paired with a ground-truth layer whose "
+                                    "image id (or name) equals their image id")
+        self.sweep_btn = QPushButton("Sweep")
+        self.sweep_btn.setToolTip("mAP for every box confidence × mask threshold pair, without "
+                                  "re-running the network (needs a layer made by Segment cells)")
+        self.sweep_btn.clicked.connect(self.run_sweep)
+        row.addWidget(self.grid_spin)
+        row.addWidget(self.scope_combo, 1)
+        root_row = QHBoxLayout()
+        root_row.addWidget(self.sweep_btn, 1)
+        self.use_best_btn = QPushButton("Use best")
+        self.use_best_btn.setEnabled(False)
+        self.use_best_btn.setToolTip("Set the Segment cells sliders to the best pair")
+        self.use_best_btn.clicked.connect(self.use_best)
+        root_row.addWidget(self.use_best_btn, 1)
+        bl.addLayout(row)
+        bl.addLayout(root_row)
+        self.sweep_label = QLabel("")
+        self.sweep_label.setWordWrap(True)
+        bl.addWidget(self.sweep_label)
+        self.heat_fig, self.heat_canvas = _figure(2.6)
+        bl.addWidget(self.heat_canvas)
+        root.addWidget(box)
+        root.addStretch(1)
+        self._draw_bars()
+        self._draw_heat()
+
+    def sizeHint(self):
+        from qtpy.QtCore import QSize
+
+        return QSize(340, super().sizeHint().height())
+
+    # ------------------------------------------------------------ layers
+    def _labels_layers(self):
+        return [lyr for lyr in self.viewer.layers
+                if isinstance(lyr, Labels) and not lyr.metadata.get(OVERLAY_KEY)]
+
+    def _refresh_layers(self, *_):
+        layers = self._labels_layers()
+        preds = [lyr.name for lyr in layers if result_of(lyr) is not None]
+        preds += [lyr.name for lyr in layers if result_of(lyr) is None]
+        gts = [lyr.name for lyr in layers if result_of(lyr) is None]
+        for combo, names in ((self.pred_combo, preds), (self.gt_combo, gts)):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        if self.gt_combo.currentText() == self.pred_combo.currentText() and self.gt_combo.count() > 1:
+            self.gt_combo.setCurrentIndex(1 if self.gt_combo.currentIndex() == 0 else 0)
+        self._auto_gt()
+        self._on_choice()
+
+    def _auto_gt(self):
+        """Prefer the GT layer whose image id matches the prediction's."""
+        pred = self._layer(self.pred_combo)
+        r = result_of(pred) if pred is not None else None
+        if r is None:
+            return
+        for lyr in self._labels_layers():
+            if result_of(lyr) is None and r.image_id in (lyr.metadata.get("image_id"), lyr.name):
+                self.gt_combo.blockSignals(True)
+                self.gt_combo.setCurrentText(lyr.name)
+                self.gt_combo.blockSignals(False)
+                return
+
+    def _layer(self, combo):
+        name = combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def _on_choice(self, *_):
+        for lyr, cb in self._watched:
+            for e in ("data", "paint", "labels_update", "set_data"):
+                getattr(lyr.events, e).disconnect(cb)
+        self._watched = []
+        for lyr in {id(x): x for x in (self._layer(self.pred_combo), self._layer(self.gt_combo))
+                    if x is not None}.values():
+            for e in ("data", "paint", "labels_update", "set_data"):
+                getattr(lyr.events, e).connect(self.schedule)
+            self._watched.append((lyr, self.schedule))
+        self.schedule()
+
+    def schedule(self, *_):
+        """Debounced update: many slider steps / paint strokes -> one evaluation."""
+        self._timer.start()
+
+    # ------------------------------------------------------------ evaluation
+    def _planes(self):
+        pred, gt = self._layer(self.pred_combo), self._layer(self.gt_combo)
+        if pred is None or gt is None:
+            raise InputError("choose a prediction and a ground-truth Labels layer")
+        if pred is gt:
+            raise InputError("prediction and ground truth are the same layer")
+        if pred.data.shape != gt.data.shape:
+            raise InputError(f"{pred.name!r} is {'x'.join(map(str, pred.data.shape))} but "
+                             f"{gt.name!r} is {'x'.join(map(str, gt.data.shape))}")
+        step, nd = self.viewer.dims.current_step, self.viewer.dims.ndisplay
+        p, plane = image_plane(pred, step, nd)
+        g, _ = image_plane(gt, step, nd)
+        return pred, gt, np.asarray(p), np.asarray(g), plane
+
+    def update_review(self):
+        """Score the chosen pair now and redraw the overlay, the text and the bar plot."""
+        from .metrics import evaluate_image
+
+        try:
+            pred, gt, p, g, plane = self._planes()
+            score = evaluate_image(g, p, iou=round(float(self.iou_spin.value()), 2))
+        except (InputError, ValueError) as exc:
+            self.score = None
+            self.summary.setText(f"⚠ {exc}" if self.pred_combo.count() else
+                                 "open or segment an image: needs two Labels layers")
+            self._draw_bars()
+            return None
+        self.score = score
+        self._set_overlay(pred, overlay_labels(g, p, score), plane)
+        hexes = {k: "#%02x%02x%02x" % tuple(int(255 * c) for c in v[:3]) for k, v in COLORS.items()}
+        self.summary.setText(
+            f"<b>mAP {score.map:.3f}</b> &nbsp;({score.n_gt} true cells, {score.n_pred} predicted)<br>"
+            f"at IoU &gt; {score.iou:.2f}: "
+            f"<span style='color:{hexes[TP]}'>■ TP {score.tp}</span> &nbsp;"
+            f"<span style='color:{hexes[FP]}'>■ FP {score.fp}</span> &nbsp;"
+            f"<span style='color:{hexes[FN]}'>■ missed {score.fn}</span>")
+        self._draw_bars()
+        return score
+
+    def _set_overlay(self, pred, classes, plane):
+        from napari.utils.colormaps import DirectLabelColormap
+
+        name = f"{pred.name} review"
+        lyr = self.viewer.layers[name] if name in self.viewer.layers else None
+        shape = pred.data.shape
+        if not (isinstance(lyr, Labels) and lyr.metadata.get(OVERLAY_KEY) and lyr.data.shape == shape):
+            if lyr is not None:
+                self.viewer.layers.remove(lyr)
+            cmap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), **COLORS})
+            lyr = self.viewer.add_labels(np.zeros(shape, np.uint8), name=name, opacity=0.55,
+                                         colormap=cmap, scale=pred.scale, translate=pred.translate,
+                                         metadata={OVERLAY_KEY: True}, blending="translucent")
+            lyr.editable = False
+        data = lyr.data
+        if plane:
+            data[...] = 0
+        np.copyto(data[plane] if plane else data, classes)
+        lyr.refresh(extent=False)
+
+    def _draw_bars(self):
+        from .metrics import THRESHOLDS
+
+        fig = self.bar_fig
+        fig.clear()
+        ax = fig.add_subplot(111)
+        _style(ax)
+        if self.score is not None:
+            vals = [self.score.per_threshold[float(t)] for t in THRESHOLDS]
+            colors = ["#4fc3f7" if abs(t - self.score.iou) > 1e-6 else "#ffffff" for t in THRESHOLDS]
+            bars = ax.bar([f"{t:.2f}"[1:] for t in THRESHOLDS], vals, color=colors, width=0.75)
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}"[1:] if v < 1 else "1",
+                        ha="center", va="bottom", fontsize=6, color=FG)
+        ax.set_ylim(0, 1.15)
+        ax.set_xlabel("IoU threshold", fontsize=7)
+        ax.set_ylabel("TP/(TP+FP+FN)", fontsize=7)
+        self.bar_canvas.draw_idle()
+
+    # ------------------------------------------------------------ sweep
+    def _pairs(self):
+        """(Detections, GT plane, result layer) for the chosen scope."""
+        pred, gt = self._layer(self.pred_combo), self._layer(self.gt_combo)
+        r = result_of(pred) if pred is not None else None
+        if r is None or r.detections is None or gt is None:
+            raise InputError("the sweep needs a prediction made by 'Segment cells' (it keeps the "
+                             "network output) and a ground-truth layer")
+        pairs = [(r.detections, np.asarray(gt.data[r.plane] if r.plane else gt.data), pred)]
+        if self.scope_combo.currentIndex() == 1:
+            gts = [g for g in self._labels_layers() if result_of(g) is None]
+            for lyr in self._labels_layers():
+                rr = result_of(lyr)
+                if lyr is pred or rr is None or rr.detections is None:
+                    continue
+                match = [g for g in gts if rr.image_id in (g.metadata.get("image_id"), g.name)]
+                if match:
+                    g = match[0].data
+                    pairs.append((rr.detections, np.asarray(g[rr.plane] if rr.plane else g), lyr))
+        return pairs
+
+    def run_sweep(self):
+        from napari.qt.threading import create_worker
+
+        from .tune_cmd import grid_values
+
+        if self._worker is not None:
+            return
+        try:
+            pairs = self._pairs()
+        except InputError as exc:
+            self.sweep_label.setText(f"⚠ {exc}")
+            show_error(str(exc))
+            return
+        values = grid_values(self.grid_spin.value())
+        min_area = int(result_of(pairs[0][2]).thresholds.get("min_area", 0))
+        self._sweep_pred = pairs[0][2]
+
+        def job():
+            from .tuning import sweep
+
+            return sweep([(d, g) for d, g, _ in pairs], values, values, min_area=min_area)
+
+        self._worker = create_worker(job, _ignore_errors=True)
+        self._worker.returned.connect(self._on_sweep_done)
+        self._worker.errored.connect(lambda exc: self.sweep_label.setText(f"⚠ sweep failed: {exc}"))
+        self._worker.finished.connect(self._on_sweep_finished)
+        self.sweep_btn.setEnabled(False)
+        self.sweep_label.setText(f"sweeping {len(values)}×{len(values)} pairs over "
+                                 f"{len(pairs)} image(s)…")
+        self._worker.start()
+
+    def _on_sweep_finished(self):
+        self._worker = None
+        self.sweep_btn.setEnabled(True)
+
+    def _on_sweep_done(self, result):
+        self.sweep_result = result
+        b = result.best
+        self.sweep_label.setText(f"best over {result.n_images} image(s): box confidence "
+                                 f"{b['box_conf']:.2f}, mask threshold {b['mask_threshold']:.2f} "
+                                 f"→ mAP {b['map']:.3f}")
+        self.use_best_btn.setEnabled(True)
+        self._draw_heat()
+
+    def _draw_heat(self):
+        fig = self.heat_fig
+        fig.clear()
+        ax = fig.add_subplot(111)
+        _style(ax)
+        ax.set_xlabel("Mask threshold", fontsize=7)
+        ax.set_ylabel("Box confidence", fontsize=7)
+        res = self.sweep_result
+        if res is None:
+            ax.text(0.5, 0.5, "press Sweep", ha="center", va="center", color=FG, fontsize=8,
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            m, b = res.mask_thresholds, res.box_confs
+            dm = (m[1] - m[0]) / 2 if len(m) > 1 else 0.05
+            db = (b[1] - b[0]) / 2 if len(b) > 1 else 0.05
+            im = ax.imshow(res.map, origin="lower", aspect="auto", cmap="viridis",
+                           extent=(m[0] - dm, m[-1] + dm, b[0] - db, b[-1] + db))
+            ax.plot([res.best["mask_threshold"]], [res.best["box_conf"]], marker="*", ms=12,
+                    color="#ff3b3b", mec="white", mew=0.8, ls="none")
+            cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
+            cb.ax.tick_params(colors=FG, labelsize=6)
+            cb.set_label("mAP", color=FG, fontsize=7)
+        self.heat_canvas.draw_idle()
+
+    def _segment_widget(self):
+        from ._widget import SegmentWidget
+
+        qt_window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        found = qt_window.findChildren(SegmentWidget) if qt_window is not None else []
+        return found[0] if found else None
+
+    def use_best(self):
+        """Set the Segment widget's sliders (which redraw the labels) to the best pair."""
+        res, lyr = self.sweep_result, self._sweep_pred
+        if res is None or lyr is None or lyr not in self.viewer.layers:
+            return
+        r = result_of(lyr)
+        if r is None or r.edited:
+            self.sweep_label.setText(f"⚠ {lyr.name!r} has hand edits: press 'Reset to model' in "
+                                     "Segment cells first (the sliders are locked)")
+            return
+        b, m = res.best["box_conf"], res.best["mask_threshold"]
+        seg = self._segment_widget()
+        if seg is not None and seg.image_combo.findText(r.image_layer) >= 0:
+            seg.image_combo.setCurrentText(r.image_layer)
+            seg.box_slider.setValue(b)
+            seg.mask_slider.setValue(m)  # each setValue redraws the labels
+        else:  # no Segment widget docked: redraw the layer the same way it does
+            labels = r.detections.to_labels(b, m, int(r.thresholds.get("min_area", 0)))
+            if r.plane:
+                lyr.data[r.plane] = labels
+                lyr.refresh()
+            else:
+                lyr.data = labels
+            r.thresholds = {**r.thresholds, "box_conf": b, "mask_threshold": m}
+        self.schedule()
