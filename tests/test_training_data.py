@@ -1,4 +1,4 @@
-"""training.data / augment / evaluate: sources, layers, augmentation sync, split, bad input."""
+"""training.data / augment: sources, layers, augmentation sync, split, bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from skimage.draw import disk, ellipse
 from training.augment import test_pipeline as eval_pipeline, train_pipeline
 from training.data import (DataError, InstanceDataset, array_samples, labels_to_layers, layers_to_instances,
                            load_csv_samples, load_folder_samples, masks_to_layers, split_samples)
-from training import evaluate as ev
 
 
 def synth(seed: int, shape=(128, 128), n=6):
@@ -129,15 +128,3 @@ def test_split_is_grouped_and_errors_are_clear():
     with pytest.raises(DataError, match="no cells"):
         split_samples(samples[:1] + empty, 0.5, seed=0)
 
-
-def test_threshold_grid_matches_direct_labels():
-    rng = np.random.default_rng(0)
-    gt = np.zeros((64, 64), np.int32); gt[5:20, 5:20] = 1; gt[30:50, 30:50] = 2
-    probs = rng.random((5, 64, 64)).astype(np.float32) * 0.3
-    probs[0, 5:20, 5:20] = 0.9; probs[1, 30:50, 30:50] = 0.55; probs[2, 0:40, 0:40] = 0.45
-    scores = np.array([0.95, 0.85, 0.6, 0.45, 0.35])
-    best, thr, grid = ev.tune_thresholds([(scores, probs)], [gt])
-    for (bc, mt), v in grid.items():
-        assert v == pytest.approx(ev.average_precision(gt, ev.to_labels(scores, probs, bc, mt)))
-    assert best == pytest.approx(1.0) and grid[(thr["box_conf"], thr["mask_threshold"])] == best
-    assert grid[(0.55, 0.35)] < 0.9 and grid[(0.65, 0.35)] == pytest.approx(1.0)  # low conf adds a false cell

@@ -98,12 +98,13 @@ def _build(config: TrainConfig, device):
     from napari_cellseg.checkpoint import load_checkpoint
     from napari_cellseg.model import build_model
 
-    if config.crop_size or not (config.width and config.height):
-        # the network is trained on native-scale pixels: predict must not rescale either
+    native = bool(config.crop_size or not (config.width and config.height))
+    if native:  # the network is trained on native-scale pixels: predict must not rescale either
         config.model.native_scale = True
     model = build_model(config.model, config.backbone_weights or None)
     if config.init_checkpoint:
         src, src_cfg, _, _ = load_checkpoint(config.init_checkpoint, config=config.model)
+        src_cfg.native_scale = src_cfg.native_scale or native  # also when fine-tuning
         if src_cfg.to_dict() != config.model.to_dict():
             config.model = src_cfg  # fine-tuning keeps the architecture of the checkpoint
             model = build_model(src_cfg)
@@ -169,38 +170,40 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, config, use
 
 def evaluate(model, dataset, device, epoch, config, gts):
     """Generator: val loss (train-mode forward without gradients; ConvNeXt has no BatchNorm) and
-    predictions for the mAP grid search. Returns (loss, mask loss, predictions)."""
+    one ``Detections`` per val image (napari_cellseg.predict.Predictor: the same inference as
+    the Segment widget) for the threshold sweep. Returns (loss, mask loss, detections)."""
     import torch
 
     net = getattr(model, "module", model)
-    total, mask_total, n, preds = 0.0, 0.0, 0, []
+    predictor = ev.val_predictor(net, config.model, device)
+    total, mask_total, n, dets = 0.0, 0.0, 0, []
     n_map = len(dataset) if not config.max_val_images else min(config.max_val_images, len(dataset))
-    for i in range(len(dataset)):
-        image, target = dataset[i]
-        image = image.to(device)
-        target = {k: v.to(device) for k, v in target.items()}
-        with torch.no_grad():
-            net.train()
-            losses = net([image], [target])
-            loss = float(sum(losses.values()))
+    try:
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            target = {k: v.to(device) for k, v in target.items()}
+            with torch.no_grad():
+                net.train()
+                losses = net([image.to(device)], [target])
+                loss = float(sum(losses.values()))
             if math.isfinite(loss):
                 total += loss
                 mask_total += float(losses.get("loss_mask", 0.0))
                 n += 1
             if i < n_map:
                 net.eval()
-                out = net([image])[0]
-                preds.append((out["scores"].float().cpu().numpy(), out["masks"][:, 0].float().cpu().numpy()))
-        yield {"stage": "val", "epoch": epoch, "step": i + 1, "total": len(dataset)}
-    net.train()
-    return (total / n if n else float("nan")), (mask_total / n if n else float("nan")), preds
+                dets.append(predictor.predict(image.permute(1, 2, 0).numpy()))
+            yield {"stage": "val", "epoch": epoch, "step": i + 1, "total": len(dataset)}
+    finally:
+        net.train()
+    return (total / n if n else float("nan")), (mask_total / n if n else float("nan")), dets
 
 
-def _val_figure(dataset, preds, thresholds, path, epoch):
+def _val_figure(dataset, dets, thresholds, path, epoch):
     items = []
-    for i, (scores, probs) in enumerate(preds[:2]):
+    for i, d in enumerate(dets[:2]):
         image, _ = dataset.raw(i)
-        lab = ev.to_labels(scores, probs, thresholds["box_conf"], thresholds["mask_threshold"])
+        lab = d.to_labels(thresholds["box_conf"], thresholds["mask_threshold"])
         items.append((image, lab, f"{dataset.samples[i].image_id}: {int(lab.max())} cells"))
     ev.plot_samples(items, path, f"validation, epoch {epoch}")
 
@@ -289,13 +292,8 @@ def train(config: TrainConfig, samples=None):
             tr_loss, tr_mask, skipped = float(t[0]) / world, float(t[1]) / world, int(t[2])
         row = None
         if rank == 0:
-            v_loss, v_mask, preds = yield from evaluate(model, val_ds, device, epoch, config, gts)
-            if config.tune_thresholds:
-                v_map, thr, _ = ev.tune_thresholds(preds, gts[:len(preds)])
-            else:
-                thr = {"box_conf": 0.5, "mask_threshold": 0.5}
-                v_map = float(np.mean([ev.average_precision(g, ev.to_labels(s, p, 0.5, 0.5))
-                                       for (s, p), g in zip(preds, gts)])) if preds else 0.0
+            v_loss, v_mask, dets = yield from evaluate(model, val_ds, device, epoch, config, gts)
+            v_map, thr = ev.choose_thresholds(dets, gts[:len(dets)], config.tune_thresholds)
             metric = v_loss if config.select_by == "loss" else -v_map
             is_best = math.isfinite(metric) and (best is None or metric < best)
             row = {"epoch": epoch, "train_loss": tr_loss, "train_mask_loss": tr_mask, "val_loss": v_loss,
@@ -320,7 +318,7 @@ def train(config: TrainConfig, samples=None):
             _write_log(history, out / "log.csv")
             if config.figures:
                 ev.plot_loss(history, out / "loss.png")
-                _val_figure(val_ds, preds, thr, fig_dir / f"val_epoch{epoch:03d}.png", epoch)
+                _val_figure(val_ds, dets, thr, fig_dir / f"val_epoch{epoch:03d}.png", epoch)
             yield {"stage": "epoch", "epoch": epoch, "epochs": config.epochs, "row": row}
         if world > 1:
             dist.barrier()

@@ -1,5 +1,6 @@
-"""Validation helpers: predictions -> label images, threshold grid search for the best val mAP,
-and the run's figures (loss curve, augmented samples, validation overlays). No Qt here."""
+"""Validation helpers: the val Predictor, the threshold choice for the best val mAP (the shared
+``napari_cellseg.tuning.sweep`` on cached Detections) and the run's figures (loss curve,
+augmented samples, validation overlays). No Qt here."""
 
 from __future__ import annotations
 
@@ -7,75 +8,45 @@ from pathlib import Path
 
 import numpy as np
 
-# same grid as napari_cellseg.tuning (0.05 .. 0.95 in steps of 0.1)
-BOX_CONF_GRID = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
-MASK_THRESHOLD_GRID = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
+DEFAULT_THRESHOLDS = {"box_conf": 0.5, "mask_threshold": 0.5}
 
 
-def _fallback_average_precision(gt: np.ndarray, pred: np.ndarray) -> float:
-    """Kaggle mAP over IoU 0.50:0.05:0.95 (used only until napari_cellseg.metrics exists)."""
-    gt_ids, g = np.unique(gt, return_inverse=True)
-    pr_ids, p = np.unique(pred, return_inverse=True)
-    ng, npr = len(gt_ids), len(pr_ids)
-    inter = np.bincount(g.ravel() * npr + p.ravel(), minlength=ng * npr).reshape(ng, npr)
-    g0, p0 = int(gt_ids[0] == 0), int(pr_ids[0] == 0)
-    area_g, area_p = inter.sum(1, keepdims=True), inter.sum(0, keepdims=True)
-    inter, area_g, area_p = inter[g0:, p0:], area_g[g0:], area_p[:, p0:]
-    n_gt, n_pred = inter.shape
-    if n_gt == 0 and n_pred == 0:
-        return 1.0
-    iou = inter / np.maximum(area_g + area_p - inter, 1)
-    scores = []
-    for t in np.arange(0.5, 1.0, 0.05):
-        tp = int((iou > t).sum())
-        scores.append(tp / max(tp + (n_pred - tp) + (n_gt - tp), 1))
-    return float(np.mean(scores))
+def val_predictor(net, model_config, device):
+    """A ``napari_cellseg.predict.Predictor`` around the model being trained.
+
+    The val images come out of the val pipeline at the size the network trained on, so they are
+    fed as they are (``native_scale``): no second resize by the transform's min_size/max_size.
+    Note: the Predictor puts ``net`` in eval mode; the caller switches it back to train mode.
+    """
+    import dataclasses
+
+    from napari_cellseg.predict import Predictor
+
+    return Predictor(net, dataclasses.replace(model_config, native_scale=True), device=device)
 
 
-def average_precision(gt, pred) -> float:
-    try:
-        from napari_cellseg.metrics import average_precision as ap
-    except ImportError:
-        ap = _fallback_average_precision
-    return float(ap(np.asarray(gt), np.asarray(pred)))
+def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, dict]:
+    """Val mAP and the thresholds to store in the checkpoint.
 
+    ``detections``: one ``napari_cellseg.predict.Detections`` per val image (run once);
+    ``gts``: their ground-truth label images. ``tune`` picks the pair with the best mean mAP on
+    ``napari_cellseg.tuning``'s grid (ties: nearest to 0.5/0.5); otherwise 0.5/0.5. The mAP is
+    then measured on the same Detections at that pair (``to_labels`` + metrics.average_precision).
+    """
+    from napari_cellseg.metrics import average_precision
 
-def to_labels(scores: np.ndarray, probs: np.ndarray, box_conf: float, mask_threshold: float) -> np.ndarray:
-    """Pasted full-size mask probabilities (N,H,W), scores descending -> int32 labels; the
-    higher-scoring cell keeps a contested pixel; ids 1..K in score order."""
-    keep = scores >= box_conf
-    h, w = probs.shape[1:]
-    if not keep.any():
-        return np.zeros((h, w), np.int32)
-    binary = probs[keep] > mask_threshold
-    first = binary.argmax(axis=0)
-    labels = np.where(binary.any(axis=0), first + 1, 0).astype(np.int32)
-    return labels
+    detections, gts = list(detections), list(gts)
+    if not detections:
+        return 0.0, dict(DEFAULT_THRESHOLDS)
+    thr = dict(DEFAULT_THRESHOLDS)
+    if tune:
+        from napari_cellseg.tuning import sweep
 
-
-def tune_thresholds(predictions, gts, box_grid=BOX_CONF_GRID, mask_grid=MASK_THRESHOLD_GRID):
-    """predictions: list of (scores desc, probs (N,H,W) float); gts: list of int label images.
-    Returns (best mean mAP, {"box_conf", "mask_threshold"}, grid dict).
-
-    Scores are sorted, so a box_conf keeps a prefix of the detections; the first covering
-    detection of each pixel is computed once per mask threshold and every box_conf is O(H*W)."""
-    sums = {(bc, mt): 0.0 for bc in box_grid for mt in mask_grid}
-    for (scores, probs), gt in zip(predictions, gts):
-        h, w = gt.shape
-        for mt in mask_grid:
-            if len(scores):
-                binary = probs > mt
-                first = np.where(binary.any(axis=0), binary.argmax(axis=0), len(scores))
-            else:
-                first = np.full((h, w), 0)
-            for bc in box_grid:
-                k = int((scores >= bc).sum())
-                labels = np.where(first < k, first + 1, 0).astype(np.int32)
-                sums[(bc, mt)] += average_precision(gt, labels)
-    n = max(len(predictions), 1)
-    grid = {key: v / n for key, v in sums.items()}
-    (bc, mt), best = max(grid.items(), key=lambda kv: (kv[1], -abs(kv[0][0] - 0.5) - abs(kv[0][1] - 0.5)))
-    return best, {"box_conf": float(bc), "mask_threshold": float(mt)}, grid
+        best = sweep(zip(detections, gts)).best
+        thr = {"box_conf": best["box_conf"], "mask_threshold": best["mask_threshold"]}
+    v_map = float(np.mean([average_precision(g, d.to_labels(thr["box_conf"], thr["mask_threshold"]))
+                           for d, g in zip(detections, gts)]))
+    return v_map, thr
 
 
 # ---------------------------------------------------------------- figures
