@@ -1,0 +1,208 @@
+"""The "Train model" widget: form -> TrainConfig, layers -> samples, progress, and real runs in a
+napari viewer (run under ``xvfb-run -a``): a tiny run hands best_model.bin to Segment cells,
+Cancel stops a run, bad input gives a notification and writes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from training import _form  # noqa: E402
+from training.config import ConfigError  # noqa: E402
+from training.data import DataError  # noqa: E402
+
+TIMEOUT = 240_000
+TINY_MODEL = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                  rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
+                  rpn_post_nms_top_n_test=50, box_detections_per_img=50, box_batch_size_per_image=64,
+                  anchor_sizes=(8, 16, 32, 64, 128))
+
+
+# ---------------------------------------------------------------- plain logic (no viewer)
+def test_form_to_config_maps_fields_one_to_one(tmp_path):
+    ckpt = tmp_path / "m.bin"
+    ckpt.write_bytes(b"x")
+    form = {"source": "layers", "epochs": 3, "lr": 2e-4, "batch_size": 4, "device": "cpu", "crop_size": 96,
+            "steps_per_epoch": 7, "val_fraction": 0.3, "out": str(tmp_path / "run"),
+            "init_checkpoint": str(ckpt), "train_csv": "ignored.csv", "images": "ignored", "image_dir": "x",
+            "label_dir": "y"}
+    c = _form.form_to_config(form)
+    assert (c.epochs, c.lr, c.batch_size, c.device, c.crop_size, c.steps_per_epoch, c.val_fraction) == \
+        (3, 2e-4, 4, "cpu", 96, 7, 0.3)
+    assert c.out == str(tmp_path / "run") and c.init_checkpoint == str(ckpt)
+    assert (c.train_csv, c.images, c.image_dir, c.label_dir) == (None, None, None, None)  # layers: arrays
+    assert (c.width, c.height) == (0, 0)  # native pixel size, as the Segment widget shows the image
+    c = _form.form_to_config({**form, "source": "csv", "train_csv": " a.csv ", "images": "imgs",
+                              "init_checkpoint": ""})
+    assert (c.train_csv, c.images, c.image_dir, c.init_checkpoint) == ("a.csv", "imgs", None, None)
+    c = _form.form_to_config({**form, "source": "folders"})
+    assert (c.image_dir, c.label_dir, c.train_csv) == ("x", "y", None)
+    assert _form.form_to_config({**form, "out": "~/r"}).out.startswith(str(__import__("pathlib").Path.home()))
+    with pytest.raises(DataError, match="annotation CSV"):
+        _form.form_to_config({**form, "source": "csv", "train_csv": ""})
+    with pytest.raises(DataError, match="label folder"):
+        _form.form_to_config({**form, "source": "folders", "label_dir": " "})
+    with pytest.raises(DataError, match="not found"):
+        _form.form_to_config({**form, "init_checkpoint": str(tmp_path / "missing.bin")})
+    with pytest.raises(ConfigError, match="--epochs"):
+        _form.form_to_config({**form, "epochs": 0})
+    with pytest.raises(ConfigError, match="--crop-size"):
+        _form.form_to_config({**form, "crop_size": 16})
+    assert _form.default_out_dir("/h").parent == __import__("pathlib").Path("/h/cellseg-runs")
+
+
+def _synthetic(seed=0, shape=(128, 128)):
+    from napari_cellseg.synthetic import make_image
+
+    return make_image("nuclei", shape, seed=seed)
+
+
+def test_layer_samples_tiles_few_images_and_checks_input():
+    img, lab = _synthetic()
+    samples = _form.layer_samples([("a", img, lab)])
+    assert [s.image_id for s in samples] == ["a@r0c0", "a@r0c1", "a@r1c0", "a@r1c1"]
+    assert all(s.image.shape[:2] == (64, 64) for s in samples)
+    assert sum(s.n_instances for s in samples) >= len(np.unique(lab)) - 1  # cut cells count twice
+    four = _form.layer_samples([(f"i{k}", img, lab) for k in range(4)])
+    assert [s.image_id for s in four] == ["i0", "i1", "i2", "i3"]  # enough images: no tiling
+    with pytest.raises(DataError, match="empty"):
+        _form.check_pairs([("a", img, np.zeros_like(lab))])
+    with pytest.raises(DataError, match="128x128 but its labels are 64x128"):
+        _form.check_pairs([("a", img, lab[:64])])
+    with pytest.raises(DataError, match="no image"):
+        _form.check_pairs([])
+
+
+def test_progress_tracker():
+    t = _form.ProgressTracker(epochs=2)
+    t.update({"stage": "train", "epoch": 1, "step": 1, "total": 2, "loss": 3.0})
+    assert t.fraction == pytest.approx(0.85 * 0.5 / 2) and t.steps == [(0.5, 3.0)]
+    t.update({"stage": "val", "epoch": 1, "step": 1, "total": 1})
+    assert t.fraction == pytest.approx(0.5)
+    row = {"epoch": 1, "train_loss": 2.0, "val_loss": 1.5, "val_map": 0.1, "best": 1}
+    t.update({"stage": "epoch", "epoch": 1, "epochs": 2, "row": row})
+    assert t.epoch_rows == [row] and "best so far" in t.text
+    assert _form.best_row([row, {**row, "epoch": 2, "best": 0}]) is row
+
+
+# ---------------------------------------------------------------- in a viewer
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import torch
+
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY_MODEL)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.bin"
+    save_checkpoint(path, build_model(cfg), cfg)
+    return path
+
+
+@pytest.fixture
+def notes(tmp_path, monkeypatch):
+    from training import _widget
+
+    monkeypatch.setenv("NAPARI_CELLSEG_CONFIG_DIR", str(tmp_path / "config"))
+    got = {"error": [], "info": []}
+    monkeypatch.setattr(_widget, "show_error", got["error"].append)
+    monkeypatch.setattr(_widget, "show_info", got["info"].append)
+    return got
+
+
+@pytest.fixture
+def docked(make_napari_viewer, tiny_checkpoint, notes, tmp_path):
+    from napari_cellseg._widget import SegmentWidget
+    from training._widget import TrainWidget
+
+    viewer = make_napari_viewer()
+    img, lab = _synthetic()
+    viewer.add_image(img, name="synth")
+    viewer.add_labels(lab, name="synth cells")
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg, name="Segment cells")
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="Train model")
+    train.start_from[0].setText(str(tiny_checkpoint))
+    train.epochs.setValue(1)
+    train.steps.setValue(2)
+    train.crop_size.setValue(64)
+    train.batch_size.setValue(1)
+    train.device.setCurrentText("cpu")
+    train.out[0].setText(str(tmp_path / "run"))
+    return viewer, seg, train
+
+
+def test_layer_table_pairs_image_with_its_cells_layer(docked):
+    viewer, _, train = docked
+    assert train.pair_table.rowCount() == 1
+    assert train.pair_table.cellWidget(0, 1).currentText() == "synth cells"
+    name, img, lab = train.layer_pairs()[0]
+    assert name == "synth" and img.shape == lab.shape == (128, 128)
+    viewer.add_image(np.zeros((32, 32)), name="other")  # no labels of its size: listed, unticked
+    assert train.pair_table.rowCount() == 2
+    assert train.pair_table.cellWidget(1, 1).currentText() == "—"
+    assert len(train.layer_pairs()) == 1
+
+
+@pytest.mark.slow
+def test_tiny_run_hands_best_model_to_segment(docked, qtbot, notes, tmp_path):
+    _, seg, train = docked
+    train.start_btn.click()
+    assert train._worker is not None and not train.start_btn.isEnabled()
+    qtbot.waitUntil(lambda: train._worker is None, timeout=TIMEOUT)
+    best = (tmp_path / "run" / "best_model.bin").resolve()
+    assert not notes["error"], notes["error"]
+    assert best.is_file() and (tmp_path / "run" / "last.ckpt").is_file()
+    assert seg.model_combo.currentData() == str(best)
+    assert notes["info"] and "best_model.bin" in notes["info"][-1] and "Segment cells" in notes["info"][-1]
+    assert train.tracker.epoch_rows and len(train.tracker.steps) == 2
+    assert len(train.val_line.get_xdata()) == 1 and len(train.step_line.get_xdata()) == 2
+    assert train.out[0].text() != str(tmp_path / "run")  # the next run gets a fresh folder
+    from napari_cellseg.checkpoint import load_checkpoint
+
+    _, cfg, thresholds, info = load_checkpoint(best)
+    assert cfg.backbone == "convnext_atto" and cfg.native_scale and info["n_val"] == 1
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job(docked, qtbot, notes, tmp_path):
+    _, seg, train = docked
+    before = seg.model_combo.currentData()
+    train.epochs.setValue(3)
+    train.steps.setValue(500)
+    train.start_btn.click()
+    qtbot.waitUntil(lambda: train.tracker is not None and len(train.tracker.steps) >= 1, timeout=TIMEOUT)
+    train.cancel_btn.click()
+    qtbot.waitUntil(lambda: train._worker is None, timeout=60_000)
+    assert len(train.tracker.steps) < 20 and not train.tracker.epoch_rows
+    assert train.status.text().startswith("Cancelled") and not notes["error"]
+    assert not (tmp_path / "run" / "best_model.bin").exists()  # no epoch finished
+    assert seg.model_combo.currentData() == before
+    assert train.start_btn.isEnabled() and not train.cancel_btn.isEnabled()
+
+
+def test_bad_input_notifies_and_writes_nothing(docked, qtbot, notes, tmp_path):
+    viewer, _, train = docked
+    viewer.layers["synth cells"].data = np.zeros((128, 128), np.int32)
+    train.start_btn.click()
+    assert train._worker is None and notes["error"] and "empty" in notes["error"][-1]
+    assert not (tmp_path / "run").exists()
+    viewer.layers["synth cells"].data = _synthetic()[1]
+    train.source_combo.setCurrentIndex(2)  # folders, none given
+    train.start_btn.click()
+    assert "label folder" in notes["error"][-1] and not (tmp_path / "run").exists()
+    # an output folder that cannot be created: the engine's error arrives as a notification
+    train.source_combo.setCurrentIndex(0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    train.out[0].setText(str(blocker / "run"))
+    train.start_btn.click()
+    qtbot.waitUntil(lambda: train._worker is None, timeout=TIMEOUT)
+    assert "not writable" in notes["error"][-1] and blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "config"] or \
+        sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
