@@ -47,6 +47,8 @@ def segment_and_screenshot(viewer, widget, path, timeout: float = 600.0, size=(1
 
     app = QApplication.instance()
     viewer.window._qt_window.resize(*size)
+    app.processEvents()
+    viewer.reset_view()  # fit the image to the resized canvas
     widget.segment()
     start = time.monotonic()
     while widget._worker is not None and time.monotonic() - start < timeout:
