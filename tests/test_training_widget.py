@@ -149,6 +149,14 @@ def test_layer_table_pairs_image_with_its_cells_layer(docked):
     assert len(train.layer_pairs()) == 1
 
 
+def test_start_from_defaults_to_segment_widgets_checkpoint(docked, tiny_checkpoint):
+    from training._widget import TrainWidget
+
+    viewer, seg, _ = docked
+    seg.set_checkpoint(tiny_checkpoint)
+    assert TrainWidget(viewer).start_from[0].text() == str(tiny_checkpoint.resolve())
+
+
 @pytest.mark.slow
 def test_tiny_run_hands_best_model_to_segment(docked, qtbot, notes, tmp_path):
     _, seg, train = docked

@@ -29,7 +29,7 @@ FORM_FIELDS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "devi
                "train_csv": "train_csv", "images": "images", "image_dir": "image_dir",
                "label_dir": "label_dir"}
 FORM_DEFAULTS = {"source": "layers", "epochs": 10, "lr": 1e-4, "batch_size": 2, "device": "auto",
-                 "crop_size": 256, "steps_per_epoch": 0, "val_fraction": 0.25, "init_checkpoint": "",
+                 "crop_size": 256, "steps_per_epoch": 50, "val_fraction": 0.25, "init_checkpoint": "",
                  "train_csv": "", "images": "", "image_dir": "", "label_dir": ""}
 
 

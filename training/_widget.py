@@ -132,7 +132,7 @@ class TrainWidget(QWidget):
         self.val_fraction.setRange(0.05, 0.9)
         self.val_fraction.setSingleStep(0.05)
         self.val_fraction.setValue(d["val_fraction"])
-        form.addRow("Validation", self.val_fraction)
+        form.addRow("Val fraction", self.val_fraction)
         self.device = _tip(QComboBox(), "device")
         self.device.addItems(["auto", "cpu", "cuda"])
         form.addRow("Device", self.device)
@@ -179,7 +179,8 @@ class TrainWidget(QWidget):
         (self.step_line,) = self.ax.plot([], [], "-", lw=0.8, alpha=0.45, color="#4fa3ff", label="train (step)")
         (self.train_line,) = self.ax.plot([], [], "o-", ms=3, color="#4fa3ff", label="train (epoch)")
         (self.val_line,) = self.ax.plot([], [], "s-", ms=3, color="#ffa040", label="val (epoch)")
-        self.ax.legend(fontsize=7, facecolor=bg, edgecolor="#6a6a6a", labelcolor=fg, loc="upper right")
+        (self.best_mark,) = self.ax.plot([], [], "*", ms=11, color="#ffe066", label="best_model.bin")
+        self.ax.legend(fontsize=7, facecolor=bg, edgecolor="#6a6a6a", labelcolor=fg, loc="best")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(170)
         self.canvas.setToolTip("Training loss per step (thin), mean per epoch, and validation loss")
@@ -336,7 +337,7 @@ class TrainWidget(QWidget):
             self._update_plot()
 
     def _clear_plot(self):
-        for line in (self.step_line, self.train_line, self.val_line):
+        for line in (self.step_line, self.train_line, self.val_line, self.best_mark):
             line.set_data([], [])
         self.canvas.draw_idle()
 
@@ -347,6 +348,8 @@ class TrainWidget(QWidget):
         rows = t.epoch_rows
         self.train_line.set_data([r["epoch"] for r in rows], [r["train_loss"] for r in rows])
         self.val_line.set_data([r["epoch"] for r in rows], [r["val_loss"] for r in rows])
+        best = _form.best_row(rows)
+        self.best_mark.set_data(*(([best["epoch"]], [best["val_loss"]]) if best else ([], [])))
         self.ax.relim()
         self.ax.autoscale_view()
         self.ax.set_xlim(0, max(t.epochs, 1) + 0.05)
