@@ -126,8 +126,8 @@ class ReviewWidget(QWidget):
         self.grid_spin = QSpinBox()
         self.grid_spin.setRange(2, 20)
         self.grid_spin.setValue(10)
-        self.grid_spin.setPrefix("grid ")
-        self.grid_spin.setSuffix(" × N")
+        self.grid_spin.setPrefix("N = ")
+        self.grid_spin.setToolTip("grid of N × N threshold pairs")
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(["this image", "all segmented images with GT"])
         self.scope_combo.setToolTip("Other images are paired with a ground-truth layer whose "
@@ -267,11 +267,14 @@ class ReviewWidget(QWidget):
         if not (isinstance(lyr, Labels) and lyr.metadata.get(OVERLAY_KEY) and lyr.data.shape == shape):
             if lyr is not None:
                 self.viewer.layers.remove(lyr)
+            active = self.viewer.layers.selection.active
             cmap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), **COLORS})
             lyr = self.viewer.add_labels(np.zeros(shape, np.uint8), name=name, opacity=0.55,
                                          colormap=cmap, scale=pred.scale, translate=pred.translate,
                                          metadata={OVERLAY_KEY: True}, blending="translucent")
             lyr.editable = False
+            if active is not None:  # keep painting on the user's layer, not on the overlay
+                self.viewer.layers.selection.active = active
         data = lyr.data
         if plane:
             data[...] = 0
