@@ -51,16 +51,20 @@ def split_planes(labels: np.ndarray, mode: str) -> tuple[list[int], list[int], l
     return train, test, unused
 
 
-def write_real(folder: Path, image: np.ndarray, labels: np.ndarray, planes: list[int]) -> dict:
+def write_real(folder: Path, image: np.ndarray, labels: np.ndarray, planes: list[int],
+               repeat: int = 1) -> dict:
+    """One image/label pair per plane; ``repeat`` > 1 writes extra copies (``_r1``...) so the
+    few real planes are sampled as often as ``repeat`` synthetic images each."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "labels").mkdir(parents=True, exist_ok=True)
     items = {}
     for z in planes:
-        name = f"nuclei_z{z:02d}"
         lab = np.ascontiguousarray(labels[z]).astype(np.int32)
-        _write_tif(folder / "images" / f"{name}.tif", np.ascontiguousarray(image[z]))
-        _write_tif(folder / "labels" / f"{name}.tif", lab)
-        items[name] = lab
+        for r in range(repeat):
+            name = f"nuclei_z{z:02d}" + (f"_r{r}" if r else "")
+            _write_tif(folder / "images" / f"{name}.tif", np.ascontiguousarray(image[z]))
+            _write_tif(folder / "labels" / f"{name}.tif", lab)
+            items[name] = lab
     return items
 
 
@@ -89,6 +93,11 @@ def main(argv=None) -> int:
                     help="folder with nuclei3d_image.tif and nuclei3d_labels.tif")
     ap.add_argument("--holdout", choices=("block", "every4"), default="block",
                     help="which real planes are held out (see the module docstring)")
+    ap.add_argument("--min-labels", type=int, default=10,
+                    help="train only on real planes with at least this many labelled nuclei: the "
+                         "top/bottom planes show out-of-focus nuclei that are unlabelled there")
+    ap.add_argument("--real-repeat", type=int, default=4,
+                    help="write each real training plane this many times (oversampling)")
     args = ap.parse_args(argv)
 
     if args.n_synthetic < 0 or args.n_test_synth < 0 or not 0 <= args.large_fraction <= 1:
@@ -112,13 +121,15 @@ def main(argv=None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     train, test, unused = split_planes(labels, args.holdout)
+    sparse = [z for z in train if len(np.unique(labels[z])) - 1 < args.min_labels]
+    train = [z for z in train if z not in sparse]
 
     n_large = int(round(args.n_synthetic * args.large_fraction))
     n_small = args.n_synthetic - n_large
     small = write_dataset(out / "train", n_small, "mixed", seed=args.seed, shape=(256, 256))
     large = write_dataset(out / "train", n_large, "mixed", seed=args.seed, shape=(520, 704),
                           start=n_small)
-    write_real(out / "train", image, labels, train)
+    write_real(out / "train", image, labels, train, repeat=max(args.real_repeat, 1))
     write_real(out / "test_real", image, labels, test)
     csv_real = write_gt_csv(out / "test_real")
     synth_test = write_dataset(out / "test_synth", args.n_test_synth, "mixed",
@@ -127,7 +138,8 @@ def main(argv=None) -> int:
 
     manifest = {
         "holdout": args.holdout, "train_planes": train, "test_planes": test,
-        "unused_planes": unused, "seed": args.seed, "test_seed": args.test_seed,
+        "unused_planes": unused, "sparse_planes_not_trained": sparse,
+        "real_repeat": args.real_repeat, "seed": args.seed, "test_seed": args.test_seed,
         "train_synthetic_256": len(small), "train_synthetic_520x704": len(large),
         "train_synthetic_kinds": {k: sum(n.startswith(f"synth_{k}") for n in small + large)
                                   for k in ("nuclei", "cells")},
