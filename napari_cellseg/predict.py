@@ -185,8 +185,10 @@ class Predictor:
     """Runs a Mask R-CNN built by ``model.build_model`` once per image -> ``Detections``."""
 
     def __init__(self, model, config=None, thresholds: dict | None = None, device="cpu",
-                 precision: str = "fp32", mask_chunk: int = MASK_CHUNK):
+                 precision: str = "fp32", mask_chunk: int = MASK_CHUNK,
+                 tile_size: int | None = None, tile_overlap: int | None = None):
         from .checkpoint import DEFAULT_THRESHOLDS
+        from .tiling import TILE_OVERLAP, TILE_SIZE
         from .model import ModelConfig
 
         self.device = _resolve_device(str(device))
@@ -198,6 +200,12 @@ class Predictor:
         self.config = config or ModelConfig()
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.mask_chunk = int(mask_chunk)
+        # images larger than tile_size network pixels are predicted in overlapping tiles
+        self.tile_size = TILE_SIZE if tile_size is None else int(tile_size)
+        self.tile_overlap = TILE_OVERLAP if tile_overlap is None else int(tile_overlap)
+        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
+            raise PredictError(f"tile overlap must be >= 0 and < tile size {self.tile_size}, "
+                               f"got {self.tile_overlap}")
         self.info: dict = {}
         self.checkpoint_path = None
 
@@ -215,22 +223,47 @@ class Predictor:
         return self
 
     # -- public API ---------------------------------------------------------------------------
-    def predict(self, image, scale: float = 1.0) -> Detections:
-        return drain(self.iter_predict(image, scale))
+    def predict(self, image, scale: float = 1.0, tile="auto") -> Detections:
+        return drain(self.iter_predict(image, scale, tile=tile))
 
-    def iter_predict(self, image, scale: float = 1.0):
-        """Generator: yields ``{"stage", "fraction"}`` events, returns ``Detections``."""
+    def iter_predict(self, image, scale: float = 1.0, tile="auto"):
+        """Generator: yields ``{"stage", "fraction"}`` events, returns ``Detections``.
+
+        ``tile``: "auto" = tile when the resized image exceeds ``self.tile_size`` network pixels;
+        an int = that tile size; None / 0 = never tile (see :mod:`napari_cellseg.tiling`).
+        """
         yield {"stage": "load", "fraction": 0.0}
         arr = _as_image(image)
+        dets = yield from self._predict_array(arr, scale, tile)
+        return dets
+
+    def _predict_array(self, arr: np.ndarray, scale: float, tile="auto"):
+        from .tiling import iter_tiled, needs_tiling, network_factor
+
+        _check_scale(scale)
+        size = self.tile_size if isinstance(tile, str) and tile == "auto" else tile
+        factor = network_factor(self, arr.shape[:2], scale)
+        if size and needs_tiling(arr.shape[:2], factor, size):
+            overlap = min(self.tile_overlap, int(size) - 1)
+            return (yield from iter_tiled(self, arr, factor, int(size), overlap))
         dets = yield from self._forward([arr], scale)
         return dets[0]
 
     def predict_many(self, images: Iterable, batch_size: int = 1, scale: float = 1.0
                      ) -> Iterator[tuple[int, Detections]]:
         """Yield ``(index, Detections)`` for every image (paths or arrays), ``batch_size`` at a time."""
+        from .tiling import needs_tiling, network_factor
+
         batch: list[tuple[int, np.ndarray]] = []
         for i, image in enumerate(images):
-            batch.append((i, _as_image(image)))
+            arr = _as_image(image)
+            if needs_tiling(arr.shape[:2], network_factor(self, arr.shape[:2], scale), self.tile_size):
+                if batch:  # keep the input order
+                    yield from zip([j for j, _ in batch], drain(self._forward([a for _, a in batch], scale)))
+                    batch = []
+                yield i, drain(self._predict_array(arr, scale))  # large: tiled, on its own
+                continue
+            batch.append((i, arr))
             if len(batch) >= max(int(batch_size), 1):
                 yield from zip([j for j, _ in batch], drain(self._forward([a for _, a in batch], scale)))
                 batch = []
@@ -247,13 +280,16 @@ class Predictor:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _forward(self, arrays: list[np.ndarray], scale: float):
+    def _forward(self, arrays: list[np.ndarray], scale: float, factor: float | None = None,
+                 box_filter=None):
+        """``factor``: resize factor to use instead of the model's own rule times ``scale``;
+        ``box_filter(boxes)``: bool mask of the detections to keep (boxes (N, 4) in input pixels),
+        applied before the mask head (tiling drops what another tile owns without computing it)."""
         import torch
         from torchvision.models.detection.image_list import ImageList
         from torchvision.models.detection.transform import resize_boxes
 
-        if not (np.isfinite(scale) and 0.05 <= float(scale) <= 20):
-            raise PredictError(f"scale must be between 0.05 and 20, got {scale}")
+        _check_scale(scale)
         m = self.model
         t = m.transform
         with torch.inference_mode():
@@ -265,7 +301,7 @@ class Predictor:
                 h, w = x.shape[-2:]
                 f = 1.0 if self.config.native_scale else min(
                     float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
-                f *= float(scale)
+                f = f * float(scale) if factor is None else float(factor)
                 x = torch.nn.functional.interpolate(x[None], scale_factor=f, mode="bilinear",
                                                     recompute_scale_factor=True, align_corners=False)[0]
                 tensors.append(x)
@@ -284,6 +320,11 @@ class Predictor:
                 bf = rh.box_head(bf)
             logits, deltas = rh.box_predictor(bf.float())
             boxes, scores, labels = rh.postprocess_detections(logits, deltas, proposals, sizes)
+            if box_filter is not None:
+                for i in range(len(boxes)):
+                    ob = resize_boxes(boxes[i], sizes[i], orig_sizes[i]).float().cpu().numpy()
+                    keep = torch.from_numpy(np.asarray(box_filter(ob), bool)).to(boxes[i].device)
+                    boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
             counts = [len(b) for b in boxes]
             total = max(sum(counts), 1)
             probs_all, done = [], 0
@@ -326,6 +367,11 @@ class Predictor:
         z = torch.einsum("nadp,nd->nap", y, wc) + final.bias[labels].float()[:, None, None]
         z = F.pixel_shuffle(z.reshape(n, k * k, hh, ww), k)[:, 0]
         return z.sigmoid_()
+
+
+def _check_scale(scale) -> None:
+    if not (np.isfinite(scale) and 0.05 <= float(scale) <= 20):
+        raise PredictError(f"scale must be between 0.05 and 20, got {scale}")
 
 
 def _as_image(image) -> np.ndarray:

@@ -1,0 +1,147 @@
+"""Predict images much larger than the model size in overlapping tiles, stitch the instances.
+
+The image is normalised once (as a whole, so every tile sees the same intensity scale), then cut
+into ``tile x tile`` windows (in network pixels, i.e. after the model's resize and ``scale``)
+that overlap by ``overlap`` pixels. The grid's *core* regions partition the image: the boundary
+between two neighbouring tiles lies in the middle of their overlap. A detection is kept only by
+the tile whose core holds its box centre, so a cell on a tile border comes out once, from the
+tile that sees it whole (true whenever ``overlap`` >= the largest object). A final class-agnostic
+box NMS across tiles (the model's own ``nms_thresh``) removes what is left of objects larger than
+the overlap. The result is ONE :class:`~napari_cellseg.predict.Detections` in global image
+coordinates (boxes, scores, 28x28 probabilities), so ``to_labels`` and the sliders work
+unchanged. Only one tile's features exist at a time: memory is bounded by the tile size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TILE_SIZE", "TILE_OVERLAP", "Tile", "tile_grid", "axis_tiles", "core_keep",
+           "merge_detections", "iter_tiled", "network_factor", "needs_tiling"]
+
+TILE_SIZE = 1024  # network pixels
+TILE_OVERLAP = 128  # network pixels; >= the largest expected object
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window ``[y0:y1, x0:x1]`` and its core ``[cy0:cy1, cx0:cx1]`` (image pixels)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    cy0: float
+    cy1: float
+    cx0: float
+    cx1: float
+
+
+def axis_tiles(length: int, tile: int, overlap: int) -> list[tuple[int, int, float, float]]:
+    """Windows along one axis: ``(start, end, core_start, core_end)``; cores partition [0, length]."""
+    length, tile, overlap = int(length), int(tile), int(overlap)
+    if tile <= 0 or overlap < 0 or overlap >= tile:
+        raise ValueError(f"tile size must be > overlap >= 0, got tile {tile}, overlap {overlap}")
+    if length <= tile:
+        return [(0, length, 0.0, float(length))]
+    step = tile - overlap
+    n = math.ceil((length - tile) / step) + 1
+    starts = [min(i * step, length - tile) for i in range(n)]
+    ends = [s + tile for s in starts]
+    cuts = [0.0] + [(starts[i + 1] + ends[i]) / 2.0 for i in range(n - 1)] + [float(length)]
+    return [(starts[i], ends[i], cuts[i], cuts[i + 1]) for i in range(n)]
+
+
+def tile_grid(shape, tile: int, overlap: int) -> list[Tile]:
+    """Row-major grid of overlapping tiles covering an image of ``shape`` (H, W)."""
+    rows = axis_tiles(shape[0], tile, overlap)
+    cols = axis_tiles(shape[1], tile, overlap)
+    return [Tile(y0, y1, x0, x1, cy0, cy1, cx0, cx1)
+            for y0, y1, cy0, cy1 in rows for x0, x1, cx0, cx1 in cols]
+
+
+def core_keep(boxes: np.ndarray, t: Tile, shape) -> np.ndarray:
+    """Bool mask of global ``boxes`` whose centre lies in the tile's core (half-open, last closed)."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
+    in_x = (cx >= t.cx0) & ((cx < t.cx1) | (t.cx1 >= shape[1]))
+    in_y = (cy >= t.cy0) & ((cy < t.cy1) | (t.cy1 >= shape[0]))
+    return in_x & in_y
+
+
+def merge_detections(parts: list, shape, nms_iou: float | None = 0.5):
+    """Concatenate per-tile Detections (already global and core-filtered) -> one Detections."""
+    from .predict import Detections
+
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return Detections(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 28, 28)), shape,
+                          labels=np.zeros(0, np.int64))
+    boxes = np.concatenate([p.boxes for p in parts])
+    scores = np.concatenate([p.scores for p in parts])
+    probs = np.concatenate([p.probs for p in parts])
+    labels = np.concatenate([p.labels if p.labels is not None else np.ones(len(p), np.int64)
+                             for p in parts])
+    if nms_iou is not None and len(parts) > 1 and len(scores) > 1:
+        import torch
+        from torchvision.ops import nms
+
+        keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), float(nms_iou)).numpy()
+        keep.sort()
+        boxes, scores, probs, labels = boxes[keep], scores[keep], probs[keep], labels[keep]
+    return Detections(boxes, scores, probs, shape, labels=labels)
+
+
+def network_factor(predictor, shape, scale: float = 1.0) -> float:
+    """The resize factor the predictor applies to a whole image of ``shape`` (times ``scale``)."""
+    if predictor.config.native_scale:
+        f = 1.0
+    else:
+        t = predictor.model.transform
+        h, w = shape
+        f = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
+    return f * float(scale)
+
+
+def needs_tiling(shape, factor: float, tile: int | None) -> bool:
+    """True when the image, resized by ``factor``, is larger than ``tile`` on either side."""
+    return bool(tile) and max(shape[0], shape[1]) * factor > int(tile)
+
+
+def iter_tiled(predictor, array: np.ndarray, factor: float, tile: int = TILE_SIZE,
+               overlap: int = TILE_OVERLAP, nms_iou: float | None = None):
+    """Generator: per-tile progress events; returns the stitched Detections.
+
+    ``array``: the whole normalised float32 HxWx3 image; ``factor``: the network resize factor
+    of the whole image (every tile uses it, so tiled and whole predictions see the same pixels);
+    ``tile`` / ``overlap`` in network pixels. ``nms_iou`` defaults to the model's ``nms_thresh``.
+    """
+    from .predict import Detections
+
+    shape = array.shape[:2]
+    tile_img = max(int(round(tile / factor)), 1)
+    overlap_img = min(int(round(overlap / factor)), tile_img - 1)
+    grid = tile_grid(shape, tile_img, overlap_img)
+    if nms_iou is None:
+        nms_iou = float(getattr(getattr(predictor.model, "roi_heads", None), "nms_thresh", 0.5))
+    parts = []
+    for k, t in enumerate(grid):
+        window = np.ascontiguousarray(array[t.y0:t.y1, t.x0:t.x1])
+        offset = np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
+        gen = predictor._forward([window], 1.0, factor=factor,
+                                 box_filter=lambda b, t=t, o=offset: core_keep(b + o, t, shape))
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                dets = stop.value[0]
+                break
+            yield {"stage": f"tile {k + 1}/{len(grid)}: {event['stage']}",
+                   "fraction": (k + float(event.get("fraction", 0.0))) / len(grid)}
+        parts.append(Detections(dets.boxes + offset, dets.scores, dets.probs, shape, labels=dets.labels))
+        del gen, dets, window
+    yield {"stage": "stitch", "fraction": 1.0}
+    return merge_detections(parts, shape, nms_iou if len(grid) > 1 else None)
