@@ -1,20 +1,32 @@
-"""Batch prediction over image files -> submission CSV (+ label TIFFs), single process or torchrun.
+"""The ``cellseg predict`` command: stream many images (and stack planes) -> submission CSV.
 
-Under ``torchrun --nproc_per_node=N`` (env WORLD_SIZE > 1) every rank predicts
-``files[rank::world]``; the per-image results (RLE strings, small) are gathered on rank 0 with
-``torch.distributed.gather_object``, which writes the merged CSV in input order. Nothing is written
-until every image has been predicted, so a bad image leaves no partial output. Errors on any rank
-are gathered too and raised on rank 0 (no rank hangs waiting for a dead one).
+* Items: every image file; a multi-page TIFF / 3-D stack gives one item per plane with id
+  ``<stem>_<plane>`` (plane number zero-padded to 3 digits, more for stacks of >= 1000 planes).
+* Streaming, constant memory: one batch of images is in memory at a time; each finished image's
+  rows are appended as one JSON line to a side journal ``.<out name>.rank<R>.journal``.
+* Crash safety: the CSV on disk is only ever replaced atomically (every ``FLUSH_EVERY`` images
+  and at the end) by the rows already in it + the journal rows, so at every moment it is a
+  complete, valid CSV. After a crash (even kill -9) ``--resume`` skips every id found in the CSV
+  or in a journal (a torn last journal line is ignored), and the final flush folds them in.
+* A bad image is reported on stderr and skipped; the exit status is 0 (all good), 1 (some
+  images failed: "K of N images failed") or 2 (usage errors, bad checkpoint: raised as ValueError).
+* torchrun: rank R predicts ``items[R::world]`` (minus ids already done) into its own journal;
+  the small per-rank summaries are gathered on rank 0, which writes the CSV.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
+
+FLUSH_EVERY = 50  # images between two atomic rewrites of the CSV (single process)
+_VALUE = {"kaggle": "predicted", "starter": "annotation"}
+_EMPTY = {"kaggle": "", "starter": "-1"}
 
 
 def shard(items: Sequence, rank: int, world: int) -> list:
@@ -37,30 +49,16 @@ def merge_shards(shards: Iterable[Iterable[tuple[int, object]]], n: int) -> list
     return out
 
 
-@dataclass
-class ImageResult:
+@dataclass(frozen=True)
+class Item:
+    """One image to predict: a file, or one plane of a stack file (``plane`` not None)."""
+
     image_id: str
-    shape: tuple[int, int]
-    rles: list[str]
+    path: Path
+    plane: int | None = None
 
-
-class _ResultLabels(Mapping):
-    """id -> label image, decoded from RLEs on access (rank 0 never holds all label images)."""
-
-    def __init__(self, results: list[ImageResult]):
-        self._by_id = {r.image_id: r for r in results}
-
-    def __getitem__(self, image_id):
-        from .rle import rles_to_labels
-
-        r = self._by_id[image_id]
-        return rles_to_labels(r.rles, r.shape)
-
-    def __iter__(self):
-        return iter(self._by_id)
-
-    def __len__(self):
-        return len(self._by_id)
+    def label(self) -> str:
+        return str(self.path) if self.plane is None else f"{self.path} [plane {self.plane}]"
 
 
 def dist_info() -> tuple[int, int]:
@@ -68,81 +66,291 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def predict_shard(predictor, files: Sequence[Path], rank: int, world: int, box_conf: float,
-                  mask_threshold: float, min_area: int, scale: float = 1.0, batch_size: int = 1,
-                  progress: Callable | None = None) -> list[tuple[int, ImageResult]]:
-    """Predict this rank's share; ``(input index, ImageResult)`` pairs."""
-    from .rle import labels_to_rles
-
-    mine = shard(list(files), rank, world)
-    out = []
-    results = predictor.predict_many((p for _, p in mine), batch_size=batch_size, scale=scale)
-    for (index, path), (_, dets) in zip(mine, results):
-        labels = dets.to_labels(box_conf, mask_threshold, min_area)
-        out.append((index, ImageResult(Path(path).stem, dets.image_shape, labels_to_rles(labels))))
-        if progress is not None:
-            progress(1)
-    return out
-
-
-def gather_results(local: list, error: str | None, rank: int, world: int, n: int):
-    """Gather every rank's results (and errors) on rank 0 -> results in input order (rank 0)."""
-    if world == 1:
-        if error:
-            raise ValueError(error)
-        return merge_shards([local], n)
-    import torch.distributed as dist
-
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object((local, error), parts, dst=0)
-    if rank != 0:
+# ---- items ------------------------------------------------------------------------------------
+def _n_planes(path: Path) -> int | None:
+    """Number of planes of a TIFF stack (3-D grey or 4-D colour), None for a single image."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
         return None
-    errors = [e for _, e in parts if e]
-    if errors:
-        raise ValueError(errors[0])
-    return merge_shards([p for p, _ in parts], n)
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            shape = tuple(tf.series[0].shape)
+    except Exception:  # unreadable: reported (and skipped) when it is loaded
+        return None
+    squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
+    if len(squeezed) == 4 or (len(squeezed) == 3 and squeezed[-1] not in (3, 4)):
+        return int(squeezed[0])
+    return None
 
 
-def write_outputs(results: list[ImageResult], out: Path, fmt: str, labels_dir: Path | None) -> None:
-    """The CSV (atomic) and optionally one label TIFF per image (each atomic)."""
+def expand_items(files: Sequence[Path]) -> list[Item]:
+    """Files -> items (stacks expanded to planes); duplicate ids are a usage error."""
+    items: list[Item] = []
+    for f in files:
+        n = _n_planes(f)
+        if n is None:
+            items.append(Item(f.stem, f))
+        else:
+            width = max(3, len(str(n - 1)))
+            items.extend(Item(f"{f.stem}_{k:0{width}d}", f, k) for k in range(n))
+    seen: dict[str, Item] = {}
+    for it in items:
+        if it.image_id in seen:
+            raise ValueError(f"{it.label()}: image id {it.image_id!r} also given by {seen[it.image_id].label()}")
+        seen[it.image_id] = it
+    return items
+
+
+def load_item(item: Item):
+    """float32 HxWx3 of an item (one plane of a stack read without loading the others)."""
+    from .images import ImageError, load_image, to_rgb_float
+
+    if item.plane is None:
+        return load_image(item.path)
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(item.path) as tf:
+            series = tf.series[0]
+            if len(series.pages) == series.shape[0]:
+                raw = series.pages[item.plane].asarray()
+            else:
+                raw = series.asarray()[item.plane]
+    except Exception as exc:
+        raise ImageError(f"{item.label()}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return to_rgb_float(raw, name=item.label())
+
+
+# ---- journal + atomic CSV ----------------------------------------------------------------------
+def journal_paths(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.rank*.journal"))
+
+
+def journal_path(out: Path, rank: int) -> Path:
+    return out.parent / f".{out.name}.rank{rank}.journal"
+
+
+def _rank_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit(".rank", 1)[1].split(".")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def read_journal(path: Path) -> Iterator[dict]:
+    """Complete entries of a journal; a torn last line (kill -9 mid-write) is ignored."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                yield entry
+
+
+def _csv_rows(out: Path) -> Iterator[tuple[str, str]]:
+    """``(id, value)`` rows of an existing kaggle / starter CSV, streamed ('' = no cell)."""
+    with open(out, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        col = "predicted" if "predicted" in header else "annotation"
+        if "id" not in header or col not in header:
+            raise ValueError(f"{out}: cannot resume: not a kaggle (id,predicted) or starter "
+                             f"(idx,id,annotation) CSV (header: {','.join(header)})")
+        i, v = header.index("id"), header.index(col)
+        for n, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{out}: row {n}: {len(row)} fields, the header has {len(header)}")
+            value = row[v].strip()
+            yield row[i].strip(), "" if value == "-1" else value
+
+
+def done_ids(out: Path) -> set[str]:
+    """Ids already predicted: in the output CSV or in any rank's journal."""
+    done = {image_id for image_id, _ in _csv_rows(out)} if out.exists() else set()
+    for j in journal_paths(out):
+        done.update(e["id"] for e in read_journal(j))
+    return done
+
+
+def flush_csv(out: Path, fmt: str, keep_existing: bool) -> int:
+    """Atomically rewrite ``out`` = its rows (if ``keep_existing``) + every journal's rows not in it
+    yet; then remove the journals. Returns the number of images in the new CSV."""
+    journals = journal_paths(out)
+    seen: set[str] = set()
+    try:
+        _write_merged(out, fmt, keep_existing, journals, seen)
+    except _NothingToWrite:
+        return 0  # no row at all: leave no header-only CSV behind
+    for j in journals:
+        j.unlink(missing_ok=True)
+    return len(seen)
+
+
+class _NothingToWrite(Exception):
+    pass
+
+
+def _write_merged(out: Path, fmt: str, keep_existing: bool, journals, seen: set) -> None:
+    from .atomic import atomic_write
+
+    with atomic_write(out, "w") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["id", "predicted"] if fmt == "kaggle" else ["idx", "id", "annotation"])
+        idx = 0
+
+        def put(image_id, value):
+            nonlocal idx
+            writer.writerow([image_id, value] if fmt == "kaggle" else [idx, image_id, value or "-1"])
+            idx += 1
+
+        if keep_existing and out.exists():
+            last = None
+            for image_id, value in _csv_rows(out):
+                if image_id != last and image_id in seen:
+                    continue  # (a duplicate id can only come from a hand-edited file)
+                seen.add(image_id)
+                last = image_id
+                put(image_id, value)
+        for j in journals:
+            for e in read_journal(j):
+                if e["id"] in seen:
+                    continue  # folded in by an earlier flush that was killed before cleaning up
+                seen.add(e["id"])
+                for value in e["rles"] or [""]:
+                    put(e["id"], value)
+        if idx == 0:
+            raise _NothingToWrite
+
+
+class Journal:
+    """Append-only JSON-lines journal of finished images (one write per image)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def add(self, image_id: str, shape, rles: list[str]) -> None:
+        line = json.dumps({"id": image_id, "shape": list(shape), "rles": rles}) + "\n"
+        os.write(self.fd, line.encode("utf-8"))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def _report(message: str, bar) -> None:
+    if bar is not None and hasattr(bar, "write"):
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
+def predict_items(predictor, items: Sequence[Item], journal: Journal, box_conf: float,
+                  mask_threshold: float, min_area: int, scale: float = 1.0, batch_size: int = 1,
+                  labels_dir: Path | None = None, bar=None, on_done=None) -> list[str]:
+    """Predict ``items`` a batch at a time, journal each finished image; returns failed labels.
+
+    A file that cannot be read or predicted is reported on stderr and skipped; a batch whose
+    forward fails is retried one image at a time so only the culprit fails.
+    """
+    failed: list[str] = []
+
+    def finish(item, dets):
+        from .rle import labels_to_rles
+
+        labels = dets.to_labels(box_conf, mask_threshold, min_area)
+        if labels_dir is not None:
+            _write_label_tiff(labels_dir / f"{item.image_id}.tif", labels)
+        journal.add(item.image_id, labels.shape, labels_to_rles(labels))
+        if bar is not None:
+            bar.update(1)
+        if on_done is not None:
+            on_done()
+
+    def fail(item, exc):
+        failed.append(item.label())
+        _report(f"cellseg predict: skipped {item.label()}: {' '.join(str(exc).split()) or type(exc).__name__}", bar)
+        if bar is not None:
+            bar.update(1)
+
+    def run(batch):
+        try:
+            results = list(predictor.predict_many([a for _, a in batch], batch_size=len(batch), scale=scale))
+        except (ValueError, RuntimeError, MemoryError) as exc:
+            if len(batch) > 1:
+                for one in batch:
+                    run([one])
+                return
+            fail(batch[0][0], exc)
+            return
+        for (item, _), (_, dets) in zip(batch, results):
+            finish(item, dets)
+
+    batch: list = []
+    for item in items:
+        try:
+            batch.append((item, load_item(item)))
+        except (ValueError, OSError, MemoryError) as exc:
+            fail(item, exc)
+            continue
+        if len(batch) >= max(int(batch_size), 1):
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    return failed
+
+
+def _write_label_tiff(path: Path, labels) -> None:
     import io
 
     import numpy as np
     import tifffile
 
-    from .annotations import write_annotations
     from .atomic import atomic_write
-    from .rle import rles_to_labels
 
-    write_annotations(out, _ResultLabels(results), format=fmt)
-    if labels_dir is not None:
-        labels_dir.mkdir(parents=True, exist_ok=True)
-        for r in results:
-            labels = rles_to_labels(r.rles, r.shape)
-            if labels.max(initial=0) <= np.iinfo(np.uint16).max:
-                labels = labels.astype(np.uint16)
-            buffer = io.BytesIO()
-            tifffile.imwrite(buffer, labels, compression="zlib")
-            with atomic_write(labels_dir / f"{r.image_id}.tif", "wb") as fh:
-                fh.write(buffer.getvalue())
+    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
+        labels = labels.astype(np.uint16)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, labels, compression="zlib")
+    with atomic_write(path, "wb") as fh:
+        fh.write(buffer.getvalue())
 
 
 def run_predict(args, progress_factory=None) -> int:
-    """The ``cellseg predict`` command (args from cli.py's parser)."""
+    """The ``cellseg predict`` command (args from cli.py's parser). Returns the exit status."""
     from .images import list_images
     from .predict import Predictor
 
     rank, world = dist_info()
+    out = Path(args.out)
+    resume = bool(getattr(args, "resume", False))
     files = list_images(args.images)
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, args.images))}")
-    stems: dict[str, Path] = {}
-    for f in files:
-        if f.stem in stems:
-            raise ValueError(f"{f}: image id {f.stem!r} also given by {stems[f.stem]}")
-        stems[f.stem] = f
-    if not Path(args.out).parent.is_dir() and str(Path(args.out).parent):
-        raise ValueError(f"{args.out}: folder {Path(args.out).parent} does not exist")
+    if str(out.parent) and not out.parent.is_dir():
+        raise ValueError(f"{out}: folder {out.parent} does not exist")
+    items = expand_items(files)
+    mine = [it for _, it in shard(items, rank, world)]
+    if resume:
+        done = done_ids(out)
+        mine = [it for it in mine if it.image_id not in done]
+    else:
+        done = set()  # a fresh run: forget journals of an earlier crashed run (each rank its own)
+        stale = [journal_path(out, rank)] + ([j for j in journal_paths(out) if _rank_of(j) >= world]
+                                              if rank == 0 else [])
+        for j in stale:
+            j.unlink(missing_ok=True)
     if world > 1:
         import torch
         import torch.distributed as dist
@@ -157,28 +365,55 @@ def run_predict(args, progress_factory=None) -> int:
     if args.checkpoint is None and rank == 0:
         print("cellseg predict: no --checkpoint given, using the bundled demo model", file=sys.stderr)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=device, precision=args.precision)
+    if getattr(args, "tile_size", None) is not None:
+        predictor.tile_size = int(args.tile_size)
+    if getattr(args, "tile_overlap", None) is not None:
+        predictor.tile_overlap = int(args.tile_overlap)
+    if predictor.tile_size and not 0 <= predictor.tile_overlap < predictor.tile_size:
+        raise ValueError(f"--tile-overlap must be >= 0 and < --tile-size ({predictor.tile_size})")
     th = predictor.thresholds
     box_conf = th["box_conf"] if args.box_conf is None else args.box_conf
     mask_threshold = th["mask_threshold"] if args.mask_threshold is None else args.mask_threshold
     min_area = th.get("min_area", 0) if args.min_area is None else args.min_area
-    local, error = [], None
-    bar = progress_factory(total=len(shard(files, rank, world)), desc=f"predict (rank {rank})"
-                           if world > 1 else "predict") if progress_factory else None
+    if args.labels_dir is not None:
+        args.labels_dir.mkdir(parents=True, exist_ok=True)
+    if resume and rank == 0 and done:
+        print(f"cellseg predict: resuming, {len(done)} images already done", file=sys.stderr)
+    journal = Journal(journal_path(out, rank))
+    flushed = [resume]  # after the first flush the CSV holds this run's rows: keep them
+    count = [0]
+
+    def periodic_flush():
+        count[0] += 1
+        if world == 1 and count[0] % FLUSH_EVERY == 0:
+            journal.close()
+            flush_csv(out, args.format, keep_existing=flushed[0])
+            flushed[0] = True
+            journal.__init__(journal.path)
+
+    bar = progress_factory(total=len(mine), desc=f"predict (rank {rank})" if world > 1 else "predict") \
+        if progress_factory else None
     try:
-        local = predict_shard(predictor, files, rank, world, box_conf, mask_threshold, int(min_area),
-                              scale=args.scale, batch_size=args.batch_size,
-                              progress=bar.update if bar is not None else None)
-    except (ValueError, OSError) as exc:
-        if world == 1:
-            raise
-        error = str(exc)
+        failed = predict_items(predictor, mine, journal, box_conf, mask_threshold, int(min_area),
+                               scale=args.scale, batch_size=args.batch_size,
+                               labels_dir=args.labels_dir, bar=bar, on_done=periodic_flush)
     finally:
+        journal.close()
         if bar is not None:
             bar.close()
-    results = gather_results(local, error, rank, world, len(files))
-    if rank == 0:
-        write_outputs(results, Path(args.out), args.format, args.labels_dir)
-        cells = sum(len(r.rles) for r in results)
-        print(f"wrote {len(results)} images, {cells} cells to {args.out} ({args.format} format)"
-              f"{f'; label images in {args.labels_dir}' if args.labels_dir else ''}")
+    if world > 1:
+        import torch.distributed as dist
+
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(failed, parts, dst=0)  # also the barrier before rank 0 reads journals
+        if rank != 0:
+            return 1 if failed else 0
+        failed = [f for p in parts for f in p]
+    n_images = flush_csv(out, args.format, keep_existing=flushed[0])
+    print(f"wrote {n_images} images to {out} ({args.format} format)"
+          f"{f'; label images in {args.labels_dir}' if args.labels_dir else ''}")
+    if failed:
+        print(f"cellseg predict: {len(failed)} of {len(items)} images failed (skipped; rerun with "
+              f"--resume to retry only them)", file=sys.stderr)
+        return 1
     return 0

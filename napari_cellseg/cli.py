@@ -292,8 +292,10 @@ def _add_predict(subparsers) -> None:
         "predict", help="segment images with a checkpoint -> submission CSV",
         description="Run the Mask R-CNN once per image and write one CSV row per cell (id = "
                     "file stem; an image with no cell still gets its row). Thresholds default to "
-                    "the checkpoint's. Under torchrun each rank takes files[rank::world] and "
-                    "rank 0 writes the merged CSV.")
+                    "the checkpoint's. A multi-page TIFF gives one id per plane, <stem>_<plane> "
+                    "(zero-padded, 3 digits). Rows stream to the CSV (atomic rewrites); a bad "
+                    "image is reported and skipped: exit 1 if any failed, 2 on usage errors. "
+                    "Under torchrun each rank takes files[rank::world] and rank 0 writes the CSV.")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
     p.add_argument("--out", required=True, type=Path, help="CSV file to write (atomically)")
     p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
@@ -309,6 +311,13 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--format", choices=("kaggle", "starter"), default="kaggle",
                    help="kaggle: id,predicted; starter: idx,id,annotation (default: %(default)s)")
     p.add_argument("--labels-dir", type=Path, help="also write one label TIFF per image here")
+    p.add_argument("--resume", action="store_true",
+                   help="skip image ids already in --out (or in its journal after a crash)")
+    p.add_argument("--tile-size", type=int, metavar="PX",
+                   help="predict images larger than PX network pixels in overlapping tiles "
+                        "(default 1024; 0 = never tile; smaller = less memory)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX",
+                   help="tile overlap in network pixels, >= the largest cell (default 128)")
     p.set_defaults(func=_cmd_predict)
 
 

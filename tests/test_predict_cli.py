@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_cellseg.batch import ImageResult, gather_results, merge_shards, shard  # noqa: E402
+from napari_cellseg.batch import merge_shards, shard  # noqa: E402
 from napari_cellseg.cli import main  # noqa: E402
 
 TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
@@ -75,7 +75,7 @@ def test_image_without_cells_gets_its_row_starter(workdir, tmp_path, capsys):
     assert ann.rles("a_img") == [] and "-1" in out.read_text()
 
 
-@pytest.mark.parametrize("case", ["missing_ckpt", "truncated_ckpt", "bad_image", "empty_dir", "no_ckpt"])
+@pytest.mark.parametrize("case", ["missing_ckpt", "truncated_ckpt", "empty_dir", "no_ckpt"])
 def test_bad_input_exit_2_nothing_written(workdir, tmp_path, capsys, case):
     images = tmp_path / "imgs"
     images.mkdir()
@@ -87,8 +87,6 @@ def test_bad_input_exit_2_nothing_written(workdir, tmp_path, capsys, case):
     elif case == "truncated_ckpt":
         ckpt = tmp_path / "cut.bin"
         ckpt.write_bytes((workdir / "tiny.bin").read_bytes()[:5000])
-    elif case == "bad_image":
-        (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out, labels = tmp_path / "sub.csv", tmp_path / "labels"
     args = ([] if case == "no_ckpt" else ["--checkpoint", ckpt]) + [images, "--out", out,
                                                                      "--labels-dir", labels, "--device", "cpu"]
@@ -99,7 +97,7 @@ def test_bad_input_exit_2_nothing_written(workdir, tmp_path, capsys, case):
     assert rc == 2
     err = cap.err.strip().splitlines()
     assert err[-1].startswith("cellseg predict: error: ") and "Traceback" not in cap.err
-    expected = {"missing_ckpt": "nope.bin", "truncated_ckpt": "cut.bin", "bad_image": "zz_broken.png",
+    expected = {"missing_ckpt": "nope.bin", "truncated_ckpt": "cut.bin",
                 "empty_dir": "no images", "no_ckpt": "bundled demo model"}[case]
     assert expected in err[-1]
     if case == "no_ckpt":
@@ -118,38 +116,60 @@ def test_shard_and_merge_restore_input_order():
         merge_shards(parts[:2], len(items))
 
 
-def _dist_worker(rank, world, port, out_dir):
+def test_bad_image_is_reported_and_skipped_exit_1(workdir, tmp_path, capsys):
+    from napari_cellseg.annotations import read_annotations
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("a_img", "c_img"):
+        (images / f"{name}.png").write_bytes((workdir / "images" / f"{name}.png").read_bytes())
+    (images / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "sub.csv"
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", images, "--out", out, "--device", "cpu",
+                    "--batch-size", "2"], capsys)
+    assert rc == 1
+    assert "b_broken.png" in cap.err and "1 of 3 images failed" in cap.err
+    ann = read_annotations(out)
+    assert set(ann.ids) == {"a_img", "c_img"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sub.csv")]  # no journal left
+
+
+def _dist_worker(rank, world, port, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        files = [f"img{i}" for i in range(5)]
-        local = [(i, ImageResult(f, (4, 4), [f"{i + 1} {rank + 1}"])) for i, f in shard(files, rank, world)]
-        merged = gather_results(local, None, rank, world, len(files))
-        if rank == 0:
-            Path(out_dir, "merged.txt").write_text("\n".join(f"{r.image_id}|{r.rles[0]}" for r in merged))
-        error = "img3.png: cannot read" if rank == 1 else None
-        try:
-            gather_results(local, error, rank, world, len(files))
-        except ValueError as exc:
-            Path(out_dir, f"error{rank}.txt").write_text(str(exc))
+        rc = main(["predict", *args])
+        Path(args[args.index("--out") + 1] + f".rc{rank}").write_text(str(rc))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_gather_on_two_gloo_ranks(tmp_path):
+def test_predict_on_two_gloo_ranks(workdir, tmp_path):
+    """torchrun-style run: each rank predicts its share into its journal, rank 0 writes the CSV."""
     import socket
 
     import torch.multiprocessing as mp
 
+    from napari_cellseg.annotations import read_annotations
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    lines = (tmp_path / "merged.txt").read_text().splitlines()
-    # input order restored; even items came from rank 0, odd ones from rank 1
-    assert lines == [f"img{i}|{i + 1} {i % 2 + 1}" for i in range(5)]
-    assert (tmp_path / "error0.txt").read_text() == "img3.png: cannot read"  # raised on rank 0
-    assert not (tmp_path / "error1.txt").exists()
+    out = tmp_path / "sub.csv"
+    args = ["--checkpoint", str(workdir / "tiny.bin"), str(workdir / "images"), "--out", str(out),
+            "--device", "cpu"]
+    mp.spawn(_dist_worker, args=(2, port, args), nprocs=2, join=True)
+    assert Path(f"{out}.rc0").read_text() == "0" and Path(f"{out}.rc1").read_text() == "0"
+    ann = read_annotations(out)
+    assert set(ann.ids) == {"a_img", "b_img", "c_img"}
+    assert not list(tmp_path.glob(".sub.csv.*"))
+    # the same images in one process give the same cells
+    single = tmp_path / "single.csv"
+    assert main(["predict", *args[:3], "--out", str(single), "--device", "cpu"]) == 0
+    ref = read_annotations(single)
+    for image_id in ref.ids:
+        assert sorted(ann.rles(image_id)) == sorted(ref.rles(image_id))
