@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from .atomic import atomic_write
-from .rle import RleError, labels_to_rles, parse_rles, rles_to_labels
+from .rle import MAX_PIXELS, RleError, check_size, labels_to_rles, parse_rles, rles_to_labels
 
 __all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS"]
 
@@ -32,6 +32,7 @@ _COLUMNS = {
     "train": ["id", "annotation", "width", "height"],
 }
 _EMPTY = {"kaggle": "", "starter": "-1", "train": ""}
+MAX_CSV_BYTES = 2**31  # 2 GiB: refused before reading (the Kaggle train.csv is ~0.1 GiB)
 
 
 class CsvError(ValueError):
@@ -55,6 +56,13 @@ def _detect_format(path: Path, header: list[str]) -> str:
 
 
 def _read_rows(path: Path) -> list[list[str]]:
+    try:
+        n_bytes = path.stat().st_size
+    except OSError as exc:
+        raise CsvError(f"{path}: cannot read ({exc.strerror})") from None
+    if n_bytes > MAX_CSV_BYTES:
+        raise CsvError(f"{path}: file of {n_bytes:,} bytes is over the limit of {MAX_CSV_BYTES:,} "
+                       f"bytes for an annotation CSV (split it)")
     data = path.read_bytes()
     if not data.strip():
         raise CsvError(f"{path}: empty file (expected a CSV header row)")
@@ -139,6 +147,11 @@ class Annotations:
                     f"not {shape[1]}x{shape[0]}"
                 )
         shape = shape or known
+        if shape is not None:
+            try:
+                check_size(*shape)
+            except ValueError as exc:
+                raise CsvError(f"{self.path}: image {image_id!r}: {exc}") from None
         if shape is None:
             raise CsvError(
                 f"{self.path}: row {self._rows[self._index[image_id][0]]}: unknown width/height "
@@ -185,6 +198,9 @@ def read_annotations(path) -> Annotations:
         widths, heights = [], []
         for image_id, w, h, n in zip(table["id"], table["width"], table["height"], row_numbers):
             w, h = _positive_int(path, n, "width", w), _positive_int(path, n, "height", h)
+            if w * h > MAX_PIXELS:
+                raise CsvError(f"{path}: row {n}: image size {w}x{h} (width x height) is over the "
+                               f"limit of {MAX_PIXELS:,} (2^28) pixels")
             first = seen.setdefault(image_id, (w, h, n))
             if first[:2] != (w, h):
                 raise CsvError(

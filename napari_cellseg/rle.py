@@ -30,6 +30,20 @@ _ONLY_DIGITS_AND_SPACE = re.compile(r"[0-9\s]*", re.ASCII)
 _BAD_TOKEN = re.compile(r"\S*[^0-9\s]\S*", re.ASCII)
 _HUGE_TOKEN = re.compile(r"[0-9]{19,}", re.ASCII)
 _TOO_LARGE = 2**62
+MAX_PIXELS = 2**28  # largest image (H*W) decoded: an int32 label image of 1 GiB (16384 x 16384)
+_PAINT_CHUNK = 2**24  # painted pixels per step: bounds memory when masks overlap heavily
+
+
+def check_size(h: int, w: int) -> None:
+    """Refuse absurd image sizes before anything of that size is allocated."""
+    if int(h) * int(w) > MAX_PIXELS:
+        raise ValueError(f"image size {w}x{h} (width x height) = {int(h) * int(w):,} pixels is over "
+                         f"the limit of {MAX_PIXELS:,} (2^28) pixels")
+
+
+def _max_chars(size: int) -> int:
+    """Longest string an RLE of an image of ``size`` pixels can need (<= size/2+1 runs)."""
+    return (size // 2 + 1) * 2 * (len(str(size)) + 1) + 64
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -39,6 +53,7 @@ def _check_shape(shape) -> tuple[int, int]:
         raise ValueError(f"shape must be (height, width), got {shape!r}") from None
     if h <= 0 or w <= 0:
         raise ValueError(f"image size must be positive, got height {h}, width {w}")
+    check_size(h, w)
     return h, w
 
 
@@ -117,6 +132,12 @@ def parse_rles(rles: Sequence[str], size=None) -> tuple[np.ndarray, np.ndarray, 
     :class:`RleError` with ``.index`` = the first bad string.
     """
     rles = list(rles)
+    if size is not None and rles:  # refuse strings no image of this size could need, unparsed
+        limits = np.broadcast_to(np.asarray(size, dtype=np.int64), (len(rles),))
+        for i, rle in enumerate(rles):
+            if isinstance(rle, str) and len(rle) > _max_chars(int(limits[i])):
+                raise RleError(f"RLE of {len(rle):,} characters is longer than any mask of a "
+                               f"{int(limits[i]):,}-pixel image can be", i)
     for i, rle in enumerate(rles):
         if not isinstance(rle, str) or not _ONLY_DIGITS_AND_SPACE.fullmatch(rle):
             _raise_for(rles, i, size)
@@ -156,21 +177,34 @@ def _raise_for(rles, i: int, size) -> None:
 
 
 def _paint(starts: np.ndarray, lengths: np.ndarray, n_runs: np.ndarray, shape) -> np.ndarray:
-    """Paint validated runs as ids 1..N (N = len(n_runs)); earlier ids keep overlapping pixels."""
+    """Paint validated runs as ids 1..N (N = len(n_runs)); earlier ids keep overlapping pixels.
+
+    Runs are painted in groups of about ``_PAINT_CHUNK`` pixels, so the temporary index arrays
+    stay bounded however often the masks cover the image.
+    """
     h, w = shape
     out = np.zeros(h * w, dtype=np.int32)
-    total = int(lengths.sum()) if len(lengths) else 0
-    if total == 0:
+    if len(lengths) == 0 or int(lengths.sum()) == 0:
         return out.reshape(h, w)
     ids = np.repeat(np.arange(1, len(n_runs) + 1, dtype=np.int32), n_runs)
-    offsets = np.cumsum(lengths) - lengths
-    # pixel index of every painted pixel: run start + offset inside the run
-    pixels = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, lengths)
-    values = np.repeat(ids, lengths)
-    out[pixels] = values
-    if np.count_nonzero(out) != total:  # masks overlap: make the earliest id win, explicitly
-        out[pixels] = np.iinfo(np.int32).max
-        np.minimum.at(out, pixels, values)
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(1, int(lengths.sum()) // _PAINT_CHUNK + 1)
+                             * _PAINT_CHUNK)
+    edges = np.unique(np.concatenate(([0], bounds + 1, [len(lengths)])).clip(0, len(lengths)))
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        st, ln, vid = starts[a:b], lengths[a:b], ids[a:b]
+        total = int(ln.sum())
+        offsets = np.cumsum(ln) - ln
+        # pixel index of every painted pixel: run start + offset inside the run
+        pixels = np.arange(total, dtype=np.int64) + np.repeat(st - offsets, ln)
+        values = np.repeat(vid, ln)
+        if a > 0:
+            free = out[pixels] == 0  # pixels of earlier groups keep their (earlier) id
+            pixels, values = pixels[free], values[free]
+        before = np.count_nonzero(out)
+        out[pixels] = values
+        if np.count_nonzero(out) - before != len(pixels):
+            out[pixels] = np.iinfo(np.int32).max  # overlap inside the group: earliest id wins
+            np.minimum.at(out, pixels, values)
     return out.reshape(h, w)
 
 
