@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-FLUSH_EVERY = 50  # images between two atomic rewrites of the CSV (single process)
+FLUSH_EVERY = int(os.environ.get("CELLSEG_FLUSH_EVERY", 50))  # images between atomic CSV rewrites
 _VALUE = {"kaggle": "predicted", "starter": "annotation"}
 _EMPTY = {"kaggle": "", "starter": "-1"}
 
@@ -234,7 +234,10 @@ class Journal:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size and os.pread(self.fd, 1, size - 1) != b"\n":
+            os.write(self.fd, b"\n")  # end a line torn by a crash: it is skipped when read
 
     def add(self, image_id: str, shape, rles: list[str]) -> None:
         line = json.dumps({"id": image_id, "shape": list(shape), "rles": rles}) + "\n"
