@@ -282,7 +282,10 @@ def predict_items(predictor, items: Sequence[Item], journal: Journal, box_conf: 
 
     def fail(item, exc):
         failed.append(item.label())
-        _report(f"cellseg predict: skipped {item.label()}: {' '.join(str(exc).split()) or type(exc).__name__}", bar)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not message.startswith(str(item.path)):
+            message = f"{item.label()}: {message}"
+        _report(f"cellseg predict: skipped: {message}", bar)
         if bar is not None:
             bar.update(1)
 
