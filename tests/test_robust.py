@@ -118,7 +118,7 @@ def test_malicious_checkpoint_refused_by_the_cli(tmp_path, monkeypatch, capsys):
     rc = main(["predict", str(tmp_path / "imgs"), "--out", str(out), "--checkpoint", str(evil),
                "--device", "cpu"])
     err = capsys.readouterr().err
-    assert rc == 2 and "refused" in err and "posix.system" in err or "os.system" in err
+    assert rc == 2 and "evil ckpt.bin: refused" in err and ("posix.system" in err or "os.system" in err)
     assert not marker.exists() and not out.exists()
 
 

@@ -1,0 +1,146 @@
+"""Crash-safe streaming output of ``cellseg predict``: per-rank journals + atomic CSV rewrites.
+
+Each finished image is one JSON line ``{"id", "shape", "rles"}`` appended (one ``write``) to
+``.<out name>.rank<R>.journal`` beside the CSV. :func:`flush_csv` rewrites the CSV atomically as
+its rows + every journal's rows not in it yet, then removes the journals; a kill between the two
+steps only leaves rows that the next flush skips (dedup by id). A torn last journal line (kill -9
+mid-write) is ignored. Hidden names (leading dot) keep journals and temp files out of image and
+CSV listings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["Journal", "journal_path", "journal_paths", "read_journal", "done_ids", "flush_csv"]
+
+
+def journal_paths(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.rank*.journal"))
+
+
+def journal_path(out: Path, rank: int) -> Path:
+    return out.parent / f".{out.name}.rank{rank}.journal"
+
+
+def _rank_of(path: Path) -> int:
+    try:
+        return int(path.name.rsplit(".rank", 1)[1].split(".")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def read_journal(path: Path) -> Iterator[dict]:
+    """Complete entries of a journal; a torn last line (kill -9 mid-write) is ignored."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                yield entry
+
+
+def _csv_rows(out: Path) -> Iterator[tuple[str, str]]:
+    """``(id, value)`` rows of an existing kaggle / starter CSV, streamed ('' = no cell)."""
+    with open(out, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        col = "predicted" if "predicted" in header else "annotation"
+        if "id" not in header or col not in header:
+            raise ValueError(f"{out}: cannot resume: not a kaggle (id,predicted) or starter "
+                             f"(idx,id,annotation) CSV (header: {','.join(header)})")
+        i, v = header.index("id"), header.index(col)
+        for n, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{out}: row {n}: {len(row)} fields, the header has {len(header)}")
+            value = row[v].strip()
+            yield row[i].strip(), "" if value == "-1" else value
+
+
+def done_ids(out: Path) -> set[str]:
+    """Ids already predicted: in the output CSV or in any rank's journal."""
+    done = {image_id for image_id, _ in _csv_rows(out)} if out.exists() else set()
+    for j in journal_paths(out):
+        done.update(e["id"] for e in read_journal(j))
+    return done
+
+
+def flush_csv(out: Path, fmt: str, keep_existing: bool) -> int:
+    """Atomically rewrite ``out`` = its rows (if ``keep_existing``) + every journal's rows not in it
+    yet; then remove the journals. Returns the number of images in the new CSV."""
+    journals = journal_paths(out)
+    seen: set[str] = set()
+    try:
+        _write_merged(out, fmt, keep_existing, journals, seen)
+    except _NothingToWrite:
+        return 0  # no row at all: leave no header-only CSV behind
+    for j in journals:
+        j.unlink(missing_ok=True)
+    return len(seen)
+
+
+class _NothingToWrite(Exception):
+    pass
+
+
+def _write_merged(out: Path, fmt: str, keep_existing: bool, journals, seen: set) -> None:
+    from .atomic import atomic_write
+
+    with atomic_write(out, "w") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["id", "predicted"] if fmt == "kaggle" else ["idx", "id", "annotation"])
+        idx = 0
+
+        def put(image_id, value):
+            nonlocal idx
+            writer.writerow([image_id, value] if fmt == "kaggle" else [idx, image_id, value or "-1"])
+            idx += 1
+
+        if keep_existing and out.exists():
+            last = None
+            for image_id, value in _csv_rows(out):
+                if image_id != last and image_id in seen:
+                    continue  # (a duplicate id can only come from a hand-edited file)
+                seen.add(image_id)
+                last = image_id
+                put(image_id, value)
+        for j in journals:
+            for e in read_journal(j):
+                if e["id"] in seen:
+                    continue  # folded in by an earlier flush that was killed before cleaning up
+                seen.add(e["id"])
+                for value in e["rles"] or [""]:
+                    put(e["id"], value)
+        if idx == 0:
+            raise _NothingToWrite
+
+
+class Journal:
+    """Append-only JSON-lines journal of finished images (one write per image)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size and os.pread(self.fd, 1, size - 1) != b"\n":
+            os.write(self.fd, b"\n")  # end a line torn by a crash: it is skipped when read
+
+    def add(self, image_id: str, shape, rles: list[str]) -> None:
+        line = json.dumps({"id": image_id, "shape": list(shape), "rles": rles}) + "\n"
+        os.write(self.fd, line.encode("utf-8"))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
