@@ -263,6 +263,8 @@ def run_predict(args, progress_factory=None) -> int:
         predictor.tile_size = int(args.tile_size)
     if getattr(args, "tile_overlap", None) is not None:
         predictor.tile_overlap = int(args.tile_overlap)
+    if predictor.tile_size < 0:
+        raise ValueError(f"--tile-size must be >= 0 (0 = never tile), got {predictor.tile_size}")
     if predictor.tile_size and not 0 <= predictor.tile_overlap < predictor.tile_size:
         raise ValueError(f"--tile-overlap must be >= 0 and < --tile-size ({predictor.tile_size})")
     th = predictor.thresholds
