@@ -6,12 +6,13 @@ it without a window. No numerics live in the Qt callbacks; they live here.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .images import plane_id, plane_id_bases
 
 META_KEY = "napari_cellseg"  # key in Labels.metadata marking a result layer
 CSV_FORMATS = {
@@ -19,7 +20,6 @@ CSV_FORMATS = {
     "starter": "Starter notebook (idx, id, annotation)",
     "train": "Training CSV (id, annotation, width, height)",
 }
-_PLANE_SUFFIX = re.compile(r"^(?P<base>.+)_z(?P<z>\d+)$")
 
 
 class InputError(ValueError):
@@ -28,7 +28,12 @@ class InputError(ValueError):
 
 @dataclass
 class Result:
-    """What a result layer remembers (stored in ``layer.metadata[META_KEY]``)."""
+    """What a result layer remembers (stored in ``layer.metadata[META_KEY]``).
+
+    ``plane``/``detections``: the plane segmented last (``()`` for a 2D image) and its network
+    output; ``planes``: every segmented plane of a stack -> its Detections (the sliders redraw all
+    of them, so the whole stack follows one pair of thresholds).
+    """
 
     image_id: str
     image_layer: str
@@ -37,6 +42,13 @@ class Result:
     thresholds: dict = field(default_factory=dict)
     checkpoint: str = ""
     edited: bool = False
+    planes: dict = field(default_factory=dict)
+
+    def segmented(self) -> dict:
+        """``{plane prefix: Detections}`` of every plane that has model output."""
+        if self.planes:
+            return self.planes
+        return {self.plane: self.detections} if self.detections is not None else {}
 
 
 def result_of(layer) -> Result | None:
@@ -57,6 +69,16 @@ def spatial_shape(layer) -> tuple[int, ...]:
     """Shape without the RGB channel axis."""
     shape = tuple(int(s) for s in layer.data.shape)
     return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def stack_planes(layer) -> dict[tuple[int, ...], Any]:
+    """Every 2D plane of a layer, ``{prefix: lazy plane}`` in order (``{(): data}`` for 2D)."""
+    shape = spatial_shape(layer)
+    if getattr(layer, "multiscale", False):
+        raise InputError(f"layer {layer.name!r} is multiscale; open a single-resolution image")
+    if len(shape) < 2:
+        raise InputError(f"layer {layer.name!r} has {len(shape)} dimension(s); need a 2D image")
+    return {prefix: layer.data[prefix] for prefix in np.ndindex(*shape[:-2])}
 
 
 def image_plane(layer, current_step=None, ndisplay: int = 2) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -89,10 +111,6 @@ def result_layer_name(image_layer_name: str) -> str:
     return f"{image_layer_name} cells"
 
 
-def plane_id(image_id: str, prefix: tuple[int, ...]) -> str:
-    return image_id + "".join(f"_z{p}" for p in prefix)
-
-
 def labels_items(layer) -> dict[str, np.ndarray]:
     """``{image id: 2D labels}`` for one Labels layer (each labelled plane of a stack)."""
     r = result_of(layer)
@@ -107,7 +125,7 @@ def labels_items(layer) -> dict[str, np.ndarray]:
     for prefix in np.ndindex(*data.shape[:-2]):
         plane = data[prefix]
         if plane.any():
-            items[plane_id(base, prefix)] = plane
+            items[plane_id(base, prefix, data.shape[:-2])] = plane
     return items
 
 
@@ -143,8 +161,8 @@ def export_csv(path, items: dict[str, np.ndarray], fmt: str = "kaggle") -> int:
 
 
 def shape_from_layers(image_id: str, layers) -> tuple[int, int] | None:
-    """(H, W) of an open image whose id is ``image_id`` (or ``ID_zN`` for a stack plane)."""
-    m = _PLANE_SUFFIX.match(image_id)
+    """(H, W) of an open image whose id is ``image_id`` (or ``ID_007`` for a stack plane)."""
+    bases = plane_id_bases(image_id)
     for lyr in layers or ():
         if type(lyr).__name__ not in ("Image", "Labels") or result_of(lyr) is not None:
             continue
@@ -152,7 +170,7 @@ def shape_from_layers(image_id: str, layers) -> tuple[int, int] | None:
         shape = spatial_shape(lyr)
         if image_id in ids and len(shape) >= 2:
             return shape[-2:]
-        if m and m.group("base") in ids and len(shape) > 2:
+        if len(shape) > 2 and ids.intersection(bases):
             return shape[-2:]
     return None
 

@@ -308,7 +308,7 @@ class ReviewWidget(QWidget):
         if r is None or r.detections is None or gt is None:
             raise InputError("the sweep needs a prediction made by 'Segment cells' (it keeps the "
                              "network output) and a ground-truth layer")
-        pairs = [(r.detections, np.asarray(gt.data[r.plane] if r.plane else gt.data), pred)]
+        pairs = [(d, np.asarray(gt.data[p] if p else gt.data), pred) for p, d in r.segmented().items()]
         if self.scope_combo.currentIndex() == 1:
             gts = [g for g in self._labels_layers() if result_of(g) is None]
             for lyr in self._labels_layers():
@@ -318,7 +318,7 @@ class ReviewWidget(QWidget):
                 match = [g for g in gts if rr.image_id in (g.metadata.get("image_id"), g.name)]
                 if match:
                     g = match[0].data
-                    pairs.append((rr.detections, np.asarray(g[rr.plane] if rr.plane else g), lyr))
+                    pairs += [(d, np.asarray(g[p] if p else g), lyr) for p, d in rr.segmented().items()]
         return pairs
 
     def run_sweep(self):
@@ -415,11 +415,12 @@ class ReviewWidget(QWidget):
             seg.box_slider.setValue(b)
             seg.mask_slider.setValue(m)  # each setValue redraws the labels
         else:  # no Segment widget docked: redraw the layer the same way it does
-            labels = r.detections.to_labels(b, m, int(r.thresholds.get("min_area", 0)))
-            if r.plane:
-                lyr.data[r.plane] = labels
-                lyr.refresh()
-            else:
-                lyr.data = labels
+            for p, d in r.segmented().items():
+                labels = d.to_labels(b, m, int(r.thresholds.get("min_area", 0)))
+                if p:
+                    lyr.data[p] = labels
+                else:
+                    lyr.data = labels
+            lyr.refresh()
             r.thresholds = {**r.thresholds, "box_conf": b, "mask_threshold": m}
         self.schedule()

@@ -35,8 +35,16 @@ def save_settings(update: dict) -> None:
         pass
 
 
-def segment_job(checkpoint, device, image, scale, cache):
-    """Worker body: load (or reuse) the predictor, run it once, return (Detections, thresholds)."""
+def segment_job(checkpoint, device, planes: dict, scale, cache):
+    """Worker body: load (or reuse) the predictor, run it once per plane, return
+    ``({plane prefix: Detections}, thresholds)``.
+
+    ``planes`` maps a plane prefix (``()`` for a 2D image) to its 2D array; a plane is read only
+    when its turn comes, so a lazy (dask/zarr) stack is never loaded whole. Progress events carry
+    the overall fraction and "plane i/n"; the worker can be cancelled between any two events.
+    """
+    import numpy as np
+
     from .predict import Predictor
 
     path = Path(checkpoint)
@@ -47,5 +55,16 @@ def segment_job(checkpoint, device, image, scale, cache):
         predictor = Predictor.from_checkpoint(path, device=device)
         cache.clear()  # one model in memory at a time
         cache[key] = predictor
-    dets = yield from predictor.iter_predict(image, scale=scale)
-    return dets, dict(predictor.thresholds)
+    out, n = {}, len(planes)
+    for i, (prefix, array) in enumerate(planes.items()):
+        where = f"plane {i + 1}/{n}: " if n > 1 else ""
+        gen = predictor.iter_predict(np.asarray(array), scale=scale)
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                out[prefix] = stop.value
+                break
+            frac = (i + float(event.get("fraction", 0.0))) / n
+            yield {**event, "stage": where + str(event.get("stage", "")), "fraction": frac}
+    return out, dict(predictor.thresholds)

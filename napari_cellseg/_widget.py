@@ -14,18 +14,20 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
                             QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
                             QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
 from . import _edit
 from ._layers import (InputError, Result, export_csv, export_items, image_id_for_layer,
-                      image_plane, result_layer_name, result_of, spatial_shape)
+                      image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
 from ._panels import build_edit_box, build_export_box
 from ._settings import load_settings, save_settings, segment_job
 
 MAX_RECENT = 5
+ALL_PLANES_TIP = ("Segment all planes of a 3D/T stack in one run (progress per plane; Cancel keeps "
+                  "nothing). Unticked: only the plane shown in the viewer")
 
 
 class SegmentWidget(QWidget):
@@ -56,7 +58,7 @@ class SegmentWidget(QWidget):
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("2D grey or RGB image layer. For a stack, the plane shown in the "
-                                    "viewer is segmented.")
+                                    "viewer is segmented (or every plane: see Planes).")
         self.image_combo.currentIndexChanged.connect(self._update_tune_panel)
         form.addRow("Image", self.image_combo)
         self.model_combo = QComboBox()
@@ -80,6 +82,9 @@ class SegmentWidget(QWidget):
         self.scale_spin.setToolTip("Resize the image by this factor before the network: > 1 when "
                                    "cells look smaller than in the training images, < 1 when larger")
         form.addRow("Object scale", self.scale_spin)
+        self.all_planes = QCheckBox("every plane of the stack")
+        self.all_planes.setToolTip(ALL_PLANES_TIP)
+        form.addRow("Planes", self.all_planes)
         root.addLayout(form)
 
         run_row = QHBoxLayout()
@@ -237,7 +242,13 @@ class SegmentWidget(QWidget):
             return
         try:
             layer = self._image_layer()
-            image, plane = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+            if self.all_planes.isChecked() and len(spatial_shape(layer)) > 2:
+                planes = stack_planes(layer)
+                what = f" ({len(planes)} planes)"
+            else:
+                image, plane = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+                planes = {plane: image}
+                what = f" plane {plane}" if plane else ""
             checkpoint = self._checkpoint()
             existing = self._result_layer()
             if existing is not None and result_of(existing).edited:
@@ -248,11 +259,11 @@ class SegmentWidget(QWidget):
             return
         save_settings({"last_checkpoint": checkpoint})
         self._preload_torch()
-        worker = create_worker(segment_job, checkpoint, self.device_combo.currentText(), image,
+        worker = create_worker(segment_job, checkpoint, self.device_combo.currentText(), planes,
                                float(self.scale_spin.value()), self._predictors,
                                _ignore_errors=True)  # errors are shown by _on_failed
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(functools.partial(self._on_done, layer, plane, checkpoint))
+        worker.returned.connect(functools.partial(self._on_done, layer, checkpoint))
         worker.errored.connect(self._on_failed)
         worker.aborted.connect(lambda: self._info("Cancelled: nothing changed.", notify=True))
         worker.finished.connect(self._on_finished)
@@ -261,7 +272,7 @@ class SegmentWidget(QWidget):
         self.cancel_btn.setEnabled(True)
         self.progress.setValue(0)
         self.progress.setVisible(True)
-        self._info(f"Segmenting {layer.name}{f' plane {plane}' if plane else ''}…")
+        self._info(f"Segmenting {layer.name}{what}…")
         worker.start()
 
     def _preload_torch(self):
@@ -297,8 +308,8 @@ class SegmentWidget(QWidget):
         self.segment_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
 
-    def _on_done(self, image_layer, plane, checkpoint, value):
-        dets, thresholds = value
+    def _on_done(self, image_layer, checkpoint, value):
+        new, thresholds = value
         self.progress.setValue(100)
         name = result_layer_name(image_layer.name)
         shape = spatial_shape(image_layer)
@@ -308,9 +319,21 @@ class SegmentWidget(QWidget):
                 self.viewer.layers.remove(lyr)
             lyr = self.viewer.add_labels(np.zeros(shape, np.int32), name=name, scale=image_layer.scale,
                                          translate=image_layer.translate)
+        old = result_of(lyr)
+        if old is not None and old.checkpoint == str(checkpoint):
+            planes = {**old.segmented(), **new}  # other planes of the stack keep their output
+        else:  # first run, or another model: start clean
+            planes = dict(new)
+            lyr.data[...] = 0
+        try:
+            current = image_plane(image_layer, self.viewer.dims.current_step, 2)[1]
+        except InputError:
+            current = None
+        plane = current if current in planes else list(new)[-1]
         lyr.metadata["napari_cellseg"] = Result(
             image_id=image_id_for_layer(image_layer), image_layer=image_layer.name, plane=plane,
-            detections=dets, thresholds=dict(thresholds), checkpoint=str(checkpoint))
+            detections=planes[plane], thresholds=dict(thresholds), checkpoint=str(checkpoint),
+            planes=planes)
         if id(lyr) not in self._bound:
             self._bound.add(id(lyr))
             lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
@@ -324,8 +347,10 @@ class SegmentWidget(QWidget):
         self._update_tune_panel()
         n = self.redraw()
         self.viewer.layers.selection.active = lyr
-        tip = " — lower Box confidence to see more" if n == 0 and len(dets) else ""
-        self._info(f"{n} cells in {image_layer.name} ({len(dets)} candidates kept for the "
+        kept = sum(len(d) for d in new.values())
+        tip = " — lower Box confidence to see more" if n == 0 and kept else ""
+        where = f" ({len(new)} planes)" if len(new) > 1 else ""
+        self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
                    f"sliders){tip}.", notify=True)
 
     # ------------------------------------------------------------ sliders
@@ -341,19 +366,27 @@ class SegmentWidget(QWidget):
         if r is None or r.edited:
             return None
         t = self.thresholds()
-        labels = r.detections.to_labels(t["box_conf"], t["mask_threshold"], t["min_area"])
-        target = lyr.data[r.plane] if r.plane else lyr.data
-        if isinstance(lyr.data, np.ndarray) and target.shape == labels.shape:
-            np.copyto(target, labels, casting="unsafe")  # in place: 2-3x cheaper than .data = ...
-            lyr.refresh(extent=False)
-        else:
-            lyr.data = labels
+        counts = {}
+        for plane, dets in r.segmented().items():
+            labels = dets.to_labels(t["box_conf"], t["mask_threshold"], t["min_area"])
+            target = lyr.data[plane] if plane else lyr.data
+            if isinstance(lyr.data, np.ndarray) and target.shape == labels.shape:
+                np.copyto(target, labels, casting="unsafe")  # in place: 2-3x cheaper than .data = ...
+            elif plane:
+                lyr.data[plane] = labels
+            else:
+                lyr.data = labels
+            counts[plane] = int(labels.max()) if labels.size else 0
+        lyr.refresh(extent=False)
         if hasattr(lyr, "_reset_history"):
             lyr._reset_history()  # old strokes must not replay onto a different drawing
         r.thresholds = t
         self.status.setText("")
-        n = int(labels.max()) if labels.size else 0
-        self.count_label.setText(f"{n} cells")
+        n = sum(counts.values())
+        if len(counts) > 1:
+            self.count_label.setText(f"{n} cells in {len(counts)} planes")
+        else:
+            self.count_label.setText(f"{n} cells")
         return n
 
     def _update_tune_panel(self, *_):
@@ -367,8 +400,14 @@ class SegmentWidget(QWidget):
         if r is None:
             self.count_label.setText("— press Segment first")
         elif r.edited:
-            self.count_label.setText(f"{len(np.unique(lyr.data[r.plane])) - 1} cells (hand-edited; "
-                                     "sliders locked)")
+            n = sum(len(np.unique(lyr.data[p] if p else lyr.data)) - 1 for p in r.segmented())
+            self.count_label.setText(f"{n} cells (hand-edited; sliders locked)")
+        name = self.image_combo.currentText()
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        is_stack = layer is not None and len(spatial_shape(layer)) > 2
+        self.all_planes.setEnabled(is_stack)
+        self.all_planes.setToolTip(ALL_PLANES_TIP if is_stack else
+                                   "The chosen image is 2D (this applies to 3D/T stacks)")
 
     def _on_hand_edit(self, lyr, event=None):
         r = result_of(lyr)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .images import plane_id
 from .journal import Journal, _rank_of, done_ids, flush_csv, journal_path, journal_paths
 
 FLUSH_EVERY = int(os.environ.get("CELLSEG_FLUSH_EVERY", 50))  # images between atomic CSV rewrites
@@ -90,8 +91,7 @@ def expand_items(files: Sequence[Path]) -> list[Item]:
         if n is None:
             items.append(Item(f.stem, f))
         else:
-            width = max(3, len(str(n - 1)))
-            items.extend(Item(f"{f.stem}_{k:0{width}d}", f, k) for k in range(n))
+            items.extend(Item(plane_id(f.stem, (k,), (n,)), f, k) for k in range(n))
     seen: dict[str, Item] = {}
     for it in items:
         if it.image_id in seen:

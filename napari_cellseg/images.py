@@ -10,6 +10,7 @@ one plane is chosen. 8-bit is scaled by 1/255; everything else gets percentile n
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -114,6 +115,25 @@ def to_rgb_float(array, plane: int | None = None, name: str = "image") -> np.nda
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=2)
     return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def plane_id(stem: str, index: tuple[int, ...], lead_shape: tuple[int, ...]) -> str:
+    """Image id of one plane of a stack: ``<stem>_<plane>`` per leading axis, zero-padded to at
+    least 3 digits (``cells_007``; a T x Z stack gives ``cells_002_017``). The CLI and the napari
+    export use this one rule, so their CSVs name the same plane the same way."""
+    return stem + "".join(f"_{i:0{max(3, len(str(max(n - 1, 0))))}d}" for i, n in zip(index, lead_shape))
+
+
+_PLANE_TAIL = re.compile(r"_\d+$")
+
+
+def plane_id_bases(image_id: str) -> list[str]:
+    """Candidate stack stems of a plane id, longest first (``a_002_017`` -> ``a_002``, ``a``)."""
+    out, cur = [], image_id
+    while _PLANE_TAIL.search(cur):
+        cur = _PLANE_TAIL.sub("", cur)
+        out.append(cur)
+    return out
 
 
 def load_image(path, plane: int | None = None) -> np.ndarray:

@@ -227,6 +227,66 @@ def test_stack_plane_and_3d_view(make_napari_viewer, qtbot, tiny_checkpoint, err
     assert lyr.data[1].max() == 0
 
 
+def test_all_planes_of_a_stack(make_napari_viewer, qtbot, tiny_checkpoint, forward_calls, tmp_path,
+                               errors):
+    from napari_cellseg.annotations import read_annotations
+
+    stack = np.stack([_image(s) for s in range(3)])
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=stack, name="stack")
+    assert w.all_planes.isEnabled()
+    events = []
+    orig = w._on_progress
+    w._on_progress = lambda e: (events.append(e), orig(e))
+    w.all_planes.setChecked(True)
+    viewer.dims.set_current_step(0, 1)
+    _segment(qtbot, w)
+    assert errors == [] and len(forward_calls) == 3  # once per plane
+    lyr = viewer.layers["stack cells"]
+    assert lyr.data.shape == stack.shape and all(lyr.data[z].max() > 0 for z in range(3))
+    assert {e["stage"].split(":")[0] for e in events} >= {"plane 1/3", "plane 3/3"}
+    r = result_of(lyr)
+    assert sorted(r.segmented()) == [(0,), (1,), (2,)] and r.plane == (1,)  # review: plane shown
+    n = sum(int(lyr.data[z].max()) for z in range(3))
+    assert w.count_label.text() == f"{n} cells in 3 planes"
+    w.box_slider.setValue(1.0)  # one slider redraws every plane, no new forward pass
+    assert lyr.data.max() == 0 and len(forward_calls) == 3
+    w.box_slider.setValue(0.0)
+    assert all(lyr.data[z].max() > 0 for z in range(3))
+    # export: one id per plane, named like `cellseg predict` names stack planes
+    out = tmp_path / "stack.csv"
+    w._ask_save_path = lambda: str(out)
+    w.export()
+    assert read_annotations(out).ids == ["stack_000", "stack_001", "stack_002"]
+    # a 2D image: the option does not apply
+    viewer.add_image(_image(), name="flat")
+    w.image_combo.setCurrentText("flat")
+    assert not w.all_planes.isEnabled()
+
+
+def test_cancel_all_planes_keeps_nothing(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
+    from napari_cellseg import predict
+
+    calls = []
+
+    def slow(self, image, scale=1.0):
+        calls.append(1)
+        for i in range(200):
+            time.sleep(0.01)
+            yield {"stage": "slow", "fraction": i / 200}
+        return None
+
+    monkeypatch.setattr(predict.Predictor, "iter_predict", slow)
+    stack = np.stack([_image(s) for s in range(4)])
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=stack, name="stack")
+    w.all_planes.setChecked(True)
+    w.segment()
+    qtbot.waitUntil(lambda: w.status.text().startswith("Segmenting: plane 2/4"), timeout=TIMEOUT)
+    w.cancel()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10_000)
+    assert "Cancelled" in w.status.text() and len(calls) == 2
+    assert "stack cells" not in viewer.layers
+
+
 def test_bad_input_notifies_and_writes_nothing(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path,
                                                errors):
     viewer, w = _widget_with(make_napari_viewer, qtbot, None, image=False)
