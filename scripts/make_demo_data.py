@@ -10,6 +10,9 @@ Writes (image/label TIFF folder pairs, cellpose/stardist style):
     DIR/test_real/annotations.csv                 their ground truth, train-style RLE CSV
     DIR/test_synth/images, DIR/test_synth/labels  held-out synthetic set (different seed)
     DIR/test_synth/annotations.csv                its ground truth
+    DIR/tune/images, DIR/tune/labels              threshold-tuning set: the guard planes below +
+    DIR/tune/annotations.csv                      synthetic images of a third seed (never trained
+                                                  on, never used for the reported figures)
     DIR/manifest.json                             what was written (planes, seeds, counts)
 
 Held-out real planes: all 60 planes share the same ~20 nuclei, and neighbouring planes are
@@ -89,6 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test-synth", type=int, default=40, help="held-out synthetic images")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic training set")
     ap.add_argument("--test-seed", type=int, default=1000, help="seed of the synthetic test set")
+    ap.add_argument("--n-tune-synth", type=int, default=40, help="synthetic threshold-tuning images")
+    ap.add_argument("--tune-seed", type=int, default=2000, help="seed of the synthetic tuning set")
+    ap.add_argument("--tune-only", action="store_true",
+                    help="write only DIR/tune (the training and test sets exist already)")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
                     help="folder with nuclei3d_image.tif and nuclei3d_labels.tif")
     ap.add_argument("--holdout", choices=("block", "every4"), default="block",
@@ -103,8 +110,8 @@ def main(argv=None) -> int:
     if args.n_synthetic < 0 or args.n_test_synth < 0 or not 0 <= args.large_fraction <= 1:
         print("error: counts must be >= 0 and --large-fraction in [0, 1]", file=sys.stderr)
         return 2
-    if args.seed == args.test_seed:
-        print("error: --seed and --test-seed must differ", file=sys.stderr)
+    if len({args.seed, args.test_seed, args.tune_seed}) < 3:
+        print("error: --seed, --test-seed and --tune-seed must differ", file=sys.stderr)
         return 2
     img_path, lab_path = args.shared / "nuclei3d_image.tif", args.shared / "nuclei3d_labels.tif"
     for p in (img_path, lab_path):
@@ -123,6 +130,14 @@ def main(argv=None) -> int:
     train, test, unused = split_planes(labels, args.holdout)
     sparse = [z for z in train if len(np.unique(labels[z])) - 1 < args.min_labels]
     train = [z for z in train if z not in sparse]
+    write_real(out / "tune", image, labels, unused)
+    tune_synth = write_dataset(out / "tune", args.n_tune_synth, "mixed", seed=args.tune_seed,
+                               shape=(256, 256))
+    csv_tune = write_gt_csv(out / "tune")
+    print(f"{out / 'tune'}: {len(unused)} real guard planes {unused} + {len(tune_synth)} synthetic "
+          f"(seed {args.tune_seed}); GT {csv_tune}")
+    if args.tune_only:
+        return 0
 
     n_large = int(round(args.n_synthetic * args.large_fraction))
     n_small = args.n_synthetic - n_large
@@ -140,6 +155,7 @@ def main(argv=None) -> int:
         "holdout": args.holdout, "train_planes": train, "test_planes": test,
         "unused_planes": unused, "sparse_planes_not_trained": sparse,
         "real_repeat": args.real_repeat, "seed": args.seed, "test_seed": args.test_seed,
+        "tune_planes": unused, "tune_synthetic": len(tune_synth), "tune_seed": args.tune_seed,
         "train_synthetic_256": len(small), "train_synthetic_520x704": len(large),
         "train_synthetic_kinds": {k: sum(n.startswith(f"synth_{k}") for n in small + large)
                                   for k in ("nuclei", "cells")},
