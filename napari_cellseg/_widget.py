@@ -8,29 +8,27 @@ layer's metadata; the sliders only call ``Detections.to_labels``.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                             QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
                             QVBoxLayout, QWidget)
 from superqt import QLabeledDoubleSlider
 
 from . import _edit
-from ._layers import (InputError, Result, export_csv, export_items, image_id_for_layer,
+from ._layers import (InputError, Result, image_id_for_layer,
                       image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
-from ._panels import build_edit_box, build_export_box
-from ._settings import load_settings, save_settings, segment_job
+from ._panels import PanelActions, build_edit_box, build_export_box
+from ._settings import save_settings, segment_job
 
-MAX_RECENT = 5
 ALL_PLANES_TIP = ("Segment all planes of a 3D/T stack in one run (progress per plane; Cancel keeps "
                   "nothing). Unticked: only the plane shown in the viewer")
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(PanelActions, QWidget):
     """Dock widget: pick image + model, Segment, tune thresholds live, edit, export CSV."""
 
     def __init__(self, napari_viewer):
@@ -175,49 +173,6 @@ class SegmentWidget(QWidget):
         self.image_combo.blockSignals(False)
         self.image_combo.setPlaceholderText("open an image first")
         self._update_tune_panel()
-
-    def _refresh_models(self, select: str | None = None):
-        from .checkpoint import bundled_model_path
-
-        self.model_combo.clear()
-        bundled = bundled_model_path()
-        if bundled.is_file():
-            self.model_combo.addItem("Demo model (bundled)", str(bundled))
-        for p in load_settings().get("recent_checkpoints", []):
-            if Path(p).is_file() and Path(p) != bundled:
-                self.model_combo.addItem(Path(p).name, p)
-                self.model_combo.setItemData(self.model_combo.count() - 1, p, Qt.ItemDataRole.ToolTipRole)
-        if self.model_combo.count() == 0:
-            self.model_combo.setPlaceholderText("no model yet: press Browse…")
-        else:
-            self.model_combo.setCurrentIndex(0)
-        last = select or load_settings().get("last_checkpoint")
-        for i in range(self.model_combo.count()):
-            if self.model_combo.itemData(i) == last:
-                self.model_combo.setCurrentIndex(i)
-
-    def _ask_checkpoint_file(self) -> str:  # tests replace this
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "",
-                                              "Checkpoints (*.bin *.pth *.pt *.ckpt);;All files (*)")
-        return path
-
-    def _on_browse(self):
-        path = self._ask_checkpoint_file()
-        if path:
-            self.set_checkpoint(path)
-
-    def set_checkpoint(self, path):
-        path = str(Path(path).resolve())
-        recent = [path] + [p for p in load_settings().get("recent_checkpoints", []) if p != path]
-        save_settings({"recent_checkpoints": recent[:MAX_RECENT], "last_checkpoint": path})
-        self._refresh_models(select=path)
-
-    def _checkpoint(self) -> str:
-        path = self.model_combo.currentData()
-        if not path:
-            raise InputError("no model chosen: the bundled demo model is not installed; press "
-                             "Browse… and pick a checkpoint file")
-        return path
 
     def _image_layer(self) -> Image:
         name = self.image_combo.currentText()
@@ -425,53 +380,3 @@ class SegmentWidget(QWidget):
         self._update_tune_panel()
         self.redraw()
         self._info("Hand edits discarded; labels redrawn from the model output.")
-
-    # ------------------------------------------------------------ editing buttons
-    def _edit_report(self, msg, error):
-        (self._error if error else self._info)(msg)
-
-    def _edit_action(self, name, *_):
-        lyr = self._result_layer()
-        if lyr is None:
-            self._error("segment an image first")
-            return
-        try:
-            if name == "new_id":
-                msg = f"last stroke is now cell {_edit.new_id_for_last_stroke(lyr)}"
-            else:
-                msg = f"renumbered: ids 1..{_edit.renumber(lyr)}"
-        except _edit.EditError as exc:
-            self._error(str(exc))
-            return
-        self._info(msg)
-
-    # ------------------------------------------------------------ export
-    def _ask_save_path(self) -> str:  # tests replace this
-        start = load_settings().get("last_export", "")
-        path, _ = QFileDialog.getSaveFileName(self, "Export CSV", start, "CSV (*.csv)")
-        return path
-
-    def export(self):
-        fmt = self.format_combo.currentData()
-        try:
-            only = None
-            if self.scope_combo.currentIndex() == 1:
-                only = self._result_layer()
-                if only is None:
-                    raise InputError("the selected image has not been segmented: nothing to export")
-            items = export_items(self.viewer.layers, only=only)
-        except InputError as exc:
-            self._error(str(exc))
-            return
-        path = self._ask_save_path()
-        if not path:
-            return
-        if not path.lower().endswith(".csv"):
-            path += ".csv"
-        try:
-            n = export_csv(path, items, fmt)
-        except (ValueError, OSError) as exc:  # CsvError is a ValueError
-            self._error(f"Export failed, nothing written: {exc}")
-            return
-        save_settings({"last_export": path})
-        self._info(f"Wrote {n} cells of {len(items)} image(s) to {path}", notify=True)
