@@ -19,13 +19,12 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, Q
                             QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ._layers import InputError, image_plane, result_of
+from ._review_plots import draw_bars, draw_heat, figure
 
 OVERLAY_KEY = "napari_cellseg_review"  # metadata marker of the overlay layer
 TP, FP, FN = 1, 2, 3
 COLORS = {TP: (0.15, 0.85, 0.25, 1.0), FP: (1.0, 0.45, 0.0, 1.0), FN: (1.0, 0.1, 1.0, 1.0)}
 NAMES = {TP: "true positive", FP: "false positive", FN: "missed (FN)"}
-BG = "#262930"  # napari dark theme
-FG = "#d6d6d6"
 
 
 def overlay_labels(gt: np.ndarray, pred: np.ndarray, score) -> np.ndarray:
@@ -47,26 +46,6 @@ def overlay_labels(gt: np.ndarray, pred: np.ndarray, score) -> np.ndarray:
     out[find_boundaries(fn_labels, mode="inner")] = 0
     out[find_boundaries(fn_labels, mode="thick") & (fn | (out == 0))] = FN
     return out
-
-
-def _figure(height):
-    from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3.2, height), dpi=100, facecolor=BG, layout="constrained")
-    canvas = FigureCanvasQTAgg(fig)
-    canvas.setMinimumHeight(int(height * 100))
-    return fig, canvas
-
-
-def _style(ax):
-    ax.set_facecolor(BG)
-    ax.tick_params(colors=FG, labelsize=7)
-    for s in ax.spines.values():
-        s.set_color("#5a5f6a")
-    ax.xaxis.label.set_color(FG)
-    ax.yaxis.label.set_color(FG)
-    ax.title.set_color(FG)
 
 
 class ReviewWidget(QWidget):
@@ -117,7 +96,7 @@ class ReviewWidget(QWidget):
         self.summary.setWordWrap(True)
         self.summary.setTextFormat(1)  # Qt.RichText
         root.addWidget(self.summary)
-        self.bar_fig, self.bar_canvas = _figure(1.7)
+        self.bar_fig, self.bar_canvas = figure(1.7)
         root.addWidget(self.bar_canvas)
 
         box = QGroupBox("Threshold sweep (from the kept network output)")
@@ -150,7 +129,7 @@ class ReviewWidget(QWidget):
         self.sweep_label = QLabel("")
         self.sweep_label.setWordWrap(True)
         bl.addWidget(self.sweep_label)
-        self.heat_fig, self.heat_canvas = _figure(2.6)
+        self.heat_fig, self.heat_canvas = figure(2.6)
         bl.addWidget(self.heat_canvas)
         root.addWidget(box)
         root.addStretch(1)
@@ -282,22 +261,7 @@ class ReviewWidget(QWidget):
         lyr.refresh(extent=False)
 
     def _draw_bars(self):
-        from .metrics import THRESHOLDS
-
-        fig = self.bar_fig
-        fig.clear()
-        ax = fig.add_subplot(111)
-        _style(ax)
-        if self.score is not None:
-            vals = [self.score.per_threshold[float(t)] for t in THRESHOLDS]
-            colors = ["#4fc3f7" if abs(t - self.score.iou) > 1e-6 else "#ffffff" for t in THRESHOLDS]
-            bars = ax.bar([f"{t:.2f}"[1:] for t in THRESHOLDS], vals, color=colors, width=0.75)
-            for b, v in zip(bars, vals):
-                ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}"[1:] if v < 1 else "1",
-                        ha="center", va="bottom", fontsize=6, color=FG)
-        ax.set_ylim(0, 1.15)
-        ax.set_xlabel("IoU threshold", fontsize=7)
-        ax.set_ylabel("TP/(TP+FP+FN)", fontsize=7)
+        draw_bars(self.bar_fig, self.score)
         self.bar_canvas.draw_idle()
 
     # ------------------------------------------------------------ sweep
@@ -366,29 +330,7 @@ class ReviewWidget(QWidget):
         self._draw_heat()
 
     def _draw_heat(self):
-        fig = self.heat_fig
-        fig.clear()
-        ax = fig.add_subplot(111)
-        _style(ax)
-        ax.set_xlabel("Mask threshold", fontsize=7)
-        ax.set_ylabel("Box confidence", fontsize=7)
-        res = self.sweep_result
-        if res is None:
-            ax.text(0.5, 0.5, "press Sweep", ha="center", va="center", color=FG, fontsize=8,
-                    transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            m, b = res.mask_thresholds, res.box_confs
-            dm = (m[1] - m[0]) / 2 if len(m) > 1 else 0.05
-            db = (b[1] - b[0]) / 2 if len(b) > 1 else 0.05
-            im = ax.imshow(res.map, origin="lower", aspect="auto", cmap="viridis",
-                           extent=(m[0] - dm, m[-1] + dm, b[0] - db, b[-1] + db))
-            ax.plot([res.best["mask_threshold"]], [res.best["box_conf"]], marker="*", ms=12,
-                    color="#ff3b3b", mec="white", mew=0.8, ls="none")
-            cb = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)
-            cb.ax.tick_params(colors=FG, labelsize=6)
-            cb.set_label("mAP", color=FG, fontsize=7)
+        draw_heat(self.heat_fig, self.sweep_result)
         self.heat_canvas.draw_idle()
 
     def _segment_widget(self):
