@@ -269,8 +269,15 @@ class SegmentWidget(PanelActions, QWidget):
         name = result_layer_name(image_layer.name)
         shape = spatial_shape(image_layer)
         lyr = self.viewer.layers[name] if name in self.viewer.layers else None
-        if not isinstance(lyr, Labels) or tuple(lyr.data.shape) != shape:
-            if lyr is not None:
+        note = ""
+        if lyr is not None and result_of(lyr) is None:
+            # not ours (e.g. ground truth opened from a CSV, or painted by hand): never overwrite
+            # it; give it another name so the result layer can take this one
+            lyr.name = kept = self._free_name(f"{name} (kept)")
+            note = f" The layer that was named {name!r} is kept as {kept!r}."
+            lyr = None
+        if lyr is None or tuple(lyr.data.shape) != shape:
+            if lyr is not None:  # our own earlier result for an image of another shape
                 self.viewer.layers.remove(lyr)
             lyr = self.viewer.add_labels(np.zeros(shape, np.int32), name=name, scale=image_layer.scale,
                                          translate=image_layer.translate)
@@ -306,7 +313,12 @@ class SegmentWidget(PanelActions, QWidget):
         tip = " — lower Box confidence to see more" if n == 0 and kept else ""
         where = f" ({len(new)} planes)" if len(new) > 1 else ""
         self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
-                   f"sliders){tip}.", notify=True)
+                   f"sliders){tip}.{note}", notify=True)
+
+    def _free_name(self, base: str) -> str:
+        names = {x.name for x in self.viewer.layers}
+        return next(c for c in (base if i == 0 else f"{base} {i + 1}" for i in range(len(names) + 1))
+                    if c not in names)
 
     # ------------------------------------------------------------ sliders
     def thresholds(self) -> dict:

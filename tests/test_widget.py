@@ -263,6 +263,21 @@ def test_all_planes_of_a_stack(make_napari_viewer, qtbot, tiny_checkpoint, forwa
     assert not w.all_planes.isEnabled()
 
 
+def test_segment_never_overwrites_a_foreign_layer_of_the_same_name(make_napari_viewer, qtbot,
+                                                                    tiny_checkpoint, errors):
+    # ground truth opened from a train.csv is named "<id> cells", like the result layer
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    gt = np.zeros((96, 128), np.int32)
+    gt[10:20, 10:20] = 7
+    viewer.add_labels(gt.copy(), name="img cells", metadata={"image_id": "img"})
+    w.image_combo.setCurrentText("img")
+    _segment(qtbot, w)
+    assert errors == []
+    np.testing.assert_array_equal(viewer.layers["img cells (kept)"].data, gt)
+    assert result_of(viewer.layers["img cells"]) is not None
+    assert "kept as 'img cells (kept)'" in w.status.text()
+
+
 def test_cancel_all_planes_keeps_nothing(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
     from napari_cellseg import predict
 
