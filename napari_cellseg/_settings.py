@@ -35,9 +35,29 @@ def save_settings(update: dict) -> None:
         pass
 
 
-def segment_job(checkpoint, device, planes: dict, scale, cache):
+DIAMETER_TIP = ("Typical cell diameter in image pixels: the image is resized so cells have the size "
+                "the model was trained at (like cellpose's diameter). 'auto' estimates it for each "
+                "image from a first pass (models trained with --diameter, like the demo model; "
+                "other models run at the image's own scale).")
+
+
+def size_note(detections) -> str:
+    """'Cell size ...' for the status line: the estimated diameter and the scale used."""
+    import numpy as np
+
+    dets = list(detections)
+    diam = [d.diameter for d in dets if d.diameter]
+    scales = sorted({round(d.scale, 2) for d in dets})
+    scale = f"{scales[0]:g}" if len(scales) == 1 else f"{scales[0]:g}-{scales[-1]:g}"
+    if diam:
+        return f"Cell size estimated at {float(np.median(diam)):.0f} px: image resized x{scale}."
+    return f"Image resized x{scale}." if scales != [1.0] else ""
+
+
+def segment_job(checkpoint, device, planes: dict, diameter, cache):
     """Worker body: load (or reuse) the predictor, run it once per plane, return
-    ``({plane prefix: Detections}, thresholds)``.
+    ``({plane prefix: Detections}, thresholds)``. ``diameter``: cell size in image px, "auto",
+    or None for the model's default (see ``Predictor.resolve_scale``).
 
     ``planes`` maps a plane prefix (``()`` for a 2D image) to its 2D array; a plane is read only
     when its turn comes, so a lazy (dask/zarr) stack is never loaded whole. Progress events carry
@@ -55,6 +75,7 @@ def segment_job(checkpoint, device, planes: dict, scale, cache):
         predictor = Predictor.from_checkpoint(path, device=device)
         cache.clear()  # one model in memory at a time
         cache[key] = predictor
+    scale = predictor.resolve_scale(None, diameter)
     out, n = {}, len(planes)
     for i, (prefix, array) in enumerate(planes.items()):
         where = f"plane {i + 1}/{n}: " if n > 1 else ""

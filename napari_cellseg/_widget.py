@@ -22,7 +22,7 @@ from . import _edit
 from ._layers import (InputError, Result, image_id_for_layer,
                       image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
 from ._panels import PanelActions, build_edit_box, build_export_box
-from ._settings import save_settings, segment_job
+from ._settings import DIAMETER_TIP, save_settings, segment_job, size_note
 
 ALL_PLANES_TIP = ("Segment all planes of a 3D/T stack in one run (progress per plane; Cancel keeps "
                   "nothing). Unticked: only the plane shown in the viewer")
@@ -73,13 +73,15 @@ class SegmentWidget(PanelActions, QWidget):
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.device_combo.setToolTip("auto = GPU if one is available, else CPU")
         form.addRow("Device", self.device_combo)
-        self.scale_spin = QDoubleSpinBox()
-        self.scale_spin.setRange(0.25, 4.0)
-        self.scale_spin.setSingleStep(0.25)
-        self.scale_spin.setValue(1.0)
-        self.scale_spin.setToolTip("Resize the image by this factor before the network: > 1 when "
-                                   "cells look smaller than in the training images, < 1 when larger")
-        form.addRow("Object scale", self.scale_spin)
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 1000.0)
+        self.diameter_spin.setDecimals(0)
+        self.diameter_spin.setSingleStep(5.0)
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setSpecialValueText("auto")
+        self.diameter_spin.setValue(0.0)
+        self.diameter_spin.setToolTip(DIAMETER_TIP)
+        form.addRow("Cell diameter", self.diameter_spin)
         self.all_planes = QCheckBox("every plane of the stack")
         self.all_planes.setToolTip(ALL_PLANES_TIP)
         form.addRow("Planes", self.all_planes)
@@ -214,8 +216,9 @@ class SegmentWidget(PanelActions, QWidget):
             return
         save_settings({"last_checkpoint": checkpoint})
         self._preload_torch()
+        diameter = float(self.diameter_spin.value()) or None  # 0 = "auto"
         worker = create_worker(segment_job, checkpoint, self.device_combo.currentText(), planes,
-                               float(self.scale_spin.value()), self._predictors,
+                               diameter, self._predictors,
                                _ignore_errors=True)  # errors are shown by _on_failed
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(functools.partial(self._on_done, layer, checkpoint))
@@ -313,7 +316,7 @@ class SegmentWidget(PanelActions, QWidget):
         tip = " — lower Box confidence to see more" if n == 0 and kept else ""
         where = f" ({len(new)} planes)" if len(new) > 1 else ""
         self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
-                   f"sliders){tip}.{note}", notify=True)
+                   f"sliders){tip}. {size_note(new.values())}{note}", notify=True)
 
     def _free_name(self, base: str) -> str:
         names = {x.name for x in self.viewer.layers}

@@ -224,7 +224,7 @@ def _write_label_tiff(path: Path, labels) -> None:
 def run_predict(args, progress_factory=None) -> int:
     """The ``cellseg predict`` command (args from cli.py's parser). Returns the exit status."""
     from .images import list_images
-    from .predict import Predictor
+    from .predict import Predictor, describe_scale
 
     rank, world = dist_info()
     out = Path(args.out)
@@ -287,11 +287,14 @@ def run_predict(args, progress_factory=None) -> int:
             flushed[0] = True
             journal.__init__(journal.path)
 
+    scale = predictor.resolve_scale(args.scale, getattr(args, "diameter", None))
+    if rank == 0:
+        print(f"cellseg predict: object size: {describe_scale(predictor, scale)}", file=sys.stderr)
     bar = progress_factory(total=len(mine), desc=f"predict (rank {rank})" if world > 1 else "predict") \
         if progress_factory else None
     try:
         failed = predict_items(predictor, mine, journal, box_conf, mask_threshold, int(min_area),
-                               scale=args.scale, batch_size=args.batch_size,
+                               scale=scale, batch_size=args.batch_size,
                                labels_dir=args.labels_dir, bar=bar, on_done=periodic_flush)
     finally:
         journal.close()

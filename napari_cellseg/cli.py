@@ -287,6 +287,29 @@ def _cmd_demo(args) -> int:
 
 
 # ---- predict (the logic lives in batch.py) ---------------------------------------------------
+def _diameter_arg(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a diameter in pixels > 0 or 'auto', got {text!r}")
+    return value
+
+
+def _add_size_options(p) -> None:
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--diameter", type=_diameter_arg, metavar="PX|auto",
+                      help="typical object diameter in image pixels: images are resized so objects "
+                           "have the size the model was trained at (like cellpose's diameter); "
+                           "'auto' estimates it per image from a first pass. Default: auto for "
+                           "size-normalised models (the demo model), else --scale 1")
+    size.add_argument("--scale", type=float,
+                      help="resize images by this factor before the network instead (> 1 for small objects)")
+
+
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="segment images with a checkpoint -> submission CSV",
@@ -302,8 +325,7 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
     p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="resize images by this factor before the network (object size; default 1)")
+    _add_size_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
                    help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
@@ -345,7 +367,7 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--mask-thresholds", type=float, nargs="+", metavar="T",
                    help="mask_threshold values (with --box-confs; default 0.05 .. 0.95)")
     p.add_argument("--min-area", type=int, help="drop cells smaller than this (default: checkpoint's)")
-    p.add_argument("--scale", type=float, default=1.0, help="object-size scale (default 1)")
+    _add_size_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
     p.add_argument("--json", action="store_true",
                    help='print {"box_conf", "mask_threshold", "map", "table": [...]} as JSON')

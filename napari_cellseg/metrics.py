@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["THRESHOLDS", "ImageScore", "iou_matrix", "evaluate_image", "average_precision"]
+__all__ = ["THRESHOLDS", "ImageScore", "iou_matrix", "evaluate_image", "average_precision", "median_diameter"]
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
@@ -117,3 +117,13 @@ def evaluate_image(gt, pred, iou: float = 0.5) -> ImageScore:
 def average_precision(gt_labels, pred_labels) -> float:
     """The competition metric for one image (see the module docstring)."""
     return evaluate_image(gt_labels, pred_labels).map
+
+
+def median_diameter(labels) -> float:
+    """Median equivalent-circle diameter (px) of the instances of a label image, 0.0 without any.
+
+    A 3-D array is a stack of label layers whose ids are independent (instances may overlap)."""
+    arr = np.asarray(labels)
+    layers = arr.reshape(-1, *arr.shape[-2:]) if arr.ndim >= 3 else arr[None]
+    areas = np.concatenate([np.unique(la[la > 0], return_counts=True)[1] for la in layers])
+    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0

@@ -46,6 +46,9 @@ class ModelConfig:
     # by max_size), as in the starter. True: the network sees images at their native pixel size
     # (times the user's object-size scale); set by training on native-scale crops.
     native_scale: bool = False
+    # > 0: training resized every image so its median object diameter was this many pixels
+    # (cellpose's diam_mean); predict's diameter option rescales images to it. 0 = not normalised.
+    diameter: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, not tuples): safe for ``torch.load(weights_only=True)``."""

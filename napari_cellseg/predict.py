@@ -27,6 +27,9 @@ import numpy as np
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASK_CHUNK = 100
+DEFAULT_DIAMETER = 30.0  # reference object size of models trained without size normalisation
+AUTO_PASSES = 4  # scale="auto": most network passes per image
+AUTO_SCALE_RANGE = (0.25, 4.0)  # scale="auto" stays within these factors
 
 
 class PredictError(ValueError):
@@ -51,6 +54,8 @@ class Detections:
     probs: np.ndarray  # (N, 28, 28) float32 mask probabilities
     image_shape: tuple[int, int]
     labels: np.ndarray | None = None  # (N,) class ids (1 for the 2-class cell model)
+    scale: float = 1.0  # the object-size scale the image was predicted at
+    diameter: float | None = None  # median object diameter (image px) estimated by scale="auto"
     _cache: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -223,12 +228,42 @@ class Predictor:
         return self
 
     # -- public API ---------------------------------------------------------------------------
-    def predict(self, image, scale: float = 1.0, tile="auto") -> Detections:
+    @property
+    def reference_diameter(self) -> float:
+        """Object diameter (network px) the model works best at: the training's size
+        normalisation (``ModelConfig.diameter``), else DEFAULT_DIAMETER."""
+        return float(getattr(self.config, "diameter", 0.0) or DEFAULT_DIAMETER)
+
+    def scale_for_diameter(self, diameter: float) -> float:
+        """The object-size scale that brings objects of ``diameter`` image px to the model's size."""
+        if not (np.isfinite(diameter) and diameter > 0):
+            raise PredictError(f"diameter must be a positive number of pixels, got {diameter}")
+        scale = self.reference_diameter / float(diameter)
+        _check_scale(scale)
+        return scale
+
+    def resolve_scale(self, scale: float | None = None, diameter: float | str | None = None) -> float | str:
+        """The CLI's and widget's size options -> ``scale`` for predict. An explicit ``scale``
+        wins; ``diameter`` is the objects' size in image px or "auto"; with neither, "auto" for
+        models trained with size normalisation (``config.diameter``, e.g. the demo), else 1."""
+        if scale is not None:
+            _check_scale(scale)
+            return float(scale)
+        if diameter is None:
+            return "auto" if getattr(self.config, "diameter", 0.0) else 1.0
+        if isinstance(diameter, str) and diameter == "auto":
+            return "auto"
+        return self.scale_for_diameter(float(diameter))
+
+    def predict(self, image, scale: float | str = 1.0, tile="auto") -> Detections:
         return drain(self.iter_predict(image, scale, tile=tile))
 
-    def iter_predict(self, image, scale: float = 1.0, tile="auto"):
+    def iter_predict(self, image, scale: float | str = 1.0, tile="auto"):
         """Generator: yields ``{"stage", "fraction"}`` events, returns ``Detections``.
 
+        ``scale``: resize factor for the network (> 1 for small objects), or "auto": estimate the
+        objects' size from a first pass and predict again at ``reference_diameter / size`` (at most
+        AUTO_PASSES passes; see ``_auto_scale``). The result's ``.scale`` says which scale was used.
         ``tile``: "auto" = tile when the resized image exceeds ``self.tile_size`` network pixels;
         an int = that tile size; None / 0 = never tile (see :mod:`napari_cellseg.tiling`).
         """
@@ -237,26 +272,68 @@ class Predictor:
         dets = yield from self._predict_array(arr, scale, tile)
         return dets
 
-    def _predict_array(self, arr: np.ndarray, scale: float, tile="auto"):
+    def _predict_array(self, arr: np.ndarray, scale: float | str, tile="auto"):
         from .tiling import iter_tiled, needs_tiling, network_factor
 
+        if isinstance(scale, str) and scale == "auto":
+            return (yield from self._auto_scale(arr, tile))
         _check_scale(scale)
         size = self.tile_size if isinstance(tile, str) and tile == "auto" else tile
         factor = network_factor(self, arr.shape[:2], scale)
         if size and needs_tiling(arr.shape[:2], factor, size):
             overlap = min(self.tile_overlap, int(size) - 1)
-            return (yield from iter_tiled(self, arr, factor, int(size), overlap))
-        dets = yield from self._forward([arr], scale)
-        return dets[0]
+            dets = yield from iter_tiled(self, arr, factor, int(size), overlap)
+        else:
+            dets = (yield from self._forward([arr], scale))[0]
+        dets.scale = float(scale)
+        return dets
 
-    def predict_many(self, images: Iterable, batch_size: int = 1, scale: float = 1.0
+    def _auto_scale(self, arr: np.ndarray, tile="auto"):
+        """Predict at scale 1, measure the median diameter of the confident masks and predict
+        again at ``reference_diameter / diameter`` until the scale settles (within 20 %). An
+        image where nothing is found is retried at 2.5x (small objects) and then 0.4x (large)."""
+        from .metrics import median_diameter
+
+        th = self.thresholds
+        scale, first, tried = 1.0, None, set()
+        for k in range(AUTO_PASSES):
+            tried.add(round(scale, 3))
+            gen = self._predict_array(arr, scale, tile)
+            while True:
+                try:
+                    ev = next(gen)
+                except StopIteration as stop:
+                    dets = stop.value
+                    break
+                yield {**ev, "stage": f"size pass {k + 1} (x{scale:.2f}): {ev.get('stage', '')}",
+                       "fraction": min(0.99, (k + float(ev.get("fraction", 0.0))) / AUTO_PASSES)}
+            first = first or dets
+            diameter = median_diameter(dets.to_labels(th["box_conf"], th["mask_threshold"],
+                                                      th.get("min_area", 0)))
+            dets.scale, dets.diameter = scale, diameter or None
+            if not diameter:
+                scale = {1.0: 2.5, 2.5: 0.4}.get(scale)
+                if scale is None:
+                    return first  # nothing found at any size
+                continue
+            new = float(np.clip(self.reference_diameter / diameter, *AUTO_SCALE_RANGE))
+            if abs(np.log(new / scale)) < np.log(1.2) or round(new, 3) in tried:
+                return dets
+            scale = new
+        return dets
+
+    def predict_many(self, images: Iterable, batch_size: int = 1, scale: float | str = 1.0
                      ) -> Iterator[tuple[int, Detections]]:
-        """Yield ``(index, Detections)`` for every image (paths or arrays), ``batch_size`` at a time."""
+        """Yield ``(index, Detections)`` for every image (paths or arrays), ``batch_size`` at a time
+        (one at a time with scale="auto": each image gets its own scale)."""
         from .tiling import needs_tiling, network_factor
 
         batch: list[tuple[int, np.ndarray]] = []
         for i, image in enumerate(images):
             arr = _as_image(image)
+            if isinstance(scale, str):
+                yield i, drain(self._predict_array(arr, scale))
+                continue
             if needs_tiling(arr.shape[:2], network_factor(self, arr.shape[:2], scale), self.tile_size):
                 if batch:  # keep the input order
                     yield from zip([j for j, _ in batch], drain(self._forward([a for _, a in batch], scale)))
@@ -369,7 +446,19 @@ class Predictor:
         return z.sigmoid_()
 
 
+def describe_scale(predictor: Predictor, scale: float | str) -> str:
+    """One line for users: which object size the images are predicted at."""
+    ref = predictor.reference_diameter
+    if scale == "auto":
+        return f"estimated per image (the model works best at objects ~{ref:.0f} px across)"
+    return f"scale {float(scale):.3g} (objects ~{ref / float(scale):.0f} px across suit this model best)"
+
+
 def _check_scale(scale) -> None:
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise PredictError(f"scale must be a number or 'auto', got {scale!r}")
+        return
     if not (np.isfinite(scale) and 0.05 <= float(scale) <= 20):
         raise PredictError(f"scale must be between 0.05 and 20, got {scale}")
 

@@ -76,7 +76,7 @@ def run_tune(args, progress_factory=None) -> int:
     """The ``cellseg tune`` command (args from cli.py's parser)."""
     from .checkpoint import resolve_checkpoint
     from .cli import _files_by_id, _image_shape, _label_source
-    from .predict import Predictor
+    from .predict import Predictor, describe_scale
     from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
 
     # ---- check everything before predicting
@@ -116,7 +116,9 @@ def run_tune(args, progress_factory=None) -> int:
     bar = progress_factory(total=len(ids), desc="tune: predict") if progress_factory else None
     pairs = []
     try:
-        for k, dets in predictor.predict_many([images[i] for i in ids], scale=args.scale):
+        scale = predictor.resolve_scale(args.scale, args.diameter)
+        print(f"cellseg tune: object size: {describe_scale(predictor, scale)}", file=sys.stderr)
+        for k, dets in predictor.predict_many([images[i] for i in ids], scale=scale):
             image_id = ids[k]
             labels = gt.labels(image_id, shapes[image_id])
             if tuple(labels.shape) != tuple(dets.image_shape):

@@ -64,3 +64,17 @@ def test_iou_matrix():
     iou, gi, pi = iou_matrix(gt, pred)
     assert gi.tolist() == [1, 2] and pi.tolist() == [5, 6]
     assert np.allclose(iou, [[1 / 3, 0], [1 / 4, 2 / 3]])
+
+
+def test_median_diameter_of_disks_and_layers():
+    from napari_cellseg.metrics import median_diameter
+
+    yy, xx = np.mgrid[:100, :100]
+    lab = np.zeros((100, 100), np.int32)
+    for i, (cy, cx, r) in enumerate([(20, 20, 5), (50, 50, 10), (80, 80, 15)], 1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    assert abs(median_diameter(lab) - 20) < 1.0  # the middle disk, 2 r
+    assert median_diameter(np.zeros((5, 5), np.int32)) == 0.0
+    # label layers: the same id in two layers is two instances
+    layers = np.stack([lab == 1, lab == 3]).astype(np.uint16)
+    assert abs(median_diameter(layers) - 20) < 1.5  # mean of 10 and 30

@@ -217,3 +217,57 @@ def test_drain_returns_generator_value():
         yield {"stage": "a", "fraction": 0.5}
         return 42
     assert drain(job()) == 42
+
+
+class _SizedPredictor(Predictor):
+    """Finds square objects of SIZE image px, but only when they look 15..80 px to the network."""
+
+    SIZE = 8.0
+
+    def __init__(self):
+        super().__init__(torch.nn.Identity(), ModelConfig(diameter=40.0, native_scale=True),
+                         {"box_conf": 0.5, "mask_threshold": 0.5, "min_area": 0})
+        self.calls = []
+
+    def _forward(self, arrays, scale, factor=None, box_filter=None):
+        self.calls.append(scale)
+        yield {"stage": "forward", "fraction": 0.5}
+        h, w = arrays[0].shape[:2]
+        s = self.SIZE
+        corners = [(x, y) for y in range(4, h - int(s), 2 * int(s)) for x in range(4, w - int(s), 2 * int(s))]
+        if not 15 <= s * scale <= 80:
+            corners = []
+        boxes = np.array([[x, y, x + s, y + s] for x, y in corners], np.float32).reshape(-1, 4)
+        n = len(boxes)
+        return [Detections(boxes, np.full(n, 0.9), np.ones((n, 28, 28)), (h, w))]
+
+
+def test_auto_scale_estimates_size_and_predicts_at_the_model_size():
+    pred = _SizedPredictor()
+    image = np.zeros((96, 96, 3), np.float32)
+    pred.SIZE = 20.0  # found at scale 1: square 20 px = 22.6 px disk-equivalent -> x1.77
+    det = pred.predict(image, scale="auto")
+    assert pred.calls[0] == 1.0 and len(pred.calls) == 2
+    assert abs(det.diameter - 2 * 20 / np.sqrt(np.pi)) < 0.5
+    assert det.scale == pytest.approx(40 / det.diameter, rel=1e-3) and len(det) == 4
+    pred = _SizedPredictor()
+    pred.SIZE = 8.0  # too small to be seen at scale 1: retried larger, then refined
+    det = pred.predict(image, scale="auto")
+    assert pred.calls[:2] == [1.0, 2.5] and len(pred.calls) == 3 and len(det) > 4
+    assert det.scale == pytest.approx(40 / det.diameter, rel=0.2) and det.scale > 3
+    pred = _SizedPredictor()
+    pred.SIZE = 2.0  # never seen: every retry, then the first (empty) result
+    det = pred.predict(image, scale="auto")
+    assert pred.calls == [1.0, 2.5, 0.4] and len(det) == 0 and det.diameter is None
+
+
+def test_resolve_scale_and_diameter():
+    plain = Predictor(torch.nn.Identity(), ModelConfig())
+    sized = Predictor(torch.nn.Identity(), ModelConfig(diameter=40.0))
+    assert plain.resolve_scale() == 1.0 and sized.resolve_scale() == "auto"
+    assert sized.resolve_scale(diameter=20) == 2.0 and plain.resolve_scale(diameter=60) == 0.5
+    assert sized.resolve_scale(scale=1.5, diameter=20) == 1.5
+    assert sized.resolve_scale(diameter="auto") == "auto"
+    for bad in (dict(diameter=0), dict(diameter=-3), dict(scale=0), dict(scale="big")):
+        with pytest.raises(PredictError):
+            sized.resolve_scale(**bad)

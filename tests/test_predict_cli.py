@@ -173,3 +173,21 @@ def test_predict_on_two_gloo_ranks(workdir, tmp_path):
     ref = read_annotations(single)
     for image_id in ref.ids:
         assert sorted(ann.rles(image_id)) == sorted(ref.rles(image_id))
+
+
+def test_diameter_option_sizes_images(workdir, tmp_path, capsys):
+    from napari_cellseg.annotations import read_annotations
+
+    out = tmp_path / "sub.csv"
+    base = ["--checkpoint", workdir / "tiny.bin", workdir / "images" / "a_img.png", "--out", out,
+            "--device", "cpu"]
+    rc, cap = _run([*base, "--diameter", "auto"], capsys)
+    assert rc == 0, cap.err
+    assert "object size: estimated per image" in cap.err and read_annotations(out).ids == ["a_img"]
+    rc, cap = _run([*base, "--diameter", "15"], capsys)  # tiny model: reference 30 px -> x2
+    assert rc == 0 and "object size: scale 2 " in cap.err
+    for bad, expected in ((["--diameter", "0"], "--diameter: expected a diameter in pixels > 0"),
+                          (["--diameter", "10", "--scale", "2"], "not allowed with argument")):
+        out.unlink(missing_ok=True)
+        rc, cap = _run([*base, *bad], capsys)
+        assert rc == 2 and expected in cap.err and not out.exists()

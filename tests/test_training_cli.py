@@ -48,7 +48,8 @@ def test_two_epochs_then_resume(data, tmp_path):
 
     images, labels = data
     out = tmp_path / "run"
-    args = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY]
+    args = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+            "--diameter", "24"]
     assert main([*args, "--epochs", "2"]) == 0
     for name in ("best_model.bin", "last.ckpt", "log.csv", "loss.png", "figures/train_samples.png",
                  "figures/val_epoch002.png"):
@@ -58,6 +59,7 @@ def test_two_epochs_then_resume(data, tmp_path):
     assert all(np.isfinite(float(r["val_loss"])) and 0 <= float(r["val_map"]) <= 1 for r in rows)
     model, cfg, thr, info = load_checkpoint(out / "best_model.bin")
     assert cfg.backbone == "convnext_atto" and cfg.fpn_channels == 32 and cfg.anchor_sizes == (8, 16, 32, 64, 128)
+    assert cfg.diameter == 24.0  # size normalisation travels with the model to predict
     assert {"box_conf", "mask_threshold"} <= set(thr) and info["n_train"] + info["n_val"] == 6
     best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
     assert str(info["epoch"]) == best_epoch

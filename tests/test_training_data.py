@@ -128,3 +128,20 @@ def test_split_is_grouped_and_errors_are_clear():
     with pytest.raises(DataError, match="no cells"):
         split_samples(samples[:1] + empty, 0.5, seed=0)
 
+
+
+def test_normalize_size_brings_median_diameter_to_target():
+    from napari_cellseg.metrics import median_diameter
+    from training.data import normalize_size
+
+    lab = np.zeros((80, 96), np.int32)
+    for i, (cy, cx) in enumerate([(15, 15), (15, 50), (50, 30), (60, 75)], 1):
+        lab[disk((cy, cx), 6, shape=lab.shape)] = i  # diameter ~12
+    image = (lab > 0).astype(np.float32) * 0.8
+    small, empty = array_samples([image, image], [lab, np.zeros_like(lab)], ["cells", "none"])
+    big, same = normalize_size([small, empty], 36.0)
+    assert big.image.shape[:2] == big.layers.shape[1:] and big.image.shape[0] > 200  # ~3x larger
+    assert abs(median_diameter(big.layers) - 36.0) < 2.0
+    assert big.image.dtype == np.float16 and big.layers.dtype == small.layers.dtype
+    assert np.array_equal(np.unique(big.layers), np.unique(small.layers))  # every cell kept
+    assert same is empty  # nothing to measure: left as it is

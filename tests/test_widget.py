@@ -364,3 +364,28 @@ def test_rgb_image_segments(make_napari_viewer, qtbot, tiny_checkpoint, errors):
     assert errors == []
     lyr = viewer.layers["rgb cells"]
     assert lyr.data.shape == rgb.shape[:2] and lyr.data.max() > 0
+
+
+def test_cell_diameter_control(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path, forward_calls, errors):
+    import dataclasses
+
+    from napari_cellseg.checkpoint import load_checkpoint, save_checkpoint
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    assert w.diameter_spin.text() == "auto"  # default: the model's own size handling
+    w.diameter_spin.setValue(15)  # the tiny model has no trained size: reference 30 px -> x2
+    _segment(qtbot, w)
+    res = result_of(viewer.layers["img cells"])
+    assert errors == [] and res.detections.scale == pytest.approx(2.0) and len(forward_calls) == 1
+    assert "Image resized x2." in w.status.text()
+    # a size-normalised model: "auto" measures the cells first and says what it found
+    model, cfg, thr, _ = load_checkpoint(tiny_checkpoint)
+    sized = tmp_path / "sized.bin"
+    save_checkpoint(sized, model, dataclasses.replace(cfg, diameter=20.0), thresholds=thr)
+    w.set_checkpoint(sized)
+    w.diameter_spin.setValue(0)
+    _segment(qtbot, w)
+    res = result_of(viewer.layers["img cells"])
+    assert errors == [] and res.detections.diameter > 0 and len(forward_calls) >= 3
+    assert res.detections.scale == pytest.approx(min(4.0, 20.0 / res.detections.diameter), rel=0.2)
+    assert f"Cell size estimated at {res.detections.diameter:.0f} px" in w.status.text()

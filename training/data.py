@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_cellseg.metrics import median_diameter
+
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MIN_AREA = 4  # instances smaller than this (after augmentation) are dropped as degenerate
 
@@ -240,6 +242,28 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int):
     if not any(s.layers.any() for s in train):
         raise DataError("the training images carry no cells: the training set is empty")
     return train, val
+
+
+# ---------------------------------------------------------------- object size
+def normalize_size(samples: list[Sample], diameter: float) -> list[Sample]:
+    """Resize each sample so its median object diameter becomes ``diameter`` px (as cellpose
+    rescales training images to diam_mean); samples without cells are kept as they are."""
+    import cv2
+
+    out = []
+    for s in samples:
+        d = median_diameter(s.layers)
+        f = diameter / d if d > 0 else 1.0
+        if abs(f - 1.0) < 0.02:
+            out.append(s)
+            continue
+        h, w = s.layers.shape[1:]
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        img = cv2.resize(s.image.astype(np.float32), size, interpolation=cv2.INTER_AREA if f < 1
+                         else cv2.INTER_LINEAR).reshape(size[1], size[0], -1)
+        layers = np.stack([cv2.resize(la, size, interpolation=cv2.INTER_NEAREST) for la in s.layers])
+        out.append(Sample(s.image_id, img.astype(np.float16), layers))
+    return out
 
 
 # ---------------------------------------------------------------- dataset

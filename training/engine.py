@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig
-from .data import DataError, InstanceDataset, collate, load_samples, split_samples
+from .data import DataError, InstanceDataset, collate, load_samples, normalize_size, split_samples
 from .augment import test_pipeline, train_pipeline
 from . import evaluate as ev
 
@@ -105,6 +105,7 @@ def _build(config: TrainConfig, device):
     if config.init_checkpoint:
         src, src_cfg, _, _ = load_checkpoint(config.init_checkpoint, config=config.model)
         src_cfg.native_scale = src_cfg.native_scale or native  # also when fine-tuning
+        src_cfg.diameter = config.model.diameter  # size normalisation is the new training's choice
         if src_cfg.to_dict() != config.model.to_dict():
             config.model = src_cfg  # fine-tuning keeps the architecture of the checkpoint
             model = build_model(src_cfg)
@@ -222,6 +223,8 @@ def train(config: TrainConfig, samples=None):
     yield {"stage": "setup", "message": "loading data"}
     samples = samples if samples is not None else load_samples(config)
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
+    if config.model.diameter:
+        train_s, val_s = (normalize_size(x, config.model.diameter) for x in (train_s, val_s))
     if world > 1:
         backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
         dist.init_process_group(backend)
