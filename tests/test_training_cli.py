@@ -75,6 +75,11 @@ def test_two_epochs_then_resume(data, tmp_path):
     assert read_checkpoint(out / "last.ckpt")["epoch"] == 3
     # a finished run is not silently overwritten
     assert main([*args, "--epochs", "3"]) == 2
+    # fine-tuning from it keeps its size normalisation
+    tuned = tmp_path / "tuned"
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(tuned), *TINY,
+                 "--epochs", "1", "--init-checkpoint", str(out / "best_model.bin")]) == 0
+    assert load_checkpoint(tuned / "best_model.bin")[1].diameter == 24.0
 
 
 @pytest.mark.slow

@@ -152,7 +152,8 @@ HELP: dict[str, str] = {
     "scale_range": "random rescale factor range MIN MAX applied before cropping (scale augmentation)",
     "diameter": "resize each training/validation image so its median object diameter is D px "
                 "(0 = off, native size) before --scale-range; stored in the checkpoint, and predict's "
-                "--diameter/auto sizing rescales images to it (as cellpose's diam_mean)",
+                "--diameter/auto sizing rescales images to it (as cellpose's diam_mean); fine-tuning "
+                "keeps the --init-checkpoint's value unless this is given",
     "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",
     "backbone_weights": "ImageNet weights file for the timm backbone (no downloads here)",
     "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",

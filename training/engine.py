@@ -93,6 +93,13 @@ def _resolve_device(name: str):
     return dev
 
 
+def _checkpoint_config(path) -> dict:
+    from napari_cellseg.checkpoint import read_checkpoint
+
+    obj = read_checkpoint(path)
+    return obj.get("config", {}) if isinstance(obj, dict) else {}
+
+
 def _build(config: TrainConfig, device):
     import torch
     from napari_cellseg.checkpoint import load_checkpoint
@@ -223,6 +230,8 @@ def train(config: TrainConfig, samples=None):
     yield {"stage": "setup", "message": "loading data"}
     samples = samples if samples is not None else load_samples(config)
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
+    if config.init_checkpoint and not config.model.diameter:  # fine-tuning keeps the model's size
+        config.model.diameter = float(_checkpoint_config(config.init_checkpoint).get("diameter") or 0.0)
     if config.model.diameter:
         train_s, val_s = (normalize_size(x, config.model.diameter) for x in (train_s, val_s))
     if world > 1:
