@@ -307,7 +307,7 @@ class Predictor:
                     break
                 yield {**ev, "stage": f"size pass {k + 1} (x{scale:.2f}): {ev.get('stage', '')}",
                        "fraction": min(0.99, (k + float(ev.get("fraction", 0.0))) / AUTO_PASSES)}
-            first = first or dets
+            first = dets if first is None else first  # (Detections is falsy when empty)
             diameter = median_diameter(dets.to_labels(th["box_conf"], th["mask_threshold"],
                                                       th.get("min_area", 0)))
             dets.scale, dets.diameter = scale, diameter or None
