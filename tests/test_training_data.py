@@ -145,3 +145,7 @@ def test_normalize_size_brings_median_diameter_to_target():
     assert big.image.dtype == np.float16 and big.layers.dtype == small.layers.dtype
     assert np.array_equal(np.unique(big.layers), np.unique(small.layers))  # every cell kept
     assert same is empty  # nothing to measure: left as it is
+    tiles = normalize_size([small], 36.0, max_side=100)  # too large after resizing: cut in tiles
+    assert [t.image_id for t in tiles][:2] == ["cells@r0c0", "cells@r0c1"] and len(tiles) == 9
+    assert all(max(t.image.shape[:2]) <= 100 and t.image.shape[:2] == t.layers.shape[1:] for t in tiles)
+    assert sum(int((t.layers > 0).sum()) for t in tiles) == int((big.layers > 0).sum())

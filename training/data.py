@@ -245,24 +245,40 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int):
 
 
 # ---------------------------------------------------------------- object size
-def normalize_size(samples: list[Sample], diameter: float) -> list[Sample]:
+MAX_SIDE = 512  # size-normalised images larger than this are cut into tiles (bounded memory)
+
+
+def normalize_size(samples: list[Sample], diameter: float, max_side: int = MAX_SIDE) -> list[Sample]:
     """Resize each sample so its median object diameter becomes ``diameter`` px (as cellpose
-    rescales training images to diam_mean); samples without cells are kept as they are."""
+    rescales training images to diam_mean); samples without cells are kept as they are.
+
+    An image that grows beyond ``max_side`` is cut into a grid of tiles (ids ``ID@rIcJ``, cells
+    cut by a tile edge stay as the part inside), so a crowd of tiny cells upscaled 4x cannot
+    exhaust memory in validation, which sees whole images."""
     import cv2
 
     out = []
     for s in samples:
         d = median_diameter(s.layers)
-        f = diameter / d if d > 0 else 1.0
+        f = float(np.clip(diameter / d, 0.25, 4.0)) if d > 0 else 1.0
         if abs(f - 1.0) < 0.02:
-            out.append(s)
+            img, layers = s.image, s.layers
+        else:
+            h, w = s.layers.shape[1:]
+            size = (max(1, round(w * f)), max(1, round(h * f)))
+            img = cv2.resize(s.image.astype(np.float32), size, interpolation=cv2.INTER_AREA if f < 1
+                             else cv2.INTER_LINEAR).reshape(size[1], size[0], -1).astype(np.float16)
+            layers = np.stack([cv2.resize(la, size, interpolation=cv2.INTER_NEAREST) for la in s.layers])
+        h, w = layers.shape[1:]
+        ny, nx = -(-h // max_side), -(-w // max_side)
+        if ny * nx == 1:
+            out.append(s if img is s.image else Sample(s.image_id, img, layers))
             continue
-        h, w = s.layers.shape[1:]
-        size = (max(1, round(w * f)), max(1, round(h * f)))
-        img = cv2.resize(s.image.astype(np.float32), size, interpolation=cv2.INTER_AREA if f < 1
-                         else cv2.INTER_LINEAR).reshape(size[1], size[0], -1)
-        layers = np.stack([cv2.resize(la, size, interpolation=cv2.INTER_NEAREST) for la in s.layers])
-        out.append(Sample(s.image_id, img.astype(np.float16), layers))
+        ys, xs = np.linspace(0, h, ny + 1).astype(int), np.linspace(0, w, nx + 1).astype(int)
+        for i in range(ny):
+            for j in range(nx):
+                win = (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1]))
+                out.append(Sample(f"{s.image_id}@r{i}c{j}", img[win], layers[(slice(None), *win)]))
     return out
 
 
