@@ -315,8 +315,9 @@ class SegmentWidget(PanelActions, QWidget):
         kept = sum(len(d) for d in new.values())
         tip = " — lower Box confidence to see more" if n == 0 and kept else ""
         where = f" ({len(new)} planes)" if len(new) > 1 else ""
+        size = size_note(new.values())
         self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
-                   f"sliders){tip}. {size_note(new.values())}{note}", notify=True)
+                   f"sliders){tip}.{' ' + size if size else ''}{note}", notify=True)
 
     def _free_name(self, base: str) -> str:
         names = {x.name for x in self.viewer.layers}

@@ -259,6 +259,7 @@ def run_predict(args, progress_factory=None) -> int:
     if args.checkpoint is None and rank == 0:
         print("cellseg predict: no --checkpoint given, using the bundled demo model", file=sys.stderr)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=device, precision=args.precision)
+    scale = predictor.resolve_scale(args.scale, getattr(args, "diameter", None))  # fail before writing
     if getattr(args, "tile_size", None) is not None:
         predictor.tile_size = int(args.tile_size)
     if getattr(args, "tile_overlap", None) is not None:
@@ -287,7 +288,6 @@ def run_predict(args, progress_factory=None) -> int:
             flushed[0] = True
             journal.__init__(journal.path)
 
-    scale = predictor.resolve_scale(args.scale, getattr(args, "diameter", None))
     if rank == 0:
         print(f"cellseg predict: object size: {describe_scale(predictor, scale)}", file=sys.stderr)
     bar = progress_factory(total=len(mine), desc=f"predict (rank {rank})" if world > 1 else "predict") \

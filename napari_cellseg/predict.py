@@ -239,7 +239,11 @@ class Predictor:
         if not (np.isfinite(diameter) and diameter > 0):
             raise PredictError(f"diameter must be a positive number of pixels, got {diameter}")
         scale = self.reference_diameter / float(diameter)
-        _check_scale(scale)
+        if not 0.05 <= scale <= 20:
+            raise PredictError(f"diameter {diameter:g} px would resize the image x{scale:.3g} for this "
+                               f"model (objects ~{self.reference_diameter:.0f} px); give a diameter "
+                               f"between {self.reference_diameter / 20:.3g} and "
+                               f"{self.reference_diameter / 0.05:.0f} px")
         return scale
 
     def resolve_scale(self, scale: float | None = None, diameter: float | str | None = None) -> float | str:
@@ -295,7 +299,7 @@ class Predictor:
         from .metrics import median_diameter
 
         th = self.thresholds
-        scale, first, tried = 1.0, None, set()
+        scale, first, found, tried = 1.0, None, None, set()
         for k in range(AUTO_PASSES):
             tried.add(round(scale, 3))
             gen = self._predict_array(arr, scale, tile)
@@ -312,10 +316,11 @@ class Predictor:
                                                       th.get("min_area", 0)))
             dets.scale, dets.diameter = scale, diameter or None
             if not diameter:
-                scale = {1.0: 2.5, 2.5: 0.4}.get(scale)
-                if scale is None:
-                    return first  # nothing found at any size
+                scale = None if found is not None else {1.0: 2.5, 2.5: 0.4}.get(scale)
+                if scale is None:  # nothing at this size: the last pass that found cells, if any
+                    return found if found is not None else first
                 continue
+            found = dets
             new = float(np.clip(self.reference_diameter / diameter, *AUTO_SCALE_RANGE))
             if abs(np.log(new / scale)) < np.log(1.2) or round(new, 3) in tried:
                 return dets
@@ -420,7 +425,7 @@ class Predictor:
                 b = resize_boxes(boxes[i], sizes[i], orig_sizes[i])
                 out.append(Detections(b.float().cpu().numpy(), scores[i].float().cpu().numpy(),
                                       probs[n0:n0 + n].numpy(), orig_sizes[i],
-                                      labels=labels[i].cpu().numpy()))
+                                      labels=labels[i].cpu().numpy(), scale=float(scale)))
             return out
 
     def _mask_probs(self, x, labels):
@@ -449,8 +454,13 @@ class Predictor:
 def describe_scale(predictor: Predictor, scale: float | str) -> str:
     """One line for users: which object size the images are predicted at."""
     ref = predictor.reference_diameter
+    sized = bool(getattr(predictor.config, "diameter", 0.0))
     if scale == "auto":
-        return f"estimated per image (the model works best at objects ~{ref:.0f} px across)"
+        why = f"the model was trained at objects ~{ref:.0f} px across" if sized else \
+            f"no trained size in this model: objects are brought to ~{ref:.0f} px"
+        return f"estimated per image ({why})"
+    if not sized:
+        return f"scale {float(scale):.3g}"
     return f"scale {float(scale):.3g} (objects ~{ref / float(scale):.0f} px across suit this model best)"
 
 

@@ -39,7 +39,7 @@ def test_shipped_small_and_weights_only():
     assert obj["config"]["backbone"] == "convnext_atto"
     assert {t.dtype for t in obj["state_dict"].values() if t.is_floating_point()} == {torch.float16}
     model, config, thresholds, info = load_checkpoint(path)
-    assert config.native_scale
+    assert config.native_scale and config.diameter == 40.0  # size-normalised: predict sizes images
     assert 0 < thresholds["box_conf"] < 1 and 0 < thresholds["mask_threshold"] < 1
     assert "not a substitute" in info["description"]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # cast back on load
@@ -50,7 +50,8 @@ def test_shipped_small_and_weights_only():
 def test_segments_the_packaged_samples(predictor, name):
     image, gt = load_sample(name)
     t = predictor.thresholds
-    labels = predictor.predict(image).to_labels(t["box_conf"], t["mask_threshold"], t.get("min_area", 0))
+    det = predictor.predict(image, scale=predictor.resolve_scale())  # the model's default: auto size
+    labels = det.to_labels(t["box_conf"], t["mask_threshold"], t.get("min_area", 0))
     score = average_precision(gt, labels)
     assert score >= MIN_MAP[name], f"{name}: mAP {score:.3f} < {MIN_MAP[name]}"
     n_gt, n_pred = int(gt.max()), len(np.unique(labels)) - 1

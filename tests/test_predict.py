@@ -223,6 +223,7 @@ class _SizedPredictor(Predictor):
     """Finds square objects of SIZE image px, but only when they look 15..80 px to the network."""
 
     SIZE = 8.0
+    WINDOW = (15, 80)
 
     def __init__(self):
         super().__init__(torch.nn.Identity(), ModelConfig(diameter=40.0, native_scale=True),
@@ -235,7 +236,7 @@ class _SizedPredictor(Predictor):
         h, w = arrays[0].shape[:2]
         s = self.SIZE
         corners = [(x, y) for y in range(4, h - int(s), 2 * int(s)) for x in range(4, w - int(s), 2 * int(s))]
-        if not 15 <= s * scale <= 80:
+        if not self.WINDOW[0] <= s * scale <= self.WINDOW[1]:
             corners = []
         boxes = np.array([[x, y, x + s, y + s] for x, y in corners], np.float32).reshape(-1, 4)
         n = len(boxes)
@@ -256,6 +257,10 @@ def test_auto_scale_estimates_size_and_predicts_at_the_model_size():
     assert pred.calls[:2] == [1.0, 2.5] and len(pred.calls) == 3 and len(det) > 4
     assert det.scale == pytest.approx(40 / det.diameter, rel=0.2) and det.scale > 3
     pred = _SizedPredictor()
+    pred.WINDOW = (15, 25)  # seen at 2.5x, lost again at the refined 3.5x: the 2.5x result is kept
+    det = pred.predict(image, scale="auto")
+    assert pred.calls == [1.0, 2.5, pytest.approx(3.54, abs=0.05)] and det.scale == 2.5 and len(det) > 4
+    pred = _SizedPredictor()
     pred.SIZE = 2.0  # never seen: every retry, then the first (empty) result
     det = pred.predict(image, scale="auto")
     assert pred.calls == [1.0, 2.5, 0.4] and len(det) == 0 and det.diameter is None
@@ -268,6 +273,8 @@ def test_resolve_scale_and_diameter():
     assert sized.resolve_scale(diameter=20) == 2.0 and plain.resolve_scale(diameter=60) == 0.5
     assert sized.resolve_scale(scale=1.5, diameter=20) == 1.5
     assert sized.resolve_scale(diameter="auto") == "auto"
+    with pytest.raises(PredictError, match="diameter 1 px would resize the image x40"):
+        sized.resolve_scale(diameter=1)
     for bad in (dict(diameter=0), dict(diameter=-3), dict(scale=0), dict(scale="big")):
         with pytest.raises(PredictError):
             sized.resolve_scale(**bad)

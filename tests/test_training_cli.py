@@ -69,7 +69,8 @@ def test_two_epochs_then_resume(data, tmp_path):
     # resume: continues at epoch 3, keeps the earlier log rows and the optimizer state
     before = read_checkpoint(out / "last.ckpt")
     assert before["epoch"] == 2 and before["optimizer"]["state"]
-    assert main([*args, "--epochs", "3", "--resume"]) == 0
+    assert main([*args[:-2], "--epochs", "3", "--resume"]) == 0  # without --diameter: kept from last.ckpt
+    assert read_checkpoint(out / "last.ckpt")["config"]["diameter"] == 24.0
     rows3 = log_rows(out)
     assert [r["epoch"] for r in rows3] == ["1", "2", "3"] and rows3[:2] == rows
     assert read_checkpoint(out / "last.ckpt")["epoch"] == 3
@@ -150,6 +151,11 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys):
         tifffile.imwrite(labels / f"s{k}.tif", synth(k)[1])
     msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), *base, "--val-fraction", "0"], capsys, out)
     assert "nothing to validate" in msg
+    # size normalisation needs native-scale training (TINY trains at native size: --width 0 --height 0)
+    sized = ["--image-dir", str(images), "--label-dir", str(labels), *base, "--diameter"]
+    assert "--diameter: must be >= 0" in _bad([*sized, "-5"], capsys, out)
+    msg = _bad([*sized, "30", "--width", "704", "--height", "520"], capsys, out)
+    assert "--diameter: size normalisation needs native-scale training" in msg
     # an output folder that cannot be created / written (its parent is a file; works as root too)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")

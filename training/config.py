@@ -82,6 +82,11 @@ class TrainConfig:
             bad("crop_size", f"must be 0 (no crop) or >= 32, got {self.crop_size}")
         if self.steps_per_epoch < 0:
             bad("steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
+        if not self.model.diameter >= 0:
+            bad("diameter", f"must be >= 0 (0 = off), got {self.model.diameter}")
+        if self.model.diameter and not (self.crop_size or (self.width == 0 and self.height == 0)):
+            bad("diameter", "size normalisation needs native-scale training: add --crop-size N "
+                            "(or --width 0 --height 0), else every image is resized to WIDTH x HEIGHT")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             bad("scale_range", f"needs 0 < MIN <= MAX, got {lo} {hi}")
@@ -151,7 +156,8 @@ HELP: dict[str, str] = {
                        "with --crop-size, many small random crops per epoch",
     "scale_range": "random rescale factor range MIN MAX applied before cropping (scale augmentation)",
     "diameter": "resize each training/validation image so its median object diameter is D px "
-                "(0 = off, native size) before --scale-range; stored in the checkpoint, and predict's "
+                "(0 = off; with --init-checkpoint: keep its value) before --scale-range; needs "
+                "--crop-size or --width 0 --height 0; stored in the checkpoint, and predict's "
                 "--diameter/auto sizing rescales images to it (as cellpose's diam_mean); fine-tuning "
                 "keeps the --init-checkpoint's value unless this is given",
     "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",

@@ -230,7 +230,10 @@ def train(config: TrainConfig, samples=None):
     yield {"stage": "setup", "message": "loading data"}
     samples = samples if samples is not None else load_samples(config)
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
-    if config.init_checkpoint and not config.model.diameter:  # fine-tuning keeps the model's size
+    last = out / "last.ckpt"
+    if config.resume and last.is_file():  # a resumed run goes on at the size it started with
+        config.model.diameter = float(_checkpoint_config(last).get("diameter") or 0.0)
+    elif config.init_checkpoint and not config.model.diameter:  # fine-tuning keeps the model's size
         config.model.diameter = float(_checkpoint_config(config.init_checkpoint).get("diameter") or 0.0)
     if config.model.diameter:
         train_s, val_s = (normalize_size(x, config.model.diameter) for x in (train_s, val_s))
