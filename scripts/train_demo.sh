@@ -6,10 +6,13 @@
 #            on all labelled real planes once each (DATA1)
 #   phase 2: fine-tune phase 1's best on DATA2: sparse top/bottom planes (< 10 labelled nuclei,
 #            out-of-focus nuclei unlabelled there) dropped, real planes oversampled 4x;
-#            run as 20 epochs, then resumed to 50 (what was done for the shipped model)
+#            run as 20 epochs, then resumed to 50
+#   phase 3: size normalisation: fine-tune phase 2's best with --diameter 40 (every image resized
+#            so its median object is 40 px across, scale augmentation 0.7-1.45 around that),
+#            300 steps per epoch; predict's --diameter auto brings any image to that size
 #   tune:    cellseg tune --write on DATA2/tune (guard planes + synthetic of a third seed)
 #   package: scripts/package_demo.py (fp16 weights) -> napari_cellseg/models/demo.bin
-# Usage: bash scripts/train_demo.sh [WORK_DIR]     (about 2 hours on 2 idle CPU cores)
+# Usage: bash scripts/train_demo.sh [WORK_DIR]     (about 3 hours on 2 idle CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-runs}
@@ -26,8 +29,14 @@ COMMON=(--crop-size 224 --scale-range 0.6 1.6 --batch-size 2 --steps-per-epoch 1
 PHASE2=(--image-dir "$DATA2/train/images" --label-dir "$DATA2/train/labels" --out "$WORK/demo2"
         --init-checkpoint "$WORK/demo/best_model.bin" "${COMMON[@]}" --lr 3e-4)
 [ -f "$WORK/demo2/last.ckpt" ] || cellseg-train "${PHASE2[@]}" --epochs 20
-cellseg-train "${PHASE2[@]}" --epochs 50 --resume
-cp "$WORK/demo2/best_model.bin" "$WORK/demo_tuned.bin"
+cellseg-train "${PHASE2[@]}" --epochs 50 --resume  # a finished run just returns
+PHASE3=(--image-dir "$DATA2/train/images" --label-dir "$DATA2/train/labels" --out "$WORK/demo3size"
+        --init-checkpoint "$WORK/demo2/best_model.bin" --diameter 40 --crop-size 224 --scale-range 0.7 1.45
+        --batch-size 2 --steps-per-epoch 300 --val-fraction 0.1 --max-val-images 8 --device cpu --seed 2025
+        --lr 3e-4)
+if [ -f "$WORK/demo3size/last.ckpt" ]; then cellseg-train "${PHASE3[@]}" --epochs 20 --resume
+else cellseg-train "${PHASE3[@]}" --epochs 20; fi
+cp "$WORK/demo3size/best_model.bin" "$WORK/demo_tuned.bin"
 cellseg tune --checkpoint "$WORK/demo_tuned.bin" --gt "$DATA2/tune/annotations.csv" \
   --images "$DATA2/tune/images" --write
 python scripts/package_demo.py "$WORK/demo_tuned.bin" --out napari_cellseg/models/demo.bin
