@@ -19,9 +19,9 @@ from napari_cellseg.checkpoint import bundled_model_path, load_checkpoint  # noq
 from napari_cellseg.metrics import average_precision  # noqa: E402
 from napari_cellseg.samples import load_sample  # noqa: E402
 
-# measured at packaging time (stored thresholds 0.75 / 0.55): nuclei sample (real plane z35, held
-# out) 0.400 mAP, 14 of 20 nuclei; cells sample (synthetic 520x704) 0.332 mAP, 78 of 151 cells
-MIN_MAP = {"nuclei": 0.30, "cells": 0.22}
+# measured at packaging time (stored thresholds 0.75 / 0.55, auto size): nuclei sample (real plane
+# z35, held out) 0.490 mAP, 15 of 20 nuclei; cells sample (synthetic 520x704) 0.539 mAP, 123 of 151
+MIN_MAP = {"nuclei": 0.40, "cells": 0.42}
 
 
 @pytest.fixture(scope="module")
