@@ -9,7 +9,7 @@
 #            run as 20 epochs, then resumed to 50
 #   phase 3: size normalisation: fine-tune phase 2's best with --diameter 40 (every image resized
 #            so its median object is 40 px across, scale augmentation 0.7-1.45 around that),
-#            300 steps per epoch; predict's --diameter auto brings any image to that size
+#            300 steps per epoch, 28 epochs; predict's --diameter auto brings any image to that size
 #   tune:    cellseg tune --write on DATA2/tune (guard planes + synthetic of a third seed)
 #   package: scripts/package_demo.py (fp16 weights) -> napari_cellseg/models/demo.bin
 # Usage: bash scripts/train_demo.sh [WORK_DIR]     (about 3 hours on 2 idle CPU cores)
@@ -34,8 +34,9 @@ PHASE3=(--image-dir "$DATA2/train/images" --label-dir "$DATA2/train/labels" --ou
         --init-checkpoint "$WORK/demo2/best_model.bin" --diameter 40 --crop-size 224 --scale-range 0.7 1.45
         --batch-size 2 --steps-per-epoch 300 --val-fraction 0.1 --max-val-images 8 --device cpu --seed 2025
         --lr 3e-4)
-if [ -f "$WORK/demo3size/last.ckpt" ]; then cellseg-train "${PHASE3[@]}" --epochs 20 --resume
-else cellseg-train "${PHASE3[@]}" --epochs 20; fi
+# (run as 20 epochs, then resumed to 28: what was done for the shipped model)
+if [ -f "$WORK/demo3size/last.ckpt" ]; then cellseg-train "${PHASE3[@]}" --epochs 28 --resume
+else cellseg-train "${PHASE3[@]}" --epochs 20; cellseg-train "${PHASE3[@]}" --epochs 28 --resume; fi
 cp "$WORK/demo3size/best_model.bin" "$WORK/demo_tuned.bin"
 cellseg tune --checkpoint "$WORK/demo_tuned.bin" --gt "$DATA2/tune/annotations.csv" \
   --images "$DATA2/tune/images" --write
