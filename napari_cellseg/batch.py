@@ -224,7 +224,8 @@ def _write_label_tiff(path: Path, labels) -> None:
 def run_predict(args, progress_factory=None) -> int:
     """The ``cellseg predict`` command (args from cli.py's parser). Returns the exit status."""
     from .images import list_images
-    from .predict import Predictor, describe_scale
+    from .predict import Predictor
+    from .sizing import describe_scale
 
     rank, world = dist_info()
     out = Path(args.out)

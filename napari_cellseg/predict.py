@@ -28,8 +28,6 @@ import numpy as np
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASK_CHUNK = 100
 DEFAULT_DIAMETER = 30.0  # reference object size of models trained without size normalisation
-AUTO_PASSES = 4  # scale="auto": most network passes per image
-AUTO_SCALE_RANGE = (0.25, 4.0)  # scale="auto" stays within these factors
 
 
 class PredictError(ValueError):
@@ -236,28 +234,15 @@ class Predictor:
 
     def scale_for_diameter(self, diameter: float) -> float:
         """The object-size scale that brings objects of ``diameter`` image px to the model's size."""
-        if not (np.isfinite(diameter) and diameter > 0):
-            raise PredictError(f"diameter must be a positive number of pixels, got {diameter}")
-        scale = self.reference_diameter / float(diameter)
-        if not 0.05 <= scale <= 20:
-            raise PredictError(f"diameter {diameter:g} px would resize the image x{scale:.3g} for this "
-                               f"model (objects ~{self.reference_diameter:.0f} px); give a diameter "
-                               f"between {self.reference_diameter / 20:.3g} and "
-                               f"{self.reference_diameter / 0.05:.0f} px")
-        return scale
+        from .sizing import scale_for_diameter
+
+        return scale_for_diameter(self, diameter)
 
     def resolve_scale(self, scale: float | None = None, diameter: float | str | None = None) -> float | str:
-        """The CLI's and widget's size options -> ``scale`` for predict. An explicit ``scale``
-        wins; ``diameter`` is the objects' size in image px or "auto"; with neither, "auto" for
-        models trained with size normalisation (``config.diameter``, e.g. the demo), else 1."""
-        if scale is not None:
-            _check_scale(scale)
-            return float(scale)
-        if diameter is None:
-            return "auto" if getattr(self.config, "diameter", 0.0) else 1.0
-        if isinstance(diameter, str) and diameter == "auto":
-            return "auto"
-        return self.scale_for_diameter(float(diameter))
+        """The CLI's and widget's size options -> ``scale`` for predict (see sizing.resolve_scale)."""
+        from .sizing import resolve_scale
+
+        return resolve_scale(self, scale, diameter)
 
     def predict(self, image, scale: float | str = 1.0, tile="auto") -> Detections:
         return drain(self.iter_predict(image, scale, tile=tile))
@@ -267,7 +252,7 @@ class Predictor:
 
         ``scale``: resize factor for the network (> 1 for small objects), or "auto": estimate the
         objects' size from a first pass and predict again at ``reference_diameter / size`` (at most
-        AUTO_PASSES passes; see ``_auto_scale``). The result's ``.scale`` says which scale was used.
+        AUTO_PASSES passes; see ``sizing.iter_auto_scale``). The result's ``.scale`` says which scale was used.
         ``tile``: "auto" = tile when the resized image exceeds ``self.tile_size`` network pixels;
         an int = that tile size; None / 0 = never tile (see :mod:`napari_cellseg.tiling`).
         """
@@ -280,7 +265,9 @@ class Predictor:
         from .tiling import iter_tiled, needs_tiling, network_factor
 
         if isinstance(scale, str) and scale == "auto":
-            return (yield from self._auto_scale(arr, tile))
+            from .sizing import iter_auto_scale
+
+            return (yield from iter_auto_scale(self, arr, tile))
         _check_scale(scale)
         size = self.tile_size if isinstance(tile, str) and tile == "auto" else tile
         factor = network_factor(self, arr.shape[:2], scale)
@@ -290,41 +277,6 @@ class Predictor:
         else:
             dets = (yield from self._forward([arr], scale))[0]
         dets.scale = float(scale)
-        return dets
-
-    def _auto_scale(self, arr: np.ndarray, tile="auto"):
-        """Predict at scale 1, measure the median diameter of the confident masks and predict
-        again at ``reference_diameter / diameter`` until the scale settles (within 20 %). An
-        image where nothing is found is retried at 2.5x (small objects) and then 0.4x (large)."""
-        from .metrics import median_diameter
-
-        th = self.thresholds
-        scale, first, found, tried = 1.0, None, None, set()
-        for k in range(AUTO_PASSES):
-            tried.add(round(scale, 3))
-            gen = self._predict_array(arr, scale, tile)
-            while True:
-                try:
-                    ev = next(gen)
-                except StopIteration as stop:
-                    dets = stop.value
-                    break
-                yield {**ev, "stage": f"size pass {k + 1} (x{scale:.2f}): {ev.get('stage', '')}",
-                       "fraction": min(0.99, (k + float(ev.get("fraction", 0.0))) / AUTO_PASSES)}
-            first = dets if first is None else first  # (Detections is falsy when empty)
-            diameter = median_diameter(dets.to_labels(th["box_conf"], th["mask_threshold"],
-                                                      th.get("min_area", 0)))
-            dets.scale, dets.diameter = scale, diameter or None
-            if not diameter:
-                scale = None if found is not None else {1.0: 2.5, 2.5: 0.4}.get(scale)
-                if scale is None:  # nothing at this size: the last pass that found cells, if any
-                    return found if found is not None else first
-                continue
-            found = dets
-            new = float(np.clip(self.reference_diameter / diameter, *AUTO_SCALE_RANGE))
-            if abs(np.log(new / scale)) < np.log(1.2) or round(new, 3) in tried:
-                return dets
-            scale = new
         return dets
 
     def predict_many(self, images: Iterable, batch_size: int = 1, scale: float | str = 1.0
@@ -449,19 +401,6 @@ class Predictor:
         z = torch.einsum("nadp,nd->nap", y, wc) + final.bias[labels].float()[:, None, None]
         z = F.pixel_shuffle(z.reshape(n, k * k, hh, ww), k)[:, 0]
         return z.sigmoid_()
-
-
-def describe_scale(predictor: Predictor, scale: float | str) -> str:
-    """One line for users: which object size the images are predicted at."""
-    ref = predictor.reference_diameter
-    sized = bool(getattr(predictor.config, "diameter", 0.0))
-    if scale == "auto":
-        why = f"the model was trained at objects ~{ref:.0f} px across" if sized else \
-            f"no trained size in this model: objects are brought to ~{ref:.0f} px"
-        return f"estimated per image ({why})"
-    if not sized:
-        return f"scale {float(scale):.3g}"
-    return f"scale {float(scale):.3g} (objects ~{ref / float(scale):.0f} px across suit this model best)"
 
 
 def _check_scale(scale) -> None:

@@ -76,7 +76,8 @@ def run_tune(args, progress_factory=None) -> int:
     """The ``cellseg tune`` command (args from cli.py's parser)."""
     from .checkpoint import resolve_checkpoint
     from .cli import _files_by_id, _image_shape, _label_source
-    from .predict import Predictor, describe_scale
+    from .predict import Predictor
+    from .sizing import describe_scale
     from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
 
     # ---- check everything before predicting
