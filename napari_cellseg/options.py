@@ -1,0 +1,158 @@
+"""Options as data: ``Thresholds`` (how raw detections become labels) and ``PredictOptions``
+(everything a prediction run needs besides the images).
+
+The one home of the threshold defaults and of every range check on prediction options. The
+CLI (``cellseg predict`` / ``tune``), both napari widgets and training validation build these
+objects; nothing else validates or defaults the same fields again. numpy/stdlib only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+
+class OptionError(ValueError):
+    """An option out of range; the message names the field (or flag) and the value."""
+
+
+def _unit(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} must be a number in [0, 1], got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise OptionError(f"{name} must be a number in [0, 1], got {value!r}")
+    return v
+
+
+def _count(name: str, value, lo: int = 0, hi: int = 2**31 - 1) -> int:
+    if isinstance(value, bool):
+        raise OptionError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if not math.isfinite(v) or v != int(v) or not lo <= v <= hi:
+        raise OptionError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Turning raw detections into a label image.
+
+    box_conf: keep detections scoring at least this; mask_threshold: a pixel belongs to a cell
+    when its mask probability is above this; min_area: drop cells smaller than this (px);
+    fill_holes / keep_largest: per-cell post-processing (cellpose-style), inside each cell's box.
+    """
+
+    box_conf: float = 0.5
+    mask_threshold: float = 0.5
+    min_area: int = 0
+    fill_holes: bool = False
+    keep_largest: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "box_conf", _unit("box_conf", self.box_conf))
+        object.__setattr__(self, "mask_threshold", _unit("mask_threshold", self.mask_threshold))
+        object.__setattr__(self, "min_area", _count("min_area", self.min_area))
+        for name in ("fill_holes", "keep_largest"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "thresholds") -> "Thresholds":
+        """Build from a (checkpoint) dict; unknown keys are ignored, a bad value raises
+        OptionError naming ``where`` and the field."""
+        if data is None:
+            return cls()
+        if isinstance(data, Thresholds):
+            return data
+        if not isinstance(data, Mapping):
+            raise OptionError(f"{where} must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except OptionError as exc:
+            raise OptionError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **overrides) -> "Thresholds":
+        """A copy with every override that is not None applied (CLI flags / widget fields)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+DEFAULT_THRESHOLDS = Thresholds()
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """One prediction run. ``None`` means "the checkpoint's / model's own value".
+
+    checkpoint: path or None (bundled demo model); device: "auto" | "cpu" | "cuda[:N]" | "mps";
+    precision: "fp32" | "bf16" | "fp16"; diameter: cell diameter in px, "auto" or None;
+    scale: an explicit resize factor (wins over diameter); tile_size: network px, 0 = never
+    tile, None = the model's default; thresholds: overrides of the checkpoint's thresholds
+    (None fields keep the checkpoint's value).
+    """
+
+    checkpoint: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    diameter: float | str | None = None
+    scale: float | None = None
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    batch_size: int = 1
+    box_conf: float | None = None
+    mask_threshold: float | None = None
+    min_area: int | None = None
+    fill_holes: bool | None = None
+    keep_largest: bool | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise OptionError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise OptionError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        if self.diameter is not None and self.diameter != "auto":
+            try:
+                d = float(self.diameter)
+            except (TypeError, ValueError):
+                raise OptionError(f"diameter must be a number of pixels > 0 or 'auto', "
+                                  f"got {self.diameter!r}") from None
+            if not math.isfinite(d) or d <= 0:
+                raise OptionError(f"diameter must be a number of pixels > 0 or 'auto', got {self.diameter!r}")
+            object.__setattr__(self, "diameter", d)
+        if self.scale is not None:
+            try:
+                s = float(self.scale)
+            except (TypeError, ValueError):
+                raise OptionError(f"scale must be a number in [0.1, 10], got {self.scale!r}") from None
+            if not math.isfinite(s) or not 0.1 <= s <= 10:
+                raise OptionError(f"scale must be a number in [0.1, 10], got {self.scale!r}")
+            object.__setattr__(self, "scale", s)
+        if self.tile_size is not None:
+            t = _count("tile_size", self.tile_size, 0, 16384)
+            if 0 < t < 64:
+                raise OptionError(f"tile_size must be 0 (never tile) or at least 64, got {self.tile_size!r}")
+            object.__setattr__(self, "tile_size", t)
+        if self.tile_overlap is not None:
+            o = _count("tile_overlap", self.tile_overlap, 0, 16384)
+            if self.tile_size and o >= self.tile_size // 2:
+                raise OptionError(f"tile_overlap must be < tile_size / 2 ({self.tile_size // 2}), got {o}")
+            object.__setattr__(self, "tile_overlap", o)
+        object.__setattr__(self, "batch_size", _count("batch_size", self.batch_size, 1, 1024))
+        # the threshold overrides are checked by building them once
+        self.thresholds(DEFAULT_THRESHOLDS)
+
+    def thresholds(self, base: Thresholds | Mapping | None = None) -> Thresholds:
+        """The effective thresholds: ``base`` (the checkpoint's) with these overrides applied."""
+        return Thresholds.from_dict(base).with_overrides(
+            box_conf=self.box_conf, mask_threshold=self.mask_threshold, min_area=self.min_area,
+            fill_holes=self.fill_holes, keep_largest=self.keep_largest)
