@@ -36,12 +36,14 @@ def test_16bit_percentile_normalisation_ignores_hot_pixels():
     assert out[10, 10] == 1.0 and out[40, 40] == 0.0
 
 
-def test_stack_plane_of_real_data(shared_data):
-    stack = read_raw(shared_data / "nuclei3d_image.tif")
-    out = load_image(shared_data / "nuclei3d_image.tif", plane=30)
+def test_stack_plane_of_real_data(nuclei_data, nuclei_planes):
+    path = nuclei_data / "nuclei_z28-43_image.tif"
+    stack = read_raw(path)
+    out = load_image(path, plane=2)
     _check(out, stack.shape[1:])
-    with pytest.raises(ImageError, match="stack of 60 planes"):
-        load_image(shared_data / "nuclei3d_image.tif")
+    np.testing.assert_array_equal(out, to_rgb_float(nuclei_planes[30][0]))
+    with pytest.raises(ImageError, match="stack of 16 planes"):
+        load_image(path)
     with pytest.raises(ImageError, match="plane 99 is out of range"):
         to_rgb_float(stack, plane=99, name="s")
 
