@@ -74,3 +74,82 @@ def test_list_images(tmp_path):
     assert list_images([tmp_path / "b.tif", tmp_path / "notes.txt"]) == [tmp_path / "b.tif"]
     with pytest.raises(ImageError, match="not found"):
         list_images(tmp_path / "nope")
+
+
+# ---- issue 15: limits from the header (D3), two channels are channels (D10) ---------------------
+def _forbid_decoding(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(tifffile, "imread", boom)
+    monkeypatch.setattr(iio, "imread", boom)
+
+
+@pytest.mark.slow
+def test_huge_tiled_compressed_tiff_refused_from_header(tmp_path, monkeypatch):
+    """D3: a 17000x17000 tiled zlib TIFF (a few hundred KB) took 8 GiB; now the header refuses it."""
+    path = tmp_path / "huge.tif"
+    tile = np.zeros((1024, 1024), np.uint8)
+    n = (-(-17000 // 1024)) ** 2
+    tifffile.imwrite(path, (tile for _ in range(n)), shape=(17000, 17000), dtype=np.uint8,
+                     tile=(1024, 1024), compression="zlib")
+    assert path.stat().st_size < 2**20
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=r"huge.tif: image size 17000x17000 .* over the limit"):
+        read_raw(path)
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_pixel_limit_checked_before_decoding(tmp_path, monkeypatch, suffix):
+    from napari_cellseg import rle
+    from napari_cellseg.images import image_info
+
+    path = tmp_path / f"img{suffix}"
+    data = np.zeros((30, 40, 3), np.uint8)
+    (tifffile.imwrite if suffix == ".tif" else iio.imwrite)(path, data)
+    info = image_info(path)
+    assert (info.planes, info.height, info.width, info.channels) == (1, 30, 40, 3)
+    monkeypatch.setattr(rle, "MAX_PIXELS", 1000)
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=rf"img{suffix}: image size 40x30 .*1,200 pixels is over"):
+        read_raw(path)
+
+
+def test_plane_channel_and_total_limits(tmp_path, monkeypatch):
+    import napari_cellseg.images as images
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((5, 8, 9), np.uint16))
+    five = tmp_path / "five.tif"
+    tifffile.imwrite(five, np.zeros((8, 9, 5), np.uint8), photometric="rgb", extrasamples=[0, 0])
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match="five.tif: 5 channels"):
+        read_raw(five)
+    monkeypatch.setattr(images, "MAX_PLANES", 4)
+    with pytest.raises(ImageError, match="stack.tif: 5 planes .* over the limit of 4 planes"):
+        read_raw(stack)
+    monkeypatch.setattr(images, "MAX_PLANES", 10)
+    monkeypatch.setattr(images, "MAX_SAMPLES", 100)
+    with pytest.raises(ImageError, match="stack.tif: 360 values .* over the limit"):
+        read_raw(stack)
+
+
+def test_two_channels_are_grey_plus_alpha(tmp_path):
+    """D10: HxWx2 TIFF was 256 'planes' of 256x2; grey+alpha PNG 'a stack of 256 planes'."""
+    from napari_cellseg.images import image_info
+
+    rng = np.random.default_rng(0)
+    la = rng.integers(0, 256, (256, 256, 2), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "la.tif", la)
+    iio.imwrite(tmp_path / "la.png", la)
+    for name in ("la.tif", "la.png"):
+        info = image_info(tmp_path / name)
+        assert (info.planes, info.height, info.width, info.channels) == (1, 256, 256, 2)
+        out = load_image(tmp_path / name)
+        _check(out, (256, 256))
+        assert np.allclose(out[..., 0], la[..., 0] / 255)  # grey kept, alpha dropped
+    assert np.allclose(to_rgb_float(la)[..., 2], la[..., 0] / 255)
+    stack = to_rgb_float(np.stack([la, la]), plane=1)  # a stack of grey+alpha planes
+    _check(stack, (256, 256))
