@@ -176,8 +176,7 @@ class Annotations:
             raise CsvError(f"{self.path}: no rows for image id {image_id!r}")
         return self._shapes.get(image_id)
 
-    def labels(self, image_id, shape=None) -> np.ndarray:
-        """int32 label image of one image, ids 1..N in row order (earlier rows win overlaps)."""
+    def _shape_for(self, image_id, shape) -> tuple[int, int]:
         known = self.shape(image_id)
         if shape is not None:
             shape = (int(shape[0]), int(shape[1]))
@@ -188,24 +187,43 @@ class Annotations:
                     f"not {shape[1]}x{shape[0]}"
                 )
         shape = shape or known
-        if shape is not None:
-            try:
-                check_size(*shape)
-            except ValueError as exc:
-                raise CsvError(f"{self.path}: image {image_id!r}: {exc}") from None
         if shape is None:
             raise CsvError(
                 f"{self.path}: row {self._rows[self._index[image_id][0]]}: unknown width/height "
                 f"for image {image_id!r} (the file has no width/height columns; give the size)"
             )
+        try:
+            check_size(*shape)
+        except ValueError as exc:
+            raise CsvError(f"{self.path}: image {image_id!r}: {exc}") from None
+        return shape
+
+    def _raise_rle(self, positions, exc: RleError, prefixed: bool) -> None:
+        row = self._rows[positions[exc.index]]
+        message = str(exc).split(": ", 1)[1] if prefixed else str(exc)  # drop "mask K: "
+        raise CsvError(f"{self.path}: row {row}: {self._column}: {message}") from None
+
+    def check(self, image_id, shape=None) -> tuple[int, int]:
+        """Check every row of one image against its size (from the file or ``shape``) without
+        painting anything; returns ``(height, width)``. Raises CsvError naming the row."""
+        shape = self._shape_for(image_id, shape)
+        positions = self._positions(image_id)
+        values = self.table[self._column]
+        try:
+            parse_rles([values.iat[i] for i in positions], shape[0] * shape[1])
+        except RleError as exc:
+            self._raise_rle(positions, exc, prefixed=False)
+        return shape
+
+    def labels(self, image_id, shape=None) -> np.ndarray:
+        """int32 label image of one image, ids 1..N in row order (earlier rows win overlaps)."""
+        shape = self._shape_for(image_id, shape)
         positions = self._positions(image_id)
         values = self.table[self._column]
         try:
             return rles_to_labels([values.iat[i] for i in positions], shape)
         except RleError as exc:
-            row = self._rows[positions[exc.index]]
-            message = str(exc).split(": ", 1)[1]  # drop rles_to_labels' "mask K" prefix
-            raise CsvError(f"{self.path}: row {row}: {self._column}: {message}") from None
+            self._raise_rle(positions, exc, prefixed=True)
 
 
 def read_annotations(path) -> Annotations:
