@@ -27,8 +27,10 @@ __all__ = [
     "ImageError",
     "IMAGE_SUFFIXES",
     "load_image",
+    "load_plane",
     "to_rgb_float",
     "read_raw",
+    "read_plane",
     "list_images",
     "normalise",
     "layout",
@@ -67,6 +69,8 @@ def layout(shape, name: str = "image") -> tuple[int, int, int, int]:
     """``(planes, height, width, channels)`` of an image array shape: the one rule for files and
     in-memory data. HxW; HxWxC with C in 1..4 (grey, grey+alpha, RGB, RGBA); ZxHxW; ZxHxWxC."""
     shape = tuple(int(v) for v in shape)
+    if len(shape) > 3:  # hyperstacks (T, Z, 1, Y, X ...): singleton axes do not count
+        shape = tuple(v for v in shape if v != 1) or shape
     colour = len(shape) >= 3 and 1 <= shape[-1] <= MAX_CHANNELS
     if len(shape) == 2:
         return 1, shape[0], shape[1], 1
@@ -164,6 +168,33 @@ def read_raw(path) -> np.ndarray:
     return array
 
 
+def read_plane(path, plane: int | None) -> np.ndarray:
+    """One plane of an image file as stored (``plane=None``: a single-plane image), checked on
+    the header first. A TIFF stack stored one page per plane reads only that page."""
+    path = Path(path)
+    info = image_info(path)
+    if plane is None or info.planes == 1:
+        if plane not in (None, 0):
+            raise ImageError(f"{path}: plane {plane} given but the image is a single plane")
+        return read_raw(path)
+    if not 0 <= plane < info.planes:
+        raise ImageError(f"{path}: plane {plane} is out of range (0..{info.planes - 1})")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                if len(series.pages) == info.planes:
+                    return np.asarray(series.pages[plane].asarray())
+        except Exception as exc:  # every reader fails differently; report them the same way
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ImageError(f"{path}: cannot read plane {plane} ({reason})") from None
+    array = read_raw(path)
+    array = array.reshape(tuple(v for v in array.shape if v != 1)) if array.ndim > 3 else array
+    return array[plane]
+
+
 def normalise(array: np.ndarray, percentiles=PERCENTILES) -> np.ndarray:
     """Scale intensities to float32 [0, 1] (see the module docstring for the rule)."""
     if array.dtype == np.uint8:
@@ -193,6 +224,8 @@ def to_rgb_float(array, plane: int | None = None, name: str = "image") -> np.nda
         raise ImageError(f"{name}: empty image (shape {array.shape})")
     if array.dtype.kind not in "buif":
         raise ImageError(f"{name}: unsupported pixel type {array.dtype}")
+    if array.ndim > 3:  # the layout rule: singleton axes of hyperstacks do not count
+        array = array.reshape(tuple(v for v in array.shape if v != 1) or array.shape)
     layout(array.shape, name)  # refuses what is not an image (1-D, 5-D, 4-D without channels)
     is_stack = array.ndim == 4 or (array.ndim == 3 and not 1 <= array.shape[-1] <= MAX_CHANNELS)
     if is_stack:
@@ -238,6 +271,13 @@ def plane_id_bases(image_id: str) -> list[str]:
 def load_image(path, plane: int | None = None) -> np.ndarray:
     """Load an image file as float32 HxWx3 in [0, 1]; ImageError (naming the file) otherwise."""
     return to_rgb_float(read_raw(path), plane=plane, name=str(path))
+
+
+def load_plane(path, plane: int | None) -> np.ndarray:
+    """:func:`load_image` of one plane, decoding only that plane where the file allows."""
+    if plane is None:
+        return load_image(path)
+    return to_rgb_float(read_plane(path, plane), name=f"{path} [plane {plane}]")
 
 
 def list_images(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:

@@ -153,3 +153,20 @@ def test_two_channels_are_grey_plus_alpha(tmp_path):
     assert np.allclose(to_rgb_float(la)[..., 2], la[..., 0] / 255)
     stack = to_rgb_float(np.stack([la, la]), plane=1)  # a stack of grey+alpha planes
     _check(stack, (256, 256))
+
+
+def test_stack_planes_read_one_at_a_time_with_the_same_rule(tmp_path, monkeypatch):
+    """One layout rule for files, arrays and plane reads; hyperstack singleton axes ignored."""
+    from napari_cellseg.images import image_info, layout, load_plane, read_plane
+
+    stack = np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    tifffile.imwrite(tmp_path / "h.tif", stack[:, None], imagej=True)  # Z x C=1 x Y x X
+    assert image_info(tmp_path / "s.tif").planes == 4
+    assert layout((4, 1, 6, 7)) == (4, 6, 7, 1) and layout((6, 7, 2)) == (1, 6, 7, 2)
+    for name in ("s.tif", "h.tif"):
+        assert np.array_equal(read_plane(tmp_path / name, 2), stack[2])
+        _check(load_plane(tmp_path / name, 3), (6, 7))
+        with pytest.raises(ImageError, match="plane 4 is out of range"):
+            read_plane(tmp_path / name, 4)
+    _check(to_rgb_float(stack[:, None], plane=1), (6, 7))
