@@ -99,8 +99,10 @@ class ModelConfig:
     # (cellpose's diam_mean); predict's diameter option rescales images to it. 0 = not normalised.
     diameter: float = 0.0
 
-    def __post_init__(self):
-        """Validate every field (``ConfigError("field: problem")``); lists become tuples."""
+    def validate(self) -> "ModelConfig":
+        """Check every field (``ConfigError("field: problem")``); lists become tuples, numbers
+        plain ints / floats. Returns self. :meth:`from_dict` (checkpoints) always calls it;
+        configs built from flags are validated by their front end (TrainConfig.validate)."""
         if not isinstance(self.backbone, str):
             raise ConfigError(f"backbone: must be a timm model name, got {type(self.backbone).__name__}")
         if not _LOCAL_NAME.fullmatch(self.backbone):
@@ -109,7 +111,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not _is_int(v) or not lo <= v <= hi:
                 raise ConfigError(f"{name}: must be an integer in [{lo}, {hi}], got {v!r}")
-            object.__setattr__(self, name, int(v))
+            setattr(self, name, int(v))
         for name in _UNIT_FIELDS:
             v = getattr(self, name)
             if not _finite(v) or not 0.0 <= float(v) <= 1.0:
@@ -139,6 +141,7 @@ class ModelConfig:
             raise ConfigError(f"diameter: must be a finite number >= 0, got {self.diameter!r} "
                               f"(0 = not normalised)")
         self.diameter = float(self.diameter)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, not tuples): safe for ``torch.load(weights_only=True)``."""
@@ -164,7 +167,7 @@ class ModelConfig:
                 kwargs[k] = tuple(v) if isinstance(v, list) else v
         if "backbone" in kwargs:
             check_backbone_name(kwargs["backbone"])
-        return cls(**kwargs)
+        return cls(**kwargs).validate()
 
 
 class BackboneError(RuntimeError):

@@ -101,9 +101,16 @@ def test_config_fields_validated(field, value, problem):
     from napari_cellseg.model import ConfigError
 
     with pytest.raises(ConfigError, match=problem):
-        ModelConfig(**{**TINY, field: value})
+        ModelConfig(**{**TINY, field: value}).validate()
     with pytest.raises(ConfigError, match=problem):
         ModelConfig.from_dict({**ModelConfig(**TINY).to_dict(), field: value})
+
+
+def test_validate_normalises_and_returns_self():
+    config = ModelConfig(**{**TINY, "anchor_sizes": [8, 16, 32, 64, 128], "diameter": 30})
+    assert config.validate() is config
+    assert config.anchor_sizes == (8, 16, 32, 64, 128) and config.diameter == 30.0
+    assert ModelConfig().validate() == ModelConfig()
 
 
 def test_from_dict_checks_backbone_against_local_timm_names():
