@@ -37,10 +37,10 @@ __all__ = [
 ]
 
 WHITESPACE = " \t\n\r\x0b\x0c"  # the one definition of whitespace for RLE strings and CSV fields
-_WS = "[" + re.escape(WHITESPACE) + "]"
-_ONLY_DIGITS_AND_SPACE = re.compile(rf"(?:[0-9]|{_WS})*")
-_BAD_TOKEN = re.compile(rf"(?:(?!{_WS}).)*[^0-9{re.escape(WHITESPACE)}](?:(?!{_WS}).)*", re.DOTALL)
-_SPLIT = re.compile(rf"{_WS}+")
+_WS = re.escape(WHITESPACE)  # for character classes
+_ONLY_DIGITS_AND_SPACE = re.compile(f"[0-9{_WS}]*")
+_BAD_TOKEN = re.compile(f"[^{_WS}]*[^0-9{_WS}][^{_WS}]*")
+_SPLIT = re.compile(f"[{_WS}]+")
 _HUGE_TOKEN = re.compile(r"[0-9]{19,}", re.ASCII)
 _TOO_LARGE = 2**62
 MAX_PIXELS = 2**28  # largest image (H*W) decoded: an int32 label image of 1 GiB (16384 x 16384)
