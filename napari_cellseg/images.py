@@ -7,7 +7,7 @@ always channels, never planes (:func:`layout`, the one rule for files and arrays
 
 Limits are checked on the file header before any pixel is decoded (:func:`image_info`): at most
 ``rle.MAX_PIXELS`` (2^28) pixels per plane, :data:`MAX_PLANES` planes, :data:`MAX_CHANNELS`
-channels and :data:`MAX_SAMPLES` values in all; TIFF (tiled / compressed too) via tifffile's
+channels, and :data:`MAX_SAMPLES` values when a whole file is decoded at once; TIFF (tiled / compressed too) via tifffile's
 header, PNG / JPEG / BMP via Pillow's. 8-bit is scaled by 1/255; everything else gets percentile normalisation
 (1st..99.8th percentile -> 0..1, clipped), except floats already inside [0, 1]. Anything else
 (4-D data, empty images, unreadable files) raises :class:`ImageError` naming the file.
@@ -45,7 +45,7 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 PERCENTILES = (1.0, 99.8)
 MAX_PLANES = 65536  # planes in one stack file
 MAX_CHANNELS = 4  # grey, grey+alpha, RGB, RGBA
-MAX_SAMPLES = 2**31  # values in one file, all planes and channels (2 GiB of uint8)
+MAX_SAMPLES = 2**30  # values decoded at once (a whole file): one RGBA plane at MAX_PIXELS
 
 
 class ImageError(ValueError):
@@ -112,7 +112,8 @@ def image_info(path) -> ImageInfo:
     """Read an image file's header (no pixel decoding) and check the size limits.
 
     Raises ImageError naming the file: unreadable header, over ``MAX_PIXELS`` pixels per plane,
-    over MAX_PLANES planes, MAX_CHANNELS channels or MAX_SAMPLES values."""
+    over MAX_PLANES planes or MAX_CHANNELS channels. (:func:`read_raw`, which decodes the whole
+    file, also refuses over MAX_SAMPLES values; :func:`read_plane` of a paged TIFF does not.)"""
     from . import rle
 
     path = Path(path)
@@ -138,10 +139,14 @@ def image_info(path) -> ImageInfo:
     if planes > MAX_PLANES:
         raise ImageError(f"{path}: {planes:,} planes (shape {shape}) is over the limit of "
                          f"{MAX_PLANES:,} planes")
-    if planes * h * w * c > MAX_SAMPLES:
-        raise ImageError(f"{path}: {planes * h * w * c:,} values (shape {shape}) is over the limit "
-                         f"of {MAX_SAMPLES:,} values per file")
     return ImageInfo(shape, dtype, planes, h, w, c)
+
+
+def _check_total(path: Path, info: ImageInfo) -> None:
+    total = info.planes * info.height * info.width * info.channels
+    if total > MAX_SAMPLES:
+        raise ImageError(f"{path}: {total:,} values (shape {info.shape}) is over the limit of "
+                         f"{MAX_SAMPLES:,} values read at once (read one plane at a time)")
 
 
 def read_raw(path) -> np.ndarray:
@@ -149,7 +154,7 @@ def read_raw(path) -> np.ndarray:
 
     The header is checked first (:func:`image_info`): nothing over the limits is decoded."""
     path = Path(path)
-    image_info(path)
+    _check_total(path, image_info(path))
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile

@@ -134,6 +134,9 @@ def test_plane_channel_and_total_limits(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "MAX_SAMPLES", 100)
     with pytest.raises(ImageError, match="stack.tif: 360 values .* over the limit"):
         read_raw(stack)
+    from napari_cellseg.images import read_plane
+
+    assert read_plane(stack, 4).shape == (8, 9)  # one page: within the limits
 
 
 def test_two_channels_are_grey_plus_alpha(tmp_path):
