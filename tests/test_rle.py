@@ -203,3 +203,29 @@ def test_parse_rles_names_the_first_bad_string(rles, first):
     with pytest.raises(RleError) as info:
         parse_rles(rles, 20)
     assert info.value.index == first
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_rle_like() | st.sampled_from(["1 2", "3 1 5 1", "", "1 0", "9" * 40]), max_size=6),
+       st.integers(1, 30))
+def test_fuzz_parse_rles_agrees_with_one_at_a_time(rles, size):
+    """parse_rles (vectorised) accepts exactly what rle_runs accepts string by string, and names
+    the first string that rle_runs (or the length bound) refuses."""
+    from napari_cellseg.rle import _max_chars
+
+    first_bad = None
+    for i, rle in enumerate(rles):
+        try:
+            if len(rle) > _max_chars(size):
+                raise RleError("too long")
+            rle_runs(rle, size)
+        except RleError:
+            first_bad = i
+            break
+    try:
+        starts, lengths, n_runs = parse_rles(rles, size)
+    except RleError as exc:
+        assert exc.index == first_bad
+        return
+    assert first_bad is None
+    assert len(n_runs) == len(rles) and int(n_runs.sum()) == len(starts) == len(lengths)
