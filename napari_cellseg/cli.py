@@ -149,27 +149,28 @@ def _cmd_to_labels(args) -> int:
     from .annotations import read_annotations
     from .atomic import atomic_write
 
+    from .images import ImageError, image_info
+
     ann = read_annotations(args.annotations)
     images = _files_by_id([args.images], "images") if args.images else {}
     shapes = {}
-    for image_id in ann.ids:  # check every size source before writing anything
+    for image_id in ann.ids:  # check every size and every row before writing anything
         _safe_id(image_id)
-        if ann.shape(image_id) is not None:
-            shapes[image_id] = None
-        elif args.shape:
-            shapes[image_id] = args.shape
-        elif images:
+        shape = None
+        if ann.shape(image_id) is None and args.shape:
+            shape = args.shape
+        elif ann.shape(image_id) is None and images:
             if image_id not in images:
                 raise ValueError(f"no image for id {image_id!r} in {args.images}")
-            shapes[image_id] = images[image_id]
-        else:
-            ann.labels(image_id)  # raises CsvError: unknown width/height (names file and row)
+            info = image_info(images[image_id])  # the header only: no pixels decoded
+            if info.planes != 1:
+                raise ImageError(f"{images[image_id]}: cannot take an image size from a stack "
+                                 f"of {info.planes} planes")
+            shape = (info.height, info.width)
+        shapes[image_id] = ann.check(image_id, shape)  # CsvError naming the file and row
     args.out.mkdir(parents=True, exist_ok=True)
     for image_id in _progress(ann.ids, desc="to-labels"):
-        shape = shapes[image_id]
-        if isinstance(shape, Path):
-            shape = _image_shape(shape)
-        labels = ann.labels(image_id, shape)
+        labels = ann.labels(image_id, shapes[image_id])
         if labels.max(initial=0) <= np.iinfo(np.uint16).max:
             labels = labels.astype(np.uint16)
         buffer = io.BytesIO()
