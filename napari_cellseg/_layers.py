@@ -57,6 +57,36 @@ def result_of(layer) -> Result | None:
     return r if isinstance(r, Result) else None
 
 
+POST_PROCESSING = ("fill_holes", "keep_largest")
+
+
+def post_processing_supported(detections=None) -> bool:
+    """Whether ``Detections.to_labels`` takes the post-processing switches (fill_holes,
+    keep_largest) - the inference side adds them; without them the switches are disabled."""
+    import inspect
+
+    to_labels = getattr(detections, "to_labels", None)
+    if to_labels is None:
+        return True  # nothing to check yet
+    try:
+        params = inspect.signature(to_labels).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(k in params for k in POST_PROCESSING) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def draw_labels(detections, thresholds: dict) -> np.ndarray:
+    """Labels from kept Detections with the widget's thresholds (validated by ``Thresholds``)."""
+    from .options import Thresholds
+
+    t = Thresholds.from_dict(thresholds, where="widget thresholds")
+    kwargs = {"box_conf": t.box_conf, "mask_threshold": t.mask_threshold, "min_area": t.min_area}
+    if post_processing_supported(detections):
+        kwargs.update({k: getattr(t, k) for k in POST_PROCESSING if getattr(t, k)})
+    return detections.to_labels(**kwargs)
+
+
 def image_id_for_layer(layer) -> str:
     """The file stem of the layer's source, else the layer name."""
     src = getattr(getattr(layer, "source", None), "path", None)

@@ -22,6 +22,9 @@ TIMEOUT = 120_000
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
+    from napari_cellseg._torch_guard import import_torch
+
+    import_torch()  # as the widget does: never a raw torch import next to OpenGL (see _torch_guard)
     import torch
 
     from napari_cellseg.checkpoint import save_checkpoint
@@ -76,17 +79,20 @@ def _image(seed=0, shape=(96, 128)):
 
 
 def _widget_with(make_napari_viewer, qtbot, checkpoint, image=None, name="img"):
+    """Open the widget the way users do: Plugins > Cell segmentation > Segment cells (napari
+    then hands it a PublicOnlyProxy of the viewer)."""
     viewer = make_napari_viewer()
     if image is not False:
         viewer.add_image(_image() if image is None else image, name=name)
-    w = _widget.SegmentWidget(viewer)
-    viewer.window.add_dock_widget(w)
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
     if checkpoint is not None:
         w.set_checkpoint(checkpoint)
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
     return viewer, w
 
 
 def _segment(qtbot, w):
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
     w.segment()
     qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
 
@@ -344,7 +350,7 @@ def test_demo_setup(make_napari_viewer, qtbot, tiny_checkpoint):
 
     viewer = make_napari_viewer()
     w = setup_demo(viewer, sample="nuclei", checkpoint=tiny_checkpoint)
-    assert "Segment cells" in viewer.window._dock_widgets
+    assert "Segment cells (napari-cellseg)" in viewer.window.dock_widgets
     assert w.image_combo.currentText() == "nuclei"
     assert w.model_combo.currentData() == str(tiny_checkpoint.resolve())
     assert viewer.layers["nuclei"].data.ndim == 2
@@ -389,3 +395,63 @@ def test_cell_diameter_control(make_napari_viewer, qtbot, tiny_checkpoint, tmp_p
     assert errors == [] and res.detections.diameter > 0 and len(forward_calls) >= 3
     assert res.detections.scale == pytest.approx(min(4.0, 20.0 / res.detections.diameter), rel=0.2)
     assert f"Cell size estimated at {res.detections.diameter:.0f} px" in w.status.text()
+
+
+def test_plugin_menu_path_locks_edits_resets_and_never_warns(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                             errors):
+    """Issue 14 items 1, 5, 12: through napari's proxy, a paint or fill stroke (the layer's own
+    path) locks the sliders and shows Reset; Segment names a button that is on screen; no
+    FutureWarning from private attribute access."""
+    import warnings
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    assert type(w.viewer).__name__ == "PublicOnlyProxy"
+    # the checkpoint's thresholds are on the sliders before the first run
+    assert w.box_slider.value() == pytest.approx(0.3) and w.mask_slider.value() == pytest.approx(0.4)
+    assert w.segment_btn.isEnabled()
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    status = w.status.text()
+    assert "cells in img" in status
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        w.box_slider.setValue(0.0)
+        w.mask_slider.setValue(0.5)
+    assert w.status.text() == status  # slider moves do not clear the message
+    assert w.reset_btn.isHidden()
+
+    lyr.paint((5, 5), 999, refresh=True)
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    assert not w.box_slider.isEnabled() and "hand-edited" in w.count_label.text()
+    edited = lyr.data.copy()
+    w.box_slider.setValue(1.0)
+    np.testing.assert_array_equal(lyr.data, edited)
+    w.segment()
+    assert "Reset to model" in errors[-1] and not w.reset_btn.isHidden() and w._worker is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        w.reset_to_model()
+    assert w.box_slider.isEnabled() and w.reset_btn.isHidden() and not result_of(lyr).edited
+    assert 999 not in lyr.data
+
+    # a fill is an edit too; "New id for last stroke" takes the stroke from the paint event
+    lyr.fill((90, 120), 555)
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    w._edit_action("new_id")
+    new = int(lyr.data.max())
+    assert 555 not in lyr.data and lyr.data[90, 120] == new
+    assert w.status.text() == f"last stroke is now cell {new}"
+
+
+def test_window_fits_a_small_saved_size(make_napari_viewer, qtbot):
+    """A tiny saved window size is grown (bounded by the screen), via public napari API."""
+    from napari_cellseg._layout import available_screen, fit_size, fit_window
+
+    assert fit_size((640, 480), (1280, 800)) == (1280, 800)
+    assert fit_size((2000, 1500), (1280, 800)) == (1280, 800)
+    assert fit_size((1400, 900), (1600, 1000)) == (1400, 900)
+    viewer = make_napari_viewer()
+    viewer.window.resize(640, 480)
+    sw, sh = available_screen()
+    assert fit_window(viewer) == (min(1280, sw), min(800, sh))
+    assert tuple(viewer.window.geometry()[2:]) == (min(1280, sw), min(800, sh))
