@@ -12,9 +12,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBo
 
 from . import _edit
 from ._layers import CSV_FORMATS, InputError, export_csv, export_items
-from ._settings import load_settings, save_settings
-
-MAX_RECENT = 5
+from ._settings import load_settings, remember_checkpoint, save_settings
 
 
 def build_edit_box(widget) -> QGroupBox:
@@ -100,10 +98,7 @@ class PanelActions:
             self.set_checkpoint(path)
 
     def set_checkpoint(self, path):
-        path = str(Path(path).resolve())
-        recent = [path] + [p for p in load_settings().get("recent_checkpoints", []) if p != path]
-        save_settings({"recent_checkpoints": recent[:MAX_RECENT], "last_checkpoint": path})
-        self._refresh_models(select=path)
+        self._refresh_models(select=remember_checkpoint(path))
 
     def _checkpoint(self) -> str:
         path = self.model_combo.currentData()

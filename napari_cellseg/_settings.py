@@ -35,6 +35,17 @@ def save_settings(update: dict) -> None:
         pass
 
 
+MAX_RECENT = 5
+
+
+def remember_checkpoint(path) -> str:
+    """Put ``path`` first in the recent-checkpoints list and make it the last one used."""
+    path = str(Path(path).resolve())
+    recent = [path] + [p for p in load_settings().get("recent_checkpoints", []) if p != path]
+    save_settings({"recent_checkpoints": recent[:MAX_RECENT], "last_checkpoint": path})
+    return path
+
+
 DIAMETER_TIP = ("Typical cell diameter in image pixels: the image is resized so cells have the size "
                 "the model was trained at (like cellpose's diameter). 'auto' estimates it for each "
                 "image from a first pass (models trained with --diameter, like the demo model; "

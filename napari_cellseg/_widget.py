@@ -259,6 +259,10 @@ class SegmentWidget(PanelActions, ScrollDock):
     def _on_torch_ready(self, checkpoint, value):
         thresholds, problem = value
         self._torch_ready, self._loader = True, None
+        try:
+            self.model_combo.currentData()
+        except RuntimeError:  # the widget was closed while PyTorch loaded
+            return
         if checkpoint != self.model_combo.currentData():  # the model changed meanwhile
             self._on_model_changed()
             return
