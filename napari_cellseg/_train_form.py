@@ -40,6 +40,12 @@ BACKBONE_CHOICES = {"imagenet": "ImageNet weights (timm)", "random": "random (sl
                     "file": "weights file…"}
 
 
+def default_backbone_choice() -> str:
+    """TrainConfig's default backbone_weights as a form choice."""
+    w = _DEFAULT.backbone_weights
+    return "random" if w is None else ("imagenet" if w == "imagenet" else "file")
+
+
 def backbone_weights(choice: str, path: str = "") -> str | None:
     """The form's backbone choice -> ``TrainConfig.backbone_weights`` ("imagenet", None or a path)."""
     if choice not in BACKBONE_CHOICES:

@@ -113,6 +113,7 @@ class TrainWidget(ScrollDock):
         self.start_from = self._path_row("init_checkpoint", file_filter="Checkpoints (*.bin *.pth *.pt *.ckpt)",
                                          placeholder="empty = random weights (slow to learn)")
         form.addRow("Start from", self.start_from[1])
+        d = _form.FORM_DEFAULTS
         self.backbone_combo = QComboBox()
         for key, text in _form.BACKBONE_CHOICES.items():
             self.backbone_combo.addItem(text, key)
@@ -124,7 +125,12 @@ class TrainWidget(ScrollDock):
             lambda *_: self.backbone_file[1].setVisible(self.backbone_combo.currentData() == "file"))
         form.addRow("Backbone", self.backbone_combo)
         form.addRow("", self.backbone_file[1])
-        d = _form.FORM_DEFAULTS
+        self.backbone_combo.setCurrentIndex(self.backbone_combo.findData(_form.default_backbone_choice()))
+        if d.get("backbone_weights") and _form.default_backbone_choice() == "file":
+            self.backbone_file[0].setText(str(d["backbone_weights"]))
+        # a starting checkpoint brings its own backbone weights
+        self.start_from[0].textChanged.connect(
+            lambda text: self.backbone_combo.setEnabled(not text.strip()))
         self.epochs = _tip(self._spin(1, 10_000, d["epochs"]), "epochs")
         form.addRow("Epochs", self.epochs)
         self.lr = _tip(QDoubleSpinBox(), "lr")
@@ -317,8 +323,10 @@ class TrainWidget(ScrollDock):
             return
         try:
             values = self.form_values()
-            values["backbone_weights"] = _form.backbone_weights(values.pop("backbone_choice"),
-                                                                values.pop("backbone_file"))
+            choice, path = values.pop("backbone_choice"), values.pop("backbone_file")
+            # only used without a starting checkpoint (which brings its own backbone weights)
+            values["backbone_weights"] = (None if values["init_checkpoint"].strip()
+                                          else _form.backbone_weights(choice, path))
             config = _form.form_to_config(values)
             pairs = self.layer_pairs() if self.source_combo.currentData() == "layers" else None
             if (Path(config.out) / "last.ckpt").exists():

@@ -16,7 +16,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                             QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
-                            QVBoxLayout, QWidget)
+                            QVBoxLayout)
 from superqt import QLabeledDoubleSlider
 
 from . import _edit, registry
@@ -382,7 +382,7 @@ class SegmentWidget(PanelActions, ScrollDock):
             return
         self.diameter_spin.setValue(diameter)
         self._info(f"Cell diameter measured in {name}: {diameter:.0f} px ({n} cells); written into "
-                   f"the box. At this diameter the image is resized x{scale:.2f}. Press Segment.",
+                   f"the box. At this diameter the image is resized x{round(scale, 2):g}. Press Segment.",
                    notify=True)
 
     def cancel(self):

@@ -490,3 +490,66 @@ def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path):
         assert w.findChild(QScrollArea) is not None  # what does not fit scrolls
     viewer.screenshot(str(tmp_path / "laptop.png"), canvas_only=False, flash=False)
     assert (tmp_path / "laptop.png").stat().st_size > 10_000
+
+
+def test_channel_choice_and_invert():
+    from napari_cellseg.channels import ChannelError, prepare
+
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 2] = 200
+    rgb[0, 0, 2] = 10
+    rgb[..., 0] = 50
+    blue = prepare(rgb, "blue")
+    assert blue.shape == (4, 5) and blue[0, 0] == 10 and blue[1, 1] == 200
+    inv = prepare(rgb, "blue", invert=True)
+    assert inv[0, 0] == 200 and inv[1, 1] == 10  # dark objects become bright, same range
+    assert prepare(rgb, "grey").shape == (4, 5) and prepare(rgb, "all") is not None
+    assert prepare(rgb, "all").shape == rgb.shape
+    grey = np.arange(20, dtype=np.uint16).reshape(4, 5)
+    np.testing.assert_array_equal(prepare(grey, "grey", invert=True), 19 - grey)
+    with pytest.raises(ChannelError, match="one channel"):
+        prepare(grey, "red")
+
+
+def test_calibrate_writes_the_diameter_and_segment_agrees(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                          errors):
+    """Calibrate measures the cells (the automatic size estimate), writes the diameter into the
+    box, and the resize factor it reports is the one Segment then uses for that diameter."""
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    assert w.diameter_spin.text() == "auto"
+    w.calibrate()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    assert errors == []
+    d = w.diameter_spin.value()
+    assert d > 0 and f"{d:.0f} px" in w.status.text()
+    import re
+
+    scale = float(re.search(r"resized x(\d+(?:\.\d+)?)", w.status.text()).group(1))
+    _segment(qtbot, w)
+    res = result_of(viewer.layers["img cells"])
+    assert res.detections.scale == pytest.approx(scale, abs=0.006)
+
+
+def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
+    """Issue 14 item 5: every button, box, slider and field of the three docks explains itself
+    (its own tooltip or that of the control group it sits in)."""
+    from qtpy.QtWidgets import (QAbstractButton, QAbstractSlider, QAbstractSpinBox, QComboBox,
+                                QLineEdit, QScrollBar)
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    for name in ("Segment cells", "Review", "Train model"):
+        _, dock = viewer.window.add_plugin_dock_widget("napari-cellseg", name)
+        missing = []
+        for kind in (QAbstractButton, QAbstractSlider, QAbstractSpinBox, QComboBox, QLineEdit):
+            for c in dock.findChildren(kind):
+                if isinstance(c, QScrollBar):
+                    continue
+                w, tip = c, ""
+                while w is not None and w is not dock and not tip:
+                    tip, w = w.toolTip(), w.parentWidget()
+                if not tip:
+                    missing.append(f"{type(c).__name__} {getattr(c, 'text', lambda: '')()!r}")
+        assert not missing, (name, missing)
+    qtbot.waitUntil(lambda: viewer.window.dock_widgets["Segment cells (napari-cellseg)"]._torch_ready,
+                    timeout=TIMEOUT)
