@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from napari.layers import Labels
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QPushButton, QSpinBox, QVBoxLayout)
 
@@ -73,7 +73,7 @@ class ReviewWidget(ScrollDock):
         root.addLayout(form)
         self.summary = QLabel("choose a prediction and a ground-truth Labels layer")
         self.summary.setWordWrap(True)
-        self.summary.setTextFormat(1)  # Qt.RichText
+        self.summary.setTextFormat(Qt.TextFormat.RichText)
         root.addWidget(self.summary)
         self.bar_fig, self.bar_canvas = figure(1.7)
         root.addWidget(self.bar_canvas)

@@ -23,7 +23,7 @@ def _llvm_mapped() -> bool:
 
 def block_triton() -> bool:
     """Make ``import triton`` fail cleanly when a libLLVM is already mapped; True if blocked."""
-    if "triton" not in sys.modules and "torch" not in sys.modules and _llvm_mapped():
+    if "triton" not in sys.modules and _llvm_mapped():
         sys.modules["triton"] = None  # type: ignore[assignment]  # -> ImportError, not a segfault
     return "triton" in sys.modules and sys.modules["triton"] is None
 

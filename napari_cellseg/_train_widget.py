@@ -83,9 +83,9 @@ class TrainWidget(ScrollDock):
         # page 0: layers
         self.pair_table = QTableWidget(0, 2)
         self.pair_table.setHorizontalHeaderLabels(["Image (tick to use)", "Cells layer"])
-        self.pair_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.pair_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.pair_table.verticalHeader().setVisible(False)
-        self.pair_table.setSelectionMode(QAbstractItemView.NoSelection)
+        self.pair_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self.pair_table.setToolTip("Every 2D image layer; pick the Labels layer holding its cells "
                                    "(Segment cells makes '<image> cells'). Ticked rows are used. With "
                                    "fewer than 4 images each is cut into 2x2 tiles and one tile "
