@@ -57,7 +57,10 @@ def main(out="docs"):
         _pump(app, 0.5)
         path = out / f"screenshot_{name}.png"
         viewer.screenshot(str(path), canvas_only=False, flash=False)
-        print("wrote", path, viewer.window.geometry())
+        canvas = viewer.screenshot(canvas_only=True, flash=False)
+        docks = {n: w.parent().height() for n, w in viewer.window.dock_widgets.items()}
+        print("wrote", path, "window", viewer.window.geometry()[2:], "canvas", canvas.shape[1::-1],
+              "dock heights", docks)
 
     shot("segment")
     _, review = viewer.window.add_plugin_dock_widget("napari-cellseg", "Review")

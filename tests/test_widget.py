@@ -490,6 +490,7 @@ def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path):
         assert w.findChild(QScrollArea) is not None  # what does not fit scrolls
     viewer.screenshot(str(tmp_path / "laptop.png"), canvas_only=False, flash=False)
     assert (tmp_path / "laptop.png").stat().st_size > 10_000
+    qtbot.waitUntil(lambda: docks["Segment cells"]._torch_ready, timeout=TIMEOUT)
 
 
 def test_channel_choice_and_invert():
