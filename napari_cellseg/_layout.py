@@ -4,10 +4,10 @@ taller than the screen, collapsible sections, and re-fitting napari's window to 
 
 from __future__ import annotations
 
-from qtpy.QtCore import QSize, QTimer
-from qtpy.QtWidgets import QApplication, QFrame, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtCore import QSize, Qt, QTimer
+from qtpy.QtWidgets import QApplication, QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
 
-DOCK_WIDTH = 340  # px: three docks stacked on the right leave >= 400 px of canvas at 1280 wide
+DOCK_WIDTH = 360  # px: three docks stacked on the right leave >= 400 px of canvas at 1280 wide
 MIN_CANVAS = 400
 SANE_SIZE = (1280, 800)  # smallest window we grow a too-small one to (bounded by the screen)
 
@@ -25,10 +25,19 @@ class ScrollDock(QWidget):
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)
         self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.content = QWidget()
         self.scroll.setWidget(self.content)
         outer.addWidget(self.scroll)
         self._fitted = False
+
+    def compact(self):
+        """Let every picker shrink to the dock's width (long names are elided, the full text is in
+        the drop-down): call once the form is built. Nothing then scrolls sideways."""
+        for combo in self.content.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(8)
+        self.content.setMinimumWidth(min(self.content.minimumSizeHint().width(), DOCK_WIDTH - 20))
 
     def sizeHint(self):
         return QSize(DOCK_WIDTH, min(self.content.sizeHint().height() + 4, 520))

@@ -42,6 +42,7 @@ class ReviewWidget(ScrollDock):
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.update_review)
         self._build()
+        self.compact()
         registry.register(self.viewer, "review", self)
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
@@ -78,7 +79,7 @@ class ReviewWidget(ScrollDock):
         self.bar_fig, self.bar_canvas = figure(1.7)
         root.addWidget(self.bar_canvas)
 
-        box = QGroupBox("Threshold sweep (from the kept network output)")
+        box = QGroupBox("Threshold sweep (no re-run)")
         bl = QVBoxLayout(box)
         row = QHBoxLayout()
         self.grid_spin = QSpinBox()

@@ -57,6 +57,7 @@ class TrainWidget(ScrollDock):
         self.tracker = None
         self.last_summary = None
         self._build()
+        self.compact()
         registry.register(self.viewer, "train", self)
         self._refresh_layers()
         ev = self.viewer.layers.events
@@ -91,6 +92,7 @@ class TrainWidget(ScrollDock):
                                    "fewer than 4 images each is cut into 2x2 tiles and one tile "
                                    "of them is held out for validation.")
         self.pair_table.setMinimumHeight(90)
+        self.pair_table.setMaximumHeight(150)  # leave room for the plot on a laptop screen
         self.pages.addWidget(self.pair_table)
         # page 1: csv + images; page 2: image + label folders
         self.train_csv = self._path_row("train_csv", file_filter="CSV (*.csv)")

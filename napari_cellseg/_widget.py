@@ -52,6 +52,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         self._torch_ready = False
         self._bound: set[int] = set()
         self._build()
+        self.compact()
         self._refresh_images()
         self._refresh_models()
         ev = self.viewer.layers.events
@@ -157,7 +158,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         tform.addRow("Min area", self.area_spin)
         self.fill_check = QCheckBox("fill holes")
         self.fill_check.setToolTip("Fill holes inside each cell (cellpose does this by default)")
-        self.largest_check = QCheckBox("keep largest piece")
+        self.largest_check = QCheckBox("keep largest")
         self.largest_check.setToolTip("Keep only the largest connected piece of each cell")
         prow = QHBoxLayout()
         prow.addWidget(self.fill_check)

@@ -69,7 +69,12 @@ def main(out="docs"):
     shot("review")
     for name in ("Segment cells", "Review"):
         viewer.window.remove_dock_widget(viewer.window.dock_widgets[f"{name} (napari-cellseg)"].parent())
-    viewer.window.add_plugin_dock_widget("napari-cellseg", "Train model")
+    review._timer.timeout.disconnect()  # the closed Review dock must not redraw its overlay
+    viewer.layers.remove("nuclei cells review")
+    _, train = viewer.window.add_plugin_dock_widget("napari-cellseg", "Train model")
+    _pump(app, 0.5)
+    bar = train.scroll.verticalScrollBar()
+    bar.setValue(bar.maximum())  # show the settings, Start and the (empty) loss plot
     shot("train")
     viewer.close()
 
