@@ -45,6 +45,16 @@ def load_torch_job(checkpoint=None):
         return None, str(exc)
 
 
+def relay(gen, transform):
+    """Re-yield a sub-generator's progress events through ``transform``; return its value."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield transform(event)
+
+
 def _predictor(checkpoint, device, cache):
     from .predict import Predictor
 
@@ -75,14 +85,8 @@ def segment_job(checkpoint, device, planes: dict, diameter, cache, channel="all"
     for i, (prefix, array) in enumerate(planes.items()):
         where = f"plane {i + 1}/{n}: " if n > 1 else ""
         gen = predictor.iter_predict(prepare(np.asarray(array), channel, invert), scale=scale)
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                out[prefix] = stop.value
-                break
-            frac = (i + float(event.get("fraction", 0.0))) / n
-            yield {**event, "stage": where + str(event.get("stage", "")), "fraction": frac}
+        out[prefix] = yield from relay(gen, lambda e, i=i, where=where: {
+            **e, "stage": where + str(e.get("stage", "")), "fraction": (i + float(e.get("fraction", 0.0))) / n})
     return out, dict(predictor.thresholds)
 
 
@@ -93,13 +97,7 @@ def calibrate_job(checkpoint, device, image, cache, channel="all", invert=False)
     yield {"stage": "loading model", "fraction": 0.0}
     predictor = _predictor(checkpoint, device, cache)
     gen = predictor.iter_predict(prepare(np.asarray(image), channel, invert), scale="auto")
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            dets = stop.value
-            break
-        yield {**event, "stage": "measuring: " + str(event.get("stage", ""))}
+    dets = yield from relay(gen, lambda e: {**e, "stage": "measuring: " + str(e.get("stage", ""))})
     diameter = getattr(dets, "diameter", None)
     if not diameter:
         return None, None, 0

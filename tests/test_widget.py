@@ -554,3 +554,32 @@ def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
         assert not missing, (name, missing)
     qtbot.waitUntil(lambda: viewer.window.dock_widgets["Segment cells (napari-cellseg)"]._torch_ready,
                     timeout=TIMEOUT)
+
+
+def test_segment_waits_for_pytorch_loading_on_a_worker(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                      monkeypatch):
+    """Issue 14 item 4: PyTorch loads on a worker; meanwhile Segment (and Calibrate) are
+    disabled with a message, and the GUI thread never imports it."""
+    import threading
+
+    from napari_cellseg import _jobs
+
+    seen = []
+    real = _jobs.load_torch_job
+
+    def slow_job(checkpoint=None):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return real(checkpoint)
+
+    monkeypatch.setattr(_widget, "load_torch_job", slow_job)
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
+    assert not w._torch_ready  # the worker has not reported yet (no event loop ran)
+    assert not w.segment_btn.isEnabled() and not w.calibrate_btn.isEnabled()
+    assert w.segment_btn.toolTip() == _widget.BUSY_TIP
+    w.segment()  # ignored while loading
+    assert w._worker is None
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
+    assert seen and seen[0] is False  # ran off the GUI thread
+    assert w.segment_btn.isEnabled() and w.segment_btn.toolTip() == _widget.SEGMENT_TIP
