@@ -583,3 +583,29 @@ def test_segment_waits_for_pytorch_loading_on_a_worker(make_napari_viewer, qtbot
     qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
     assert seen and seen[0] is False  # ran off the GUI thread
     assert w.segment_btn.isEnabled() and w.segment_btn.toolTip() == _widget.SEGMENT_TIP
+
+
+def test_napari_compat_adapter(make_napari_viewer, qtbot):
+    """The one module touching napari internals works with the installed napari (see
+    pyproject's napari pin): identity through the Plugins-menu proxy, undo reset, pop-ups."""
+    import warnings
+
+    from napari.utils._proxies import PublicOnlyProxy
+
+    from napari_cellseg._napari_compat import close_notifications, reset_undo_history, same_layer
+
+    viewer = make_napari_viewer()
+    lyr = viewer.add_labels(np.zeros((10, 10), np.int32), name="x")
+    other = viewer.add_labels(np.zeros((10, 10), np.int32), name="y")
+    proxy = PublicOnlyProxy(viewer)
+    a, b = proxy.layers["x"], proxy.layers["x"]
+    assert a is not b and same_layer(a, b) and same_layer(a, lyr) and not same_layer(a, other)
+    assert not same_layer(a, None)
+    lyr.paint((5, 5), 3)
+    assert lyr.data[5, 5] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        reset_undo_history(a)
+    lyr.undo()  # nothing left to undo: the stroke stays
+    assert lyr.data[5, 5] == 3
+    assert close_notifications(proxy) >= 0
