@@ -81,6 +81,19 @@ class Thresholds:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    # read-only mapping protocol: ``th["box_conf"]``, ``dict(th)``, ``{**th}`` keep working for
+    # code written against the old threshold dicts
+    def keys(self):
+        return [f.name for f in fields(self)]
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self.keys() else default
+
     def with_overrides(self, **overrides) -> "Thresholds":
         """A copy with every override that is not None applied (CLI flags / widget fields)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -94,7 +107,7 @@ class PredictOptions:
     """One prediction run. ``None`` means "the checkpoint's / model's own value".
 
     checkpoint: path or None (bundled demo model); device: "auto" | "cpu" | "cuda[:N]" | "mps";
-    precision: "fp32" | "bf16" | "fp16"; diameter: cell diameter in px, "auto" or None;
+    precision: "fp32" | "bf16" | "fp16" | "auto" (fp16 on CUDA, bf16 on CPUs that have it); diameter: cell diameter in px, "auto" or None;
     scale: an explicit resize factor (wins over diameter); tile_size: network px, 0 = never
     tile, None = the model's default; thresholds: overrides of the checkpoint's thresholds
     (None fields keep the checkpoint's value).
@@ -116,8 +129,8 @@ class PredictOptions:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise OptionError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise OptionError(f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
         if not isinstance(self.device, str) or not self.device:
             raise OptionError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         if self.diameter is not None and self.diameter != "auto":
