@@ -268,24 +268,11 @@ def _add_postprocess_options(p) -> None:
                    help="keep only the largest piece of each cell (default: the checkpoint's)")
 
 
-def predict_options(args):
-    """The predict / tune flags -> PredictOptions (every range checked there, once)."""
-    from .options import PredictOptions
-
-    return PredictOptions(
-        checkpoint=None if args.checkpoint is None else str(args.checkpoint),
-        device=args.device or "auto", precision=getattr(args, "precision", "fp32"),
-        diameter=getattr(args, "diameter", None), scale=getattr(args, "scale", None),
-        tile_size=getattr(args, "tile_size", None), tile_overlap=getattr(args, "tile_overlap", None),
-        batch_size=getattr(args, "batch_size", 1), box_conf=getattr(args, "box_conf", None),
-        mask_threshold=getattr(args, "mask_threshold", None), min_area=getattr(args, "min_area", None),
-        fill_holes=getattr(args, "fill_holes", None), keep_largest=getattr(args, "keep_largest", None))
-
-
 def _cmd_predict(args) -> int:
     from .batch import run_predict
+    from .options import PredictOptions
 
-    return run_predict(predict_options(args), args.images, args.out, fmt=args.format,
+    return run_predict(PredictOptions.from_args(args), args.images, args.out, fmt=args.format,
                        labels_dir=args.labels_dir, resume=args.resume, progress_factory=_progress)
 
 
@@ -307,6 +294,7 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--mask-thresholds", type=float, nargs="+", metavar="T",
                    help="mask_threshold values (with --box-confs; default 0.05 .. 0.95)")
     p.add_argument("--min-area", type=int, help="drop cells smaller than this (default: checkpoint's)")
+    _add_postprocess_options(p)
     _add_size_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
     p.add_argument("--json", action="store_true",

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
-           "write_label_tiff"]
+           "write_label_tiff", "write_tiff"]
 
 
 def read_label_image(path: Path):
@@ -91,16 +91,22 @@ def label_source(path_text: str):
     return LabelFiles(files_by_id([path], "label images"))
 
 
-def write_label_tiff(path: Path, labels) -> None:
-    """A label image as a zlib TIFF (uint16, or int32 above 65535 cells), written atomically."""
-    import numpy as np
+def write_tiff(path: Path, array) -> None:
+    """Any array as a zlib-compressed TIFF, written atomically (the one TIFF writer)."""
     import tifffile
 
     from .atomic import atomic_write
 
-    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
-        labels = labels.astype(np.uint16)
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, labels, compression="zlib")
+    tifffile.imwrite(buffer, array, compression="zlib")
     with atomic_write(path, "wb") as fh:
         fh.write(buffer.getvalue())
+
+
+def write_label_tiff(path: Path, labels) -> None:
+    """A label image as a zlib TIFF (uint16, or int32 above 65535 cells), written atomically."""
+    import numpy as np
+
+    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
+        labels = labels.astype(np.uint16)
+    write_tiff(path, labels)

@@ -164,6 +164,16 @@ class PredictOptions:
         # the threshold overrides are checked by building them once
         self.thresholds(DEFAULT_THRESHOLDS)
 
+    @classmethod
+    def from_args(cls, args) -> "PredictOptions":
+        """From command-line flags (an argparse Namespace of ``cellseg predict`` / ``tune``):
+        every field whose attribute exists; the ranges are checked here, once."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: getattr(args, k) for k in known if getattr(args, k, None) is not None}
+        if "checkpoint" in values:
+            values["checkpoint"] = str(values["checkpoint"])
+        return cls(**values)
+
     def thresholds(self, base: Thresholds | Mapping | None = None) -> Thresholds:
         """The effective thresholds: ``base`` (the checkpoint's) with these overrides applied."""
         return Thresholds.from_dict(base).with_overrides(
