@@ -146,25 +146,42 @@ def postprocess(labels: np.ndarray, fill_holes: bool = False, keep_largest: bool
     """Per-cell clean-up of a label image, in place, each cell inside its bounding box
     (cellpose's ``fill_holes_and_remove_small_masks`` idea): ``keep_largest`` drops every
     piece of a cell but its largest (8-connected) one; ``fill_holes`` gives a cell the
-    background pixels it encloses (pixels of another cell stay theirs)."""
+    background pixels it encloses (pixels of another cell stay theirs).
+
+    Only the cells that need it are visited: a cell in pieces has more than one connected
+    region of its id (one labelling of the whole image), and a background pixel one cell encloses
+    is enclosed by all cells together (one hole fill of the whole foreground)."""
     from scipy import ndimage
 
+    if not labels.any():
+        return labels
     full = np.ones((3, 3), bool)
-    for i, slc in enumerate(ndimage.find_objects(labels), start=1):
-        if slc is None:
-            continue
-        window = labels[slc]
-        own = window == i
-        if keep_largest:
-            parts, n = ndimage.label(own, structure=full)
-            if n > 1:
-                sizes = np.bincount(parts.ravel())
-                sizes[0] = 0
-                drop = own & (parts != int(np.argmax(sizes)))
-                window[drop] = 0
-                own &= ~drop
-        if fill_holes:
-            holes = ndimage.binary_fill_holes(own) & ~own & (window == 0)
-            if holes.any():
-                window[holes] = i
+    boxes = ndimage.find_objects(labels)
+    if keep_largest:
+        from skimage.measure import label as regions
+
+        parts = regions(labels, background=0, connectivity=2)
+        owner = np.zeros(int(parts.max()) + 1, np.int64)
+        owner[parts.ravel()] = labels.ravel()
+        n_parts = np.bincount(owner[1:], minlength=len(boxes) + 1)
+        for i in np.flatnonzero(n_parts > 1):
+            slc = boxes[i - 1]
+            window = labels[slc]
+            own = window == i
+            pieces, _ = ndimage.label(own, structure=full)
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            window[own & (pieces != int(np.argmax(sizes)))] = 0
+    if fill_holes:
+        fg = labels > 0
+        holes = ndimage.binary_fill_holes(fg) & ~fg
+        if holes.any():
+            for i, slc in enumerate(boxes, start=1):
+                if slc is None or not holes[slc].any():
+                    continue
+                window = labels[slc]
+                own = window == i
+                add = ndimage.binary_fill_holes(own) & ~own & (window == 0)
+                if add.any():
+                    window[add] = i
     return labels

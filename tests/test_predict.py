@@ -135,6 +135,44 @@ def test_crop_cache_is_reused():
     assert d._cache is cache
 
 
+def test_post_processing_fill_holes_and_keep_largest():
+    """A ring (hole in the middle) with a stray fragment, and a second cell elsewhere."""
+    probs = np.zeros((2, 28, 28), np.float32)
+    probs[0, 4:24, 4:24] = 0.9
+    probs[0, 10:18, 10:18] = 0.1  # the hole
+    probs[0, 0:2, 26:28] = 0.9  # a fragment in the corner, apart from the ring
+    probs[1, 10:18, 10:18] = 0.8  # cell 2, elsewhere: must stay as it is
+    d = _dets([[0, 0, 28, 28], [40, 10, 48, 18]], [0.9, 0.8], probs)
+    plain = d.to_labels(0.5, 0.5)
+    ring = plain == 1
+    from scipy import ndimage
+
+    assert ndimage.label(ring, structure=np.ones((3, 3)))[1] == 2  # ring + fragment
+    assert (ndimage.binary_fill_holes(ring) & ~ring).sum() > 20  # a hole
+    filled = d.to_labels(0.5, 0.5, fill_holes=True)
+    assert np.array_equal(filled == 1, ndimage.binary_fill_holes(ring))
+    assert not (ndimage.binary_fill_holes(filled == 1) & ~(filled == 1)).any()
+    largest = d.to_labels(0.5, 0.5, keep_largest=True)
+    assert ndimage.label(largest == 1, structure=np.ones((3, 3)))[1] == 1
+    assert (largest == 1).sum() < ring.sum() and ((largest == 1) <= ring).all()
+    assert (largest == 2).sum() == (plain == 2).sum()  # other cells untouched
+    both = d.to_labels(Thresholds(box_conf=0.5, mask_threshold=0.5, fill_holes=True, keep_largest=True))
+    assert np.array_equal(both, d.to_labels(0.5, 0.5, fill_holes=True, keep_largest=True))
+    assert (both == 1).sum() > (largest == 1).sum()
+
+
+def test_post_processing_leaves_other_cells_pixels():
+    """A cell inside another's hole keeps its pixels when the outer one's holes are filled."""
+    probs = np.zeros((2, 28, 28), np.float32)
+    probs[0, 2:26, 2:26] = 0.9
+    probs[0, 9:19, 9:19] = 0.0
+    probs[1] = 0.9
+    d = _dets([[0, 0, 30, 30], [12, 12, 18, 18]], [0.9, 0.8], probs)
+    plain, filled = d.to_labels(0.5, 0.5), d.to_labels(0.5, 0.5, fill_holes=True)
+    assert np.array_equal(plain == 2, filled == 2) and (plain == 2).sum() > 20
+    assert (filled == 1).sum() > (plain == 1).sum()  # the rest of the hole is filled
+
+
 # ---- Predictor --------------------------------------------------------------------------------
 def test_iter_predict_progress_and_result(tiny):
     model, config = tiny
@@ -284,3 +322,78 @@ def test_resolve_scale_and_diameter():
     for bad in (dict(diameter=0), dict(diameter=-3), dict(scale=0), dict(scale="big")):
         with pytest.raises(PredictError):
             sized.resolve_scale(**bad)
+
+
+def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
+    """Issue 14 item 6: "estimated at N px: resized xF" where typing N gives exactly xF."""
+    from napari_cellseg.pipeline import _AutoSize
+    from napari_cellseg.sizing import size_message
+
+    sized = Predictor(torch.nn.Identity(), ModelConfig(diameter=40.0, native_scale=True))
+
+    def auto_result(measured_px_at_each_pass):
+        """Drive one image's auto size with fake measurements -> (Detections, message)."""
+        state = _AutoSize(sized.reference_diameter, Thresholds())
+        passes = iter(measured_px_at_each_pass)
+        while state.result is None:
+            d = next(passes)
+            side = int(round(d * np.sqrt(np.pi) / 2))  # a square whose disk-equivalent is ~d
+            h = 4 * side
+            dets = Detections([[side, side, 2 * side, 2 * side]], [0.99], np.ones((1, 28, 28)), (h, h))
+            state.update(dets)
+        return state.result, size_message(state.result, sized.reference_diameter)
+
+    for measured in (24, 43, 12, 90):
+        dets, message = auto_result([measured] * 4)
+        typed = sized.resolve_scale(diameter=dets.diameter)
+        assert typed == pytest.approx(dets.scale), (measured, message)
+        assert f"estimated at {dets.diameter:.0f} px" in message
+        factor = message.split("resized x")[1].rstrip(".")
+        assert float(factor) == pytest.approx(dets.scale, abs=0.005)
+        if abs(measured - 40) / 40 < 0.15:  # close to the model's size: x1, and then it says 40 px
+            assert dets.scale == 1.0 and "estimated at 40 px: image resized x1." in message
+        else:
+            assert dets.scale != 1.0 and not message.endswith("x1.")
+    # a stack: planes at different factors give a clear range (size and factor) and the count
+    planes = [Detections(np.zeros((0, 4)), [], np.zeros((0, 28, 28)), (8, 8), scale=s, diameter=40 / s)
+              for s in (0.4, 1.0, 4.0)]
+    assert size_message(planes, 40.0) == "Cell size estimated at 10-100 px: image resized x0.4-x4 (3 planes)."
+    assert size_message([Detections(np.zeros((0, 4)), [], np.zeros((0, 28, 28)), (8, 8))], 40.0) == ""
+
+
+def _naive_postprocess(labels, fill_holes, keep_largest):
+    """Every cell, one by one, over the whole image (the definition): first every cell keeps
+    its largest piece, then every cell takes the background it encloses."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for i in range(1, labels.max() + 1):
+        own = out == i
+        pieces, n = ndimage.label(own, structure=np.ones((3, 3)))
+        if keep_largest and n > 1:
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            out[own & (pieces != np.argmax(sizes))] = 0
+    for i in range(1, labels.max() + 1):
+        own = out == i
+        if fill_holes and own.any():
+            out[ndimage.binary_fill_holes(own) & ~own & (out == 0)] = i
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_post_processing_equals_the_per_cell_definition(seed):
+    from napari_cellseg.detections import postprocess
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((64, 80), np.int32)
+    for i in range(1, 25):  # rings, blobs with holes and stray pieces, overlapping
+        y, x = rng.integers(0, 60), rng.integers(0, 76)
+        r = rng.integers(2, 9)
+        yy, xx = np.ogrid[:64, :80]
+        d2 = (yy - y) ** 2 + (xx - x) ** 2
+        shape = (d2 <= r * r) & (d2 >= rng.integers(0, 2) * (r - 2) ** 2)
+        labels[shape & (rng.random((64, 80)) > 0.08)] = i
+    for fill, largest in ((True, False), (False, True), (True, True)):
+        np.testing.assert_array_equal(postprocess(labels.copy(), fill, largest),
+                                      _naive_postprocess(labels, fill, largest))
