@@ -45,14 +45,15 @@ class Thresholds:
 
     box_conf: keep detections scoring at least this; mask_threshold: a pixel belongs to a cell
     when its mask probability is above this; min_area: drop cells smaller than this (px);
-    fill_holes / keep_largest: per-cell post-processing (cellpose-style), inside each cell's box.
+    fill_holes / keep_largest: per-cell post-processing (cellpose-style), inside each cell's box
+    (fill_holes on by default: it raised held-out mAP; keep_largest off: it did not).
     """
 
     box_conf: float = 0.5
     mask_threshold: float = 0.5
     min_area: int = 0
-    fill_holes: bool = False
-    keep_largest: bool = False
+    fill_holes: bool = True  # measured: held-out mAP 0.6203 -> 0.6223 (benchmarks/bench_postprocess.py)
+    keep_largest: bool = False  # measured: no gain (0.6203 -> 0.6204; -0.0005 on the cells sample)
 
     def __post_init__(self):
         object.__setattr__(self, "box_conf", _unit("box_conf", self.box_conf))

@@ -10,7 +10,10 @@ reused across the grid:
 * an instance's best IoU with the ground truth does not depend on which other instances are kept;
 
 so each mask threshold costs one ``to_labels`` and one IoU matrix per image, and every box_conf
-is a cumulative count over instances sorted by score.
+is a cumulative count over instances sorted by score. This is exact without post-processing;
+with ``fill_holes`` the label image is post-processed once at the lowest box_conf, so a
+lower-scoring cell that a higher box_conf drops is not refilled by a cell whose hole it sat in
+(rare; tests bound the difference).
 
 Used by the training engine (thresholds stored in the checkpoint), ``cellseg tune`` and the
 napari Review widget.
