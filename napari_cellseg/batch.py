@@ -197,7 +197,7 @@ def _prefetched(items: Sequence[Item], pool, depth: int):
 
 
 def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir: Path | None = None,
-                  bar=None, on_done=None, threads: int | None = None) -> list[str]:
+                  bar=None, on_done=None, threads: int | None = None, sizes: list | None = None) -> list[str]:
     """Predict ``items`` with a :class:`~napari_cellseg.pipeline.Pipeline` (its batch size,
     size option, tiling and thresholds), journal each finished image; returns failed labels.
 
@@ -206,6 +206,7 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
 
     from .files import write_label_tiff
     from .pipeline import iter_at, iter_auto_scale
@@ -266,6 +267,8 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
             fail(batch[0][0], exc)
             return
         for (item, _), dets in zip(batch, results):
+            if sizes is not None:
+                sizes.append(SimpleNamespace(scale=dets.scale, diameter=dets.diameter))
             pending.append((item, post.submit(encode, item, dets)))
         del results
         collect(2 * batch_size)  # keep the encoders at most two batches behind the network
@@ -364,9 +367,10 @@ def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world
 
     bar = progress_factory(total=len(mine), desc=f"predict (rank {rank})" if world > 1 else "predict") \
         if progress_factory else None
+    sizes: list = []
     try:
         failed = predict_items(pipeline, mine, journal, labels_dir=labels_dir, bar=bar,
-                               on_done=periodic_flush)
+                               on_done=periodic_flush, sizes=sizes)
     finally:
         journal.close()
         if bar is not None:
@@ -380,6 +384,9 @@ def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world
             return 1 if failed else 0
         failed = [f for p in parts for f in p]
     failed = bad_names + failed
+    message = pipeline.size_message(sizes) if pipeline.scale == "auto" and sizes else ""
+    if message:  # e.g. "Cell size estimated at 24-40 px: image resized x1-x1.67 (12 images)."
+        print(f"cellseg predict: {message}", file=sys.stderr)
     n_images = flush_csv(out, fmt, keep_existing=flushed[0])
     print(f"wrote {n_images} images to {out} ({fmt} format)"
           f"{f'; label images in {labels_dir}' if labels_dir else ''}")

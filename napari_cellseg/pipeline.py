@@ -207,9 +207,9 @@ class Pipeline:
         """One line: which object size the images are predicted at."""
         return describe_scale(self.runner, self.scale)
 
-    def size_message(self, detections) -> str:
-        """After a run: the size estimated / the factor used (one image or a stack's planes)."""
-        return size_message(detections, self.runner.reference_diameter)
+    def size_message(self, detections, unit: str = "images") -> str:
+        """After a run: the size estimated / the factor used (one image, or a range over many)."""
+        return size_message(detections, self.runner.reference_diameter, unit)
 
     def _tile(self, tile):
         return self.tile_size if isinstance(tile, str) and tile == "auto" else (int(tile) if tile else 0)

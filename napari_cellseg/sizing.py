@@ -108,10 +108,11 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
-def size_message(detections, reference: float) -> str:
+def size_message(detections, reference: float, unit: str = "planes") -> str:
     """What users read after a run, from the Detections of one image or of every plane of a
     stack: the factor reported is the one used, and the size is the one that factor stands for
-    (typing it gives the same factor). Stacks give their range and plane count."""
+    (typing it gives the same factor). Stacks give their range and plane count (``unit``).
+    Anything with ``.scale`` and ``.diameter`` will do (cellseg predict passes a summary per image)."""
     dets = [d for d in (detections if isinstance(detections, (list, tuple)) else [detections])
             if d is not None]
     if not dets:
@@ -125,7 +126,7 @@ def size_message(detections, reference: float) -> str:
     else:
         factor = f"x{_fmt(lo)}-x{_fmt(hi)}"
         size = f"{reference / hi:.0f}-{reference / lo:.0f} px"
-    planes = f" ({len(dets)} planes)" if len(dets) > 1 else ""
+    planes = f" ({len(dets)} {unit})" if len(dets) > 1 else ""
     if auto:
         return f"Cell size estimated at {size}: image resized {factor}{planes}."
     return f"Image resized {factor}{planes}." if (lo, hi) != (1.0, 1.0) else ""
