@@ -154,7 +154,7 @@ def throughput(model, config, image, device, n: int, batch_size: int) -> None:
         failed = predict_items(pipe, items, journal)
         dt = time.perf_counter() - t
         journal.close()
-    print(f"cellseg predict path: {n} images, batch {batch_size}: {n / dt:.1f} images/s "
+    print(f"cellseg predict path: {n} images, batch {batch_size}: {n / dt:.3g} images/s "
           f"({dt / n * 1e3:.0f} ms/image){'; FAILED ' + str(len(failed)) if failed else ''}"
           f"  [target on one H200-class GPU: >= 50 images/s]")
 
