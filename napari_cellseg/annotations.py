@@ -9,6 +9,11 @@ Formats (detected from the header):
 Every row is validated on reading; a problem raises :class:`CsvError` with a one-line message
 ``FILE: row N: problem`` where N counts rows as a spreadsheet does (the header is row 1, the
 first data row is row 2). Writes are atomic.
+
+Shared rules (one home each, used by every reader and writer, the prediction journal included):
+- fields and ids are stripped of :data:`napari_cellseg.rle.WHITESPACE` only (:func:`normalize_id`);
+- csv's field limit is the longest RLE an image within ``MAX_PIXELS`` can need (:func:`csv_reader`);
+- the text must be UTF-8 without NUL bytes; header columns must be unique.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ from typing import Mapping
 import numpy as np
 
 from .atomic import atomic_write
-from .rle import MAX_PIXELS, RleError, check_size, labels_to_rles, parse_rles, rles_to_labels
+from .rle import (
+    MAX_PIXELS, MAX_RLE_CHARS, RleError, check_size, labels_to_rles, parse_rles, rles_to_labels,
+    strip_field,
+)
 
-__all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS"]
+__all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS",
+           "normalize_id", "csv_reader", "MAX_FIELD_CHARS"]
 
 FORMATS = ("kaggle", "starter", "train")
 _COLUMNS = {
@@ -33,6 +42,21 @@ _COLUMNS = {
 }
 _EMPTY = {"kaggle": "", "starter": "-1", "train": ""}
 MAX_CSV_BYTES = 2**31  # 2 GiB: refused before reading (the Kaggle train.csv is ~0.1 GiB)
+MAX_FIELD_CHARS = MAX_RLE_CHARS + 64  # csv's per-field limit: any RLE an allowed image can need
+
+
+def normalize_id(image_id: str) -> str:
+    """The one normalisation of image ids, for readers and writers alike: surrounding
+    :data:`~napari_cellseg.rle.WHITESPACE` removed, nothing else changed."""
+    return strip_field(str(image_id))
+
+
+def csv_reader(fh, **kwargs):
+    """``csv.reader(fh)`` with the field limit raised to :data:`MAX_FIELD_CHARS` (the one place
+    that sets it), so every CSV this package writes can be read back."""
+    if csv.field_size_limit() < MAX_FIELD_CHARS:
+        csv.field_size_limit(MAX_FIELD_CHARS)
+    return csv.reader(fh, **kwargs)
 
 
 class CsvError(ValueError):
@@ -41,6 +65,12 @@ class CsvError(ValueError):
 
 def _detect_format(path: Path, header: list[str]) -> str:
     cols = set(header)
+    if len(cols) != len(header):
+        seen = set()
+        for column in header:
+            if column in seen:
+                raise CsvError(f"{path}: row 1 (header): duplicate column {column!r}")
+            seen.add(column)
     if "id" not in cols:
         raise CsvError(f"{path}: row 1 (header): missing column 'id' (found: {','.join(header)})")
     if "predicted" in cols:
@@ -66,13 +96,17 @@ def _read_rows(path: Path) -> list[list[str]]:
     data = path.read_bytes()
     if not data.strip():
         raise CsvError(f"{path}: empty file (expected a CSV header row)")
-    if b"\x00" in data:
-        raise CsvError(f"{path}: binary file, not a CSV (contains NUL bytes)")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        row = data.count(b"\n", 0, nul) + 1
+        raise CsvError(f"{path}: row {row}: NUL byte at offset {nul} (a binary file, not a text CSV)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CsvError(f"{path}: not a UTF-8 text CSV (bad byte at offset {exc.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+        row = data.count(b"\n", 0, exc.start) + 1
+        raise CsvError(f"{path}: row {row}: not a UTF-8 text CSV (bad byte 0x{data[exc.start]:02x} at "
+                       f"offset {exc.start}); save the CSV as UTF-8") from None
+    reader = csv_reader(io.StringIO(text, newline=""))
     try:
         return list(reader)
     except csv.Error as exc:
@@ -80,7 +114,7 @@ def _read_rows(path: Path) -> list[list[str]]:
 
 
 def _positive_int(path, row, column, text) -> int:
-    text = text.strip()
+    text = strip_field(text)
     if not text.isascii() or not text.isdigit() or int(text) <= 0:
         raise CsvError(f"{path}: row {row}: {column} {text!r} is not a positive integer")
     return int(text)
@@ -124,6 +158,13 @@ class Annotations:
         values = self.table[self._column]
         return [i for i in self._index[image_id] if values.iat[i] not in ("", "-1")]
 
+    def rows(self):
+        """``(id, value)`` of every data row in file order; ``""`` for a row meaning 'no cell'.
+        Values are validated RLE strings (checked against width/height when the file has them)."""
+        values = self.table[self._column].tolist()
+        for image_id, value in zip(self.table["id"].tolist(), values):
+            yield image_id, "" if value == "-1" else value
+
     def rles(self, image_id) -> list[str]:
         """RLE strings of one image in file order (rows meaning 'no cell' left out)."""
         values = self.table[self._column]
@@ -135,8 +176,7 @@ class Annotations:
             raise CsvError(f"{self.path}: no rows for image id {image_id!r}")
         return self._shapes.get(image_id)
 
-    def labels(self, image_id, shape=None) -> np.ndarray:
-        """int32 label image of one image, ids 1..N in row order (earlier rows win overlaps)."""
+    def _shape_for(self, image_id, shape) -> tuple[int, int]:
         known = self.shape(image_id)
         if shape is not None:
             shape = (int(shape[0]), int(shape[1]))
@@ -147,24 +187,43 @@ class Annotations:
                     f"not {shape[1]}x{shape[0]}"
                 )
         shape = shape or known
-        if shape is not None:
-            try:
-                check_size(*shape)
-            except ValueError as exc:
-                raise CsvError(f"{self.path}: image {image_id!r}: {exc}") from None
         if shape is None:
             raise CsvError(
                 f"{self.path}: row {self._rows[self._index[image_id][0]]}: unknown width/height "
                 f"for image {image_id!r} (the file has no width/height columns; give the size)"
             )
+        try:
+            check_size(*shape)
+        except ValueError as exc:
+            raise CsvError(f"{self.path}: image {image_id!r}: {exc}") from None
+        return shape
+
+    def _raise_rle(self, positions, exc: RleError, prefixed: bool) -> None:
+        row = self._rows[positions[exc.index]]
+        message = str(exc).split(": ", 1)[1] if prefixed else str(exc)  # drop "mask K: "
+        raise CsvError(f"{self.path}: row {row}: {self._column}: {message}") from None
+
+    def check(self, image_id, shape=None) -> tuple[int, int]:
+        """Check every row of one image against its size (from the file or ``shape``) without
+        painting anything; returns ``(height, width)``. Raises CsvError naming the row."""
+        shape = self._shape_for(image_id, shape)
+        positions = self._positions(image_id)
+        values = self.table[self._column]
+        try:
+            parse_rles([values.iat[i] for i in positions], shape[0] * shape[1])
+        except RleError as exc:
+            self._raise_rle(positions, exc, prefixed=False)
+        return shape
+
+    def labels(self, image_id, shape=None) -> np.ndarray:
+        """int32 label image of one image, ids 1..N in row order (earlier rows win overlaps)."""
+        shape = self._shape_for(image_id, shape)
         positions = self._positions(image_id)
         values = self.table[self._column]
         try:
             return rles_to_labels([values.iat[i] for i in positions], shape)
         except RleError as exc:
-            row = self._rows[positions[exc.index]]
-            message = str(exc).split(": ", 1)[1]  # drop rles_to_labels' "mask K" prefix
-            raise CsvError(f"{self.path}: row {row}: {self._column}: {message}") from None
+            self._raise_rle(positions, exc, prefixed=True)
 
 
 def read_annotations(path) -> Annotations:
@@ -173,12 +232,12 @@ def read_annotations(path) -> Annotations:
 
     path = Path(path)
     rows = _read_rows(path)
-    header = [h.strip() for h in rows[0]]
+    header = [strip_field(h) for h in rows[0]]
     fmt = _detect_format(path, header)
     column = "predicted" if fmt == "kaggle" else "annotation"
     records, row_numbers = [], []
     for n, fields in enumerate(rows[1:], start=2):
-        if not fields or (len(fields) == 1 and not fields[0].strip()):
+        if not fields or (len(fields) == 1 and not strip_field(fields[0])):
             continue  # blank line
         if len(fields) != len(header):
             raise CsvError(f"{path}: row {n}: {len(fields)} fields, the header has {len(header)}")
@@ -187,8 +246,8 @@ def read_annotations(path) -> Annotations:
     if not records:
         raise CsvError(f"{path}: no data rows after the header")
     table = pd.DataFrame(records, columns=header, dtype=str)
-    table["id"] = table["id"].str.strip()
-    table[column] = table[column].str.strip()
+    table["id"] = [normalize_id(v) for v in table["id"].tolist()]
+    table[column] = [strip_field(v) for v in table[column].tolist()]
     for i in np.flatnonzero((table["id"] == "").to_numpy()):
         raise CsvError(f"{path}: row {row_numbers[i]}: empty id")
 
@@ -271,16 +330,20 @@ def write_annotations(path, items: Mapping[str, np.ndarray], format: str = "kagg
     if format not in FORMATS:
         raise ValueError(f"unknown CSV format {format!r} (choose from {', '.join(FORMATS)})")
     path = Path(path)
-    new_rows = []
-    for image_id, labels in items.items():
-        image_id = str(image_id)
-        if not image_id or image_id != image_id.strip():
-            raise ValueError(f"image id {image_id!r} is empty or has surrounding spaces")
+    new_rows, given = [], {}
+    for raw_id, labels in items.items():
+        image_id = normalize_id(raw_id)
+        if not image_id:
+            raise ValueError(f"image id {raw_id!r} is empty")
+        if image_id in given:
+            raise ValueError(f"image ids {given[image_id]!r} and {raw_id!r} give the same id "
+                             f"{image_id!r}")
+        given[image_id] = raw_id
         labels = _check_labels(image_id, labels)
         h, w = labels.shape
         rles = labels_to_rles(labels) or [""]
         new_rows.extend({"id": image_id, "value": r, "height": h, "width": w} for r in rles)
-    old_rows, extra = _old_rows(path, format, {str(k) for k in items}) if merge else ([], [])
+    old_rows, extra = _old_rows(path, format, set(given)) if merge else ([], [])
     columns = _COLUMNS[format] + extra
     value_column = "predicted" if format == "kaggle" else "annotation"
     with atomic_write(path, "w") as fh:

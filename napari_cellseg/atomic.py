@@ -7,6 +7,7 @@ or the new complete file, never half written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"{path}: folder {directory} does not exist")
+    if path.is_dir():  # checked first: os.replace would fail at the end, naming the temp file
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     if "b" not in mode:
         open_kwargs.setdefault("encoding", "utf-8")
         open_kwargs.setdefault("newline", "")

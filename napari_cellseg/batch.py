@@ -78,20 +78,15 @@ def display_path(path) -> str:
 
 
 def _n_planes(path: Path) -> int | None:
-    """Number of planes of a TIFF stack (3-D grey or 4-D colour), None for a single image."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return None
-    import tifffile
+    """Number of planes of a stack (images.py's one layout rule, from the header), None for a
+    single image or an unreadable file (reported and skipped when it is loaded)."""
+    from .images import ImageError, image_info
 
     try:
-        with tifffile.TiffFile(path) as tf:
-            shape = tuple(tf.series[0].shape)
-    except Exception:  # unreadable: reported (and skipped) when it is loaded
+        planes = image_info(path).planes
+    except (ImageError, OSError):
         return None
-    squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
-    if len(squeezed) == 4 or (len(squeezed) == 3 and squeezed[-1] not in (3, 4)):
-        return int(squeezed[0])
-    return None
+    return planes if planes > 1 else None
 
 
 def expand_items(files: Sequence[Path], skipped: list | None = None) -> list[Item]:
@@ -127,22 +122,9 @@ def expand_items(files: Sequence[Path], skipped: list | None = None) -> list[Ite
 
 def load_item(item: Item):
     """float32 HxWx3 of an item (one plane of a stack read without loading the others)."""
-    from .images import ImageError, load_image, to_rgb_float
+    from .images import load_plane
 
-    if item.plane is None:
-        return load_image(item.path)
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(item.path) as tf:
-            series = tf.series[0]
-            if len(series.pages) == series.shape[0]:
-                raw = series.pages[item.plane].asarray()
-            else:
-                raw = series.asarray()[item.plane]
-    except Exception as exc:
-        raise ImageError(f"{item.label()}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return to_rgb_float(raw, name=item.label())
+    return load_plane(item.path, item.plane)
 
 
 # ---- the run ----------------------------------------------------------------------------------

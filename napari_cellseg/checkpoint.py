@@ -8,6 +8,12 @@ A checkpoint is a plain dict, loadable with ``torch.load(weights_only=True)``::
 
 A bare torchvision ``state_dict`` of the same architecture also loads; its config then comes
 from the caller (``config=``) or the defaults.
+
+Every part is validated (:func:`validate_checkpoint`) before any model is built: the config
+(every ModelConfig field in range, the backbone only from timm's local model names: no
+``hf-hub:``, no URL, nothing downloaded), the thresholds (``options.Thresholds``), ``info`` a
+mapping, ``state_dict`` a mapping of names to finite tensors. Problems raise
+:class:`CheckpointError` ``FILE: field: problem``.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .model import ModelConfig, build_model
+from .model import ConfigError, ModelConfig, build_model
+from .options import DEFAULT_THRESHOLDS as _DEFAULTS
+from .options import OptionError, Thresholds
 
 FORMAT = "napari-cellseg/1"
-DEFAULT_THRESHOLDS = {"box_conf": 0.5, "mask_threshold": 0.5, "min_area": 0}
+# the thresholds every checkpoint stores (defaults: napari_cellseg.options, their one home)
+DEFAULT_THRESHOLDS = {"box_conf": _DEFAULTS.box_conf, "mask_threshold": _DEFAULTS.mask_threshold,
+                      "min_area": _DEFAULTS.min_area}
 
 
 class CheckpointError(ValueError):
@@ -57,6 +67,11 @@ def read_checkpoint(path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):  # zip (torch.save) or pickle
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive "
+                              f"nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -70,8 +85,10 @@ def read_checkpoint(path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint (truncated or foreign file?)"
             f"{': ' + detail.group(1) if detail else ''}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, EOFError, BadZipFile, KeyError ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, (KeyError, IndexError, TypeError, AttributeError)):
+            first = f"{type(exc).__name__}: {first}"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or foreign file?): {first}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
@@ -85,26 +102,80 @@ def _is_state_dict(obj: dict) -> bool:
         isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def load_checkpoint(path, config: ModelConfig | None = None, device="cpu"):
-    """Return ``(model, config, thresholds, info)``; the model is in eval mode on ``device``."""
+def _check_state_dict(path: Path, state) -> dict:
+    import torch
+
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state_dict: must be a mapping of names to tensors, got "
+                              f"{type(state).__name__}")
+    for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: state_dict: key {name!r} is not a string")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict: {name!r} is {type(tensor).__name__}, "
+                                  f"not a tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: state_dict: {name!r} holds non-finite values "
+                                  f"(NaN or inf): the training diverged")
+    return state
+
+
+def _check_thresholds(path: Path, raw) -> dict:
+    """Validated thresholds as a dict: the stored keys (known ones) over DEFAULT_THRESHOLDS."""
+    try:
+        checked = Thresholds.from_dict(raw)
+    except OptionError as exc:
+        message = str(exc)
+        if message.startswith("thresholds"):  # Thresholds.from_dict names "thresholds" itself
+            message = message[len("thresholds"):].lstrip(": ")
+        raise CheckpointError(f"{path}: thresholds: {message}") from None
+    out = dict(DEFAULT_THRESHOLDS)
+    out.update({k: getattr(checked, k) for k in (raw or {}) if hasattr(checked, k)})
+    return out
+
+
+def validate_checkpoint(path, obj: dict, config: ModelConfig | None = None):
+    """Check a raw checkpoint dict (from :func:`read_checkpoint`) against the schema, building
+    nothing. Returns ``(config, state_dict, thresholds, info)``; raises CheckpointError
+    ``FILE: field: problem``. ``config`` is used for a bare state_dict only."""
     path = Path(path)
-    obj = read_checkpoint(path)
     if "state_dict" in obj and "config" in obj:
+        raw = obj["config"]
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: config: must be a mapping, got {type(raw).__name__}")
         try:
-            config = ModelConfig.from_dict(obj["config"])
-        except TypeError as exc:
-            raise CheckpointError(f"{path}: bad model config in checkpoint: {exc}") from None
-        state = obj["state_dict"]
-        thresholds = {**DEFAULT_THRESHOLDS, **(obj.get("thresholds") or {})}
-        info = dict(obj.get("info") or {})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown keys from newer versions are ignored
+                config = ModelConfig.from_dict(raw)
+        except (ConfigError, TypeError) as exc:
+            raise CheckpointError(f"{path}: config.{exc}") from None
+        state = _check_state_dict(path, obj["state_dict"])
+        thresholds = _check_thresholds(path, obj.get("thresholds"))
+        info = obj.get("info")
+        if info is None:
+            info = {}
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: info: must be a mapping, got {type(info).__name__}")
+        info = dict(info)
     elif _is_state_dict(obj) or ("model" in obj and _is_state_dict(obj["model"])):
         state = obj.get("model", obj) if not _is_state_dict(obj) else obj
+        state = _check_state_dict(path, state)
         config = config or ModelConfig()
         thresholds = dict(DEFAULT_THRESHOLDS)
         info = {"note": "bare state_dict; config from arguments/defaults"}
     else:
         raise CheckpointError(
             f"{path}: not a napari-cellseg checkpoint (keys: {', '.join(map(str, list(obj)[:8]))})")
+    return config, state, thresholds, info
+
+
+def load_checkpoint(path, config: ModelConfig | None = None, device="cpu"):
+    """Return ``(model, config, thresholds, info)``; the model is in eval mode on ``device``.
+
+    The contents are validated (:func:`validate_checkpoint`) before the model is built."""
+    path = Path(path)
+    obj = read_checkpoint(path)
+    config, state, thresholds, info = validate_checkpoint(path, obj, config)
     model = build_model(config)
     try:
         result = model.load_state_dict(state, strict=False)

@@ -17,15 +17,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from .annotations import csv_reader, normalize_id  # one id rule and one CSV field limit for readers and writers
+
 __all__ = ["Journal", "journal_path", "journal_paths", "read_journal", "done_ids", "flush_csv",
            "normalize_id", "output_lock", "lock_path", "OutputLockError", "check_out"]
-
-
-def normalize_id(image_id: str) -> str:
-    """The id as every CSV reader sees it (surrounding whitespace stripped): the writer uses the
-    same rule, so ``--resume`` finds what it wrote. (Becomes annotations.normalize_id when the
-    library grows one: one rule for readers and writers.)"""
-    return str(image_id).strip()
 
 
 class OutputLockError(ValueError):
@@ -131,13 +126,13 @@ def _csv_rows(out: Path) -> Iterator[tuple[str, str]]:
     Every row is checked before it is carried over (``--resume`` and the flushes): text that is
     not UTF-8, NUL bytes, a wrong field count, an empty id or an invalid RLE raise ValueError
     naming the file and the row (spreadsheet numbering: the header is row 1)."""
-    from .rle import rle_runs
+    from .rle import rle_runs, strip_field
 
     with open(out, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        reader = csv_reader(fh)
         n = 1
         try:
-            header = [h.strip() for h in next(reader, [])]
+            header = [strip_field(h) for h in next(reader, [])]
             col = "predicted" if "predicted" in header else "annotation"
             if "id" not in header or col not in header:
                 raise ValueError(f"{out}: cannot resume: not a kaggle (id,predicted) or starter "
@@ -148,7 +143,7 @@ def _csv_rows(out: Path) -> Iterator[tuple[str, str]]:
                     continue
                 if len(row) != len(header):
                     raise ValueError(f"{out}: row {n}: {len(row)} fields, the header has {len(header)}")
-                image_id, value = normalize_id(row[i]), row[v].strip()
+                image_id, value = normalize_id(row[i]), strip_field(row[v])
                 if "\0" in image_id or "\0" in value:
                     raise ValueError(f"{out}: row {n}: NUL byte in the row")
                 if not image_id:

@@ -7,6 +7,8 @@ checkpoint always rebuilds the exact network that produced it.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -15,6 +17,53 @@ from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A model config value out of range: ``field: problem``."""
+
+
+# bounds of every integer field: wide enough for any sensible Mask R-CNN, small enough that a
+# hostile config cannot make build_model allocate tens of GB
+_INT_BOUNDS = {
+    "fpn_channels": (1, 1024), "num_classes": (2, 1000), "min_size": (1, 16384),
+    "max_size": (1, 16384), "box_detections_per_img": (1, 100_000),
+    "rpn_pre_nms_top_n_train": (1, 100_000), "rpn_post_nms_top_n_train": (1, 100_000),
+    "rpn_pre_nms_top_n_test": (1, 100_000), "rpn_post_nms_top_n_test": (1, 100_000),
+    "rpn_batch_size_per_image": (1, 100_000), "box_batch_size_per_image": (1, 100_000),
+    "box_head_size": (1, 4096), "mask_head_channels": (1, 1024), "mask_head_layers": (1, 16),
+}
+_UNIT_FIELDS = ("box_score_thresh", "box_nms_thresh")
+_N_LEVELS = 5  # FPN levels: 4 backbone stages + max-pool; one anchor size each
+_LOCAL_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")  # timm "arch" or "arch.tag"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) or (
+        type(v).__module__ == "numpy" and hasattr(v, "dtype") and v.dtype.kind in "iu")
+
+
+def _finite(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
+            type(v).__module__ == "numpy" and getattr(v, "dtype", None) is not None
+            and v.dtype.kind in "iuf"):
+        return False
+    return math.isfinite(float(v))
+
+
+def check_backbone_name(name) -> str:
+    """A timm model name from timm's local registry (no ``hf-hub:``, no URL, no network)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"backbone: must be a timm model name, got {type(name).__name__}")
+    if not _LOCAL_NAME.fullmatch(name):
+        raise ConfigError(f"backbone: {name!r} is not a local timm model name (hub names and "
+                          "URLs are never loaded)")
+    import timm
+
+    if name.split(".")[0] not in set(timm.list_models()):
+        raise ConfigError(f"backbone: {name!r} is not a timm model name known locally "
+                          f"(see timm.list_models())")
+    return name
 
 
 @dataclass
@@ -50,6 +99,50 @@ class ModelConfig:
     # (cellpose's diam_mean); predict's diameter option rescales images to it. 0 = not normalised.
     diameter: float = 0.0
 
+    def validate(self) -> "ModelConfig":
+        """Check every field (``ConfigError("field: problem")``); lists become tuples, numbers
+        plain ints / floats. Returns self. :meth:`from_dict` (checkpoints) always calls it;
+        configs built from flags are validated by their front end (TrainConfig.validate)."""
+        if not isinstance(self.backbone, str):
+            raise ConfigError(f"backbone: must be a timm model name, got {type(self.backbone).__name__}")
+        if not _LOCAL_NAME.fullmatch(self.backbone):
+            check_backbone_name(self.backbone)  # raises: hub names and URLs
+        for name, (lo, hi) in _INT_BOUNDS.items():
+            v = getattr(self, name)
+            if not _is_int(v) or not lo <= v <= hi:
+                raise ConfigError(f"{name}: must be an integer in [{lo}, {hi}], got {v!r}")
+            setattr(self, name, int(v))
+        for name in _UNIT_FIELDS:
+            v = getattr(self, name)
+            if not _finite(v) or not 0.0 <= float(v) <= 1.0:
+                raise ConfigError(f"{name}: must be a number in [0, 1], got {v!r}")
+            setattr(self, name, float(v))
+        anchors = self.anchor_sizes
+        if (not isinstance(anchors, (list, tuple)) or len(anchors) != _N_LEVELS
+                or not all(_is_int(a) and 1 <= a <= 16384 for a in anchors)):
+            raise ConfigError(f"anchor_sizes: must be {_N_LEVELS} integers in [1, 16384] (one per "
+                              f"FPN level), got {anchors!r}")
+        self.anchor_sizes = tuple(int(a) for a in anchors)
+        ratios = self.aspect_ratios
+        if (not isinstance(ratios, (list, tuple)) or not 1 <= len(ratios) <= 16
+                or not all(_finite(r) and 0 < float(r) <= 100 for r in ratios)):
+            raise ConfigError(f"aspect_ratios: must be 1 to 16 finite numbers > 0, got {ratios!r}")
+        self.aspect_ratios = tuple(float(r) for r in ratios)
+        for name, positive in (("image_mean", False), ("image_std", True)):
+            v = getattr(self, name)
+            if (not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_finite(x) for x in v)
+                    or (positive and not all(float(x) > 0 for x in v))):
+                raise ConfigError(f"{name}: must be 3 finite numbers{' > 0' if positive else ''}, "
+                                  f"got {v!r}")
+            setattr(self, name, tuple(float(x) for x in v))
+        if not isinstance(self.native_scale, bool):
+            raise ConfigError(f"native_scale: must be true or false, got {self.native_scale!r}")
+        if not _finite(self.diameter) or float(self.diameter) < 0:
+            raise ConfigError(f"diameter: must be a finite number >= 0, got {self.diameter!r} "
+                              f"(0 = not normalised)")
+        self.diameter = float(self.diameter)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins (lists, not tuples): safe for ``torch.load(weights_only=True)``."""
         out = {}
@@ -60,6 +153,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a stored dict (checkpoints): every field validated, the backbone only from
+        timm's local model names. Raises ConfigError("field: problem")."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"must be a mapping, got {type(d).__name__}")
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -68,7 +165,9 @@ class ModelConfig:
         for k, v in d.items():
             if k in names:
                 kwargs[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
+        if "backbone" in kwargs:
+            check_backbone_name(kwargs["backbone"])
+        return cls(**kwargs).validate()
 
 
 class BackboneError(RuntimeError):

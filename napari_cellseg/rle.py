@@ -5,6 +5,12 @@ order), pixels are numbered from 1 and the string is ``start length start length
 starts ascending. Runs we write never touch or overlap; when reading, runs may touch (the mask
 is still unambiguous) but must not overlap or go backwards.
 
+Whitespace: tokens are separated by :data:`WHITESPACE` (the six ASCII whitespace characters:
+space, tab, LF, CR, VT, FF) and by nothing else. ``\x1c``-``\x1f``, ``\x85``, ``\xa0``,
+``\u2028``, ``\u3000`` ... (which Python's ``str.split()`` / ``str.strip()`` treat as whitespace)
+are refused as bad tokens. :func:`strip_field` strips the same set; the CSV readers use it, so a
+field that passes the reader passes the decoder and vice versa.
+
 Every validation problem raises :class:`ValueError` with a one-line message naming the problem
 (callers such as :mod:`napari_cellseg.annotations` prefix file and row).
 """
@@ -24,14 +30,26 @@ __all__ = [
     "rle_runs",
     "parse_rles",
     "RleError",
+    "WHITESPACE",
+    "strip_field",
+    "MAX_PIXELS",
+    "MAX_RLE_CHARS",
 ]
 
-_ONLY_DIGITS_AND_SPACE = re.compile(r"[0-9\s]*", re.ASCII)
-_BAD_TOKEN = re.compile(r"\S*[^0-9\s]\S*", re.ASCII)
+WHITESPACE = " \t\n\r\x0b\x0c"  # the one definition of whitespace for RLE strings and CSV fields
+_WS = re.escape(WHITESPACE)  # for character classes
+_ONLY_DIGITS_AND_SPACE = re.compile(f"[0-9{_WS}]*")
+_BAD_TOKEN = re.compile(f"[^{_WS}]*[^0-9{_WS}][^{_WS}]*")
+_SPLIT = re.compile(f"[{_WS}]+")
 _HUGE_TOKEN = re.compile(r"[0-9]{19,}", re.ASCII)
 _TOO_LARGE = 2**62
 MAX_PIXELS = 2**28  # largest image (H*W) decoded: an int32 label image of 1 GiB (16384 x 16384)
 _PAINT_CHUNK = 2**24  # painted pixels per step: bounds memory when masks overlap heavily
+
+
+def strip_field(text: str) -> str:
+    """``text`` without leading / trailing :data:`WHITESPACE` (CSV fields, ids, RLE strings)."""
+    return text.strip(WHITESPACE)
 
 
 def check_size(h: int, w: int) -> None:
@@ -44,6 +62,9 @@ def check_size(h: int, w: int) -> None:
 def _max_chars(size: int) -> int:
     """Longest string an RLE of an image of ``size`` pixels can need (<= size/2+1 runs)."""
     return (size // 2 + 1) * 2 * (len(str(size)) + 1) + 64
+
+
+MAX_RLE_CHARS = _max_chars(MAX_PIXELS)  # longest RLE of any image within the size limit
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -93,10 +114,12 @@ def rle_runs(rle: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray]
     if not isinstance(rle, str):
         raise RleError(f"RLE must be a string, got {type(rle).__name__}")
     if not _ONLY_DIGITS_AND_SPACE.fullmatch(rle):
-        bad = _BAD_TOKEN.search(rle).group(0)
-        position = len(rle[: rle.find(bad)].split()) + 1
+        found = _BAD_TOKEN.search(rle)
+        bad = found.group(0)
+        position = len([t for t in _SPLIT.split(rle[: found.start()]) if t]) + 1
         raise RleError(f"token {position} {bad[:20]!r} is not a non-negative integer")
-    values = np.fromstring(rle, dtype=np.int64, sep=" ") if rle.strip() else np.empty(0, np.int64)
+    values = (np.fromstring(rle, dtype=np.int64, sep=" ") if strip_field(rle)
+              else np.empty(0, np.int64))
     if len(values) and values.max() >= _TOO_LARGE:
         huge = _HUGE_TOKEN.search(rle)
         raise RleError(f"token {huge.group(0)[:20] if huge else values.max()}... is too large")
@@ -132,45 +155,60 @@ def parse_rles(rles: Sequence[str], size=None) -> tuple[np.ndarray, np.ndarray, 
     :class:`RleError` with ``.index`` = the first bad string.
     """
     rles = list(rles)
-    if size is not None and rles:  # refuse strings no image of this size could need, unparsed
-        limits = np.broadcast_to(np.asarray(size, dtype=np.int64), (len(rles),))
-        for i, rle in enumerate(rles):
-            if isinstance(rle, str) and len(rle) > _max_chars(int(limits[i])):
-                raise RleError(f"RLE of {len(rle):,} characters is longer than any mask of a "
-                               f"{int(limits[i]):,}-pixel image can be", i)
+    limits = (np.broadcast_to(np.asarray(size, dtype=np.int64), (len(rles),))
+              if size is not None and rles else None)
+    # strings that cannot even be tokenised: too long for any mask of their image, or holding a
+    # character that is neither a digit nor whitespace. The vectorised checks below then run on
+    # the strings before the first of these, so the error always names the FIRST bad string.
+    first = None
     for i, rle in enumerate(rles):
-        if not isinstance(rle, str) or not _ONLY_DIGITS_AND_SPACE.fullmatch(rle):
-            _raise_for(rles, i, size)
-    if not rles:
+        if (not isinstance(rle, str)
+                or (limits is not None and len(rle) > _max_chars(int(limits[i])))
+                or not _ONLY_DIGITS_AND_SPACE.fullmatch(rle)):
+            first = i
+            break
+    head = rles if first is None else rles[:first]
+    if not head:
+        if first is not None:
+            _raise_for(rles, first, size)
         empty = np.empty(0, np.int64)
         return empty, empty, empty
     # one C-level parse for everything; -1 marks the end of each string
-    values = np.fromstring(" -1 ".join(rles) + " -1", dtype=np.int64, sep=" ")
+    values = np.fromstring(" -1 ".join(head) + " -1", dtype=np.int64, sep=" ")
     ends_at = np.flatnonzero(values == -1)
     n_tokens = np.diff(ends_at, prepend=-1) - 1
-    if (n_tokens % 2).any():
-        _raise_for(rles, int(np.argmax(n_tokens % 2)), size)
+    bad_strings = np.flatnonzero(n_tokens % 2)
+    if len(bad_strings):  # runs cannot be paired up: check the strings before the first odd one
+        k = int(bad_strings[0])
+        if k:
+            parse_rles(head[:k], None if limits is None else limits[:k])  # raises for an earlier one
+        _raise_for(rles, k, size)
     values = values[values != -1]
     starts, lengths = values[0::2], values[1::2]
     n_runs = n_tokens // 2
-    owner = np.repeat(np.arange(len(rles)), n_runs)
+    owner = np.repeat(np.arange(len(head)), n_runs)
     bad = (starts < 1) | (lengths < 1) | (starts >= _TOO_LARGE) | (lengths >= _TOO_LARGE)
     ends = starts + lengths
-    if size is not None:
-        limit = np.asarray(size, dtype=np.int64)
-        bad |= ends - 1 > (limit[owner] if limit.ndim else limit)
+    if limits is not None:
+        bad |= ends - 1 > limits[: len(head)][owner]
     if len(starts) > 1:
         bad[1:] |= (starts[1:] < ends[:-1]) & (owner[1:] == owner[:-1])
     if bad.any():
         _raise_for(rles, int(owner[np.argmax(bad)]), size)
+    if first is not None:
+        _raise_for(rles, first, size)
     return starts - 1, lengths, n_runs
 
 
 def _raise_for(rles, i: int, size) -> None:
     if size is not None and np.ndim(size):
         size = int(np.asarray(size)[i])
+    rle = rles[i]
+    if size is not None and isinstance(rle, str) and len(rle) > _max_chars(int(size)):
+        raise RleError(f"RLE of {len(rle):,} characters is longer than any mask of a "
+                       f"{int(size):,}-pixel image can be", i)
     try:
-        rle_runs(rles[i], size)
+        rle_runs(rle, size)
     except RleError as exc:
         raise RleError(str(exc), i) from None
     raise AssertionError(f"RLE {i} passed alone but failed in a batch")  # pragma: no cover

@@ -9,7 +9,7 @@ reused across the grid:
   instance covering it, so removing lower-scoring ones never re-assigns a pixel);
 * an instance's best IoU with the ground truth does not depend on which other instances are kept;
 
-so each mask threshold costs one ``to_labels`` and one IoU matrix per image, and every box_conf
+so each mask threshold costs one ``to_labels`` and one sparse IoU pass per image, and every box_conf
 is a cumulative count over instances sorted by score. This is exact without post-processing;
 with ``fill_holes`` the label image is post-processed once at the lowest box_conf, so a
 lower-scoring cell that a higher box_conf drops is not refilled by a cell whose hole it sat in
@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .metrics import THRESHOLDS, iou_matrix
+from .metrics import THRESHOLDS, overlaps
 from .options import Thresholds
 
 DEFAULT_BOX_CONFS = tuple(np.round(np.arange(0.05, 1.0, 0.1), 2))  # 0.05 .. 0.95, 10 values
@@ -90,8 +90,8 @@ def sweep_image(detections, gt_labels: np.ndarray, box_confs: Sequence[float] = 
     for j, m in enumerate(mask_thresholds):
         th = replace(base, box_conf=lowest, mask_threshold=float(m))
         labels, rows = detections.to_labels(th, return_rows=True)
-        iou, gt_ids, pred_ids = iou_matrix(gt_labels, labels)
-        best = iou.max(axis=0) if len(gt_ids) else np.zeros(len(pred_ids))
+        ov = overlaps(gt_labels, labels)  # sparse: overlapping pairs only
+        gt_ids, pred_ids, best = ov.gt_ids, ov.pred_ids, ov.best_for_pred()
         scores = detections.scores[rows[pred_ids - 1]] if len(pred_ids) else np.zeros(0)
         out[:, j] = _map_per_box_conf(best, scores.astype(np.float64), len(gt_ids), box_confs)
     return out

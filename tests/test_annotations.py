@@ -113,3 +113,91 @@ def test_write_rejects_bad_labels_and_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="unknown CSV format"):
         write_annotations(tmp_path / "x.csv", {"a": np.zeros((2, 2), int)}, format="xml")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- issue 15 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("header, column", [
+    ("id,annotation,width,height,id", "id"),
+    ("id,annotation,width,height,width", "width"),
+    ("id,predicted,predicted", "predicted"),
+    ("id, annotation ,annotation", "annotation"),
+])
+def test_duplicate_header_column_named(tmp_path, header, column):
+    """D8: a duplicate column is one CsvError naming it (was AttributeError / a wrong message)."""
+    path = tmp_path / "dup.csv"
+    n = len(header.split(","))
+    path.write_text(header + "\n" + ",".join(["a", "1 1"] + ["3"] * (n - 2)) + "\n")
+    with pytest.raises(CsvError) as info:
+        read_annotations(path)
+    assert str(info.value) == f"{path}: row 1 (header): duplicate column {column!r}"
+
+
+def test_longest_rle_written_is_read_back(tmp_path):
+    """D6: a vertical stripe in a 16000x64 image is a 142,635-character RLE (csv's default
+    field limit is 131,072); it reads back."""
+    labels = np.zeros((16000, 64), np.int32)
+    labels[:, 0] = 1
+    for fmt in ("kaggle", "starter", "train"):
+        path = write_annotations(tmp_path / f"{fmt}.csv", {"stripe": labels}, format=fmt)
+        ann = read_annotations(path)
+        assert len(ann.rles("stripe")[0]) == 142_635
+        assert np.array_equal(ann.labels("stripe", labels.shape), labels)
+
+
+def test_field_limit_follows_the_size_cap():
+    """D6: one place sets csv's field limit, from the longest RLE MAX_PIXELS allows."""
+    import csv
+    import io
+
+    from napari_cellseg.annotations import csv_reader
+    from napari_cellseg.rle import MAX_PIXELS, MAX_RLE_CHARS, rle_encode
+
+    worst = np.zeros(64, bool)
+    worst[::2] = True  # alternate pixels: the most runs per pixel
+    assert MAX_RLE_CHARS >= len(rle_encode(worst[None])) * (MAX_PIXELS // 64)
+    rows = list(csv_reader(io.StringIO("id,predicted\na," + "1 1 " * 100_000 + "\n")))
+    assert len(rows[1][1]) == 400_000
+    assert csv.field_size_limit() >= MAX_RLE_CHARS
+
+
+@pytest.mark.parametrize("raw", [" a", "a ", "\ta\r", " a  "])
+def test_ids_normalised_the_same_by_readers_and_writers(tmp_path, raw):
+    """D5: one id normalisation: what the writer writes is what the reader gives back."""
+    from napari_cellseg.annotations import normalize_id
+
+    assert normalize_id(raw) == "a"
+    assert normalize_id("\xa0a") == "\xa0a"  # only the documented (ASCII) whitespace is stripped
+    path = write_annotations(tmp_path / "x.csv", {raw: np.ones((2, 2), np.int32)})
+    assert read_annotations(path).ids == [normalize_id(raw)]
+    with pytest.raises(ValueError, match="same id 'a'"):
+        write_annotations(tmp_path / "y.csv", {raw: np.ones((2, 2), int), "a": np.ones((2, 2), int)})
+    with pytest.raises(ValueError, match="empty"):
+        write_annotations(tmp_path / "y.csv", {" \t": np.ones((2, 2), int)})
+
+
+@pytest.mark.parametrize("field", ["1 2\x1f", "\x851 2", "1 2\xa0", "1\u30002"])
+def test_csv_field_whitespace_is_the_rle_whitespace(tmp_path, field):
+    """D13: the reader strips only what the decoder treats as whitespace, so a look-alike is
+    refused at reading, naming the row (it used to pass the reader and fail in rle_decode)."""
+    path = tmp_path / "ws.csv"
+    path.write_text(f"id,predicted\na,1 1\nb,{field}\n", encoding="utf-8")
+    with pytest.raises(CsvError, match=r"ws.csv: row 3: predicted: token \d+ .* is not a non-negative"):
+        read_annotations(path)
+
+
+def test_nul_and_non_utf8_name_file_and_row(tmp_path):
+    """D14: NUL bytes and non-UTF-8 text are refused naming the file and the row."""
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"id,predicted\na,1 1\nb,1 \x001\n")
+    with pytest.raises(CsvError, match=r"bad.csv: row 3: NUL byte"):
+        read_annotations(path)
+    path.write_bytes("id,predicted\na,1 1\nb\xe9,1 1\n".encode("latin-1"))
+    with pytest.raises(CsvError, match=r"bad.csv: row 3: not a UTF-8 text CSV"):
+        read_annotations(path)
+
+
+def test_rows_in_file_order(tmp_path):
+    """Annotations.rows(): (id, value) of every data row, '' meaning no cell (for --resume)."""
+    path = tmp_path / "s.csv"
+    path.write_text("idx,id,annotation\n0,a,1 1\n1, b ,-1\n2,a,3 1\n")
+    assert list(read_annotations(path).rows()) == [("a", "1 1"), ("b", ""), ("a", "3 1")]

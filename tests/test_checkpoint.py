@@ -136,3 +136,98 @@ def test_resolve_checkpoint(tmp_path):
     else:
         with pytest.raises(CheckpointError, match="bundled demo model"):
             resolve_checkpoint(None)
+
+
+# ---- issue 15, D9: the checkpoint schema is validated before anything is built -----------------
+def _variant(tiny, tmp_path, name, **changes):
+    """A copy of the tiny checkpoint with top-level keys (or config.KEY) replaced."""
+    _, _, path = tiny
+    obj = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if key.startswith("config_"):
+            obj["config"] = dict(obj["config"], **{key[len("config_"):]: value})
+        else:
+            obj[key] = value
+    out = tmp_path / name
+    torch.save(obj, out)
+    return out
+
+
+BAD_CHECKPOINTS = {
+    "unknown backbone": (dict(config_backbone="no_such_net"),
+                         "config.backbone: 'no_such_net' is not a timm model name known locally"),
+    "int backbone": (dict(config_backbone=5), "config.backbone: must be a timm model name, got int"),
+    "hf-hub backbone": (dict(config_backbone="hf-hub:someone/evil-model"),
+                        "config.backbone: 'hf-hub:someone/evil-model' is not a local timm model name"),
+    "url backbone": (dict(config_backbone="https://example.com/x.bin"), "config.backbone: .* not a local"),
+    "string config": (dict(config="convnext_tiny"), "config: must be a mapping, got str"),
+    "list thresholds": (dict(thresholds=[0.5, 0.5]), "thresholds: must be a mapping, got list"),
+    "word threshold": (dict(thresholds={"box_conf": "high"}), r"thresholds: box_conf must be a number in \[0, 1\]"),
+    "nan threshold": (dict(thresholds={"mask_threshold": float("nan")}), "thresholds: mask_threshold must be"),
+    "list info": (dict(info=[1, 2]), "info: must be a mapping, got list"),
+    "string state_dict": (dict(state_dict="weights"), "state_dict: must be a mapping of names to tensors, got str"),
+    "huge fpn": (dict(config_fpn_channels=10**9), r"config.fpn_channels: must be an integer in \[1, 1024\], got 1000000000"),
+    "deep mask head": (dict(config_mask_head_layers=10**6), r"config.mask_head_layers: must be an integer in \[1, 16\]"),
+    "float fpn": (dict(config_fpn_channels=32.5), "config.fpn_channels: must be an integer"),
+    "word diameter": (dict(config_diameter="forty"), r"config.diameter: must be a finite number >= 0, got 'forty'"),
+    "negative diameter": (dict(config_diameter=-3.0), "config.diameter: must be a finite number >= 0"),
+    "nan diameter": (dict(config_diameter=float("nan")), "config.diameter: must be a finite number >= 0"),
+    "zero std": (dict(config_image_std=[0.2, 0.0, 0.2]), "config.image_std: must be 3 finite numbers > 0"),
+    "anchors": (dict(config_anchor_sizes=[16, 32]), "config.anchor_sizes: must be 5 integers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_contents_refused_before_building(tiny, tmp_path, monkeypatch, case):
+    """D9: one CheckpointError 'FILE: field: problem'; no model is built, nothing is fetched."""
+    import timm
+
+    import napari_cellseg.checkpoint as ckpt_mod
+
+    changes, problem = BAD_CHECKPOINTS[case]
+    path = _variant(tiny, tmp_path, "bad ckpt.bin", **changes)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built from an invalid checkpoint")
+
+    monkeypatch.setattr(ckpt_mod, "build_model", no_build)
+    monkeypatch.setattr(timm, "create_model", no_build)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    import re
+    assert re.search(problem, message), message
+
+
+def test_non_finite_weights_refused(tiny, tmp_path):
+    model, _, _ = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["roi_heads.box_predictor.cls_score.weight"][0, 0] = float("nan")
+    path = _variant(tiny, tmp_path, "nan.bin", state_dict=state)
+    with pytest.raises(CheckpointError, match=r"nan.bin: state_dict: 'roi_heads.box_predictor"
+                                              r".cls_score.weight' holds non-finite values"):
+        load_checkpoint(path)
+    state = {k: v for k, v in model.state_dict().items()}
+    state["extra"] = "not a tensor"
+    path = _variant(tiny, tmp_path, "str.bin", state_dict=state)
+    with pytest.raises(CheckpointError, match="state_dict: 'extra' is str, not a tensor"):
+        load_checkpoint(path)
+
+
+def test_plain_text_file_is_named(tmp_path):
+    """D9: a text file 'hello' gave 'KeyError: 101'."""
+    path = tmp_path / "hello.bin"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"hello.bin: not a readable PyTorch checkpoint "
+                                              r"\(neither a zip archive nor a pickle\)"):
+        read_checkpoint(path)
+    path.write_bytes(b"\x80\x02hello")  # looks like a pickle, is not one
+    with pytest.raises(CheckpointError, match="hello.bin: not a readable PyTorch checkpoint"):
+        read_checkpoint(path)
+
+
+def test_valid_checkpoint_thresholds_checked_and_kept(tiny, tmp_path):
+    path = _variant(tiny, tmp_path, "ok.bin", thresholds={"box_conf": 0.7, "fill_holes": True})
+    _, _, thresholds, _ = load_checkpoint(path)
+    assert thresholds == {"box_conf": 0.7, "mask_threshold": 0.5, "min_area": 0, "fill_holes": True}

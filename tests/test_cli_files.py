@@ -105,7 +105,7 @@ def test_binary_and_bad_images(tmp_path):
     tifffile.imwrite(tmp_path / "lab" / "a.tif", np.zeros((2, 3, 4, 5), np.uint16))
     out = tmp_path / "x.csv"
     result = cellseg("to-csv", tmp_path / "lab", "--out", out)
-    assert result.returncode == 2 and "a.tif: not a 2-D integer label image" in result.stderr
+    assert result.returncode == 2 and "a.tif: 4-D image (shape (2, 3, 4, 5)) is not supported" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".x.csv*"))  # no half-written file
     result = cellseg("to-csv", tmp_path / "nothing", "--out", out)
     assert result.returncode == 2 and "not found" in result.stderr

@@ -36,12 +36,14 @@ def test_16bit_percentile_normalisation_ignores_hot_pixels():
     assert out[10, 10] == 1.0 and out[40, 40] == 0.0
 
 
-def test_stack_plane_of_real_data(shared_data):
-    stack = read_raw(shared_data / "nuclei3d_image.tif")
-    out = load_image(shared_data / "nuclei3d_image.tif", plane=30)
+def test_stack_plane_of_real_data(nuclei_data, nuclei_planes):
+    path = nuclei_data / "nuclei_z28-43_image.tif"
+    stack = read_raw(path)
+    out = load_image(path, plane=2)
     _check(out, stack.shape[1:])
-    with pytest.raises(ImageError, match="stack of 60 planes"):
-        load_image(shared_data / "nuclei3d_image.tif")
+    np.testing.assert_array_equal(out, to_rgb_float(nuclei_planes[30][0]))
+    with pytest.raises(ImageError, match="stack of 16 planes"):
+        load_image(path)
     with pytest.raises(ImageError, match="plane 99 is out of range"):
         to_rgb_float(stack, plane=99, name="s")
 
@@ -74,3 +76,102 @@ def test_list_images(tmp_path):
     assert list_images([tmp_path / "b.tif", tmp_path / "notes.txt"]) == [tmp_path / "b.tif"]
     with pytest.raises(ImageError, match="not found"):
         list_images(tmp_path / "nope")
+
+
+# ---- issue 15: limits from the header (D3), two channels are channels (D10) ---------------------
+def _forbid_decoding(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(tifffile, "imread", boom)
+    monkeypatch.setattr(iio, "imread", boom)
+
+
+@pytest.mark.slow
+def test_huge_tiled_compressed_tiff_refused_from_header(tmp_path, monkeypatch):
+    """D3: a 17000x17000 tiled zlib TIFF (a few hundred KB) took 8 GiB; now the header refuses it."""
+    path = tmp_path / "huge.tif"
+    tile = np.zeros((1024, 1024), np.uint8)
+    n = (-(-17000 // 1024)) ** 2
+    tifffile.imwrite(path, (tile for _ in range(n)), shape=(17000, 17000), dtype=np.uint8,
+                     tile=(1024, 1024), compression="zlib")
+    assert path.stat().st_size < 2**20
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=r"huge.tif: image size 17000x17000 .* over the limit"):
+        read_raw(path)
+    with pytest.raises(ImageError, match="over the limit"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_pixel_limit_checked_before_decoding(tmp_path, monkeypatch, suffix):
+    from napari_cellseg import rle
+    from napari_cellseg.images import image_info
+
+    path = tmp_path / f"img{suffix}"
+    data = np.zeros((30, 40, 3), np.uint8)
+    (tifffile.imwrite if suffix == ".tif" else iio.imwrite)(path, data)
+    info = image_info(path)
+    assert (info.planes, info.height, info.width, info.channels) == (1, 30, 40, 3)
+    monkeypatch.setattr(rle, "MAX_PIXELS", 1000)
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=rf"img{suffix}: image size 40x30 .*1,200 pixels is over"):
+        read_raw(path)
+
+
+def test_plane_channel_and_total_limits(tmp_path, monkeypatch):
+    import napari_cellseg.images as images
+
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((5, 8, 9), np.uint16))
+    five = tmp_path / "five.tif"
+    tifffile.imwrite(five, np.zeros((8, 9, 5), np.uint8), photometric="rgb", extrasamples=[0, 0])
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match="five.tif: 5 channels"):
+        read_raw(five)
+    monkeypatch.setattr(images, "MAX_PLANES", 4)
+    with pytest.raises(ImageError, match="stack.tif: 5 planes .* over the limit of 4 planes"):
+        read_raw(stack)
+    monkeypatch.setattr(images, "MAX_PLANES", 10)
+    monkeypatch.setattr(images, "MAX_SAMPLES", 100)
+    with pytest.raises(ImageError, match="stack.tif: 360 values .* over the limit"):
+        read_raw(stack)
+    from napari_cellseg.images import read_plane
+
+    assert read_plane(stack, 4).shape == (8, 9)  # one page: within the limits
+
+
+def test_two_channels_are_grey_plus_alpha(tmp_path):
+    """D10: HxWx2 TIFF was 256 'planes' of 256x2; grey+alpha PNG 'a stack of 256 planes'."""
+    from napari_cellseg.images import image_info
+
+    rng = np.random.default_rng(0)
+    la = rng.integers(0, 256, (256, 256, 2), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "la.tif", la)
+    iio.imwrite(tmp_path / "la.png", la)
+    for name in ("la.tif", "la.png"):
+        info = image_info(tmp_path / name)
+        assert (info.planes, info.height, info.width, info.channels) == (1, 256, 256, 2)
+        out = load_image(tmp_path / name)
+        _check(out, (256, 256))
+        assert np.allclose(out[..., 0], la[..., 0] / 255)  # grey kept, alpha dropped
+    assert np.allclose(to_rgb_float(la)[..., 2], la[..., 0] / 255)
+    stack = to_rgb_float(np.stack([la, la]), plane=1)  # a stack of grey+alpha planes
+    _check(stack, (256, 256))
+
+
+def test_stack_planes_read_one_at_a_time_with_the_same_rule(tmp_path, monkeypatch):
+    """One layout rule for files, arrays and plane reads; hyperstack singleton axes ignored."""
+    from napari_cellseg.images import image_info, layout, load_plane, read_plane
+
+    stack = np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    tifffile.imwrite(tmp_path / "h.tif", stack[:, None], imagej=True)  # Z x C=1 x Y x X
+    assert image_info(tmp_path / "s.tif").planes == 4
+    assert layout((4, 1, 6, 7)) == (4, 6, 7, 1) and layout((6, 7, 2)) == (1, 6, 7, 2)
+    for name in ("s.tif", "h.tif"):
+        assert np.array_equal(read_plane(tmp_path / name, 2), stack[2])
+        _check(load_plane(tmp_path / name, 3), (6, 7))
+        with pytest.raises(ImageError, match="plane 4 is out of range"):
+            read_plane(tmp_path / name, 4)
+    _check(to_rgb_float(stack[:, None], plane=1), (6, 7))

@@ -78,3 +78,59 @@ def test_median_diameter_of_disks_and_layers():
     # label layers: the same id in two layers is two instances
     layers = np.stack([lab == 1, lab == 3]).astype(np.uint16)
     assert abs(median_diameter(layers) - 20) < 1.5  # mean of 10 and 30
+
+
+# ---- issue 15, D4: sparse IoU (overlapping pairs only) ------------------------------------------
+def _grid_labels(n_side: int, cell: int, shift: int = 0):
+    """n_side^2 square cells of cell x cell px; ``shift`` moves the prediction right by px."""
+    size = n_side * cell
+    ids = (np.arange(size) // cell)
+    gt = (ids[:, None] * n_side + ids[None, :] + 1).astype(np.int32)
+    pred = np.roll(gt, shift, axis=1) * 3  # other ids; each cell overlaps two predictions
+    return gt, pred
+
+
+def test_100k_cells_in_bounded_memory():
+    """D4: 100,000 x 100,000 cells was a 74.5 GiB dense matrix; now memory follows the pixels."""
+    import tracemalloc
+
+    from napari_cellseg.metrics import overlaps
+
+    gt, pred = _grid_labels(317, 3, shift=1)  # 100,489 cells of 3x3 px, 951x951 image
+    tracemalloc.start()
+    try:
+        score = evaluate_image(gt, pred)
+        ov = overlaps(gt, pred)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert score.n_gt == score.n_pred == 317 ** 2
+    # every gt cell of 3 columns overlaps its own prediction on 2 of them (IoU 2/4 = 0.5, not
+    # > 0.5) and its left neighbour's on 1: no hit at any threshold
+    assert score.map == 0.0 and score.tp == 0
+    assert len(ov.iou) == 2 * 317 ** 2  # overlapping pairs only (np.roll wraps: 2 per cell)
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_sparse_matches_dense_reference():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        gt = rng.integers(0, 6, (12, 15))
+        pred = np.where(rng.random((12, 15)) < 0.8, gt * 2, rng.integers(0, 9, (12, 15)))
+        assert average_precision(gt, pred) == pytest.approx(_reference(gt, pred))
+        ious, gi, pi = iou_matrix(gt, pred)
+        ref = np.array([[((gt == g) & (pred == p)).sum() / ((gt == g) | (pred == p)).sum()
+                         for p in pi] for g in gi]).reshape(len(gi), len(pi))
+        assert np.allclose(ious, ref)
+
+
+def test_overlaps_best_iou_and_odd_ids():
+    from napari_cellseg.metrics import overlaps
+
+    gt = np.array([[-4, -4, 0], [2**40, 2**40, 2**40]], np.int64)  # negative and huge ids
+    pred = np.array([[5, 0, 0], [5, 6, 6]], np.uint16)
+    ov = overlaps(gt, pred)
+    assert ov.gt_ids.tolist() == [-4, 2**40] and ov.pred_ids.tolist() == [5, 6]
+    assert np.allclose(ov.best_for_pred(), [1 / 3, 2 / 3])
+    assert np.allclose(ov.best_for_gt(), [1 / 3, 2 / 3])
+    assert np.allclose(ov.dense(), [[1 / 3, 0], [1 / 4, 2 / 3]])

@@ -82,3 +82,42 @@ def test_default_convnext_tiny_builds():
     assert 30e6 < n < 60e6
     assert model.roi_heads.detections_per_img == 500
     assert model.transform.min_size == (520,) and model.transform.max_size == 704
+
+
+# ---- issue 15, D9: ModelConfig validation ------------------------------------------------------
+@pytest.mark.parametrize("field, value, problem", [
+    ("fpn_channels", 0, r"fpn_channels: must be an integer in \[1, 1024\], got 0"),
+    ("fpn_channels", True, "fpn_channels: must be an integer"),
+    ("num_classes", 1, r"num_classes: must be an integer in \[2, "),
+    ("box_detections_per_img", 10**9, "box_detections_per_img: must be an integer"),
+    ("box_nms_thresh", 1.5, r"box_nms_thresh: must be a number in \[0, 1\]"),
+    ("aspect_ratios", (0.5, -1.0), "aspect_ratios: must be 1 to 16 finite numbers > 0"),
+    ("image_mean", (0.5, 0.5), "image_mean: must be 3 finite numbers"),
+    ("native_scale", "yes", "native_scale: must be true or false"),
+    ("backbone", "hf-hub:a/b", "backbone: 'hf-hub:a/b' is not a local timm model name"),
+    ("diameter", float("inf"), "diameter: must be a finite number >= 0"),
+])
+def test_config_fields_validated(field, value, problem):
+    from napari_cellseg.model import ConfigError
+
+    with pytest.raises(ConfigError, match=problem):
+        ModelConfig(**{**TINY, field: value}).validate()
+    with pytest.raises(ConfigError, match=problem):
+        ModelConfig.from_dict({**ModelConfig(**TINY).to_dict(), field: value})
+
+
+def test_validate_normalises_and_returns_self():
+    config = ModelConfig(**{**TINY, "anchor_sizes": [8, 16, 32, 64, 128], "diameter": 30})
+    assert config.validate() is config
+    assert config.anchor_sizes == (8, 16, 32, 64, 128) and config.diameter == 30.0
+    assert ModelConfig().validate() == ModelConfig()
+
+
+def test_from_dict_checks_backbone_against_local_timm_names():
+    from napari_cellseg.model import ConfigError
+
+    with pytest.raises(ConfigError, match="backbone: 'convnext_tinyy' is not a timm model name known locally"):
+        ModelConfig.from_dict({"backbone": "convnext_tinyy"})
+    assert ModelConfig.from_dict({"backbone": "convnext_atto.d2_in1k"}).backbone == "convnext_atto.d2_in1k"
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        ModelConfig.from_dict(["backbone"])

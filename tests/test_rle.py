@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -6,6 +8,7 @@ from hypothesis.extra.numpy import arrays
 
 from napari_cellseg.rle import (
     RleError, labels_to_rles, parse_rles, rle_decode, rle_encode, rle_runs, rles_to_labels,
+    strip_field,
 )
 
 
@@ -105,9 +108,19 @@ def test_fuzz_label_round_trip(labels):
     assert np.array_equal(back, renumbered(labels))
 
 
+# The documented RLE format: tokens separated by ASCII whitespace (space, tab, CR, LF, VT, FF)
+# only; anything else (\x1c-\x1f, \x85, \xa0, \u2028, \u3000 ... which str.split() also splits on)
+# is not a separator. Written out here, independently of the implementation.
+_DOC_WHITESPACE = " \t\r\n\x0b\x0c"
+
+
+def _reference_tokens(rle: str) -> list[str]:
+    return [t for t in re.split(f"[{re.escape(_DOC_WHITESPACE)}]+", rle) if t]
+
+
 def _reference_decode(rle: str, shape):
     """Slow, obviously-correct decoder; None when the string is invalid."""
-    tokens = rle.split()
+    tokens = _reference_tokens(rle)
     if any(not t.isascii() or not t.isdigit() for t in tokens) or len(tokens) % 2:
         return None
     values = [int(t) for t in tokens]
@@ -122,10 +135,23 @@ def _reference_decode(rle: str, shape):
 
 
 _tokens = st.one_of(st.integers(0, 40).map(str), st.sampled_from(["x", "-1", "1.0", "", "٣", "1e3"]))
+# separators: the documented ones and look-alikes that str.split() / str.strip() also treat as
+# whitespace but the format does not
+_seps = st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0",
+                         "\u2028", "\u3000"])
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(_tokens, max_size=12).map(" ".join) | st.text(max_size=20),
+@st.composite
+def _rle_like(draw):
+    tokens = draw(st.lists(_tokens, max_size=12))
+    out = draw(_seps) if draw(st.booleans()) else ""
+    for t in tokens:
+        out += t + draw(_seps)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(_rle_like() | st.lists(_tokens, max_size=12).map(" ".join) | st.text(max_size=20),
        st.tuples(st.integers(1, 6), st.integers(1, 6)))
 def test_fuzz_decode_correct_mask_or_value_error(rle, shape):
     expected = _reference_decode(rle, shape)
@@ -138,4 +164,68 @@ def test_fuzz_decode_correct_mask_or_value_error(rle, shape):
     assert mask.dtype == bool and mask.shape == shape
     assert np.array_equal(mask, expected)
     if mask.any():
-        assert rle_runs(rle_encode(mask))[0][0] == int(rle.split()[0]) - 1
+        assert rle_runs(rle_encode(mask))[0][0] == int(_reference_tokens(rle)[0]) - 1
+
+
+@pytest.mark.parametrize("rle", ["1 2\x1f", "\xa01 2", "1\x852", "1\u30002", "1 2\u2028"])
+def test_non_ascii_whitespace_is_not_a_separator(rle):
+    """D13: one definition of whitespace; look-alikes are refused, naming the token."""
+    with pytest.raises(RleError, match="is not a non-negative integer"):
+        rle_decode(rle, (4, 5))
+    with pytest.raises(RleError):
+        parse_rles([rle], 20)
+
+
+@pytest.mark.parametrize("rle", ["1 2\t", "\x0b1\x0c2\r\n", " 1  2 "])
+def test_ascii_whitespace_separates(rle):
+    assert rle_decode(rle, (4, 5)).ravel()[:3].tolist() == [True, True, False]
+    assert parse_rles([rle], 20)[1].tolist() == [2]
+
+
+def test_strip_field_uses_the_same_whitespace():
+    assert strip_field(" \t1 2\r\n") == "1 2"
+    assert strip_field("1 2\x1f") == "1 2\x1f"  # not whitespace: left for the RLE check to refuse
+    assert strip_field("\xa0a\u3000") == "\xa0a\u3000"
+
+
+@pytest.mark.parametrize("rles, first", [
+    (["1 2", "1 x", "1 2 3"], 1),            # bad character before an odd token count
+    (["1 2", "1 2 3", "1 x"], 1),            # odd token count before a bad character
+    (["1 2", "3 1 1 1", "1 x"], 1),          # out of order before a bad character
+    (["5 1", "1 2 3", "9" * 300], 1),        # odd count before a string too long for the image
+    (["5 1", "9" * 300, "1 2 3"], 1),        # too long before odd count
+    (["1 0", "x"], 0),
+    (["1 0", "1 2 3"], 0),                   # bad run before an odd token count
+    (["1 2", "1 1 1 1", "1 2 3"], 1),        # overlap before an odd token count
+])
+def test_parse_rles_names_the_first_bad_string(rles, first):
+    """D13: the first bad string is named, whatever kinds of problem the later ones have."""
+    with pytest.raises(RleError) as info:
+        parse_rles(rles, 20)
+    assert info.value.index == first
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_rle_like() | st.sampled_from(["1 2", "3 1 5 1", "", "1 0", "9" * 40]), max_size=6),
+       st.integers(1, 30))
+def test_fuzz_parse_rles_agrees_with_one_at_a_time(rles, size):
+    """parse_rles (vectorised) accepts exactly what rle_runs accepts string by string, and names
+    the first string that rle_runs (or the length bound) refuses."""
+    from napari_cellseg.rle import _max_chars
+
+    first_bad = None
+    for i, rle in enumerate(rles):
+        try:
+            if len(rle) > _max_chars(size):
+                raise RleError("too long")
+            rle_runs(rle, size)
+        except RleError:
+            first_bad = i
+            break
+    try:
+        starts, lengths, n_runs = parse_rles(rles, size)
+    except RleError as exc:
+        assert exc.index == first_bad
+        return
+    assert first_bad is None
+    assert len(n_runs) == len(rles) and int(n_runs.sum()) == len(starts) == len(lengths)

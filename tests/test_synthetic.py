@@ -149,12 +149,10 @@ def test_load_sample_returns_packaged_files(name, dtype, shape):
     assert len(np.unique(lab)) - 1 >= 10
 
 
-def test_nuclei_sample_is_plane_35_of_shared_data(shared_data):
-    import tifffile
-
+def test_nuclei_sample_is_plane_35_of_the_nuclei_stack(nuclei_planes):
     img, lab = samples.load_sample("nuclei")
-    np.testing.assert_array_equal(img, tifffile.imread(shared_data / "nuclei3d_image.tif")[35])
-    np.testing.assert_array_equal(lab, tifffile.imread(shared_data / "nuclei3d_labels.tif")[35])
+    np.testing.assert_array_equal(img, nuclei_planes[35][0])
+    np.testing.assert_array_equal(lab, nuclei_planes[35][1])
 
 
 def test_unknown_sample_name():

@@ -27,13 +27,13 @@ TINY = ["--backbone", "convnext_atto", "--fpn-channels", "32", "--mask-head-chan
 
 
 @pytest.fixture
-def data(tmp_path, nuclei_labels, shared_data):
+def data(tmp_path, nuclei_planes):
     """4 synthetic 128x128 images + 2 real nuclei slices (cropped to 128x128)."""
     images, labels = write_folder(tmp_path / "d", n=4)
-    raw = tifffile.imread(shared_data / "nuclei3d_image.tif")
     for z in (30, 40):
-        tifffile.imwrite(images / f"nuc{z}.tif", raw[z, :128, :128])
-        tifffile.imwrite(labels / f"nuc{z}.tif", np.asarray(nuclei_labels[z, :128, :128]))
+        raw, lab = nuclei_planes[z]
+        tifffile.imwrite(images / f"nuc{z}.tif", raw[:128, :128])
+        tifffile.imwrite(labels / f"nuc{z}.tif", np.asarray(lab[:128, :128]))
     return images, labels
 
 

@@ -150,11 +150,11 @@ def test_tune_bad_input_exit_2_nothing_written(setup, tmp_path, capsys, case, me
     assert out.stdout == ""
 
 
-def test_bundled_model_missing_is_a_clear_error(setup, capsys):
-    from napari_cellseg.checkpoint import bundled_model_path
+def test_bundled_model_missing_is_a_clear_error(setup, capsys, monkeypatch, tmp_path):
+    from napari_cellseg import checkpoint
 
-    if bundled_model_path().is_file():
-        pytest.skip("the bundled demo model is installed")
+    # a wheel built without the demo model: a clear error, not a traceback
+    monkeypatch.setattr(checkpoint, "bundled_model_path", lambda: tmp_path / "models" / "demo.bin")
     root, _ = setup
     out = _tune_inprocess(capsys, "--gt", root / "gt", "--images", root / "images")
     assert out.returncode == 2 and "bundled demo model is missing" in out.stderr
