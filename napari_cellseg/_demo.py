@@ -15,8 +15,8 @@ def setup_demo(viewer, sample: str = "nuclei", checkpoint=None, image=None):
     Returns the widget. ``checkpoint=None`` keeps the widget's choice: the bundled demo model
     when installed, else the last checkpoint used.
     """
+    from ._layout import fit_window
     from ._sample import cells_sample, nuclei_sample
-    from ._widget import SegmentWidget
 
     if image is not None:
         path = Path(image)
@@ -28,8 +28,9 @@ def setup_demo(viewer, sample: str = "nuclei", checkpoint=None, image=None):
         if sample not in samples:
             raise ValueError(f"unknown sample {sample!r}; choose one of {', '.join(samples)}")
         layers = [getattr(viewer, f"add_{kind}")(data, **meta) for data, meta, kind in samples[sample]()]
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Segment cells", area="right")
+    fit_window(viewer)  # napari's saved window size may be tiny
+    # the same path as Plugins > Cell segmentation > Segment cells
+    _, widget = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
     if checkpoint is not None:
         widget.set_checkpoint(checkpoint)
     images = [lyr for lyr in layers if type(lyr).__name__ == "Image"]
@@ -39,28 +40,30 @@ def setup_demo(viewer, sample: str = "nuclei", checkpoint=None, image=None):
     return widget
 
 
-def segment_and_screenshot(viewer, widget, path, timeout: float = 600.0, size=(1300, 860)) -> str:
+def segment_and_screenshot(viewer, widget, path, timeout: float = 600.0, size=(1280, 800)) -> str:
     """Press Segment, wait for the result (Qt events keep flowing), save a window screenshot."""
     import time
 
     from qtpy.QtWidgets import QApplication
 
+    from ._napari_compat import close_notifications
+
     app = QApplication.instance()
-    viewer.window._qt_window.resize(*size)
+    viewer.window.resize(*size)
     app.processEvents()
     viewer.reset_view()  # fit the image to the resized canvas
-    widget.segment()
     start = time.monotonic()
+    while not widget._torch_ready and time.monotonic() - start < timeout:
+        app.processEvents()  # PyTorch loads on a worker
+        time.sleep(0.05)
+    widget.segment()
     while widget._worker is not None and time.monotonic() - start < timeout:
         app.processEvents()
         time.sleep(0.05)
     if widget._worker is not None:
         widget.cancel()
         raise TimeoutError(f"segmentation did not finish within {timeout:.0f} s")
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()  # pop-ups would cover the canvas
+    close_notifications(viewer)  # pop-ups would cover the canvas
     for _ in range(10):
         app.processEvents()
         time.sleep(0.02)

@@ -7,7 +7,14 @@ Nothing here imports Qt; napari is only touched through the layer objects passed
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
+
+from ._napari_compat import unwrap
+
+# real layer -> the last undo item napari reported in ``events.paint`` (public: event.value)
+_LAST_STROKE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 #: action name -> (key, one-line help). Shown in the widget and bound on every result layer.
 SHORTCUTS = {
@@ -119,11 +126,24 @@ def merge_cells(layer, viewer) -> tuple[int, int]:
     return keep, absorb
 
 
+def track_strokes(layer) -> None:
+    """Remember the layer's last paint/fill/erase stroke from its public ``paint`` event."""
+    key = unwrap(layer)
+    if key in _LAST_STROKE:
+        return
+    _LAST_STROKE[key] = None
+
+    def remember(event):
+        _LAST_STROKE[key] = list(getattr(event, "value", None) or [])
+
+    layer.events.paint.connect(remember)  # a plain function: napari keeps a strong reference
+
+
 def new_id_for_last_stroke(layer) -> int:
-    history = getattr(layer, "_undo_history", None)
-    if not history:
+    stroke = _LAST_STROKE.get(unwrap(layer))
+    if not stroke:
         raise EditError("nothing painted yet: paint a stroke first, then give it a new id")
-    idx = stroke_indices(history[-1], layer.data.shape)
+    idx = stroke_indices(stroke, layer.data.shape)
     new = next_free_id(layer.data)
     # only pixels the stroke left non-zero (an erase stroke has nothing to relabel)
     keep = np.asarray(layer.data)[idx] != 0
@@ -145,6 +165,7 @@ def renumber(layer) -> int:
 
 def bind_edit_keys(layer, viewer, report) -> None:
     """Bind the SHORTCUTS on ``layer``; ``report(message, error: bool)`` shows the outcome."""
+    track_strokes(layer)
 
     def wrap(name, fn):
         def handler(_layer):

@@ -6,6 +6,7 @@ it without a window. No numerics live in the Qt callbacks; they live here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,36 @@ def result_of(layer) -> Result | None:
     meta = getattr(layer, "metadata", None) or {}
     r = meta.get(META_KEY)
     return r if isinstance(r, Result) else None
+
+
+POST_PROCESSING = ("fill_holes", "keep_largest")
+
+
+def post_processing_supported(detections=None) -> bool:
+    """Whether ``Detections.to_labels`` takes the post-processing switches (fill_holes,
+    keep_largest) - the inference side adds them; without them the switches are disabled."""
+    import inspect
+
+    to_labels = getattr(detections, "to_labels", None)
+    if to_labels is None:
+        return True  # nothing to check yet
+    try:
+        params = inspect.signature(to_labels).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(k in params for k in POST_PROCESSING) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def draw_labels(detections, thresholds: dict) -> np.ndarray:
+    """Labels from kept Detections with the widget's thresholds (validated by ``Thresholds``)."""
+    from .options import Thresholds
+
+    t = Thresholds.from_dict(thresholds, where="widget thresholds")
+    kwargs = {"box_conf": t.box_conf, "mask_threshold": t.mask_threshold, "min_area": t.min_area}
+    if post_processing_supported(detections):
+        kwargs.update({k: getattr(t, k) for k in POST_PROCESSING if getattr(t, k)})
+    return detections.to_labels(**kwargs)
 
 
 def image_id_for_layer(layer) -> str:
@@ -176,7 +207,8 @@ def shape_from_layers(image_id: str, layers) -> tuple[int, int] | None:
 
 
 def csv_to_layer_data(path, layers=()) -> list[tuple]:
-    """Read an annotation/submission CSV into napari LayerData tuples, one per image id.
+    """Read an annotation/submission CSV into napari LayerData tuples, one per image id, and
+    one stack-shaped layer per stack whose planes are ``<stem>_000``, ``<stem>_001``...
 
     The size comes from width/height columns, else from an open image with that id; ids with
     no known size raise ``InputError`` naming them (nothing is added).
@@ -195,9 +227,73 @@ def csv_to_layer_data(path, layers=()) -> list[tuple]:
         raise InputError(
             f"{path}: image size unknown for {listed}: the CSV has no width/height columns; "
             "open the image(s) with that name first, then open the CSV again")
-    out = []
+    stacks = stack_groups(ann.ids, layers)
+    owner = {pid: base for base, (_, planes) in stacks.items() for pid in planes}
+    out, done = [], set()
     for image_id in ann.ids:
-        labels = ann.labels(image_id, shape=tuple(shapes[image_id]))
-        out.append((labels, {"name": result_layer_name(image_id),
-                             "metadata": {"image_id": image_id, "source_csv": str(path)}}, "labels"))
+        base = owner.get(image_id)
+        if base is None:
+            labels = ann.labels(image_id, shape=tuple(shapes[image_id]))
+            out.append((labels, {"name": result_layer_name(image_id),
+                                 "metadata": {"image_id": image_id, "source_csv": str(path)}}, "labels"))
+            continue
+        if base in done:
+            continue
+        done.add(base)
+        lead_shape, planes = stacks[base]
+        hw = tuple(shapes[image_id])
+        data = np.zeros(tuple(lead_shape) + hw, np.int32)
+        for pid, index in planes.items():
+            if tuple(shapes[pid]) != hw:
+                raise InputError(f"{path}: {pid} is {shapes[pid][0]}x{shapes[pid][1]} but other "
+                                 f"planes of {base} are {hw[0]}x{hw[1]}")
+            data[index] = ann.labels(pid, shape=hw)
+        out.append((data, {"name": result_layer_name(base),
+                           "metadata": {"image_id": base, "source_csv": str(path)}}, "labels"))
+    return out
+
+
+_PLANE_GROUP = re.compile(r"_(\d{3,})$")
+
+
+def _split_plane_id(image_id: str) -> tuple[str, tuple[int, ...]]:
+    """``cells_002_017`` -> ("cells", (2, 17)); an id without plane tails -> (id, ())."""
+    base, index = image_id, []
+    while (m := _PLANE_GROUP.search(base)) and len(index) < 3:
+        index.insert(0, int(m.group(1)))
+        base = base[: m.start()]
+    return base, tuple(index)
+
+
+def stack_groups(ids, layers=()) -> dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]]:
+    """Plane ids of one stack (``<stem>_000``, ``<stem>_001``... as ``images.plane_id`` writes
+    them) -> ``{stem: (lead shape, {plane id: index})}``.
+
+    A stem forms a stack when it has two or more plane ids, or when an open image of that name
+    is a stack with as many leading axes; the lead shape is the open image's, else the largest
+    index + 1 (planes without cells are not in a CSV)."""
+    groups: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
+    for image_id in ids:
+        base, index = _split_plane_id(image_id)
+        if index and plane_id_bases(image_id)[len(index) - 1] == base:
+            groups.setdefault((base, len(index)), {})[image_id] = index
+    open_shapes = {}
+    for lyr in layers or ():
+        if type(lyr).__name__ == "Image":
+            shape = spatial_shape(lyr)
+            for key in {image_id_for_layer(lyr), str(lyr.name)}:
+                open_shapes[key] = shape[:-2]
+    out = {}
+    for (base, depth), planes in groups.items():
+        lead = open_shapes.get(base)
+        if lead is not None and len(lead) == depth:
+            if any(any(i >= n for i, n in zip(idx, lead)) for idx in planes.values()):
+                lead = None
+        elif len(planes) < 2:
+            continue
+        if lead is None or len(lead) != depth:
+            lead = tuple(max(idx[d] for idx in planes.values()) + 1 for d in range(depth))
+        if base in out:  # two depths for one stem: keep them apart (not a stack)
+            continue
+        out[base] = (tuple(int(n) for n in lead), planes)
     return out

@@ -12,9 +12,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBo
 
 from . import _edit
 from ._layers import CSV_FORMATS, InputError, export_csv, export_items
-from ._settings import load_settings, save_settings
-
-MAX_RECENT = 5
+from ._settings import load_settings, remember_checkpoint, save_settings
 
 
 def build_edit_box(widget) -> QGroupBox:
@@ -22,10 +20,15 @@ def build_edit_box(widget) -> QGroupBox:
     edit = QGroupBox("Edit (on the cells layer)")
     ev = QVBoxLayout(edit)
     keys = "\n".join(f"{k}: {h}" for k, h in _edit.SHORTCUTS.values())
+    from superqt import QCollapsible
+
     help_lbl = QLabel("Paint, fill, erase, pick: napari's layer tools (top left). "
                       "Keys, with the mouse over a cell:\n" + keys)
     help_lbl.setWordWrap(True)
-    ev.addWidget(help_lbl)
+    widget.edit_help = QCollapsible("How to edit (tools and keys)")
+    widget.edit_help.addWidget(help_lbl)
+    widget.edit_help.setToolTip("napari's paint/fill/erase tools and this plugin's shortcuts")
+    ev.addWidget(widget.edit_help)
     row = QHBoxLayout()
     widget.newid_btn = QPushButton("New id for last stroke")
     widget.newid_btn.setToolTip("Paint a stroke with any label, then press this to make it a new cell")
@@ -45,6 +48,8 @@ def build_export_box(widget) -> QGroupBox:
     widget.format_combo = QComboBox()
     for key, text in CSV_FORMATS.items():
         widget.format_combo.addItem(text, key)
+    widget.format_combo.setToolTip("CSV layout: Kaggle submission (id, predicted), the starter "
+                                   "notebook's, or a training CSV with width/height")
     form.addRow("Format", widget.format_combo)
     widget.scope_combo = QComboBox()
     widget.scope_combo.addItems(["all segmented images", "current image only"])
@@ -93,10 +98,7 @@ class PanelActions:
             self.set_checkpoint(path)
 
     def set_checkpoint(self, path):
-        path = str(Path(path).resolve())
-        recent = [path] + [p for p in load_settings().get("recent_checkpoints", []) if p != path]
-        save_settings({"recent_checkpoints": recent[:MAX_RECENT], "last_checkpoint": path})
-        self._refresh_models(select=path)
+        self._refresh_models(select=remember_checkpoint(path))
 
     def _checkpoint(self) -> str:
         path = self.model_combo.currentData()

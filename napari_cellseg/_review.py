@@ -14,41 +14,19 @@ from __future__ import annotations
 import numpy as np
 from napari.layers import Labels
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                            QPushButton, QSpinBox, QVBoxLayout)
 
-from ._layers import InputError, image_plane, result_of
+from . import registry
+from ._layers import InputError, draw_labels, image_plane, result_of
+from ._layout import ScrollDock
+from ._napari_compat import same_layer
 from ._review_plots import draw_bars, draw_heat, figure
-
-OVERLAY_KEY = "napari_cellseg_review"  # metadata marker of the overlay layer
-TP, FP, FN = 1, 2, 3
-COLORS = {TP: (0.15, 0.85, 0.25, 1.0), FP: (1.0, 0.45, 0.0, 1.0), FN: (1.0, 0.1, 1.0, 1.0)}
-NAMES = {TP: "true positive", FP: "false positive", FN: "missed (FN)"}
+from .review import COLORS, FN, FP, NAMES, OVERLAY_KEY, TP, choose_pair, grid_values, overlay_labels  # noqa: F401
 
 
-def overlay_labels(gt: np.ndarray, pred: np.ndarray, score) -> np.ndarray:
-    """1 = true-positive prediction, 2 = false-positive prediction, 3 = missed GT cell.
-
-    Predicted cells are filled (their borders left at 0 so touching cells stay apart); a missed
-    GT cell is filled where no cell was predicted and always outlined on top, so a poorly placed
-    false positive over it stays visible.
-    """
-    from skimage.segmentation import find_boundaries
-
-    out = np.zeros(pred.shape, np.uint8)
-    out[np.isin(pred, score.tp_pred)] = TP
-    out[np.isin(pred, score.fp_pred)] = FP
-    out[find_boundaries(pred, mode="inner")] = 0
-    fn_labels = np.where(np.isin(gt, score.fn_gt), gt, 0)
-    fn = fn_labels > 0
-    out[fn & (pred == 0)] = FN
-    out[find_boundaries(fn_labels, mode="inner")] = 0
-    out[find_boundaries(fn_labels, mode="thick") & (fn | (out == 0))] = FN
-    return out
-
-
-class ReviewWidget(QWidget):
+class ReviewWidget(ScrollDock):
     """Dock widget: prediction vs ground truth, TP/FP/FN overlay, threshold sweep."""
 
     def __init__(self, napari_viewer):
@@ -64,6 +42,8 @@ class ReviewWidget(QWidget):
         self._timer.setInterval(100)
         self._timer.timeout.connect(self.update_review)
         self._build()
+        self.compact()
+        registry.register(self.viewer, "review", self)
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._refresh_layers)
@@ -72,7 +52,7 @@ class ReviewWidget(QWidget):
 
     # ------------------------------------------------------------ UI
     def _build(self):
-        root = QVBoxLayout(self)
+        root = QVBoxLayout(self.content)
         form = QFormLayout()
         self.pred_combo = QComboBox()
         self.pred_combo.setToolTip("Labels layer with the predicted cells (e.g. '<image> cells')")
@@ -85,8 +65,8 @@ class ReviewWidget(QWidget):
         self.iou_spin.setValue(0.5)
         self.iou_spin.setToolTip("A predicted cell is a true positive when its IoU with a true "
                                  "cell is above this")
-        for w in (self.pred_combo, self.gt_combo):
-            w.currentIndexChanged.connect(self._on_choice)
+        self.pred_combo.currentIndexChanged.connect(self._on_pred_picked)
+        self.gt_combo.currentIndexChanged.connect(self._on_choice)
         self.iou_spin.valueChanged.connect(self.schedule)
         form.addRow("Prediction", self.pred_combo)
         form.addRow("Ground truth", self.gt_combo)
@@ -94,12 +74,12 @@ class ReviewWidget(QWidget):
         root.addLayout(form)
         self.summary = QLabel("choose a prediction and a ground-truth Labels layer")
         self.summary.setWordWrap(True)
-        self.summary.setTextFormat(1)  # Qt.RichText
+        self.summary.setTextFormat(Qt.TextFormat.RichText)
         root.addWidget(self.summary)
         self.bar_fig, self.bar_canvas = figure(1.7)
         root.addWidget(self.bar_canvas)
 
-        box = QGroupBox("Threshold sweep (from the kept network output)")
+        box = QGroupBox("Threshold sweep (no re-run)")
         bl = QVBoxLayout(box)
         row = QHBoxLayout()
         self.grid_spin = QSpinBox()
@@ -136,46 +116,29 @@ class ReviewWidget(QWidget):
         self._draw_bars()
         self._draw_heat()
 
-    def sizeHint(self):
-        from qtpy.QtCore import QSize
-
-        return QSize(340, super().sizeHint().height())
-
     # ------------------------------------------------------------ layers
     def _labels_layers(self):
         return [lyr for lyr in self.viewer.layers
                 if isinstance(lyr, Labels) and not lyr.metadata.get(OVERLAY_KEY)]
 
-    def _refresh_layers(self, *_):
-        layers = self._labels_layers()
-        preds = [lyr.name for lyr in layers if result_of(lyr) is not None]
-        preds += [lyr.name for lyr in layers if result_of(lyr) is None]
-        gts = [lyr.name for lyr in layers if result_of(lyr) is None]
-        for combo, names in ((self.pred_combo, preds), (self.gt_combo, gts)):
-            current = combo.currentText()
+    def _refresh_layers(self, *_, keep_gt=True):
+        """Fill both pickers; never the same layer in both (see ``review.choose_pair``)."""
+        layers = [(lyr.name, result_of(lyr) is not None,
+                   result_of(lyr).image_id if result_of(lyr) is not None else lyr.metadata.get("image_id"))
+                  for lyr in self._labels_layers()]
+        preds, gts, pred, gt = choose_pair(layers, self.pred_combo.currentText() or None,
+                                           (self.gt_combo.currentText() or None) if keep_gt else None)
+        for combo, names, chosen in ((self.pred_combo, preds, pred), (self.gt_combo, gts, gt)):
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+            combo.setCurrentIndex(names.index(chosen) if chosen in names else -1)
             combo.blockSignals(False)
-        if self.gt_combo.currentText() == self.pred_combo.currentText() and self.gt_combo.count() > 1:
-            self.gt_combo.setCurrentIndex(1 if self.gt_combo.currentIndex() == 0 else 0)
-        self._auto_gt()
         self._on_choice()
 
-    def _auto_gt(self):
-        """Prefer the GT layer whose image id matches the prediction's."""
-        pred = self._layer(self.pred_combo)
-        r = result_of(pred) if pred is not None else None
-        if r is None:
-            return
-        for lyr in self._labels_layers():
-            if result_of(lyr) is None and r.image_id in (lyr.metadata.get("image_id"), lyr.name):
-                self.gt_combo.blockSignals(True)
-                self.gt_combo.setCurrentText(lyr.name)
-                self.gt_combo.blockSignals(False)
-                return
+    def _on_pred_picked(self, *_):
+        """A new prediction choice: re-pair the ground truth (never the same layer)."""
+        self._refresh_layers(keep_gt=False)
 
     def _layer(self, combo):
         name = combo.currentText()
@@ -202,8 +165,8 @@ class ReviewWidget(QWidget):
         pred, gt = self._layer(self.pred_combo), self._layer(self.gt_combo)
         if pred is None or gt is None:
             raise InputError("choose a prediction and a ground-truth Labels layer")
-        if pred is gt:
-            raise InputError("prediction and ground truth are the same layer")
+        if same_layer(pred, gt):
+            raise InputError("prediction and ground truth are the same layer: choose another")
         if pred.data.shape != gt.data.shape:
             raise InputError(f"{pred.name!r} is {'x'.join(map(str, pred.data.shape))} but "
                              f"{gt.name!r} is {'x'.join(map(str, gt.data.shape))}")
@@ -277,7 +240,7 @@ class ReviewWidget(QWidget):
             gts = [g for g in self._labels_layers() if result_of(g) is None]
             for lyr in self._labels_layers():
                 rr = result_of(lyr)
-                if lyr is pred or rr is None or rr.detections is None:
+                if same_layer(lyr, pred) or rr is None or rr.detections is None:
                     continue
                 match = [g for g in gts if rr.image_id in (g.metadata.get("image_id"), g.name)]
                 if match:
@@ -287,8 +250,6 @@ class ReviewWidget(QWidget):
 
     def run_sweep(self):
         from napari.qt.threading import create_worker
-
-        from .tune_cmd import grid_values
 
         if self._worker is not None:
             return
@@ -334,16 +295,12 @@ class ReviewWidget(QWidget):
         self.heat_canvas.draw_idle()
 
     def _segment_widget(self):
-        from ._widget import SegmentWidget
-
-        qt_window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        found = qt_window.findChildren(SegmentWidget) if qt_window is not None else []
-        return found[0] if found else None
+        return registry.lookup(self.viewer, "segment")
 
     def use_best(self):
         """Set the Segment widget's sliders (which redraw the labels) to the best pair."""
         res, lyr = self.sweep_result, self._sweep_pred
-        if res is None or lyr is None or lyr not in self.viewer.layers:
+        if res is None or lyr is None or not any(same_layer(x, lyr) for x in self.viewer.layers):
             return
         r = result_of(lyr)
         if r is None or r.edited:
@@ -357,8 +314,9 @@ class ReviewWidget(QWidget):
             seg.box_slider.setValue(b)
             seg.mask_slider.setValue(m)  # each setValue redraws the labels
         else:  # no Segment widget docked: redraw the layer the same way it does
+            t = {**r.thresholds, "box_conf": b, "mask_threshold": m}
             for p, d in r.segmented().items():
-                labels = d.to_labels(b, m, int(r.thresholds.get("min_area", 0)))
+                labels = draw_labels(d, t)
                 if p:
                     lyr.data[p] = labels
                 else:

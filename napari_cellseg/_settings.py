@@ -1,5 +1,5 @@
 """Small persistent settings (last checkpoint, recent files, last export) as a json file, and
-the worker body of a Segment run. No Qt here.
+the widget's size texts. No Qt here (the worker bodies are in ``_jobs``).
 
 The file is ``$NAPARI_CELLSEG_CONFIG_DIR/settings.json`` (default ``~/.config/napari-cellseg``).
 """
@@ -35,6 +35,17 @@ def save_settings(update: dict) -> None:
         pass
 
 
+MAX_RECENT = 5
+
+
+def remember_checkpoint(path) -> str:
+    """Put ``path`` first in the recent-checkpoints list and make it the last one used."""
+    path = str(Path(path).resolve())
+    recent = [path] + [p for p in load_settings().get("recent_checkpoints", []) if p != path]
+    save_settings({"recent_checkpoints": recent[:MAX_RECENT], "last_checkpoint": path})
+    return path
+
+
 DIAMETER_TIP = ("Typical cell diameter in image pixels: the image is resized so cells have the size "
                 "the model was trained at (like cellpose's diameter). 'auto' estimates it for each "
                 "image from a first pass (models trained with --diameter, like the demo model; "
@@ -52,40 +63,3 @@ def size_note(detections) -> str:
     if diam:
         return f"Cell size estimated at {float(np.median(diam)):.0f} px: image resized x{scale}."
     return f"Image resized x{scale}." if scales != [1.0] else ""
-
-
-def segment_job(checkpoint, device, planes: dict, diameter, cache):
-    """Worker body: load (or reuse) the predictor, run it once per plane, return
-    ``({plane prefix: Detections}, thresholds)``. ``diameter``: cell size in image px, "auto",
-    or None for the model's default (see ``Predictor.resolve_scale``).
-
-    ``planes`` maps a plane prefix (``()`` for a 2D image) to its 2D array; a plane is read only
-    when its turn comes, so a lazy (dask/zarr) stack is never loaded whole. Progress events carry
-    the overall fraction and "plane i/n"; the worker can be cancelled between any two events.
-    """
-    import numpy as np
-
-    from .predict import Predictor
-
-    path = Path(checkpoint)
-    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, device)
-    predictor = cache.get(key)
-    if predictor is None:
-        yield {"stage": "loading model", "fraction": 0.0}
-        predictor = Predictor.from_checkpoint(path, device=device)
-        cache.clear()  # one model in memory at a time
-        cache[key] = predictor
-    scale = predictor.resolve_scale(None, diameter)
-    out, n = {}, len(planes)
-    for i, (prefix, array) in enumerate(planes.items()):
-        where = f"plane {i + 1}/{n}: " if n > 1 else ""
-        gen = predictor.iter_predict(np.asarray(array), scale=scale)
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                out[prefix] = stop.value
-                break
-            frac = (i + float(event.get("fraction", 0.0))) / n
-            yield {**event, "stage": where + str(event.get("stage", "")), "fraction": frac}
-    return out, dict(predictor.thresholds)

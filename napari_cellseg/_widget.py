@@ -8,6 +8,7 @@ layer's metadata; the sliders only call ``Detections.to_labels``.
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -15,20 +16,31 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
                             QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
-                            QVBoxLayout, QWidget)
+                            QVBoxLayout)
 from superqt import QLabeledDoubleSlider
 
-from . import _edit
-from ._layers import (InputError, Result, image_id_for_layer,
-                      image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
+from . import _edit, registry
+from ._jobs import calibrate_job, load_torch_job, segment_job
+from ._layers import (InputError, Result, draw_labels, image_id_for_layer, image_plane,
+                      post_processing_supported, result_layer_name, result_of, spatial_shape,
+                      stack_planes)
+from ._layout import ScrollDock
+from ._napari_compat import reset_undo_history, same_layer, unwrap
 from ._panels import PanelActions, build_edit_box, build_export_box
-from ._settings import DIAMETER_TIP, save_settings, segment_job, size_note
+from ._settings import DIAMETER_TIP, save_settings, size_note
+from .channels import CHANNELS
 
+SEGMENT_TIP = ("Run the network once on the image (the sliders below then work without "
+               "re-running it)")
 ALL_PLANES_TIP = ("Segment all planes of a 3D/T stack in one run (progress per plane; Cancel keeps "
                   "nothing). Unticked: only the plane shown in the viewer")
 
 
-class SegmentWidget(PanelActions, QWidget):
+LOADING = "Loading PyTorch in the background (first start only, a few seconds)…"
+BUSY_TIP = "Wait: PyTorch is still loading (see the status line)"
+
+
+class SegmentWidget(PanelActions, ScrollDock):
     """Dock widget: pick image + model, Segment, tune thresholds live, edit, export CSV."""
 
     def __init__(self, napari_viewer):
@@ -36,18 +48,24 @@ class SegmentWidget(PanelActions, QWidget):
         self.viewer = napari_viewer
         self._predictors: dict = {}
         self._worker = None
+        self._loader = None
+        self._torch_ready = False
         self._bound: set[int] = set()
         self._build()
+        self.compact()
         self._refresh_images()
         self._refresh_models()
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._refresh_images)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
         self._update_tune_panel()
+        registry.register(self.viewer, "segment", self)
+        self._start_torch_loader()
 
     # ------------------------------------------------------------ UI
     def _build(self):
-        root = QVBoxLayout(self)
+        root = QVBoxLayout(self.content)
         hint = QLabel("① pick image and model → ② Segment → ③ tune sliders, fix cells by hand "
                       "→ ④ Export CSV")
         hint.setWordWrap(True)
@@ -81,7 +99,26 @@ class SegmentWidget(PanelActions, QWidget):
         self.diameter_spin.setSpecialValueText("auto")
         self.diameter_spin.setValue(0.0)
         self.diameter_spin.setToolTip(DIAMETER_TIP)
-        form.addRow("Cell diameter", self.diameter_spin)
+        self.calibrate_btn = QPushButton("Calibrate")
+        self.calibrate_btn.setToolTip("Measure the cells' diameter in this image (the automatic size "
+                                      "estimate) and write it into the box, like cellpose's calibrate")
+        self.calibrate_btn.clicked.connect(self.calibrate)
+        drow = QHBoxLayout()
+        drow.addWidget(self.diameter_spin, 1)
+        drow.addWidget(self.calibrate_btn)
+        form.addRow("Cell diameter", drow)
+        self.channel_combo = QComboBox()
+        for key, (label, _) in CHANNELS.items():
+            self.channel_combo.addItem(label, key)
+        self.channel_combo.setToolTip("Channel to segment (cellpose's 'chan to segment'): for RGB "
+                                      "stains pick the channel where the cells stand out")
+        self.invert_check = QCheckBox("invert")
+        self.invert_check.setToolTip("Dark cells on a bright background (brightfield, histology): "
+                                     "invert so the cells are bright, as the model expects")
+        crow = QHBoxLayout()
+        crow.addWidget(self.channel_combo, 1)
+        crow.addWidget(self.invert_check)
+        form.addRow("Channel", crow)
         self.all_planes = QCheckBox("every plane of the stack")
         self.all_planes.setToolTip(ALL_PLANES_TIP)
         form.addRow("Planes", self.all_planes)
@@ -89,10 +126,10 @@ class SegmentWidget(PanelActions, QWidget):
 
         run_row = QHBoxLayout()
         self.segment_btn = QPushButton("Segment")
-        self.segment_btn.setToolTip("Run the network once on the image (the sliders below then work "
-                                    "without re-running it)")
+        self.segment_btn.setToolTip(SEGMENT_TIP)
         self.segment_btn.clicked.connect(self.segment)
         self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setToolTip("Stop the running job; nothing changes in the layers")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
         run_row.addWidget(self.segment_btn, 2)
@@ -119,6 +156,16 @@ class SegmentWidget(PanelActions, QWidget):
         self.area_spin.setToolTip("Cells with fewer pixels are dropped")
         self.area_spin.valueChanged.connect(self.redraw)
         tform.addRow("Min area", self.area_spin)
+        self.fill_check = QCheckBox("fill holes")
+        self.fill_check.setToolTip("Fill holes inside each cell (cellpose does this by default)")
+        self.largest_check = QCheckBox("keep largest")
+        self.largest_check.setToolTip("Keep only the largest connected piece of each cell")
+        prow = QHBoxLayout()
+        prow.addWidget(self.fill_check)
+        prow.addWidget(self.largest_check)
+        for c in (self.fill_check, self.largest_check):
+            c.toggled.connect(self.redraw)
+        tform.addRow("Masks", prow)
         self.count_label = QLabel("")
         tform.addRow("Cells", self.count_label)
         self.reset_btn = QPushButton("Edited by hand — Reset to model")
@@ -132,7 +179,8 @@ class SegmentWidget(PanelActions, QWidget):
 
         self.edit_box = build_edit_box(self)
         root.addWidget(self.edit_box)
-        root.addWidget(build_export_box(self))
+        self.export_box = build_export_box(self)
+        root.addWidget(self.export_box)
         root.addStretch(1)
 
     def _slider(self, tip):
@@ -144,11 +192,6 @@ class SegmentWidget(PanelActions, QWidget):
         s.setToolTip(tip)
         s.valueChanged.connect(self.redraw)
         return s
-
-    def sizeHint(self):  # keep the dock narrow; labels wrap
-        from qtpy.QtCore import QSize
-
-        return QSize(340, super().sizeHint().height())
 
     # ------------------------------------------------------------ messages
     def _error(self, msg):
@@ -183,6 +226,8 @@ class SegmentWidget(PanelActions, QWidget):
         return self.viewer.layers[name]
 
     def _result_layer(self) -> Labels | None:
+        """The result layer of the chosen image (a napari proxy when docked from the Plugins
+        menu: compare it with ``same_layer``, never ``is``)."""
         name = self.image_combo.currentText()
         target = result_layer_name(name) if name else None
         if target and target in self.viewer.layers:
@@ -191,11 +236,80 @@ class SegmentWidget(PanelActions, QWidget):
                 return lyr
         return None
 
+    # ------------------------------------------------------------ torch, thresholds
+    def _start_torch_loader(self):
+        """Import torch on a worker (Segment disabled meanwhile), then show the checkpoint's
+        thresholds on the sliders before any run."""
+        from napari.qt.threading import create_worker
+
+        from ._torch_guard import block_triton
+
+        if self._loader is not None:
+            return
+        block_triton()  # in the GUI thread, before any torch import (see _torch_guard)
+        ready = "napari_cellseg.predict" in sys.modules
+        worker = create_worker(load_torch_job, self.model_combo.currentData(), _ignore_errors=True)
+        worker.returned.connect(functools.partial(self._on_torch_ready, self.model_combo.currentData()))
+        worker.errored.connect(lambda exc: self._error(f"PyTorch could not be loaded: {exc}"))
+        self._loader = worker
+        if not ready:
+            self._info(LOADING)
+        self._set_busy()
+        worker.start()
+
+    def _on_torch_ready(self, checkpoint, value):
+        thresholds, problem = value
+        self._torch_ready, self._loader = True, None
+        try:
+            self.model_combo.currentData()
+        except RuntimeError:  # the widget was closed while PyTorch loaded
+            return
+        if checkpoint != self.model_combo.currentData():  # the model changed meanwhile
+            self._on_model_changed()
+            return
+        if self.status.text() == LOADING:
+            self._info("Ready: press Segment.")
+        if problem:
+            self._error(problem)
+        elif thresholds and self._result_layer() is None:
+            self._show_thresholds(thresholds)
+        self._set_busy()
+
+    def _on_model_changed(self, *_):
+        if self._torch_ready and self._worker is None and self._result_layer() is None:
+            self._torch_ready = False
+            self._start_torch_loader()  # torch is loaded: this only reads the thresholds
+
+    def _show_thresholds(self, thresholds: dict):
+        """Put a thresholds dict on the controls without redrawing."""
+        widgets = ((self.box_slider, "box_conf"), (self.mask_slider, "mask_threshold"),
+                   (self.area_spin, "min_area"), (self.fill_check, "fill_holes"),
+                   (self.largest_check, "keep_largest"))
+        for w, key in widgets:
+            if key not in thresholds:
+                continue
+            w.blockSignals(True)
+            if isinstance(w, QCheckBox):
+                w.setChecked(bool(thresholds[key]))
+            else:
+                w.setValue(type(w.value())(thresholds[key]))
+            w.blockSignals(False)
+
+    def _set_busy(self):
+        idle = self._worker is None and self._torch_ready
+        for b in (self.segment_btn, self.calibrate_btn):
+            b.setEnabled(idle)
+        self.segment_btn.setToolTip(SEGMENT_TIP if self._torch_ready else BUSY_TIP)
+        self.cancel_btn.setEnabled(self._worker is not None)
+
     # ------------------------------------------------------------ segment / cancel
+    def _prepare_options(self):
+        return self.channel_combo.currentData(), self.invert_check.isChecked()
+
     def segment(self):
         from napari.qt.threading import create_worker
 
-        if self._worker is not None:
+        if self._worker is not None or not self._torch_ready:
             return
         try:
             layer = self._image_layer()
@@ -211,42 +325,66 @@ class SegmentWidget(PanelActions, QWidget):
             if existing is not None and result_of(existing).edited:
                 raise InputError(f"{existing.name!r} has hand edits: press 'Reset to model' to discard "
                                  "them (or rename that layer to keep them), then Segment again")
+            self._check_channel(layer)
         except InputError as exc:
             self._error(str(exc))
             return
         save_settings({"last_checkpoint": checkpoint})
-        self._preload_torch()
         diameter = float(self.diameter_spin.value()) or None  # 0 = "auto"
+        channel, invert = self._prepare_options()
         worker = create_worker(segment_job, checkpoint, self.device_combo.currentText(), planes,
-                               diameter, self._predictors,
+                               diameter, self._predictors, channel, invert,
                                _ignore_errors=True)  # errors are shown by _on_failed
-        worker.yielded.connect(self._on_progress)
         worker.returned.connect(functools.partial(self._on_done, layer, checkpoint))
-        worker.errored.connect(self._on_failed)
+        self._run(worker, f"Segmenting {layer.name}{what}…", "Segmentation")
+
+    def _run(self, worker, message, what):
+        worker.yielded.connect(self._on_progress)
+        worker.errored.connect(lambda exc: self._error(f"{what} failed: {exc}"))
         worker.aborted.connect(lambda: self._info("Cancelled: nothing changed.", notify=True))
         worker.finished.connect(self._on_finished)
         self._worker = worker
-        self.segment_btn.setEnabled(False)
-        self.cancel_btn.setEnabled(True)
+        self._set_busy()
         self.progress.setValue(0)
         self.progress.setVisible(True)
-        self._info(f"Segmenting {layer.name}{what}…")
+        self._info(message)
         worker.start()
 
-    def _preload_torch(self):
-        """Import torch in the GUI thread, safely next to OpenGL (see _torch_guard). Once."""
-        import sys
+    def _check_channel(self, layer):
+        channel = self.channel_combo.currentData()
+        if CHANNELS[channel][1] is not None and not getattr(layer, "rgb", False):
+            raise InputError(f"{layer.name!r} has one channel: choose channel 'all' or 'grey'")
 
-        if "napari_cellseg.predict" in sys.modules:
+    def calibrate(self):
+        """Measure the cells' diameter on the shown plane and write it into the diameter box."""
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None or not self._torch_ready:
             return
-        from qtpy.QtWidgets import QApplication
+        try:
+            layer = self._image_layer()
+            image, _ = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+            checkpoint = self._checkpoint()
+            self._check_channel(layer)
+        except InputError as exc:
+            self._error(str(exc))
+            return
+        channel, invert = self._prepare_options()
+        worker = create_worker(calibrate_job, checkpoint, self.device_combo.currentText(), image,
+                               self._predictors, channel, invert, _ignore_errors=True)
+        worker.returned.connect(functools.partial(self._on_calibrated, layer.name))
+        self._run(worker, f"Calibrating: measuring the cells in {layer.name}…", "Calibration")
 
-        from ._torch_guard import import_torch
-
-        self._info("Loading PyTorch (first Segment only, a few seconds)…")
-        QApplication.processEvents()
-        import_torch()
-        from . import predict  # noqa: F401
+    def _on_calibrated(self, name, value):
+        diameter, scale, n = value
+        if not diameter:
+            self._error(f"Calibrate found no cells in {name}: type the diameter, or try another "
+                        "channel / invert")
+            return
+        self.diameter_spin.setValue(diameter)
+        self._info(f"Cell diameter measured in {name}: {diameter:.0f} px ({n} cells); written into "
+                   f"the box. At this diameter the image is resized x{round(scale, 2):g}. Press Segment.",
+                   notify=True)
 
     def cancel(self):
         if self._worker is not None:
@@ -257,14 +395,10 @@ class SegmentWidget(PanelActions, QWidget):
         self.progress.setValue(int(100 * float(event.get("fraction", 0.0))))
         self.status.setText(f"Segmenting: {event.get('stage', '')}…")
 
-    def _on_failed(self, exc):
-        self._error(f"Segmentation failed: {exc}")
-
     def _on_finished(self):
         self._worker = None
         self.progress.setVisible(False)
-        self.segment_btn.setEnabled(True)
-        self.cancel_btn.setEnabled(False)
+        self._set_busy()
 
     def _on_done(self, image_layer, checkpoint, value):
         new, thresholds = value
@@ -299,16 +433,12 @@ class SegmentWidget(PanelActions, QWidget):
             image_id=image_id_for_layer(image_layer), image_layer=image_layer.name, plane=plane,
             detections=planes[plane], thresholds=dict(thresholds), checkpoint=str(checkpoint),
             planes=planes)
-        if id(lyr) not in self._bound:
-            self._bound.add(id(lyr))
+        if id(unwrap(lyr)) not in self._bound:
+            self._bound.add(id(unwrap(lyr)))
             lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
             _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
         self.image_combo.setCurrentText(image_layer.name)
-        for w, key in ((self.box_slider, "box_conf"), (self.mask_slider, "mask_threshold"),
-                       (self.area_spin, "min_area")):
-            w.blockSignals(True)
-            w.setValue(type(w.value())(thresholds.get(key, w.value())))
-            w.blockSignals(False)
+        self._show_thresholds(thresholds)
         self._update_tune_panel()
         n = self.redraw()
         self.viewer.layers.selection.active = lyr
@@ -328,10 +458,13 @@ class SegmentWidget(PanelActions, QWidget):
     def thresholds(self) -> dict:
         return {"box_conf": float(self.box_slider.value()),
                 "mask_threshold": float(self.mask_slider.value()),
-                "min_area": int(self.area_spin.value())}
+                "min_area": int(self.area_spin.value()),
+                "fill_holes": self.fill_check.isChecked(),
+                "keep_largest": self.largest_check.isChecked()}
 
     def redraw(self, *_):
-        """Re-derive the labels from the kept Detections (never runs the network)."""
+        """Re-derive the labels from the kept Detections (never runs the network). The status
+        line is left as it is (it reports the last run)."""
         lyr = self._result_layer()
         r = result_of(lyr) if lyr is not None else None
         if r is None or r.edited:
@@ -339,7 +472,7 @@ class SegmentWidget(PanelActions, QWidget):
         t = self.thresholds()
         counts = {}
         for plane, dets in r.segmented().items():
-            labels = dets.to_labels(t["box_conf"], t["mask_threshold"], t["min_area"])
+            labels = draw_labels(dets, t)
             target = lyr.data[plane] if plane else lyr.data
             if isinstance(lyr.data, np.ndarray) and target.shape == labels.shape:
                 np.copyto(target, labels, casting="unsafe")  # in place: 2-3x cheaper than .data = ...
@@ -349,10 +482,8 @@ class SegmentWidget(PanelActions, QWidget):
                 lyr.data = labels
             counts[plane] = int(labels.max()) if labels.size else 0
         lyr.refresh(extent=False)
-        if hasattr(lyr, "_reset_history"):
-            lyr._reset_history()  # old strokes must not replay onto a different drawing
+        reset_undo_history(lyr)  # old strokes must not replay onto a different drawing
         r.thresholds = t
-        self.status.setText("")
         n = sum(counts.values())
         if len(counts) > 1:
             self.count_label.setText(f"{n} cells in {len(counts)} planes")
@@ -367,6 +498,11 @@ class SegmentWidget(PanelActions, QWidget):
         for w in (self.box_slider, self.mask_slider, self.area_spin):
             w.setEnabled(live)
         self.reset_btn.setVisible(r is not None and r.edited)
+        post = r is None or post_processing_supported(r.detections)
+        for c in (self.fill_check, self.largest_check):
+            c.setEnabled(live and post)
+            if not post:
+                c.setToolTip("This version of the predictor has no mask post-processing")
         self.edit_box.setEnabled(r is not None)
         if r is None:
             self.count_label.setText("— press Segment first")
@@ -384,7 +520,7 @@ class SegmentWidget(PanelActions, QWidget):
         r = result_of(lyr)
         if r is not None:
             r.edited = True
-            if lyr is self._result_layer():
+            if same_layer(lyr, self._result_layer()):
                 # napari emits paint before the stroke is in .data: update once it is
                 QTimer.singleShot(0, self._update_tune_panel)  # lock sliders, Reset, count
 

@@ -17,4 +17,5 @@ if command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
   fi
 fi
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+# PyQt6: napari-cellseg pins no Qt binding; the "qt" extra brings the supported one
+python3 -m pip install -q --disable-pip-version-check -e ".[test,qt]"

@@ -61,3 +61,24 @@ def test_samples_load():
         (img, meta, kind), (lab, lmeta, lkind) = fn()
         assert kind == "image" and meta["name"] == name and img.ndim in (2, 3)
         assert lkind == "labels" and lab.shape == img.shape[:2] and lab.max() > 0
+
+
+def test_training_package_is_headless():
+    """Issue 16: training/ imports no Qt/napari/magicgui and no napari_cellseg private module
+    (the Train widget lives in the plugin: napari_cellseg/_train_widget.py)."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "training").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                top = name.split(".")[0]
+                private = name.startswith("napari_cellseg.") and name.split(".")[1].startswith("_")
+                if top in ("qtpy", "napari", "magicgui", "PyQt5", "PyQt6", "superqt") or private:
+                    bad.append(f"{path.name}: {name}")
+    assert not bad, bad

@@ -97,7 +97,32 @@ def test_stack_layer_exports_each_labelled_plane(tmp_path):
     export_csv(out, items, "starter")
     src = Image("s", np.zeros((3, 40, 50)))
     (data, meta, _), = csv_to_layer_data(out, layers=[src])
-    np.testing.assert_array_equal(data, stack[2])
+    # reopens as the stack (its plane count from the open image), not as a 2D layer "s_002 cells"
+    np.testing.assert_array_equal(data, stack)
+    assert meta["name"] == "s cells" and meta["metadata"]["image_id"] == "s"
+
+
+def test_stack_csv_round_trips_as_one_stack_layer(tmp_path):
+    """Issue 14 item 10: `<stem>_000...` ids open as one stack-shaped Labels layer; exporting
+    it again gives the same rows."""
+    stack = np.zeros((4, 40, 50), np.int32)
+    stack[0], stack[1], stack[3] = _labels(1), _labels(2), _labels(3)
+    lyr = FakeLayer(name="stack4 cells", data=stack, metadata={"napari_cellseg": Result("stack4", "stack4")})
+    out = tmp_path / "stack.csv"
+    export_csv(out, labels_items(lyr), "train")  # width/height columns: no open image needed
+    layers = csv_to_layer_data(out)
+    assert [m["name"] for _, m, _ in layers] == ["stack4 cells"]
+    data, meta, kind = layers[0]
+    assert kind == "labels" and data.shape == (4, 40, 50)
+    np.testing.assert_array_equal(data, stack)
+    again = tmp_path / "again.csv"
+    export_csv(again, labels_items(FakeLayer(name="stack4 cells", data=data, metadata=meta["metadata"])),
+               "train")
+    assert read_annotations(again).ids == read_annotations(out).ids == ["stack4_000", "stack4_001", "stack4_003"]
+    # a lone `<stem>_007` id with no open stack of that name stays a 2D layer
+    single = tmp_path / "single.csv"
+    export_csv(single, {"img_007": _labels(4)}, "train")
+    assert [m["name"] for _, m, _ in csv_to_layer_data(single)] == ["img_007 cells"]
 
 
 def test_export_nothing_segmented_writes_nothing(tmp_path):
@@ -124,3 +149,24 @@ def test_reader_ignores_other_files():
     assert get_reader("image.tif") is None
     assert get_reader(["a.csv", "b.csv"]) is None
     assert get_reader("CELLS.CSV") is not None
+
+
+def test_draw_labels_passes_post_processing_only_when_supported():
+    from napari_cellseg._layers import draw_labels, post_processing_supported
+    from napari_cellseg.options import OptionError
+
+    class Old:
+        def to_labels(self, box_conf=0.5, mask_threshold=0.5, min_area=0):
+            return ("old", box_conf, mask_threshold, min_area)
+
+    class New:
+        def to_labels(self, box_conf=0.5, mask_threshold=0.5, min_area=0, fill_holes=False,
+                      keep_largest=False):
+            return ("new", box_conf, mask_threshold, min_area, fill_holes, keep_largest)
+
+    t = {"box_conf": 0.3, "mask_threshold": 0.4, "min_area": 5, "fill_holes": True, "keep_largest": True}
+    assert not post_processing_supported(Old()) and post_processing_supported(New())
+    assert draw_labels(Old(), t) == ("old", 0.3, 0.4, 5)
+    assert draw_labels(New(), t) == ("new", 0.3, 0.4, 5, True, True)
+    with pytest.raises(OptionError, match="box_conf"):
+        draw_labels(New(), {**t, "box_conf": 1.5})

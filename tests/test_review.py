@@ -196,3 +196,29 @@ def test_sweep_without_segment_result_says_why(make_napari_viewer, qtbot):
     w.gt_combo.setCurrentText("truth")
     w.run_sweep()
     assert w.sweep_result is None and "Segment cells" in w.sweep_label.text()
+
+
+def test_plugin_menu_review_never_compares_a_layer_with_itself(make_napari_viewer, qtbot):
+    """Issue 14 item 2: docked from the Plugins menu with only a ground truth open, Review must
+    not score it against itself (it showed mAP 1.000); the overlay keeps the layer selection;
+    Use best reaches the Segment widget through the registry."""
+    from napari_cellseg import registry
+
+    viewer = make_napari_viewer()
+    gt, pred = _hand_case()
+    viewer.add_labels(gt, name="nuclei ground truth", metadata={"image_id": "nuclei"})
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Review")
+    assert type(w.viewer).__name__ == "PublicOnlyProxy" and registry.lookup(viewer, "review") is w
+    qtbot.wait(300)
+    assert w.pred_combo.currentText() == "" and w.gt_combo.currentText() == "nuclei ground truth"
+    assert w.score is None and "1.000" not in w.summary.text()
+    # a prediction appears: it is paired with the ground truth, never with itself
+    lyr = viewer.add_labels(pred, name="nuclei cells",
+                            metadata={"napari_cellseg": Result("nuclei", "nuclei")})
+    viewer.layers.selection.active = lyr
+    score = _wait_score(qtbot, w)
+    assert w.pred_combo.currentText() == "nuclei cells" and w.gt_combo.currentText() == "nuclei ground truth"
+    assert (score.tp, score.fp, score.fn) == (1, 1, 1) and score.map < 1
+    assert viewer.layers.selection.active.name == "nuclei cells"  # not the overlay
+    for i in range(w.gt_combo.count()):
+        assert w.gt_combo.itemText(i) != w.pred_combo.currentText()

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from training import _form  # noqa: E402
+from napari_cellseg import _train_form as _form  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 from training.data import DataError  # noqa: E402
 
@@ -88,9 +88,48 @@ def test_progress_tracker():
     assert _form.best_row([row, {**row, "epoch": 2, "best": 0}]) is row
 
 
+def test_form_defaults_are_train_configs_and_backbone_choice(tmp_path):
+    """One table of defaults (TrainConfig); backbone weights: imagenet / random / a file."""
+    from training.config import TrainConfig
+
+    d = TrainConfig()
+    for key in ("epochs", "lr", "batch_size", "crop_size", "steps_per_epoch", "val_fraction", "device"):
+        assert _form.FORM_DEFAULTS[key] == getattr(d, key), key
+    assert _form.backbone_weights("imagenet") == "imagenet"
+    assert _form.backbone_weights("random") is None
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    assert _form.backbone_weights("file", str(weights)) == str(weights)
+    with pytest.raises(DataError, match="backbone weights: .*not found"):
+        _form.backbone_weights("file", str(tmp_path / "none.pth"))
+    c = _form.form_to_config({"out": str(tmp_path / "r"), "backbone_weights": "imagenet"})
+    assert c.backbone_weights == "imagenet"
+
+
+def test_tracker_shows_epoch_zero_and_time_per_epoch():
+    """The engine's epoch-0 validation of the starting model and its per-epoch estimate."""
+    t = _form.ProgressTracker(epochs=3)
+    start = {"epoch": 0, "val_loss": 2.5, "val_map": 0.613, "best": 0}
+    t.update({"stage": "epoch", "epoch": 0, "epochs": 3, "row": start})
+    assert t.start_row is start and "0.613" in t.text and "epoch 0" in t.text
+    t.update({"stage": "train", "epoch": 1, "step": 5, "total": 10, "loss": 2.0,
+              "elapsed_s": 30.0, "eta_epoch_s": 60.0})
+    assert t.sec_per_epoch == 60.0 and "~60 s/epoch" in t.text
+    assert "~3 min left" in t.text  # 2.5 epochs x 60 s
+    row = {"epoch": 1, "train_loss": 2.0, "val_loss": 1.5, "val_map": 0.7, "best": 1}
+    msg = _form.done_message([start, row], t.start_row)
+    assert "epoch 1" in msg and "0.700" in msg and "starting model scored val mAP 0.613" in msg
+    t2 = _form.ProgressTracker(epochs=1)  # an engine without the timing fields: no estimate
+    t2.update({"stage": "train", "epoch": 1, "step": 1, "total": 2, "loss": 1.0})
+    assert "epoch" in t2.text and "/epoch" not in t2.text
+
+
 # ---------------------------------------------------------------- in a viewer
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
+    from napari_cellseg._torch_guard import import_torch
+
+    import_torch()  # never a raw torch import next to OpenGL (see _torch_guard)
     import torch
 
     from napari_cellseg.checkpoint import save_checkpoint
@@ -105,7 +144,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def notes(tmp_path, monkeypatch):
-    from training import _widget
+    from napari_cellseg import _train_widget as _widget
 
     monkeypatch.setenv("NAPARI_CELLSEG_CONFIG_DIR", str(tmp_path / "config"))
     got = {"error": [], "info": []}
@@ -116,17 +155,13 @@ def notes(tmp_path, monkeypatch):
 
 @pytest.fixture
 def docked(make_napari_viewer, tiny_checkpoint, notes, tmp_path):
-    from napari_cellseg._widget import SegmentWidget
-    from training._widget import TrainWidget
-
     viewer = make_napari_viewer()
     img, lab = _synthetic()
     viewer.add_image(img, name="synth")
     viewer.add_labels(lab, name="synth cells")
-    seg = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(seg, name="Segment cells")
-    train = TrainWidget(viewer)
-    viewer.window.add_dock_widget(train, name="Train model")
+    # as users open them: Plugins > Cell segmentation > ... (the widgets get a viewer proxy)
+    _, seg = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
+    _, train = viewer.window.add_plugin_dock_widget("napari-cellseg", "Train model")
     train.start_from[0].setText(str(tiny_checkpoint))
     train.epochs.setValue(1)
     train.steps.setValue(2)
@@ -135,6 +170,19 @@ def docked(make_napari_viewer, tiny_checkpoint, notes, tmp_path):
     train.device.setCurrentText("cpu")
     train.out[0].setText(str(tmp_path / "run"))
     return viewer, seg, train
+
+
+def test_empty_plot_says_no_data_and_widgets_find_each_other(docked):
+    from napari_cellseg import registry
+
+    viewer, seg, train = docked
+    assert train.empty_text.get_visible() and "no data yet" in train.empty_text.get_text()
+    assert not train.ax.xaxis.get_visible()
+    assert registry.lookup(viewer, "segment") is seg and registry.lookup(train.viewer, "train") is train
+    train.tracker = _form.ProgressTracker(1)
+    train.tracker.update({"stage": "train", "epoch": 1, "step": 1, "total": 2, "loss": 1.0})
+    train._update_plot()
+    assert not train.empty_text.get_visible() and train.ax.xaxis.get_visible()
 
 
 def test_layer_table_pairs_image_with_its_cells_layer(docked):
@@ -150,7 +198,7 @@ def test_layer_table_pairs_image_with_its_cells_layer(docked):
 
 
 def test_start_from_defaults_to_segment_widgets_checkpoint(docked, tiny_checkpoint):
-    from training._widget import TrainWidget
+    from napari_cellseg._train_widget import TrainWidget
 
     viewer, seg, _ = docked
     seg.set_checkpoint(tiny_checkpoint)

@@ -22,6 +22,9 @@ TIMEOUT = 120_000
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
+    from napari_cellseg._torch_guard import import_torch
+
+    import_torch()  # as the widget does: never a raw torch import next to OpenGL (see _torch_guard)
     import torch
 
     from napari_cellseg.checkpoint import save_checkpoint
@@ -76,17 +79,20 @@ def _image(seed=0, shape=(96, 128)):
 
 
 def _widget_with(make_napari_viewer, qtbot, checkpoint, image=None, name="img"):
+    """Open the widget the way users do: Plugins > Cell segmentation > Segment cells (napari
+    then hands it a PublicOnlyProxy of the viewer)."""
     viewer = make_napari_viewer()
     if image is not False:
         viewer.add_image(_image() if image is None else image, name=name)
-    w = _widget.SegmentWidget(viewer)
-    viewer.window.add_dock_widget(w)
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
     if checkpoint is not None:
         w.set_checkpoint(checkpoint)
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
     return viewer, w
 
 
 def _segment(qtbot, w):
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
     w.segment()
     qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
 
@@ -170,6 +176,7 @@ def test_edit_actions_are_undoable(make_napari_viewer, qtbot):
     data = np.zeros((20, 20), np.int32)
     data[2:6, 2:6], data[10:15, 10:15], data[2:6, 12:16] = 3, 7, 9
     lyr = viewer.add_labels(data.copy(), name="x cells")
+    _edit.track_strokes(lyr)  # the widget does this for its result layers (bind_edit_keys)
     viewer.cursor.position = (12, 12)
     assert _edit.delete_cell(lyr, viewer) == 7
     assert not (lyr.data == 7).any()
@@ -344,7 +351,7 @@ def test_demo_setup(make_napari_viewer, qtbot, tiny_checkpoint):
 
     viewer = make_napari_viewer()
     w = setup_demo(viewer, sample="nuclei", checkpoint=tiny_checkpoint)
-    assert "Segment cells" in viewer.window._dock_widgets
+    assert "Segment cells (napari-cellseg)" in viewer.window.dock_widgets
     assert w.image_combo.currentText() == "nuclei"
     assert w.model_combo.currentData() == str(tiny_checkpoint.resolve())
     assert viewer.layers["nuclei"].data.ndim == 2
@@ -389,3 +396,216 @@ def test_cell_diameter_control(make_napari_viewer, qtbot, tiny_checkpoint, tmp_p
     assert errors == [] and res.detections.diameter > 0 and len(forward_calls) >= 3
     assert res.detections.scale == pytest.approx(min(4.0, 20.0 / res.detections.diameter), rel=0.2)
     assert f"Cell size estimated at {res.detections.diameter:.0f} px" in w.status.text()
+
+
+def test_plugin_menu_path_locks_edits_resets_and_never_warns(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                             errors):
+    """Issue 14 items 1, 5, 12: through napari's proxy, a paint or fill stroke (the layer's own
+    path) locks the sliders and shows Reset; Segment names a button that is on screen; no
+    FutureWarning from private attribute access."""
+    import warnings
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    assert type(w.viewer).__name__ == "PublicOnlyProxy"
+    # the checkpoint's thresholds are on the sliders before the first run
+    assert w.box_slider.value() == pytest.approx(0.3) and w.mask_slider.value() == pytest.approx(0.4)
+    assert w.segment_btn.isEnabled()
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    status = w.status.text()
+    assert "cells in img" in status
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        w.box_slider.setValue(0.0)
+        w.mask_slider.setValue(0.5)
+    assert w.status.text() == status  # slider moves do not clear the message
+    assert w.reset_btn.isHidden()
+
+    lyr.paint((5, 5), 999, refresh=True)
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    assert not w.box_slider.isEnabled() and "hand-edited" in w.count_label.text()
+    edited = lyr.data.copy()
+    w.box_slider.setValue(1.0)
+    np.testing.assert_array_equal(lyr.data, edited)
+    w.segment()
+    assert "Reset to model" in errors[-1] and not w.reset_btn.isHidden() and w._worker is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        w.reset_to_model()
+    assert w.box_slider.isEnabled() and w.reset_btn.isHidden() and not result_of(lyr).edited
+    assert 999 not in lyr.data
+
+    # a fill is an edit too; "New id for last stroke" takes the stroke from the paint event
+    lyr.fill((90, 120), 555)
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    w._edit_action("new_id")
+    new = int(lyr.data.max())
+    assert 555 not in lyr.data and lyr.data[90, 120] == new
+    assert w.status.text() == f"last stroke is now cell {new}"
+
+
+def test_window_fits_a_small_saved_size(make_napari_viewer, qtbot):
+    """A tiny saved window size is grown (bounded by the screen), via public napari API."""
+    from napari_cellseg._layout import available_screen, fit_size, fit_window
+
+    assert fit_size((640, 480), (1280, 800)) == (1280, 800)
+    assert fit_size((2000, 1500), (1280, 800)) == (1280, 800)
+    assert fit_size((1400, 900), (1600, 1000)) == (1400, 900)
+    viewer = make_napari_viewer()
+    viewer.window.resize(640, 480)
+    sw, sh = available_screen()
+    assert fit_window(viewer) == (min(1280, sw), min(800, sh))
+    assert tuple(viewer.window.geometry()[2:]) == (min(1280, sw), min(800, sh))
+
+
+def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path):
+    """Issue 14 item 3: Segment, Review and Train docked from the Plugins menu fit 1280x800:
+    the docks scroll instead of growing the window, and the canvas keeps >= 400 px. Run under
+    ``xvfb-run -s "-screen 0 1280x800x24"`` to see it on a laptop-sized screen (any larger
+    screen works too: the window is set to 1280x800)."""
+    from qtpy.QtWidgets import QApplication, QScrollArea
+
+    from napari_cellseg._layout import MIN_CANVAS, available_screen
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(_image(), name="img")
+    viewer.window.resize(640, 480)  # a tiny saved window size
+    docks = {}
+    for name in ("Segment cells", "Review", "Train model"):
+        _, docks[name] = viewer.window.add_plugin_dock_widget("napari-cellseg", name)
+    sw, sh = available_screen()
+    qtbot.waitUntil(lambda: tuple(viewer.window.geometry()[2:]) == (min(1280, sw), min(800, sh)),
+                    timeout=10_000)  # re-fitted after docking
+    viewer.window.resize(1280, 800)
+    for _ in range(20):
+        QApplication.processEvents()
+    _, _, ww, wh = viewer.window.geometry()
+    assert (ww, wh) == (1280, 800)  # docking did not grow the window
+    canvas = viewer.screenshot(canvas_only=True, flash=False)
+    ratio = QApplication.primaryScreen().devicePixelRatio()
+    assert canvas.shape[1] / ratio >= MIN_CANVAS, canvas.shape
+    for name, w in docks.items():
+        dock = viewer.window.dock_widgets[f"{name} (napari-cellseg)"].parent()
+        assert dock.height() <= wh and dock.width() <= ww // 2, (name, dock.size())
+        assert w.findChild(QScrollArea) is not None  # what does not fit scrolls
+    viewer.screenshot(str(tmp_path / "laptop.png"), canvas_only=False, flash=False)
+    assert (tmp_path / "laptop.png").stat().st_size > 10_000
+    qtbot.waitUntil(lambda: docks["Segment cells"]._torch_ready, timeout=TIMEOUT)
+
+
+def test_channel_choice_and_invert():
+    from napari_cellseg.channels import ChannelError, prepare
+
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 2] = 200
+    rgb[0, 0, 2] = 10
+    rgb[..., 0] = 50
+    blue = prepare(rgb, "blue")
+    assert blue.shape == (4, 5) and blue[0, 0] == 10 and blue[1, 1] == 200
+    inv = prepare(rgb, "blue", invert=True)
+    assert inv[0, 0] == 200 and inv[1, 1] == 10  # dark objects become bright, same range
+    assert prepare(rgb, "grey").shape == (4, 5) and prepare(rgb, "all") is not None
+    assert prepare(rgb, "all").shape == rgb.shape
+    grey = np.arange(20, dtype=np.uint16).reshape(4, 5)
+    np.testing.assert_array_equal(prepare(grey, "grey", invert=True), 19 - grey)
+    with pytest.raises(ChannelError, match="one channel"):
+        prepare(grey, "red")
+
+
+def test_calibrate_writes_the_diameter_and_segment_agrees(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                          errors):
+    """Calibrate measures the cells (the automatic size estimate), writes the diameter into the
+    box, and the resize factor it reports is the one Segment then uses for that diameter."""
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    assert w.diameter_spin.text() == "auto"
+    w.calibrate()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    assert errors == []
+    d = w.diameter_spin.value()
+    assert d > 0 and f"{d:.0f} px" in w.status.text()
+    import re
+
+    scale = float(re.search(r"resized x(\d+(?:\.\d+)?)", w.status.text()).group(1))
+    _segment(qtbot, w)
+    res = result_of(viewer.layers["img cells"])
+    assert res.detections.scale == pytest.approx(scale, abs=0.006)
+
+
+def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
+    """Issue 14 item 5: every button, box, slider and field of the three docks explains itself
+    (its own tooltip or that of the control group it sits in)."""
+    from qtpy.QtWidgets import (QAbstractButton, QAbstractSlider, QAbstractSpinBox, QComboBox,
+                                QLineEdit, QScrollBar)
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    for name in ("Segment cells", "Review", "Train model"):
+        _, dock = viewer.window.add_plugin_dock_widget("napari-cellseg", name)
+        missing = []
+        for kind in (QAbstractButton, QAbstractSlider, QAbstractSpinBox, QComboBox, QLineEdit):
+            for c in dock.findChildren(kind):
+                if isinstance(c, QScrollBar):
+                    continue
+                w, tip = c, ""
+                while w is not None and w is not dock and not tip:
+                    tip, w = w.toolTip(), w.parentWidget()
+                if not tip:
+                    missing.append(f"{type(c).__name__} {getattr(c, 'text', lambda: '')()!r}")
+        assert not missing, (name, missing)
+    qtbot.waitUntil(lambda: viewer.window.dock_widgets["Segment cells (napari-cellseg)"]._torch_ready,
+                    timeout=TIMEOUT)
+
+
+def test_segment_waits_for_pytorch_loading_on_a_worker(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                      monkeypatch):
+    """Issue 14 item 4: PyTorch loads on a worker; meanwhile Segment (and Calibrate) are
+    disabled with a message, and the GUI thread never imports it."""
+    import threading
+
+    from napari_cellseg import _jobs
+
+    seen = []
+    real = _jobs.load_torch_job
+
+    def slow_job(checkpoint=None):
+        seen.append(threading.current_thread() is threading.main_thread())
+        return real(checkpoint)
+
+    monkeypatch.setattr(_widget, "load_torch_job", slow_job)
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
+    assert not w._torch_ready  # the worker has not reported yet (no event loop ran)
+    assert not w.segment_btn.isEnabled() and not w.calibrate_btn.isEnabled()
+    assert w.segment_btn.toolTip() == _widget.BUSY_TIP
+    w.segment()  # ignored while loading
+    assert w._worker is None
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
+    assert seen and seen[0] is False  # ran off the GUI thread
+    assert w.segment_btn.isEnabled() and w.segment_btn.toolTip() == _widget.SEGMENT_TIP
+
+
+def test_napari_compat_adapter(make_napari_viewer, qtbot):
+    """The one module touching napari internals works with the installed napari (see
+    pyproject's napari pin): identity through the Plugins-menu proxy, undo reset, pop-ups."""
+    import warnings
+
+    from napari.utils._proxies import PublicOnlyProxy
+
+    from napari_cellseg._napari_compat import close_notifications, reset_undo_history, same_layer
+
+    viewer = make_napari_viewer()
+    lyr = viewer.add_labels(np.zeros((10, 10), np.int32), name="x")
+    other = viewer.add_labels(np.zeros((10, 10), np.int32), name="y")
+    proxy = PublicOnlyProxy(viewer)
+    a, b = proxy.layers["x"], proxy.layers["x"]
+    assert a is not b and same_layer(a, b) and same_layer(a, lyr) and not same_layer(a, other)
+    assert not same_layer(a, None)
+    lyr.paint((5, 5), 3)
+    assert lyr.data[5, 5] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        reset_undo_history(a)
+    lyr.undo()  # nothing left to undo: the stroke stays
+    assert lyr.data[5, 5] == 3
+    assert close_notifications(proxy) >= 0

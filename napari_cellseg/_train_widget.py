@@ -1,8 +1,10 @@
 """The "Train model" dock widget (thin: reads the form, builds a TrainConfig, runs the engine in a
 napari thread worker, draws the loss curves, hands best_model.bin to the Segment widget).
 
-Everything that is not Qt lives in :mod:`training._form` (form -> TrainConfig, layers -> samples,
-the worker body, progress bookkeeping); torch is imported only when Start is pressed.
+Everything that is not Qt lives in :mod:`napari_cellseg._train_form` (form -> TrainConfig,
+layers -> samples, the worker body, progress bookkeeping); the ``training`` package stays headless.
+Torch is imported only when Start is pressed. The Segment widget is found through
+:mod:`napari_cellseg.registry`.
 """
 
 from __future__ import annotations
@@ -12,30 +14,30 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QSize, Qt
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                             QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
                             QPushButton, QSpinBox, QStackedWidget, QTableWidget, QTableWidgetItem,
                             QVBoxLayout, QWidget)
+from training.config import HELP
 
-from napari_cellseg._layers import spatial_shape
-from napari_cellseg._settings import load_settings, save_settings
-
-from . import _form
-from .config import HELP
+from . import _train_form as _form
+from . import registry
+from ._layers import spatial_shape
+from ._layout import ScrollDock
+from ._settings import load_settings, remember_checkpoint
 
 NO_LABELS = "—"
 SOURCE_TITLES = {"layers": "Open images + their cells layers", "csv": "Annotation CSV + image folder",
                  "folders": "Image folder + label folder"}
 
 
-def find_segment_widget(viewer):
-    """The docked "Segment cells" widget of this viewer, or None."""
-    from napari_cellseg._widget import SegmentWidget
+EMPTY_PLOT = "no data yet: press Start training\n(loss curves appear after the first steps)"
 
-    qt_window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-    found = qt_window.findChildren(SegmentWidget) if qt_window is not None else []
-    return found[0] if found else None
+
+def find_segment_widget(viewer):
+    """The docked "Segment cells" widget of this viewer, or None (public registry)."""
+    return registry.lookup(viewer, "segment")
 
 
 def _tip(widget, field, extra=""):
@@ -43,7 +45,7 @@ def _tip(widget, field, extra=""):
     return widget
 
 
-class TrainWidget(QWidget):
+class TrainWidget(ScrollDock):
     """Dock widget: choose data and settings, Start / Cancel, live loss plot."""
 
     def __init__(self, napari_viewer):
@@ -55,6 +57,8 @@ class TrainWidget(QWidget):
         self.tracker = None
         self.last_summary = None
         self._build()
+        self.compact()
+        registry.register(self.viewer, "train", self)
         self._refresh_layers()
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
@@ -63,7 +67,7 @@ class TrainWidget(QWidget):
 
     # ------------------------------------------------------------ UI
     def _build(self):
-        root = QVBoxLayout(self)
+        root = QVBoxLayout(self.content)
         hint = QLabel("Fine-tune on your corrected cells, then segment again with the new model.")
         hint.setWordWrap(True)
         root.addWidget(hint)
@@ -71,6 +75,7 @@ class TrainWidget(QWidget):
         data = QGroupBox("Training data")
         dl = QVBoxLayout(data)
         self.source_combo = QComboBox()
+        self.source_combo.setToolTip("Where the training images and their cells come from")
         for key, title in SOURCE_TITLES.items():
             self.source_combo.addItem(title, key)
         dl.addWidget(self.source_combo)
@@ -79,14 +84,15 @@ class TrainWidget(QWidget):
         # page 0: layers
         self.pair_table = QTableWidget(0, 2)
         self.pair_table.setHorizontalHeaderLabels(["Image (tick to use)", "Cells layer"])
-        self.pair_table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.pair_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.pair_table.verticalHeader().setVisible(False)
-        self.pair_table.setSelectionMode(QAbstractItemView.NoSelection)
+        self.pair_table.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self.pair_table.setToolTip("Every 2D image layer; pick the Labels layer holding its cells "
                                    "(Segment cells makes '<image> cells'). Ticked rows are used. With "
                                    "fewer than 4 images each is cut into 2x2 tiles and one tile "
                                    "of them is held out for validation.")
         self.pair_table.setMinimumHeight(90)
+        self.pair_table.setMaximumHeight(150)  # leave room for the plot on a laptop screen
         self.pages.addWidget(self.pair_table)
         # page 1: csv + images; page 2: image + label folders
         self.train_csv = self._path_row("train_csv", file_filter="CSV (*.csv)")
@@ -110,6 +116,23 @@ class TrainWidget(QWidget):
                                          placeholder="empty = random weights (slow to learn)")
         form.addRow("Start from", self.start_from[1])
         d = _form.FORM_DEFAULTS
+        self.backbone_combo = QComboBox()
+        for key, text in _form.BACKBONE_CHOICES.items():
+            self.backbone_combo.addItem(text, key)
+        self.backbone_combo.setToolTip("Backbone initialisation when 'Start from' is empty: "
+                                       + HELP.get("backbone_weights", ""))
+        self.backbone_file = self._path_row("backbone_weights", file_filter="Weights (*.pth *.bin *.safetensors)")
+        self.backbone_file[1].setVisible(False)
+        self.backbone_combo.currentIndexChanged.connect(
+            lambda *_: self.backbone_file[1].setVisible(self.backbone_combo.currentData() == "file"))
+        form.addRow("Backbone", self.backbone_combo)
+        form.addRow("", self.backbone_file[1])
+        self.backbone_combo.setCurrentIndex(self.backbone_combo.findData(_form.default_backbone_choice()))
+        if d.get("backbone_weights") and _form.default_backbone_choice() == "file":
+            self.backbone_file[0].setText(str(d["backbone_weights"]))
+        # a starting checkpoint brings its own backbone weights
+        self.start_from[0].textChanged.connect(
+            lambda text: self.backbone_combo.setEnabled(not text.strip()))
         self.epochs = _tip(self._spin(1, 10_000, d["epochs"]), "epochs")
         form.addRow("Epochs", self.epochs)
         self.lr = _tip(QDoubleSpinBox(), "lr")
@@ -143,6 +166,7 @@ class TrainWidget(QWidget):
 
         run = QHBoxLayout()
         self.start_btn = QPushButton("Start training")
+        self.start_btn.setToolTip("Train in the background; the loss plot and the status follow it")
         self.start_btn.clicked.connect(self.start)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setToolTip("Stop after the current step; files already saved stay valid")
@@ -159,6 +183,7 @@ class TrainWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status.setToolTip("Progress of the run (select to copy)")
         root.addWidget(self.status)
         self._build_plot(root)
         root.addStretch(1)
@@ -180,11 +205,23 @@ class TrainWidget(QWidget):
         (self.train_line,) = self.ax.plot([], [], "o-", ms=3, color="#4fa3ff", label="train (epoch)")
         (self.val_line,) = self.ax.plot([], [], "s-", ms=3, color="#ffa040", label="val (epoch)")
         (self.best_mark,) = self.ax.plot([], [], "*", ms=11, color="#ffe066", label="best_model.bin")
-        self.ax.legend(fontsize=7, facecolor=bg, edgecolor="#6a6a6a", labelcolor=fg, loc="best")
+        self.ax.legend(fontsize=7, facecolor=bg, edgecolor="#6a6a6a", labelcolor=fg, loc="upper right")
+        self.empty_text = self.ax.text(0.5, 0.5, EMPTY_PLOT, transform=self.ax.transAxes, ha="center",
+                                       va="center", color=fg, fontsize=8)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(170)
-        self.canvas.setToolTip("Training loss per step (thin), mean per epoch, and validation loss")
+        self.canvas.setToolTip("Training loss per step (thin), mean per epoch, and validation loss "
+                               "(epoch 0: the starting model)")
         root.addWidget(self.canvas)
+        self._set_empty(True)
+
+    def _set_empty(self, empty: bool):
+        """Before any data: a clear "no data yet" text instead of empty axes."""
+        self.empty_text.set_visible(empty)
+        self.ax.get_legend().set_visible(not empty)
+        for axis in (self.ax.xaxis, self.ax.yaxis):
+            axis.set_visible(not empty)
+        self.canvas.draw_idle()
 
     def _spin(self, lo, hi, value):
         s = QSpinBox()
@@ -214,9 +251,6 @@ class TrainWidget(QWidget):
         if path:
             edit.setText(path)
 
-    def sizeHint(self):
-        return QSize(360, super().sizeHint().height())
-
     # ------------------------------------------------------------ layers
     def _refresh_layers(self, event=None):
         ticked = {self.pair_table.item(r, 0).text(): self.pair_table.item(r, 0).checkState()
@@ -244,7 +278,7 @@ class TrainWidget(QWidget):
 
     def layer_pairs(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(image name, image data, labels copy) for every ticked row; DataError otherwise."""
-        from .data import DataError
+        from training.data import DataError
 
         pairs = []
         for r in range(self.pair_table.rowCount()):
@@ -260,7 +294,7 @@ class TrainWidget(QWidget):
         return pairs
 
     def _default_checkpoint(self) -> str:
-        from napari_cellseg.checkpoint import bundled_model_path
+        from .checkpoint import bundled_model_path
 
         seg = find_segment_widget(self.viewer)
         if seg is not None and seg.model_combo.currentData():
@@ -279,7 +313,9 @@ class TrainWidget(QWidget):
                 "steps_per_epoch": self.steps.value(), "val_fraction": self.val_fraction.value(),
                 "out": self.out[0].text(), "init_checkpoint": self.start_from[0].text(),
                 "train_csv": self.train_csv[0].text(), "images": self.csv_images[0].text(),
-                "image_dir": self.image_dir[0].text(), "label_dir": self.label_dir[0].text()}
+                "image_dir": self.image_dir[0].text(), "label_dir": self.label_dir[0].text(),
+                "backbone_choice": self.backbone_combo.currentData(),
+                "backbone_file": self.backbone_file[0].text()}
 
     # ------------------------------------------------------------ run
     def start(self):
@@ -288,7 +324,12 @@ class TrainWidget(QWidget):
         if self._worker is not None:
             return
         try:
-            config = _form.form_to_config(self.form_values())
+            values = self.form_values()
+            choice, path = values.pop("backbone_choice"), values.pop("backbone_file")
+            # only used without a starting checkpoint (which brings its own backbone weights)
+            values["backbone_weights"] = (None if values["init_checkpoint"].strip()
+                                          else _form.backbone_weights(choice, path))
+            config = _form.form_to_config(values)
             pairs = self.layer_pairs() if self.source_combo.currentData() == "layers" else None
             if (Path(config.out) / "last.ckpt").exists():
                 raise ValueError(f"{config.out}: already holds a run; choose another output folder")
@@ -317,12 +358,12 @@ class TrainWidget(QWidget):
     def _preload_torch(self):
         from qtpy.QtWidgets import QApplication
 
-        from napari_cellseg._torch_guard import import_torch
+        from ._torch_guard import import_torch
 
         self.status.setText("Loading PyTorch…")
         QApplication.processEvents()
         import_torch()
-        from . import engine  # noqa: F401  (imports cv2/albumentations in the GUI thread, once)
+        from training import engine  # noqa: F401  (imports cv2/albumentations in the GUI thread, once)
 
     def cancel(self):
         if self._worker is not None:
@@ -339,27 +380,28 @@ class TrainWidget(QWidget):
     def _clear_plot(self):
         for line in (self.step_line, self.train_line, self.val_line, self.best_mark):
             line.set_data([], [])
-        self.canvas.draw_idle()
+        self._set_empty(True)
 
     def _update_plot(self):
         t = self.tracker
         if t.steps:
             self.step_line.set_data(*zip(*t.steps))
         rows = t.epoch_rows
-        self.train_line.set_data([r["epoch"] for r in rows], [r["train_loss"] for r in rows])
-        self.val_line.set_data([r["epoch"] for r in rows], [r["val_loss"] for r in rows])
+        trained = [r for r in rows if int(r["epoch"]) > 0 and "train_loss" in r]
+        self.train_line.set_data([r["epoch"] for r in trained], [r["train_loss"] for r in trained])
+        self.val_line.set_data([r["epoch"] for r in rows], [r.get("val_loss", np.nan) for r in rows])
         best = _form.best_row(rows)
         self.best_mark.set_data(*(([best["epoch"]], [best["val_loss"]]) if best else ([], [])))
         self.ax.relim()
         self.ax.autoscale_view()
-        self.ax.set_xlim(0, max(t.epochs, 1) + 0.05)
-        self.canvas.draw_idle()
+        self.ax.set_xlim(-0.05 if t.start_row else 0, max(t.epochs, 1) + 0.05)
+        self._set_empty(not (t.steps or rows))
 
     def _on_done(self, summary):
         self.last_summary = summary
         best = Path(summary["best_model"]).resolve()
-        row = _form.best_row(summary.get("history", []))
-        if not best.is_file() or row is None:
+        what = _form.done_message(summary.get("history", []), self.tracker.start_row if self.tracker else None)
+        if not best.is_file() or what is None:
             self._error(f"Training ended without a finite val loss: no best_model.bin in {summary['out']}")
             return
         seg = find_segment_widget(self.viewer)
@@ -367,11 +409,9 @@ class TrainWidget(QWidget):
         if seg is not None:
             seg.set_checkpoint(best)
         else:  # the Segment widget picks it up when it is opened
-            recent = [str(best)] + [p for p in load_settings().get("recent_checkpoints", []) if p != str(best)]
-            save_settings({"recent_checkpoints": recent[:5], "last_checkpoint": str(best)})
+            remember_checkpoint(best)
             where = "will be selected when you open Segment cells"
-        msg = (f"Training finished: best_model.bin (epoch {row['epoch']}, val loss {row['val_loss']:.3f}, "
-               f"val mAP {row['val_map']:.2f}) {where}")
+        msg = f"Training finished: {what} {where}"
         self.status.setText(f"{msg}\n{best}")
         show_info(msg)
         self.out[0].setText(str(_form.default_out_dir()))  # the next run gets a fresh folder

@@ -1,5 +1,7 @@
 """Plain logic behind the napari "Train model" widget (no Qt, no napari, no torch at import).
+It uses the headless ``training`` package's public modules (config, data, engine).
 
+* :data:`FORM_DEFAULTS` comes from :class:`TrainConfig` (one table of defaults, shared with the CLI);
 * :func:`form_to_config` maps the form's values 1:1 onto a :class:`TrainConfig`;
 * :func:`layer_samples` turns (image, labels) layer pairs into training samples; with fewer than
   four images, each is cut into 2x2 tiles so a validation tile can be held out of one image;
@@ -17,8 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .config import TrainConfig
-from .data import DataError
+from training.config import TrainConfig
+from training.data import DataError
 
 SOURCES = ("layers", "csv", "folders")
 MIN_IMAGES_UNTILED = 4  # fewer layer images than this: cut each into 2x2 tiles
@@ -27,10 +29,34 @@ FORM_FIELDS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "devi
                "crop_size": "crop_size", "steps_per_epoch": "steps_per_epoch", "out": "out",
                "init_checkpoint": "init_checkpoint", "val_fraction": "val_fraction",
                "train_csv": "train_csv", "images": "images", "image_dir": "image_dir",
-               "label_dir": "label_dir"}
-FORM_DEFAULTS = {"source": "layers", "epochs": 10, "lr": 1e-4, "batch_size": 2, "device": "auto",
-                 "crop_size": 256, "steps_per_epoch": 50, "val_fraction": 0.25, "init_checkpoint": "",
-                 "train_csv": "", "images": "", "image_dir": "", "label_dir": ""}
+               "label_dir": "label_dir", "backbone_weights": "backbone_weights"}
+_DEFAULT = TrainConfig()
+#: the form's defaults: TrainConfig's (None paths shown as "")
+FORM_DEFAULTS = {"source": "layers",
+                 **{key: ("" if getattr(_DEFAULT, f) is None else getattr(_DEFAULT, f))
+                    for key, f in FORM_FIELDS.items() if key != "out"}}
+#: backbone initialisation choices (used only when not starting from a checkpoint)
+BACKBONE_CHOICES = {"imagenet": "ImageNet weights (timm)", "random": "random (slow to learn)",
+                    "file": "weights file…"}
+
+
+def default_backbone_choice() -> str:
+    """TrainConfig's default backbone_weights as a form choice."""
+    w = _DEFAULT.backbone_weights
+    return "random" if w is None else ("imagenet" if w == "imagenet" else "file")
+
+
+def backbone_weights(choice: str, path: str = "") -> str | None:
+    """The form's backbone choice -> ``TrainConfig.backbone_weights`` ("imagenet", None or a path)."""
+    if choice not in BACKBONE_CHOICES:
+        raise DataError(f"backbone weights: unknown choice {choice!r} ({', '.join(BACKBONE_CHOICES)})")
+    if choice == "file":
+        if not path.strip():
+            raise DataError("backbone weights: choose the weights file (or pick imagenet / random)")
+        if not Path(path).expanduser().is_file():
+            raise DataError(f"backbone weights: {path}: file not found")
+        return str(Path(path).expanduser())
+    return "imagenet" if choice == "imagenet" else None
 
 
 def default_out_dir(home: str | Path | None = None, now: _dt.datetime | None = None) -> Path:
@@ -54,7 +80,7 @@ def form_to_config(form: dict) -> TrainConfig:
     for key, field in FORM_FIELDS.items():
         v = values.get(key)
         kwargs[field] = v.strip() if isinstance(v, str) else v
-    for key in ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint"):
+    for key in ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights"):
         kwargs[key] = kwargs[key] or None
     if source != "csv":
         kwargs["train_csv"] = kwargs["images"] = None
@@ -107,7 +133,7 @@ def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_until
     With fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
     so that the grouped train/val split can hold out part of a single image.
     """
-    from .data import array_samples
+    from training.data import array_samples
 
     check_pairs(pairs)
     ids, images, labels = [], [], []
@@ -129,7 +155,7 @@ def train_job(config: TrainConfig, pairs=None):
     thread). If the run fails or is cancelled before anything was written, the output folder it
     created is removed, so bad input leaves nothing behind.
     """
-    from .engine import train
+    from training.engine import train
 
     out = Path(config.out)
     existed = out.exists()
@@ -161,7 +187,21 @@ class ProgressTracker:
         self.fraction = 0.0
         self.text = "starting…"
         self.steps: list[tuple[float, float]] = []  # (fractional epoch, train loss per step)
-        self.epoch_rows: list[dict] = []
+        self.epoch_rows: list[dict] = []  # epoch 0 = the starting model (when the engine reports it)
+        self.sec_per_epoch: float | None = None  # the engine's estimate ("eta_epoch_s")
+
+    @property
+    def start_row(self) -> dict | None:
+        """The starting model's validation (epoch 0), if the engine sent one."""
+        return next((r for r in self.epoch_rows if int(r.get("epoch", -1)) == 0), None)
+
+    def _timing(self, event: dict, ep: int, done_in_epoch: float) -> str:
+        eta = event.get("eta_epoch_s")
+        if eta is None or not math.isfinite(float(eta)):
+            return ""
+        self.sec_per_epoch = float(eta)
+        left = self.sec_per_epoch * max(self.epochs - ep + 1 - done_in_epoch, 0.0)
+        return f" · ~{_duration(self.sec_per_epoch)}/epoch, ~{_duration(left)} left"
 
     def update(self, event: dict) -> None:
         stage = event.get("stage")
@@ -177,15 +217,49 @@ class ProgressTracker:
                 loss = float(event.get("loss", math.nan))
                 if math.isfinite(loss):
                     self.steps.append((ep - 1 + step / total, loss))
-                self.text = f"epoch {ep}/{self.epochs} · training step {step}/{total} · loss {loss:.3f}"
+                self.text = (f"epoch {ep}/{self.epochs} · training step {step}/{total} · loss {loss:.3f}"
+                             + self._timing(event, ep, step / total))
             else:
                 self.text = f"epoch {ep}/{self.epochs} · validating image {step}/{total}"
         elif stage == "epoch":
             row = event["row"]
             self.epoch_rows.append(row)
             self.fraction = int(row["epoch"]) / self.epochs
+            if int(row["epoch"]) == 0:
+                self.text = (f"starting model: val loss {_num(row.get('val_loss'))} · val mAP "
+                             f"{_num(row.get('val_map'))} (epoch 0, before training)")
+                return
             self.text = (f"epoch {row['epoch']}/{self.epochs} done · train loss {row['train_loss']:.3f} · "
                          f"val loss {row['val_loss']:.3f} · val mAP {row['val_map']:.3f}"
                          + (" · best so far" if int(row.get("best", 0)) else ""))
         elif stage == "done":
             self.fraction = 1.0
+
+
+def _num(v) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.3f}" if math.isfinite(v) else "n/a"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(float(seconds), 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{math.ceil(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def done_message(summary_history, start_row=None) -> str | None:
+    """'best_model.bin (epoch N, val loss L, val mAP M; the starting model: mAP S)' or None."""
+    row = best_row(summary_history)
+    if row is None:
+        return None
+    msg = (f"best_model.bin (epoch {row['epoch']}, val loss {_num(row.get('val_loss'))}, "
+           f"val mAP {_num(row.get('val_map'))}")
+    if start_row is not None:
+        msg += f"; the starting model scored val mAP {_num(start_row.get('val_map'))} at epoch 0"
+    return msg + ")"
