@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Generator
 
-__all__ = ["drain", "relay"]
+__all__ = ["drain", "relay", "relay_map"]
 
 
 def drain(gen: Generator):
@@ -21,13 +21,19 @@ def drain(gen: Generator):
             return stop.value
 
 
-def relay(gen: Generator, prefix: str = "", start: float = 0.0, span: float = 1.0, cap: float = 1.0):
-    """``yield from gen`` with each event's stage prefixed and its fraction mapped to
-    ``start + span * fraction`` (at most ``cap``); returns ``gen``'s value."""
+def relay_map(gen: Generator, transform):
+    """THE relay loop: re-yield ``transform(event)`` for each of ``gen``'s events; return its value."""
     while True:
         try:
             event = next(gen)
         except StopIteration as stop:
             return stop.value
-        fraction = min(cap, start + span * float(event.get("fraction", 0.0)))
-        yield {**event, "stage": f"{prefix}{event.get('stage', '')}", "fraction": fraction}
+        yield transform(event)
+
+
+def relay(gen: Generator, prefix: str = "", start: float = 0.0, span: float = 1.0, cap: float = 1.0):
+    """``yield from gen`` with each event's stage prefixed and its fraction mapped to
+    ``start + span * fraction`` (at most ``cap``); returns ``gen``'s value."""
+    return (yield from relay_map(gen, lambda event: {
+        **event, "stage": f"{prefix}{event.get('stage', '')}",
+        "fraction": min(cap, start + span * float(event.get("fraction", 0.0)))}))
