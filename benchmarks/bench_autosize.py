@@ -31,12 +31,13 @@ def main(argv=None):
     from napari_cellseg.images import to_rgb_float
     from napari_cellseg.metrics import average_precision, median_diameter
     from napari_cellseg.predict import Predictor
+    from napari_cellseg.sizing import clamp_scale
     from napari_cellseg.synthetic import make_image
 
     pred = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     th = pred.thresholds
     ref = pred.reference_diameter
-    print(f"model reference diameter {ref:.0f} px; thresholds {th['box_conf']:.2f} / {th['mask_threshold']:.2f}")
+    print(f"model reference diameter {ref:.0f} px; thresholds {th.box_conf:.2f} / {th.mask_threshold:.2f}")
     print(f"{'kind':7} {'diam':>5} {'mAP x1':>7} {'oracle':>7} {'auto':>7} {'est/true':>9} "
           f"{'passes':>6} {'time auto/x1':>12}")
     totals = {"x1": [], "oracle": [], "auto": [], "t1": 0.0, "ta": 0.0}
@@ -55,7 +56,7 @@ def main(argv=None):
                 true = median_diameter(gt)
                 lab = {}
                 det1, t1 = run(image, 1.0)
-                det_o, _ = run(image, float(np.clip(ref / true, 0.25, 4.0)))
+                det_o, _ = run(image, clamp_scale(ref / true))
                 calls = []
                 orig = pred._forward
 
@@ -67,8 +68,7 @@ def main(argv=None):
                 det_a, ta = run(image, "auto")
                 del pred._forward
                 for key, det in (("x1", det1), ("oracle", det_o), ("auto", det_a)):
-                    lab[key] = average_precision(gt, det.to_labels(th["box_conf"], th["mask_threshold"],
-                                                                   th.get("min_area", 0)))
+                    lab[key] = average_precision(gt, det.to_labels(th))
                 rows.append((lab["x1"], lab["oracle"], lab["auto"], (det_a.diameter or 0) / true, len(calls), ta / t1))
                 for key in ("x1", "oracle", "auto"):
                     totals[key].append(lab[key])

@@ -1,6 +1,6 @@
 """Predictor + Detections.to_labels against stock torchvision Mask R-CNN, measured in the same run.
 
-    python benchmarks/bench_predict.py [--repeat 3] [--threads N]
+    python benchmarks/bench_predict.py [--repeat 3] [--threads N] [--device cpu|cuda] [--throughput N]
 
 Model: the default ModelConfig (convnext_tiny + FPN 256, 500 detections per image), random
 weights (seed 0) with the box classifier's cell bias raised so that all 500 detections pass
@@ -13,6 +13,12 @@ box_conf 0.5; input: one 704x520 synthetic phase-contrast image.
 * time: median of ``--repeat`` runs after one warm-up, stock and fast interleaved in one process.
 * memory: peak RSS growth (VmHWM, reset via /proc/self/clear_refs, minus RSS before the call)
   of one cold call, each pipeline in its own fresh subprocess. torch allocations are counted (RSS).
+* --device cuda: both sides on the GPU (stock's masks come back to the host for the overlap
+  removal, as a user's script would); memory is not measured there.
+* --throughput N: the ``cellseg predict`` path end to end (batch.predict_items: PNG decoding on
+  worker threads, --batch-size images per forward, painting + RLE encoding on a thread pool, the
+  journal) over N copies of the image: images/s. Target: >= 50 images/s for 704x520 with 500
+  detections on one H200-class GPU (``--device cuda --throughput 200 --batch-size 8``).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def setup(threads: int | None):
+def setup(threads: int | None, device: str = "cpu"):
     import torch
 
     from napari_cellseg.images import to_rgb_float
@@ -66,16 +72,17 @@ def setup(threads: int | None):
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[1] = 6.0  # >= 500 boxes pass
     image, _ = make_image("cells", shape=(520, 704), seed=1)
-    return model, config, to_rgb_float(image)
+    return model.to(device), config, to_rgb_float(image)
 
 
 def stock(model, image, box_conf=0.5, mask_threshold=0.5):
     import torch
 
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        out = model([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))])[0]
-    scores = out["scores"].numpy()
-    masks = out["masks"][:, 0].numpy() > mask_threshold  # N x H x W
+        out = model([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device)])[0]
+    scores = out["scores"].cpu().numpy()
+    masks = out["masks"][:, 0].cpu().numpy() > mask_threshold  # N x H x W
     labels = np.zeros(image.shape[:2], np.int32)
     occupied = np.zeros(image.shape[:2], bool)
     k = 0
@@ -120,6 +127,38 @@ def measure_memory(kind: str, threads: int | None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def throughput(model, config, image, device, n: int, batch_size: int) -> None:
+    """``cellseg predict``'s own loop (batch.predict_items) over n PNG copies of the image."""
+    import tempfile
+    from pathlib import Path
+
+    import imageio.v3 as iio
+
+    from napari_cellseg.batch import Item, predict_items
+    from napari_cellseg.journal import Journal
+    from napari_cellseg.network import Runner
+    from napari_cellseg.options import PredictOptions
+    from napari_cellseg.pipeline import Pipeline
+
+    runner = Runner(model, config, device=device)
+    pipe = Pipeline(runner, PredictOptions(scale=1.0, batch_size=batch_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "img.png"
+        iio.imwrite(src, (image * 255).astype(np.uint8))
+        items = [Item(f"img{i:04d}", src) for i in range(n)]
+        warm = Journal(Path(tmp) / "warm.journal")
+        predict_items(pipe, items[:batch_size], warm)
+        warm.close()
+        journal = Journal(Path(tmp) / "run.journal")
+        t = time.perf_counter()
+        failed = predict_items(pipe, items, journal)
+        dt = time.perf_counter() - t
+        journal.close()
+    print(f"cellseg predict path: {n} images, batch {batch_size}: {n / dt:.3g} images/s "
+          f"({dt / n * 1e3:.0f} ms/image){'; FAILED ' + str(len(failed)) if failed else ''}"
+          f"  [target on one H200-class GPU: >= 50 images/s]")
+
+
 def per_instance_iou(a: np.ndarray, b: np.ndarray) -> float:
     """Smallest IoU between instance k of a and instance k of b (ids in score order)."""
     n = max(a.max(), b.max())
@@ -136,18 +175,27 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--worker", choices=["stock", "fp32", "bf16"], help=argparse.SUPPRESS)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument("--throughput", type=int, default=0, metavar="N",
+                    help="also run the cellseg predict path over N copies of the image (images/s)")
+    ap.add_argument("--batch-size", type=int, default=4, help="images per forward for --throughput")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.threads)
 
+    from napari_cellseg.devices import cuda_has_bf16, resolve_device
     from napari_cellseg.predict import Predictor, cpu_has_bf16
 
-    model, config, image = setup(args.threads)
-    pred = Predictor(model, config)
-    precisions = ["fp32"] + (["bf16"] if cpu_has_bf16() else [])
+    device = resolve_device(args.device)
+    model, config, image = setup(args.threads, device)
+    pred = Predictor(model, config, device=device)
+    cuda = device.type == "cuda"
+    precisions = ["fp32"] + (["bf16"] if (cuda_has_bf16(device) if cuda else cpu_has_bf16()) else []) \
+        + (["fp16"] if cuda else [])
     preds = {"fp32": pred}
-    if "bf16" in precisions:
-        preds["bf16"] = Predictor(model, config, precision="bf16")
+    for name in precisions[1:]:
+        preds[name] = Predictor(model, config, device=device, precision=name)
+    print(f"device: {device}, threads: {__import__('torch').get_num_threads()}")
     ref = stock(model, image)  # warm-up
     for p in preds.values():
         fast(p, image)
@@ -169,7 +217,7 @@ def main(argv=None) -> None:
     print(f"stock predict+labels     : {med['stock']:.2f} s (median of {args.repeat})")
     for name in preds:
         print(f"fast {name} predict+labels: {med[name]:.2f} s  -> {med['stock'] / med[name]:.2f}x faster")
-    if "bf16" not in preds:
+    if "bf16" not in preds and not cuda:
         print("bf16: skipped, this CPU has no native bfloat16 (AVX512-BF16/AMX); emulated bf16 is far "
               "slower than fp32 here")
 
@@ -182,7 +230,9 @@ def main(argv=None) -> None:
     print(f"to_labels, {fp32_dets.count(0.5)} instances: first call (builds crops) "
           f"{lab_times[0] * 1e3:.1f} ms, then median {statistics.median(lab_times[1:]) * 1e3:.2f} ms")
 
-    if not args.skip_memory:
+    if args.throughput:
+        throughput(model, config, image, device, args.throughput, args.batch_size)
+    if not args.skip_memory and not cuda:
         mem = {k: measure_memory(k, args.threads) for k in ["stock", *preds]}
         for k, v in mem.items():
             ratio = "" if k == "stock" else f"  -> {mem['stock']['peak'] / max(v['peak'], 1):.1f}x less"

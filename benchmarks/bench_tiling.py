@@ -55,8 +55,7 @@ def main(argv=None):
             t2 = time.perf_counter()
             t_whole += t1 - t0
             t_tiled += t2 - t1
-            lw = whole.to_labels(t["box_conf"], t["mask_threshold"], t.get("min_area", 0))
-            lt = tiled.to_labels(t["box_conf"], t["mask_threshold"], t.get("min_area", 0))
+            lw, lt = whole.to_labels(t), tiled.to_labels(t)
             rows.append((kind, seed, int(gt.max()), average_precision(gt, lw), average_precision(gt, lt),
                          int(lw.max()), int(lt.max())))
             print(f"{kind:7s} seed {seed}: {rows[-1][2]:4d} cells  whole mAP {rows[-1][3]:.3f} "
@@ -64,7 +63,7 @@ def main(argv=None):
     mw = float(np.mean([r[3] for r in rows]))
     mt = float(np.mean([r[4] for r in rows]))
     print(f"\n{len(rows)} synthetic {args.size}x{args.size} images, tiles {args.tile} px, overlap "
-          f"{args.overlap} px, thresholds {t['box_conf']:.2f}/{t['mask_threshold']:.2f}")
+          f"{args.overlap} px, thresholds {t.box_conf:.2f}/{t.mask_threshold:.2f}")
     print(f"mean mAP whole {mw:.4f}  tiled {mt:.4f}  difference {mt - mw:+.4f}")
     print(f"time whole {t_whole:.1f} s  tiled {t_tiled:.1f} s  (tiled/whole {t_tiled / max(t_whole, 1e-9):.2f}x)")
 

@@ -45,14 +45,7 @@ def load_torch_job(checkpoint=None):
         return None, str(exc)
 
 
-def relay(gen, transform):
-    """Re-yield a sub-generator's progress events through ``transform``; return its value."""
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield transform(event)
+from .progress import relay_map as relay  # noqa: E402  (the one relay loop: progress.py)
 
 
 def _predictor(checkpoint, device, cache):

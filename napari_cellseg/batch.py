@@ -12,6 +12,11 @@
   images failed: "K of N images failed") or 2 (usage errors, bad checkpoint: raised as ValueError).
 * torchrun: rank R predicts ``items[R::world]`` (minus ids already done) into its own journal;
   the small per-rank summaries are gathered on rank 0, which writes the CSV.
+* One run per --out: an exclusive lock (journal.output_lock) is taken before any journal is
+  touched; a second run on the same --out stops at once (exit 2, naming the file).
+* Throughput: images are decoded on worker threads while the network runs, up to
+  ``batch_size`` images go through one forward (batches span images), and label painting + RLE
+  encoding run on a thread pool while the next batch is on the device.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .images import plane_id
-from .journal import Journal, _rank_of, done_ids, flush_csv, journal_path, journal_paths
+from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_path, journal_paths,
+                      normalize_id, output_lock)
 
 FLUSH_EVERY = int(os.environ.get("CELLSEG_FLUSH_EVERY", 50))  # images between atomic CSV rewrites
 
@@ -66,34 +72,48 @@ def dist_info() -> tuple[int, int]:
 
 
 # ---- items ------------------------------------------------------------------------------------
+def display_path(path) -> str:
+    """A path for messages: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _n_planes(path: Path) -> int | None:
-    """Number of planes of a TIFF stack (3-D grey or 4-D colour), None for a single image."""
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        return None
-    import tifffile
+    """Number of planes of a stack (images.py's one layout rule, from the header), None for a
+    single image or an unreadable file (reported and skipped when it is loaded)."""
+    from .images import ImageError, image_info
 
     try:
-        with tifffile.TiffFile(path) as tf:
-            shape = tuple(tf.series[0].shape)
-    except Exception:  # unreadable: reported (and skipped) when it is loaded
+        planes = image_info(path).planes
+    except (ImageError, OSError):
         return None
-    squeezed = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
-    if len(squeezed) == 4 or (len(squeezed) == 3 and squeezed[-1] not in (3, 4)):
-        return int(squeezed[0])
-    return None
+    return planes if planes > 1 else None
 
 
-def expand_items(files: Sequence[Path]) -> list[Item]:
-    """Files -> items (stacks expanded to planes); duplicate ids are a usage error."""
+def expand_items(files: Sequence[Path], skipped: list | None = None) -> list[Item]:
+    """Files -> items (stacks expanded to planes, ids normalised like the CSV readers do);
+    duplicate ids are a usage error. A file whose name is not valid UTF-8 cannot be an id in
+    a CSV: it is reported on stderr and appended to ``skipped`` (ValueError when None)."""
     items: list[Item] = []
     for f in files:
+        try:
+            f.stem.encode("utf-8")
+        except UnicodeEncodeError:
+            message = f"{display_path(f)}: file name is not valid UTF-8 (cannot be an id in a CSV); rename it"
+            if skipped is None:
+                raise ValueError(message) from None
+            print(f"cellseg predict: skipped: {message}", file=sys.stderr)
+            skipped.append(display_path(f))
+            continue
         n = _n_planes(f)
+        stem = normalize_id(f.stem)
         if n is None:
-            items.append(Item(f.stem, f))
+            items.append(Item(stem, f))
         else:
-            items.extend(Item(plane_id(f.stem, (k,), (n,)), f, k) for k in range(n))
+            items.extend(Item(plane_id(stem, (k,), (n,)), f, k) for k in range(n))
     seen: dict[str, Item] = {}
     for it in items:
+        if not it.image_id:
+            raise ValueError(f"{it.label()}: the file name gives an empty image id")
         if it.image_id in seen:
             raise ValueError(f"{it.label()}: image id {it.image_id!r} also given by {seen[it.image_id].label()}")
         seen[it.image_id] = it
@@ -102,22 +122,9 @@ def expand_items(files: Sequence[Path]) -> list[Item]:
 
 def load_item(item: Item):
     """float32 HxWx3 of an item (one plane of a stack read without loading the others)."""
-    from .images import ImageError, load_image, to_rgb_float
+    from .images import load_plane
 
-    if item.plane is None:
-        return load_image(item.path)
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(item.path) as tf:
-            series = tf.series[0]
-            if len(series.pages) == series.shape[0]:
-                raw = series.pages[item.plane].asarray()
-            else:
-                raw = series.asarray()[item.plane]
-    except Exception as exc:
-        raise ImageError(f"{item.label()}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    return to_rgb_float(raw, name=item.label())
+    return load_plane(item.path, item.plane)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -143,28 +150,77 @@ def _malloc_trim():
     return lambda: trim(0)
 
 
-def predict_items(predictor, items: Sequence[Item], journal: Journal, box_conf: float,
-                  mask_threshold: float, min_area: int, scale: float = 1.0, batch_size: int = 1,
-                  labels_dir: Path | None = None, bar=None, on_done=None) -> list[str]:
-    """Predict ``items`` a batch at a time, journal each finished image; returns failed labels.
+def _threads() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _prefetched(items: Sequence[Item], pool, depth: int):
+    """``(item, array or exception)`` in input order, decoded ``depth`` items ahead on ``pool``."""
+    from collections import deque
+
+    def load(item):
+        try:
+            return load_item(item)
+        except (ValueError, OSError, MemoryError) as exc:
+            return exc
+
+    queue: deque = deque()
+    it = iter(items)
+    for item in it:
+        queue.append((item, pool.submit(load, item)))
+        if len(queue) >= depth:
+            break
+    while queue:
+        item, future = queue.popleft()
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append((nxt, pool.submit(load, nxt)))
+        yield item, future.result()
+
+
+def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir: Path | None = None,
+                  bar=None, on_done=None, threads: int | None = None, sizes: list | None = None) -> list[str]:
+    """Predict ``items`` with a :class:`~napari_cellseg.pipeline.Pipeline` (its batch size,
+    size option, tiling and thresholds), journal each finished image; returns failed labels.
 
     A file that cannot be read or predicted is reported on stderr and skipped; a batch whose
     forward fails is retried one image at a time so only the culprit fails.
     """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from .files import write_label_tiff
+    from .pipeline import iter_at, iter_auto_scale
+    from .progress import drain
+    from .rle import labels_to_rles
+
     failed: list[str] = []
     trim = _malloc_trim()
+    threads = _threads() if threads is None else max(1, int(threads))
+    batch_size = max(int(pipeline.batch_size), 1)
+    runner, scale = pipeline.runner, pipeline.scale
+    pending: deque = deque()  # (item, future of (shape, rles)) in finishing order
 
-    def finish(item, dets):
-        from .rle import labels_to_rles
-
-        labels = dets.to_labels(box_conf, mask_threshold, min_area)
+    def encode(item, dets):  # on a worker thread: paste, threshold, encode, write the TIFF
+        labels = pipeline.labels(dets)
         if labels_dir is not None:
-            _write_label_tiff(labels_dir / f"{item.image_id}.tif", labels)
-        journal.add(item.image_id, labels.shape, labels_to_rles(labels))
-        if bar is not None:
-            bar.update(1)
-        if on_done is not None:
-            on_done()
+            write_label_tiff(labels_dir / f"{item.image_id}.tif", labels)
+        return labels.shape, labels_to_rles(labels)
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            item, future = pending.popleft()
+            try:
+                shape, rles = future.result()
+            except (ValueError, OSError, MemoryError, RuntimeError) as exc:
+                fail(item, exc)
+                continue
+            journal.add(item.image_id, shape, rles)
+            if bar is not None:
+                bar.update(1)
+            if on_done is not None:
+                on_done()
 
     def fail(item, exc):
         failed.append(item.label())
@@ -175,108 +231,110 @@ def predict_items(predictor, items: Sequence[Item], journal: Journal, box_conf: 
         if bar is not None:
             bar.update(1)
 
-    def run(batch):
+    def forward(arrays):
+        if scale == "auto":
+            return drain(iter_auto_scale(runner, arrays, pipeline.thresholds, pipeline.tile_size,
+                                         pipeline.tile_overlap))
+        return drain(iter_at(runner, arrays, [float(scale)] * len(arrays), pipeline.tile_size,
+                             pipeline.tile_overlap))
+
+    def run(batch, post):
         try:
-            results = list(predictor.predict_many([a for _, a in batch], batch_size=len(batch), scale=scale))
+            results = forward([a for _, a in batch])
         except (ValueError, RuntimeError, MemoryError) as exc:
             if len(batch) > 1:
                 for one in batch:
-                    run([one])
+                    run([one], post)
                 return
             fail(batch[0][0], exc)
             return
-        for (item, _), (_, dets) in zip(batch, results):
-            finish(item, dets)
+        for (item, _), dets in zip(batch, results):
+            if sizes is not None:
+                sizes.append(SimpleNamespace(scale=dets.scale, diameter=dets.diameter))
+            pending.append((item, post.submit(encode, item, dets)))
         del results
+        collect(2 * batch_size)  # keep the encoders at most two batches behind the network
         trim()
 
-    batch: list = []
-    for item in items:
-        try:
-            batch.append((item, load_item(item)))
-        except (ValueError, OSError, MemoryError) as exc:
-            fail(item, exc)
-            continue
-        if len(batch) >= max(int(batch_size), 1):
-            run(batch)
-            batch = []
-    if batch:
-        run(batch)
+    with ThreadPoolExecutor(threads, thread_name_prefix="cellseg-load") as loader, \
+            ThreadPoolExecutor(threads, thread_name_prefix="cellseg-encode") as post:
+        batch: list = []
+        for item, array in _prefetched(items, loader, depth=2 * batch_size + threads):
+            if isinstance(array, BaseException):
+                fail(item, array)
+                continue
+            batch.append((item, array))
+            if len(batch) >= batch_size:
+                run(batch, post)
+                batch = []
+        if batch:
+            run(batch, post)
+        collect(0)
     return failed
 
 
-def _write_label_tiff(path: Path, labels) -> None:
-    import io
+def _device_for_rank(device: str, rank: int, world: int) -> str:
+    """torchrun: "auto" means this rank's GPU (devices.resolve_device), else the name given."""
+    if world > 1 and device in (None, "", "auto"):
+        from .devices import resolve_device
 
-    import numpy as np
-    import tifffile
-
-    from .atomic import atomic_write
-
-    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
-        labels = labels.astype(np.uint16)
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, labels, compression="zlib")
-    with atomic_write(path, "wb") as fh:
-        fh.write(buffer.getvalue())
+        return str(resolve_device("auto", local_rank=int(os.environ.get("LOCAL_RANK", rank))))
+    return device or "auto"
 
 
-def run_predict(args, progress_factory=None) -> int:
-    """The ``cellseg predict`` command (args from cli.py's parser). Returns the exit status."""
+def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | None = None,
+                resume: bool = False, progress_factory=None) -> int:
+    """The ``cellseg predict`` command: ``options`` (PredictOptions) for the pipeline, ``images``
+    (files / folders), ``out`` (CSV). Returns the exit status; usage errors raise ValueError
+    before anything is written."""
+    import dataclasses
+
     from .images import list_images
-    from .predict import Predictor
-    from .sizing import describe_scale
+    from .pipeline import Pipeline
 
     rank, world = dist_info()
-    out = Path(args.out)
-    resume = bool(getattr(args, "resume", False))
-    files = list_images(args.images)
+    out = Path(out)
+    check_out(out)
+    files = list_images(images)
     if not files:
-        raise ValueError(f"no images found in {', '.join(map(str, args.images))}")
-    if str(out.parent) and not out.parent.is_dir():
-        raise ValueError(f"{out}: folder {out.parent} does not exist")
-    items = expand_items(files)
-    mine = [it for _, it in shard(items, rank, world)]
-    if resume:
-        done = done_ids(out)
-        mine = [it for it in mine if it.image_id not in done]
-    else:
-        done = set()  # a fresh run: forget journals of an earlier crashed run (each rank its own)
-        stale = [journal_path(out, rank)] + ([j for j in journal_paths(out) if _rank_of(j) >= world]
-                                              if rank == 0 else [])
-        for j in stale:
-            j.unlink(missing_ok=True)
-    if world > 1:
-        import torch
-        import torch.distributed as dist
+        raise ValueError(f"no images found in {', '.join(map(str, images))}")
+    bad_names: list[str] = []
+    items = expand_items(files, skipped=bad_names if rank == 0 else [])
+    with output_lock(out, rank):
+        mine = [it for _, it in shard(items, rank, world)]
+        if resume:
+            done = done_ids(out)  # checks every row of the CSV: one bad row -> ValueError
+            mine = [it for it in mine if it.image_id not in done]
+        else:
+            done = set()  # a fresh run: forget journals of an earlier crashed run (each rank its own)
+            stale = [journal_path(out, rank)] + ([j for j in journal_paths(out) if _rank_of(j) >= world]
+                                                  if rank == 0 else [])
+            for j in stale:
+                j.unlink(missing_ok=True)
+        if world > 1:
+            import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
-        device = args.device
-        if device in (None, "auto") and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    else:
-        device = args.device or "auto"
-    if args.checkpoint is None and rank == 0:
-        print("cellseg predict: no --checkpoint given, using the bundled demo model", file=sys.stderr)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=device, precision=args.precision)
-    scale = predictor.resolve_scale(args.scale, getattr(args, "diameter", None))  # fail before writing
-    if getattr(args, "tile_size", None) is not None:
-        predictor.tile_size = int(args.tile_size)
-    if getattr(args, "tile_overlap", None) is not None:
-        predictor.tile_overlap = int(args.tile_overlap)
-    if predictor.tile_size < 0:
-        raise ValueError(f"--tile-size must be >= 0 (0 = never tile), got {predictor.tile_size}")
-    if predictor.tile_size and not 0 <= predictor.tile_overlap < predictor.tile_size:
-        raise ValueError(f"--tile-overlap must be >= 0 and < --tile-size ({predictor.tile_size})")
-    th = predictor.thresholds
-    box_conf = th["box_conf"] if args.box_conf is None else args.box_conf
-    mask_threshold = th["mask_threshold"] if args.mask_threshold is None else args.mask_threshold
-    min_area = th.get("min_area", 0) if args.min_area is None else args.min_area
-    if args.labels_dir is not None:
-        args.labels_dir.mkdir(parents=True, exist_ok=True)
-    if resume and rank == 0 and done:
-        print(f"cellseg predict: resuming, {len(done)} images already done", file=sys.stderr)
+            from .devices import ddp_backend, resolve_device
+
+            options = dataclasses.replace(options, device=_device_for_rank(options.device, rank, world))
+            if not dist.is_initialized():
+                dist.init_process_group(ddp_backend(resolve_device(options.device)))
+        if options.checkpoint is None and rank == 0:
+            print("cellseg predict: no --checkpoint given, using the bundled demo model", file=sys.stderr)
+        pipeline = Pipeline.from_options(options)  # every check before the first file is written
+        described = pipeline.describe()
+        if labels_dir is not None:
+            Path(labels_dir).mkdir(parents=True, exist_ok=True)
+        if resume and rank == 0 and done:
+            print(f"cellseg predict: resuming, {len(done)} images already done", file=sys.stderr)
+        if rank == 0:
+            print(f"cellseg predict: object size: {described}", file=sys.stderr)
+        return _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world,
+                           bad_names, progress_factory)
+
+
+def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world, bad_names,
+                progress_factory) -> int:
     journal = Journal(journal_path(out, rank))
     flushed = [resume]  # after the first flush the CSV holds this run's rows: keep them
     count = [0]
@@ -285,18 +343,16 @@ def run_predict(args, progress_factory=None) -> int:
         count[0] += 1
         if world == 1 and count[0] % FLUSH_EVERY == 0:
             journal.close()
-            flush_csv(out, args.format, keep_existing=flushed[0])
+            flush_csv(out, fmt, keep_existing=flushed[0])
             flushed[0] = True
             journal.__init__(journal.path)
 
-    if rank == 0:
-        print(f"cellseg predict: object size: {describe_scale(predictor, scale)}", file=sys.stderr)
     bar = progress_factory(total=len(mine), desc=f"predict (rank {rank})" if world > 1 else "predict") \
         if progress_factory else None
+    sizes: list = []
     try:
-        failed = predict_items(predictor, mine, journal, box_conf, mask_threshold, int(min_area),
-                               scale=scale, batch_size=args.batch_size,
-                               labels_dir=args.labels_dir, bar=bar, on_done=periodic_flush)
+        failed = predict_items(pipeline, mine, journal, labels_dir=labels_dir, bar=bar,
+                               on_done=periodic_flush, sizes=sizes)
     finally:
         journal.close()
         if bar is not None:
@@ -309,11 +365,15 @@ def run_predict(args, progress_factory=None) -> int:
         if rank != 0:
             return 1 if failed else 0
         failed = [f for p in parts for f in p]
-    n_images = flush_csv(out, args.format, keep_existing=flushed[0])
-    print(f"wrote {n_images} images to {out} ({args.format} format)"
-          f"{f'; label images in {args.labels_dir}' if args.labels_dir else ''}")
+    failed = bad_names + failed
+    message = pipeline.size_message(sizes) if pipeline.scale == "auto" and sizes else ""
+    if message:  # e.g. "Cell size estimated at 24-40 px: image resized x1-x1.67 (12 images)."
+        print(f"cellseg predict: {message}", file=sys.stderr)
+    n_images = flush_csv(out, fmt, keep_existing=flushed[0])
+    print(f"wrote {n_images} images to {out} ({fmt} format)"
+          f"{f'; label images in {labels_dir}' if labels_dir else ''}")
     if failed:
-        print(f"cellseg predict: {len(failed)} of {len(items)} images failed (skipped; rerun with "
-              f"--resume to retry only them)", file=sys.stderr)
+        print(f"cellseg predict: {len(failed)} of {len(items) + len(bad_names)} images failed (skipped; "
+              f"rerun with --resume to retry only them)", file=sys.stderr)
         return 1
     return 0

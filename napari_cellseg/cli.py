@@ -11,10 +11,8 @@ CheckpointError, ...) raised by a command becomes one line on stderr,
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -40,83 +38,11 @@ def _progress(iterable=None, **kwargs):
     return tqdm(iterable, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)
 
 
-def _label_image(path: Path):
-    """Read a label image file: a 2-D integer array (HxWx1 squeezed), else ImageError."""
-    from .images import ImageError, read_raw
-
-    labels = read_raw(path)
-    if labels.ndim == 3 and labels.shape[-1] == 1:
-        labels = labels[..., 0]
-    if labels.ndim != 2 or labels.dtype.kind not in "iub":
-        raise ImageError(f"{path}: not a 2-D integer label image "
-                         f"(shape {labels.shape}, dtype {labels.dtype})")
-    return labels
-
-
-def _image_shape(path: Path) -> tuple[int, int]:
-    from .images import ImageError, read_raw
-
-    array = read_raw(path)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
-        return int(array.shape[0]), int(array.shape[1])
-    raise ImageError(f"{path}: cannot take an image size from shape {array.shape}")
-
-
-def _files_by_id(paths, what: str) -> dict[str, Path]:
-    """Image files (folders expanded) keyed by file stem = image id."""
-    from .images import list_images
-
-    found: dict[str, Path] = {}
-    for path in list_images(paths):
-        if path.stem in found:
-            raise ValueError(f"{path}: image id {path.stem!r} also given by {found[path.stem]}")
-        found[path.stem] = path
-    if not found:
-        raise ValueError(f"no {what} found in {', '.join(map(str, paths))}")
-    return found
-
-
-class _LabelFiles(Mapping):
-    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded)."""
-
-    def __init__(self, files: dict[str, Path], bar=None):
-        self.files, self.bar = files, bar
-
-    def __getitem__(self, image_id):
-        labels = _label_image(self.files[image_id])
-        if self.bar is not None:
-            self.bar.update(1)
-        return labels
-
-    def __iter__(self):
-        return iter(self.files)
-
-    def __len__(self):
-        return len(self.files)
-
-    def shape(self, image_id):
-        return _image_shape(self.files[image_id])
-
-    def labels(self, image_id, shape=None):
-        labels = _label_image(self.files[image_id])
-        if shape is not None and labels.shape != tuple(shape):
-            raise ValueError(f"{self.files[image_id]}: size {labels.shape[0]}x{labels.shape[1]} "
-                             f"(HxW) differs from the ground truth {shape[0]}x{shape[1]}")
-        return labels
-
-    @property
-    def ids(self):
-        return list(self.files)
-
-
-def _label_source(path_text: str):
-    """A CSV (Annotations) or a folder / file of label images (_LabelFiles)."""
-    from .annotations import read_annotations
-
-    path = Path(path_text)
-    if path.suffix.lower() == ".csv":
-        return read_annotations(path)
-    return _LabelFiles(_files_by_id([path], "label images"))
+# the file helpers live in files.py (tune_cmd and batch use them too)
+from .files import LabelFiles as _LabelFiles  # noqa: E402
+from .files import files_by_id as _files_by_id  # noqa: E402
+from .files import label_source as _label_source  # noqa: E402
+from .files import write_label_tiff as _write_label_tiff  # noqa: E402
 
 
 def _safe_id(image_id: str) -> str:
@@ -143,11 +69,7 @@ def _add_to_labels(subparsers) -> None:
 
 
 def _cmd_to_labels(args) -> int:
-    import numpy as np
-    import tifffile
-
     from .annotations import read_annotations
-    from .atomic import atomic_write
 
     from .images import ImageError, image_info
 
@@ -170,13 +92,7 @@ def _cmd_to_labels(args) -> int:
         shapes[image_id] = ann.check(image_id, shape)  # CsvError naming the file and row
     args.out.mkdir(parents=True, exist_ok=True)
     for image_id in _progress(ann.ids, desc="to-labels"):
-        labels = ann.labels(image_id, shapes[image_id])
-        if labels.max(initial=0) <= np.iinfo(np.uint16).max:
-            labels = labels.astype(np.uint16)
-        buffer = io.BytesIO()
-        tifffile.imwrite(buffer, labels, compression="zlib")
-        with atomic_write(args.out / f"{image_id}.tif", "wb") as fh:
-            fh.write(buffer.getvalue())
+        _write_label_tiff(args.out / f"{image_id}.tif", ann.labels(image_id, shapes[image_id]))
     print(f"wrote {len(ann.ids)} label images to {args.out}")
     return 0
 
@@ -326,6 +242,7 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
     p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
     p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
+    _add_postprocess_options(p)
     _add_size_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
@@ -344,10 +261,19 @@ def _add_predict(subparsers) -> None:
     p.set_defaults(func=_cmd_predict)
 
 
+def _add_postprocess_options(p) -> None:
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
+                   help="fill the background holes inside each cell (default: the checkpoint's)")
+    p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest piece of each cell (default: the checkpoint's)")
+
+
 def _cmd_predict(args) -> int:
     from .batch import run_predict
+    from .options import PredictOptions
 
-    return run_predict(args, progress_factory=_progress)
+    return run_predict(PredictOptions.from_args(args), args.images, args.out, fmt=args.format,
+                       labels_dir=args.labels_dir, resume=args.resume, progress_factory=_progress)
 
 
 # ---- tune (the logic lives in tune_cmd.py) --------------------------------------------------
@@ -368,6 +294,7 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--mask-thresholds", type=float, nargs="+", metavar="T",
                    help="mask_threshold values (with --box-confs; default 0.05 .. 0.95)")
     p.add_argument("--min-area", type=int, help="drop cells smaller than this (default: checkpoint's)")
+    _add_postprocess_options(p)
     _add_size_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
     p.add_argument("--json", action="store_true",

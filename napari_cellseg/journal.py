@@ -10,13 +10,85 @@ CSV listings.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["Journal", "journal_path", "journal_paths", "read_journal", "done_ids", "flush_csv"]
+from .annotations import csv_reader, normalize_id  # one id rule and one CSV field limit for readers and writers
+
+__all__ = ["Journal", "journal_path", "journal_paths", "read_journal", "done_ids", "flush_csv",
+           "normalize_id", "output_lock", "lock_path", "OutputLockError", "check_out"]
+
+
+class OutputLockError(ValueError):
+    """Another run holds the lock of this output CSV."""
+
+
+def lock_path(out: Path, rank: int = 0) -> Path:
+    return out.parent / f".{out.name}.rank{rank}.lock"
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must name a file in an existing folder: refused (ValueError) before any work."""
+    if out.is_dir():
+        raise ValueError(f"{out}: --out is a folder; give a CSV file name, e.g. {out / 'predictions.csv'}")
+    if str(out.parent) and not out.parent.is_dir():
+        raise ValueError(f"{out}: folder {out.parent} does not exist")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"{out}: --out exists and is not a regular file")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, rank: int = 0):
+    """Exclusive lock on ``out`` and its rank's journal for the length of a run.
+
+    The lock file ``.<out name>.rank<R>.lock`` is created, locked (flock, non-blocking) and
+    removed on exit. A second run that finds it locked gets OutputLockError at once, before it
+    touches any journal. (The lock is taken again when the holder removed the file between our
+    open and lock: the inode check.) Every rank locks its own file, and rank 0 exists in every
+    run, so two runs on one --out always collide."""
+    out = Path(out)
+    path = lock_path(out, rank)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise OutputLockError(f"{out}: another cellseg predict run is writing this file (lock "
+                                  f"{path.name} is held); wait for it to finish or choose another --out")
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
 
 
 def journal_paths(out: Path) -> list[Path]:
@@ -49,22 +121,44 @@ def read_journal(path: Path) -> Iterator[dict]:
 
 
 def _csv_rows(out: Path) -> Iterator[tuple[str, str]]:
-    """``(id, value)`` rows of an existing kaggle / starter CSV, streamed ('' = no cell)."""
+    """``(id, value)`` rows of an existing kaggle / starter CSV, streamed ('' = no cell).
+
+    Every row is checked before it is carried over (``--resume`` and the flushes): text that is
+    not UTF-8, NUL bytes, a wrong field count, an empty id or an invalid RLE raise ValueError
+    naming the file and the row (spreadsheet numbering: the header is row 1)."""
+    from .rle import rle_runs, strip_field
+
     with open(out, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        col = "predicted" if "predicted" in header else "annotation"
-        if "id" not in header or col not in header:
-            raise ValueError(f"{out}: cannot resume: not a kaggle (id,predicted) or starter "
-                             f"(idx,id,annotation) CSV (header: {','.join(header)})")
-        i, v = header.index("id"), header.index(col)
-        for n, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{out}: row {n}: {len(row)} fields, the header has {len(header)}")
-            value = row[v].strip()
-            yield row[i].strip(), "" if value == "-1" else value
+        reader = csv_reader(fh)
+        n = 1
+        try:
+            header = [strip_field(h) for h in next(reader, [])]
+            col = "predicted" if "predicted" in header else "annotation"
+            if "id" not in header or col not in header:
+                raise ValueError(f"{out}: cannot resume: not a kaggle (id,predicted) or starter "
+                                 f"(idx,id,annotation) CSV (header: {','.join(header)})")
+            i, v = header.index("id"), header.index(col)
+            for n, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{out}: row {n}: {len(row)} fields, the header has {len(header)}")
+                image_id, value = normalize_id(row[i]), strip_field(row[v])
+                if "\0" in image_id or "\0" in value:
+                    raise ValueError(f"{out}: row {n}: NUL byte in the row")
+                if not image_id:
+                    raise ValueError(f"{out}: row {n}: empty id")
+                value = "" if value == "-1" else value
+                try:
+                    rle_runs(value)
+                except ValueError as exc:
+                    raise ValueError(f"{out}: row {n}: invalid RLE: {exc}") from None
+                yield image_id, value
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{out}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} after row {n}); "
+                             "cannot resume onto it") from None
+        except csv.Error as exc:
+            raise ValueError(f"{out}: row {reader.line_num}: {exc}") from None
 
 
 def done_ids(out: Path) -> set[str]:
@@ -136,7 +230,7 @@ class Journal:
             os.write(self.fd, b"\n")  # end a line torn by a crash: it is skipped when read
 
     def add(self, image_id: str, shape, rles: list[str]) -> None:
-        line = json.dumps({"id": image_id, "shape": list(shape), "rles": rles}) + "\n"
+        line = json.dumps({"id": normalize_id(image_id), "shape": list(shape), "rles": rles}) + "\n"
         os.write(self.fd, line.encode("utf-8"))
 
     def close(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .tuning import grid_values  # noqa: F401  (one grid rule: cellseg tune --grid and the Review sweep)
+
 OVERLAY_KEY = "napari_cellseg_review"  # metadata marker of the overlay layer
 TP, FP, FN = 1, 2, 3
 COLORS = {TP: (0.15, 0.85, 0.25, 1.0), FP: (1.0, 0.45, 0.0, 1.0), FN: (1.0, 0.1, 1.0, 1.0)}
@@ -53,10 +55,3 @@ def choose_pair(layers, pred: str | None = None, gt: str | None = None):
         match = [n for n in gts if pred in results and ids.get(pred) in (ids.get(n), n)]
         gt = match[0] if match else (gts[0] if gts else None)
     return preds, gts, pred, gt
-
-
-def grid_values(n: int) -> tuple[float, ...]:
-    """``n`` evenly spaced bin centres in (0, 1) (the grid of ``cellseg tune --grid N``)."""
-    if not 1 <= int(n) <= 100:
-        raise ValueError(f"grid must be between 1 and 100, got {n}")
-    return tuple(float(v) for v in np.round((np.arange(int(n)) + 0.5) / int(n), 4))

@@ -1,46 +1,81 @@
-"""Object size, like cellpose's diameter: which scale to predict an image at.
+"""Object size, like cellpose's diameter: the rules that turn a size into a resize factor.
 
 A model trained with ``--diameter D`` (``ModelConfig.diameter``) saw cells ~D px across; other
-models get DEFAULT_DIAMETER as their reference. ``scale="auto"`` measures the cells in a first pass
-and predicts again at ``reference / diameter`` (``iter_auto_scale``).
+models get DEFAULT_DIAMETER as their reference (``Runner.reference_diameter``). Typing a
+diameter ``d`` means the factor ``reference / d``; ``scale="auto"`` measures the cells in a first
+pass and predicts again (the loop is :func:`napari_cellseg.pipeline.iter_auto_scale`; the
+decisions are here: :func:`next_auto_scale`, :func:`clamp_scale`). The size messages users see
+are written here too, so "estimated at 24 px: resized x1.67" is exactly what typing 24 gives.
+
+Rules only: numbers in, numbers out. The functions that take ``predictor`` only read its
+``reference_diameter`` / ``size_normalised``; nothing here runs the network.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .metrics import median_diameter
-from .predict import DEFAULT_DIAMETER, PredictError, _check_scale
+from .network import DEFAULT_DIAMETER, PredictError
 
-__all__ = ["AUTO_PASSES", "AUTO_SCALE_RANGE", "DEFAULT_DIAMETER", "scale_for_diameter", "resolve_scale",
-           "describe_scale", "iter_auto_scale"]
+__all__ = ["AUTO_PASSES", "AUTO_SCALE_RANGE", "SCALE_RANGE", "DEFAULT_DIAMETER", "check_scale",
+           "clamp_scale", "scale_for_diameter", "diameter_for_scale", "resolve_scale",
+           "describe_scale", "next_auto_scale", "size_message"]
 
 AUTO_PASSES = 4  # scale="auto": most network passes per image
-AUTO_SCALE_RANGE = (0.25, 4.0)  # scale="auto" stays within these factors
+AUTO_SCALE_RANGE = (0.25, 4.0)  # the size-normalisation clamp: auto size and training's resize
+SCALE_RANGE = (0.05, 20.0)  # any explicit scale / diameter-derived factor
+_SETTLED = math.log(1.2)  # auto size stops when the next factor is within 20 % of this one
+
+
+def check_scale(scale) -> None:
+    """A scale is a finite factor within SCALE_RANGE, or "auto" (PredictError otherwise)."""
+    if isinstance(scale, str):
+        if scale != "auto":
+            raise PredictError(f"scale must be a number or 'auto', got {scale!r}")
+        return
+    try:
+        ok = math.isfinite(float(scale)) and SCALE_RANGE[0] <= float(scale) <= SCALE_RANGE[1]
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PredictError(f"scale must be between {SCALE_RANGE[0]} and {SCALE_RANGE[1]:g}, got {scale}")
+
+
+def clamp_scale(scale: float) -> float:
+    """The 0.25-4 clamp of size normalisation (auto size; training's per-image resize)."""
+    return float(np.clip(float(scale), *AUTO_SCALE_RANGE))
 
 
 def scale_for_diameter(predictor, diameter: float) -> float:
-    """The object-size scale that brings objects of ``diameter`` image px to the model's size."""
+    """The factor that brings objects of ``diameter`` image px to the model's size."""
+    reference = predictor.reference_diameter
     if not (np.isfinite(diameter) and diameter > 0):
         raise PredictError(f"diameter must be a positive number of pixels, got {diameter}")
-    scale = predictor.reference_diameter / float(diameter)
-    if not 0.05 <= scale <= 20:
+    scale = reference / float(diameter)
+    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
         raise PredictError(f"diameter {diameter:g} px would resize the image x{scale:.3g} for this "
-                           f"model (objects ~{predictor.reference_diameter:.0f} px); give a diameter "
-                           f"between {predictor.reference_diameter / 20:.3g} and "
-                           f"{predictor.reference_diameter / 0.05:.0f} px")
+                           f"model (objects ~{reference:.0f} px); give a diameter "
+                           f"between {reference / SCALE_RANGE[1]:.3g} and "
+                           f"{reference / SCALE_RANGE[0]:.0f} px")
     return scale
 
 
+def diameter_for_scale(predictor, scale: float) -> float:
+    """The diameter (image px) that :func:`scale_for_diameter` turns into ``scale``."""
+    return predictor.reference_diameter / float(scale)
+
+
 def resolve_scale(predictor, scale: float | None = None, diameter: float | str | None = None) -> float | str:
-    """The CLI's and widget's size options -> ``scale`` for predict. An explicit ``scale``
-    wins; ``diameter`` is the objects' size in image px or "auto"; with neither, "auto" for
-    models trained with size normalisation (``config.diameter``, e.g. the demo), else 1."""
+    """The CLI's and widget's size options -> a scale. An explicit ``scale`` wins; ``diameter``
+    is the objects' size in image px or "auto"; with neither, "auto" for models trained with
+    size normalisation (``config.diameter``, e.g. the demo), else 1."""
     if scale is not None:
-        _check_scale(scale)
+        check_scale(scale)
         return float(scale)
     if diameter is None:
-        return "auto" if getattr(predictor.config, "diameter", 0.0) else 1.0
+        return "auto" if predictor.size_normalised else 1.0
     if isinstance(diameter, str) and diameter == "auto":
         return "auto"
     return scale_for_diameter(predictor, float(diameter))
@@ -49,45 +84,49 @@ def resolve_scale(predictor, scale: float | None = None, diameter: float | str |
 def describe_scale(predictor, scale: float | str) -> str:
     """One line for users: which object size the images are predicted at."""
     ref = predictor.reference_diameter
-    sized = bool(getattr(predictor.config, "diameter", 0.0))
     if scale == "auto":
-        why = f"the model was trained at objects ~{ref:.0f} px across" if sized else \
+        why = f"the model was trained at objects ~{ref:.0f} px across" if predictor.size_normalised else \
             f"no trained size in this model: objects are brought to ~{ref:.0f} px"
         return f"estimated per image ({why})"
-    if not sized:
+    if not predictor.size_normalised:
         return f"scale {float(scale):.3g}"
     return f"scale {float(scale):.3g} (objects ~{ref / float(scale):.0f} px across suit this model best)"
 
 
-def iter_auto_scale(predictor, arr: np.ndarray, tile="auto"):
-    """Predict at scale 1, measure the median diameter of the confident masks and predict
-    again at ``reference_diameter / diameter`` until the scale settles (within 20 %). An
-    image where nothing is found is retried at 2.5x (small objects) and then 0.4x (large)."""
-    th = predictor.thresholds
-    scale, first, found, tried = 1.0, None, None, set()
-    for k in range(AUTO_PASSES):
-        tried.add(round(scale, 3))
-        gen = predictor._predict_array(arr, scale, tile)
-        while True:
-            try:
-                ev = next(gen)
-            except StopIteration as stop:
-                dets = stop.value
-                break
-            yield {**ev, "stage": f"size pass {k + 1} (x{scale:.2f}): {ev.get('stage', '')}",
-                   "fraction": min(0.99, (k + float(ev.get("fraction", 0.0))) / AUTO_PASSES)}
-        first = dets if first is None else first  # (Detections is falsy when empty)
-        diameter = median_diameter(dets.to_labels(th["box_conf"], th["mask_threshold"],
-                                                  th.get("min_area", 0)))
-        dets.scale, dets.diameter = scale, diameter or None
-        if not diameter:
-            scale = None if found is not None else {1.0: 2.5, 2.5: 0.4}.get(scale)
-            if scale is None:  # nothing at this size: the last pass that found cells, if any
-                return found if found is not None else first
-            continue
-        found = dets
-        new = float(np.clip(predictor.reference_diameter / diameter, *AUTO_SCALE_RANGE))
-        if abs(np.log(new / scale)) < np.log(1.2) or round(new, 3) in tried:
-            return dets
-        scale = new
-    return dets
+def next_auto_scale(reference: float, scale: float, diameter: float, tried) -> float | None:
+    """Auto size: the factor of the next pass after measuring ``diameter`` (image px) at
+    ``scale``, or None when the size has settled. The factor comes from the rounded diameter
+    (``reference / round(diameter)``), so the size message's "estimated at N px" is exactly what
+    typing N gives."""
+    new = clamp_scale(reference / max(round(float(diameter)), 1))
+    if abs(math.log(new / scale)) < _SETTLED or round(new, 3) in tried:
+        return None
+    return new
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def size_message(detections, reference: float, unit: str = "planes") -> str:
+    """What users read after a run, from the Detections of one image or of every plane of a
+    stack: the factor reported is the one used, and the size is the one that factor stands for
+    (typing it gives the same factor). Stacks give their range and plane count (``unit``).
+    Anything with ``.scale`` and ``.diameter`` will do (cellseg predict passes a summary per image)."""
+    dets = [d for d in (detections if isinstance(detections, (list, tuple)) else [detections])
+            if d is not None]
+    if not dets:
+        return ""
+    scales = sorted(float(d.scale) for d in dets)
+    auto = any(getattr(d, "diameter", None) for d in dets)
+    lo, hi = scales[0], scales[-1]
+    if len(dets) == 1 or round(lo, 2) == round(hi, 2):
+        factor = f"x{_fmt(lo)}"
+        size = f"{reference / lo:.0f} px"
+    else:
+        factor = f"x{_fmt(lo)}-x{_fmt(hi)}"
+        size = f"{reference / hi:.0f}-{reference / lo:.0f} px"
+    planes = f" ({len(dets)} {unit})" if len(dets) > 1 else ""
+    if auto:
+        return f"Cell size estimated at {size}: image resized {factor}{planes}."
+    return f"Image resized {factor}{planes}." if (lo, hi) != (1.0, 1.0) else ""

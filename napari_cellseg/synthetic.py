@@ -28,14 +28,13 @@ smaller than ``min_size`` pixels are dropped.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["make_image", "write_dataset", "KINDS"]
+__all__ = ["make_image", "write_dataset", "write_tif", "KINDS"]
 
 KINDS = ("nuclei", "cells")
 
@@ -352,15 +351,11 @@ def make_image(kind: str = "nuclei", shape=(520, 704), seed: int = 0, **opts):
     return image, labels
 
 
-def _write_tif(path: Path, array: np.ndarray) -> None:
-    import tifffile
+def write_tif(path: Path, array: np.ndarray) -> None:
+    """An image or label array as a zlib TIFF, atomically (scripts use it too)."""
+    from .files import write_tiff
 
-    from .atomic import atomic_write
-
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, array, compression="zlib")
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    write_tiff(path, array)
 
 
 def write_dataset(out_dir, n: int, kind: str = "mixed", seed: int = 0, shape=(256, 256),
@@ -383,8 +378,8 @@ def write_dataset(out_dir, n: int, kind: str = "mixed", seed: int = 0, shape=(25
         k = kind if kind != "mixed" else KINDS[state % 2]
         image, labels = make_image(k, shape=shape, seed=state, **opts)
         name = f"synth_{k}_{i:04d}"
-        _write_tif(out / "images" / f"{name}.tif", image)
-        _write_tif(out / "labels" / f"{name}.tif", labels)
+        write_tif(out / "images" / f"{name}.tif", image)
+        write_tif(out / "labels" / f"{name}.tif", labels)
         names.append(name)
     return names
 

@@ -10,6 +10,9 @@ box NMS across tiles (the model's own ``nms_thresh``) removes what is left of ob
 the overlap. The result is ONE :class:`~napari_cellseg.predict.Detections` in global image
 coordinates (boxes, scores, 28x28 probabilities), so ``to_labels`` and the sliders work
 unchanged. Only one tile's features exist at a time: memory is bounded by the tile size.
+
+Geometry and stitching only: the loop that runs the network tile by tile is
+:func:`napari_cellseg.pipeline.iter_tiled`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["TILE_SIZE", "TILE_OVERLAP", "Tile", "tile_grid", "axis_tiles", "core_keep",
-           "merge_detections", "iter_tiled", "network_factor", "needs_tiling"]
+           "merge_detections", "needs_tiling", "image_tiles"]
 
 TILE_SIZE = 1024  # network pixels
 TILE_OVERLAP = 128  # network pixels; >= the largest expected object
@@ -74,7 +77,7 @@ def core_keep(boxes: np.ndarray, t: Tile, shape) -> np.ndarray:
 
 def merge_detections(parts: list, shape, nms_iou: float | None = 0.5):
     """Concatenate per-tile Detections (already global and core-filtered) -> one Detections."""
-    from .predict import Detections
+    from .detections import Detections
 
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -95,53 +98,13 @@ def merge_detections(parts: list, shape, nms_iou: float | None = 0.5):
     return Detections(boxes, scores, probs, shape, labels=labels)
 
 
-def network_factor(predictor, shape, scale: float = 1.0) -> float:
-    """The resize factor the predictor applies to a whole image of ``shape`` (times ``scale``)."""
-    if predictor.config.native_scale:
-        f = 1.0
-    else:
-        t = predictor.model.transform
-        h, w = shape
-        f = min(float(t.min_size[-1]) / min(h, w), float(t.max_size) / max(h, w))
-    return f * float(scale)
-
-
 def needs_tiling(shape, factor: float, tile: int | None) -> bool:
     """True when the image, resized by ``factor``, is larger than ``tile`` on either side."""
     return bool(tile) and max(shape[0], shape[1]) * factor > int(tile)
 
 
-def iter_tiled(predictor, array: np.ndarray, factor: float, tile: int = TILE_SIZE,
-               overlap: int = TILE_OVERLAP, nms_iou: float | None = None):
-    """Generator: per-tile progress events; returns the stitched Detections.
-
-    ``array``: the whole normalised float32 HxWx3 image; ``factor``: the network resize factor
-    of the whole image (every tile uses it, so tiled and whole predictions see the same pixels);
-    ``tile`` / ``overlap`` in network pixels. ``nms_iou`` defaults to the model's ``nms_thresh``.
-    """
-    from .predict import Detections
-
-    shape = array.shape[:2]
+def image_tiles(shape, factor: float, tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP) -> list[Tile]:
+    """The grid in image pixels for ``tile`` / ``overlap`` given in network pixels at ``factor``."""
     tile_img = max(int(round(tile / factor)), 1)
     overlap_img = min(int(round(overlap / factor)), tile_img - 1)
-    grid = tile_grid(shape, tile_img, overlap_img)
-    if nms_iou is None:
-        nms_iou = float(getattr(getattr(predictor.model, "roi_heads", None), "nms_thresh", 0.5))
-    parts = []
-    for k, t in enumerate(grid):
-        window = np.ascontiguousarray(array[t.y0:t.y1, t.x0:t.x1])
-        offset = np.array([t.x0, t.y0, t.x0, t.y0], np.float32)
-        gen = predictor._forward([window], 1.0, factor=factor,
-                                 box_filter=lambda b, t=t, o=offset: core_keep(b + o, t, shape))
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                dets = stop.value[0]
-                break
-            yield {"stage": f"tile {k + 1}/{len(grid)}: {event['stage']}",
-                   "fraction": (k + float(event.get("fraction", 0.0))) / len(grid)}
-        parts.append(Detections(dets.boxes + offset, dets.scores, dets.probs, shape, labels=dets.labels))
-        del gen, dets, window
-    yield {"stage": "stitch", "fraction": 1.0}
-    return merge_detections(parts, shape, nms_iou if len(grid) > 1 else None)
+    return tile_grid(shape, tile_img, overlap_img)

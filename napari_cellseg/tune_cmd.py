@@ -1,6 +1,7 @@
 """``cellseg tune``: pick box_conf / mask_threshold from measured mAP against ground truth.
 
-Each image goes through the network once (``Predictor.predict_many``); the whole grid is then
+Each image goes through the network once (the pipeline, built from ``PredictOptions`` like
+``cellseg predict``'s); the whole grid is then
 scored from the kept Detections by :func:`napari_cellseg.tuning.sweep` (the same code the
 training engine and the napari Review widget use). ``--write`` stores the best pair into the
 checkpoint atomically. Every input is checked before the (slow) prediction starts, and nothing is
@@ -15,14 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .tuning import grid_values
+
 __all__ = ["grid_values", "run_tune", "format_table", "write_thresholds"]
-
-
-def grid_values(n: int) -> tuple[float, ...]:
-    """``n`` evenly spaced bin centres in (0, 1): n=10 gives 0.05, 0.15, ..., 0.95."""
-    if not 1 <= int(n) <= 100:
-        raise ValueError(f"--grid must be between 1 and 100, got {n}")
-    return tuple(float(v) for v in np.round((np.arange(int(n)) + 0.5) / int(n), 4))
 
 
 def _check_values(values, flag: str) -> tuple[float, ...]:
@@ -57,15 +53,18 @@ def _check_writable_checkpoint(path: Path) -> None:
                               "has no place for thresholds); nothing written")
 
 
-def write_thresholds(path, thresholds: dict, info: dict | None = None) -> dict:
-    """Store ``thresholds`` (box_conf, mask_threshold, min_area) in a checkpoint, atomically."""
+def write_thresholds(path, thresholds, info: dict | None = None) -> dict:
+    """Store ``thresholds`` (a Thresholds or some of its fields) in a checkpoint, atomically;
+    the checkpoint's other threshold fields are kept."""
     from .atomic import atomic_torch_save
-    from .checkpoint import DEFAULT_THRESHOLDS, read_checkpoint
+    from .checkpoint import read_checkpoint
+    from .options import Thresholds
 
     path = Path(path)
     _check_writable_checkpoint(path)
     obj = read_checkpoint(path)
-    obj["thresholds"] = {**DEFAULT_THRESHOLDS, **(obj.get("thresholds") or {}), **thresholds}
+    old = Thresholds.from_dict(obj.get("thresholds"), where=f"{path}: thresholds")
+    obj["thresholds"] = Thresholds.from_dict({**old.to_dict(), **dict(thresholds)}).to_dict()
     if info:
         obj["info"] = {**(obj.get("info") or {}), "tuned": dict(info)}
     atomic_torch_save(obj, path)
@@ -75,9 +74,9 @@ def write_thresholds(path, thresholds: dict, info: dict | None = None) -> dict:
 def run_tune(args, progress_factory=None) -> int:
     """The ``cellseg tune`` command (args from cli.py's parser)."""
     from .checkpoint import resolve_checkpoint
-    from .cli import _files_by_id, _image_shape, _label_source
-    from .predict import Predictor
-    from .sizing import describe_scale
+    from .options import PredictOptions
+    from .files import files_by_id, image_shape, label_source
+    from .pipeline import Pipeline
     from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
 
     # ---- check everything before predicting
@@ -88,13 +87,12 @@ def run_tune(args, progress_factory=None) -> int:
         mask_thresholds = args.mask_thresholds or DEFAULT_MASK_THRESHOLDS
     box_confs = _check_values(box_confs, "--box-confs")
     mask_thresholds = _check_values(mask_thresholds, "--mask-thresholds")
-    if args.min_area is not None and args.min_area < 0:
-        raise ValueError(f"--min-area must be >= 0, got {args.min_area}")
+    options = PredictOptions.from_args(args)  # min_area and the size options checked here
     ckpt = resolve_checkpoint(args.checkpoint)  # CheckpointError when the bundled model is missing
     if args.write:
         _check_writable_checkpoint(ckpt)
-    gt = _label_source(args.gt)
-    images = _files_by_id([args.images], "images")
+    gt = label_source(args.gt)
+    images = files_by_id([args.images], "images")
     ids = [i for i in gt.ids if i in images]
     if not ids:
         sample = ", ".join(list(gt.ids)[:3])
@@ -102,7 +100,7 @@ def run_tune(args, progress_factory=None) -> int:
                          f"of {args.gt} (ids like {sample})")
     shapes = {}
     for image_id in ids:
-        size = _image_shape(images[image_id])
+        size = image_shape(images[image_id])
         known = gt.shape(image_id)
         if known is not None and tuple(known) != size:
             raise ValueError(f"{images[image_id]}: image is {size[0]}x{size[1]} (HxW) but the ground "
@@ -112,14 +110,13 @@ def run_tune(args, progress_factory=None) -> int:
     # ---- one forward pass per image, then the grid from the kept Detections
     if args.checkpoint is None:
         print("cellseg tune: no --checkpoint given, tuning the bundled demo model", file=sys.stderr)
-    predictor = Predictor.from_checkpoint(ckpt, device=args.device)
-    min_area = int(predictor.thresholds.get("min_area", 0) if args.min_area is None else args.min_area)
+    pipeline = Pipeline.from_options(options)
+    base = pipeline.thresholds  # the checkpoint's, with --min-area / post-processing overrides
     bar = progress_factory(total=len(ids), desc="tune: predict") if progress_factory else None
     pairs = []
     try:
-        scale = predictor.resolve_scale(args.scale, args.diameter)
-        print(f"cellseg tune: object size: {describe_scale(predictor, scale)}", file=sys.stderr)
-        for k, dets in predictor.predict_many([images[i] for i in ids], scale=scale):
+        print(f"cellseg tune: object size: {pipeline.describe()}", file=sys.stderr)
+        for k, dets in pipeline.predict_many([images[i] for i in ids]):
             image_id = ids[k]
             labels = gt.labels(image_id, shapes[image_id])
             if tuple(labels.shape) != tuple(dets.image_shape):
@@ -131,7 +128,8 @@ def run_tune(args, progress_factory=None) -> int:
     finally:
         if bar is not None:
             bar.close()
-    result = sweep(pairs, box_confs, mask_thresholds, min_area=min_area)
+    result = sweep(pairs, box_confs, mask_thresholds, base=base)
+    min_area = base.min_area
     best = {**result.best, "min_area": min_area}
 
     if args.write:

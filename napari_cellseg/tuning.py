@@ -10,7 +10,10 @@ reused across the grid:
 * an instance's best IoU with the ground truth does not depend on which other instances are kept;
 
 so each mask threshold costs one ``to_labels`` and one sparse IoU pass per image, and every box_conf
-is a cumulative count over instances sorted by score.
+is a cumulative count over instances sorted by score. This is exact without post-processing;
+with ``fill_holes`` the label image is post-processed once at the lowest box_conf, so a
+lower-scoring cell that a higher box_conf drops is not refilled by a cell whose hole it sat in
+(rare; tests bound the difference).
 
 Used by the training engine (thresholds stored in the checkpoint), ``cellseg tune`` and the
 napari Review widget.
@@ -18,15 +21,23 @@ napari Review widget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from .metrics import THRESHOLDS, overlaps
+from .options import Thresholds
 
 DEFAULT_BOX_CONFS = tuple(np.round(np.arange(0.05, 1.0, 0.1), 2))  # 0.05 .. 0.95, 10 values
 DEFAULT_MASK_THRESHOLDS = tuple(np.round(np.arange(0.05, 1.0, 0.1), 2))
+
+
+def grid_values(n: int) -> tuple[float, ...]:
+    """(also used by the Review widget) ``n`` evenly spaced bin centres in (0, 1): n=10 gives 0.05, 0.15, ..., 0.95."""
+    if not 1 <= int(n) <= 100:
+        raise ValueError(f"--grid must be between 1 and 100, got {n}")
+    return tuple(float(v) for v in np.round((np.arange(int(n)) + 0.5) / int(n), 4))
 
 
 @dataclass
@@ -65,8 +76,10 @@ def _map_per_box_conf(best_iou: np.ndarray, pred_scores: np.ndarray, n_gt: int,
 
 def sweep_image(detections, gt_labels: np.ndarray, box_confs: Sequence[float] = DEFAULT_BOX_CONFS,
                 mask_thresholds: Sequence[float] = DEFAULT_MASK_THRESHOLDS,
-                min_area: int = 0) -> np.ndarray:
-    """(B, M) competition mAP of one image for every grid point."""
+                min_area: int | None = None, base: Thresholds | None = None) -> np.ndarray:
+    """(B, M) competition mAP of one image for every grid point. ``base``: the thresholds
+    whose min_area and post-processing apply at every grid point (``min_area`` overrides)."""
+    base = Thresholds.from_dict(base).with_overrides(min_area=min_area)
     box_confs = np.asarray(box_confs, np.float64)
     gt_labels = np.asarray(gt_labels)
     if tuple(gt_labels.shape) != tuple(detections.image_shape):
@@ -75,7 +88,8 @@ def sweep_image(detections, gt_labels: np.ndarray, box_confs: Sequence[float] = 
     lowest = float(box_confs.min())
     out = np.zeros((len(box_confs), len(mask_thresholds)))
     for j, m in enumerate(mask_thresholds):
-        labels, rows = detections.to_labels(lowest, float(m), min_area, return_rows=True)
+        th = replace(base, box_conf=lowest, mask_threshold=float(m))
+        labels, rows = detections.to_labels(th, return_rows=True)
         ov = overlaps(gt_labels, labels)  # sparse: overlapping pairs only
         gt_ids, pred_ids, best = ov.gt_ids, ov.pred_ids, ov.best_for_pred()
         scores = detections.scores[rows[pred_ids - 1]] if len(pred_ids) else np.zeros(0)
@@ -84,8 +98,10 @@ def sweep_image(detections, gt_labels: np.ndarray, box_confs: Sequence[float] = 
 
 
 def sweep(pairs: Iterable, box_confs: Sequence[float] = DEFAULT_BOX_CONFS,
-          mask_thresholds: Sequence[float] = DEFAULT_MASK_THRESHOLDS, min_area: int = 0) -> SweepResult:
+          mask_thresholds: Sequence[float] = DEFAULT_MASK_THRESHOLDS, min_area: int | None = None,
+          base: Thresholds | None = None) -> SweepResult:
     """Mean mAP over ``(detections, gt_labels)`` pairs; ``best`` is the table's argmax.
+    ``base`` / ``min_area``: as for :func:`sweep_image`.
 
     Ties go to the pair closest to the starter's defaults (0.5, 0.5).
     """
@@ -94,7 +110,7 @@ def sweep(pairs: Iterable, box_confs: Sequence[float] = DEFAULT_BOX_CONFS,
     total = np.zeros((len(box_confs), len(mask_thresholds)))
     n = 0
     for dets, gt in pairs:
-        total += sweep_image(dets, gt, box_confs, mask_thresholds, min_area)
+        total += sweep_image(dets, gt, box_confs, mask_thresholds, min_area, base)
         n += 1
     if n == 0:
         raise ValueError("no images with ground truth to tune on")

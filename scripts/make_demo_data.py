@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from napari_cellseg.atomic import atomic_write  # noqa: E402
-from napari_cellseg.synthetic import _write_tif, write_dataset  # noqa: E402
+from napari_cellseg.synthetic import write_dataset, write_tif  # noqa: E402
 
 BLOCK_TEST = (30, 38)
 BLOCK_GUARD = ((27, 29), (39, 41))
@@ -65,8 +65,8 @@ def write_real(folder: Path, image: np.ndarray, labels: np.ndarray, planes: list
         lab = np.ascontiguousarray(labels[z]).astype(np.int32)
         for r in range(repeat):
             name = f"nuclei_z{z:02d}" + (f"_r{r}" if r else "")
-            _write_tif(folder / "images" / f"{name}.tif", np.ascontiguousarray(image[z]))
-            _write_tif(folder / "labels" / f"{name}.tif", lab)
+            write_tif(folder / "images" / f"{name}.tif", np.ascontiguousarray(image[z]))
+            write_tif(folder / "labels" / f"{name}.tif", lab)
             items[name] = lab
     return items
 

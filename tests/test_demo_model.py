@@ -51,7 +51,7 @@ def test_segments_the_packaged_samples(predictor, name):
     image, gt = load_sample(name)
     t = predictor.thresholds
     det = predictor.predict(image, scale=predictor.resolve_scale())  # the model's default: auto size
-    labels = det.to_labels(t["box_conf"], t["mask_threshold"], t.get("min_area", 0))
+    labels = det.to_labels(t)  # the checkpoint's thresholds with the default post-processing
     score = average_precision(gt, labels)
     assert score >= MIN_MAP[name], f"{name}: mAP {score:.3f} < {MIN_MAP[name]}"
     n_gt, n_pred = int(gt.max()), len(np.unique(labels)) - 1

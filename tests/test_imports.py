@@ -58,3 +58,104 @@ def test_file_commands_do_not_import_torch():
         "from napari_cellseg.cli import build_parser; build_parser()")
     assert "napari_cellseg.cli" in loaded
     assert not loaded & ({"torch"} | FORBIDDEN)
+
+
+# ---- no import cycles, lazy (in-function) imports included -------------------------------------
+def _all_modules() -> dict[str, Path]:
+    mods = {}
+    for package in ("napari_cellseg", "training"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _import_edges(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """Repository modules that ``name`` imports anywhere in its file (top level or in functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in mods and t != name}
+    return out
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_sees_lazy_imports(tmp_path):
+    """The checker itself: a cycle closed only by an import inside a function is found."""
+    (tmp_path / "a.py").write_text("from . import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from .a import x\n")
+    mods = {"p.a": tmp_path / "a.py", "p.b": tmp_path / "b.py"}
+    graph = {n: _import_edges(n, p, mods) for n, p in mods.items()}
+    assert graph == {"p.a": {"p.b"}, "p.b": {"p.a"}}
+    assert _cycles(graph) == [["p.a", "p.b"]]
+
+
+def test_no_import_cycles_lazy_imports_included():
+    mods = _all_modules()
+    graph = {n: _import_edges(n, p, mods) for n, p in mods.items()}
+    assert graph["napari_cellseg.pipeline"] >= {"napari_cellseg.network", "napari_cellseg.tiling"}
+    assert _cycles(graph) == []
+
+
+def test_inference_layers_never_call_up():
+    """detections < network < pipeline < predict; sizing / tiling sit beside the runner."""
+    mods = _all_modules()
+    below = {
+        "napari_cellseg.detections": {"napari_cellseg.network", "napari_cellseg.pipeline", "napari_cellseg.predict",
+                                      "napari_cellseg.sizing", "napari_cellseg.tiling"},
+        "napari_cellseg.network": {"napari_cellseg.pipeline", "napari_cellseg.predict", "napari_cellseg.sizing",
+                                   "napari_cellseg.tiling"},
+        "napari_cellseg.sizing": {"napari_cellseg.pipeline", "napari_cellseg.predict"},
+        "napari_cellseg.tiling": {"napari_cellseg.pipeline", "napari_cellseg.predict"},
+        "napari_cellseg.pipeline": {"napari_cellseg.predict", "napari_cellseg.batch", "napari_cellseg.cli"},
+        "napari_cellseg.tune_cmd": {"napari_cellseg.cli"},
+    }
+    for name, forbidden in below.items():
+        bad = _import_edges(name, mods[name], mods) & forbidden
+        assert not bad, f"{name} imports {sorted(bad)}, a layer above it"

@@ -9,6 +9,8 @@ torch = pytest.importorskip("torch")
 
 from napari_cellseg.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from napari_cellseg.model import ModelConfig, build_model  # noqa: E402
+from napari_cellseg.devices import DeviceError  # noqa: E402
+from napari_cellseg.options import Thresholds  # noqa: E402
 from napari_cellseg.predict import Detections, Predictor, PredictError, drain  # noqa: E402
 
 TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
@@ -133,6 +135,44 @@ def test_crop_cache_is_reused():
     assert d._cache is cache
 
 
+def test_post_processing_fill_holes_and_keep_largest():
+    """A ring (hole in the middle) with a stray fragment, and a second cell elsewhere."""
+    probs = np.zeros((2, 28, 28), np.float32)
+    probs[0, 4:24, 4:24] = 0.9
+    probs[0, 10:18, 10:18] = 0.1  # the hole
+    probs[0, 0:2, 26:28] = 0.9  # a fragment in the corner, apart from the ring
+    probs[1, 10:18, 10:18] = 0.8  # cell 2, elsewhere: must stay as it is
+    d = _dets([[0, 0, 28, 28], [40, 10, 48, 18]], [0.9, 0.8], probs)
+    plain = d.to_labels(0.5, 0.5)
+    ring = plain == 1
+    from scipy import ndimage
+
+    assert ndimage.label(ring, structure=np.ones((3, 3)))[1] == 2  # ring + fragment
+    assert (ndimage.binary_fill_holes(ring) & ~ring).sum() > 20  # a hole
+    filled = d.to_labels(0.5, 0.5, fill_holes=True)
+    assert np.array_equal(filled == 1, ndimage.binary_fill_holes(ring))
+    assert not (ndimage.binary_fill_holes(filled == 1) & ~(filled == 1)).any()
+    largest = d.to_labels(0.5, 0.5, keep_largest=True)
+    assert ndimage.label(largest == 1, structure=np.ones((3, 3)))[1] == 1
+    assert (largest == 1).sum() < ring.sum() and ((largest == 1) <= ring).all()
+    assert (largest == 2).sum() == (plain == 2).sum()  # other cells untouched
+    both = d.to_labels(Thresholds(box_conf=0.5, mask_threshold=0.5, fill_holes=True, keep_largest=True))
+    assert np.array_equal(both, d.to_labels(0.5, 0.5, fill_holes=True, keep_largest=True))
+    assert (both == 1).sum() > (largest == 1).sum()
+
+
+def test_post_processing_leaves_other_cells_pixels():
+    """A cell inside another's hole keeps its pixels when the outer one's holes are filled."""
+    probs = np.zeros((2, 28, 28), np.float32)
+    probs[0, 2:26, 2:26] = 0.9
+    probs[0, 9:19, 9:19] = 0.0
+    probs[1] = 0.9
+    d = _dets([[0, 0, 30, 30], [12, 12, 18, 18]], [0.9, 0.8], probs)
+    plain, filled = d.to_labels(0.5, 0.5), d.to_labels(0.5, 0.5, fill_holes=True)
+    assert np.array_equal(plain == 2, filled == 2) and (plain == 2).sum() > 20
+    assert (filled == 1).sum() > (plain == 1).sum()  # the rest of the hole is filled
+
+
 # ---- Predictor --------------------------------------------------------------------------------
 def test_iter_predict_progress_and_result(tiny):
     model, config = tiny
@@ -193,7 +233,7 @@ def test_precision_and_device_errors(tiny):
         Predictor(model, config, device="cpu", precision="fp16")
     with pytest.raises(PredictError, match="precision"):
         Predictor(model, config, precision="int8")
-    with pytest.raises(PredictError):
+    with pytest.raises(DeviceError):
         Predictor(model, config, device="nonsense")
     assert Predictor(model, config, device="cpu", precision="auto").precision in ("fp32", "bf16")
 
@@ -203,7 +243,9 @@ def test_from_checkpoint_keeps_thresholds(tiny, tmp_path):
     path = tmp_path / "m.bin"
     save_checkpoint(path, model, config, thresholds={"box_conf": 0.6, "mask_threshold": 0.4, "min_area": 3})
     pred = Predictor.from_checkpoint(path, device="cpu")
-    assert pred.thresholds == {"box_conf": 0.6, "mask_threshold": 0.4, "min_area": 3}
+    assert pred.thresholds == Thresholds(box_conf=0.6, mask_threshold=0.4, min_area=3)
+    assert dict(pred.thresholds) == {**Thresholds().to_dict(), "box_conf": 0.6, "mask_threshold": 0.4,
+                                     "min_area": 3}  # old dict readers keep working
     assert pred.config == config
     image = _image((64, 80))
     np.testing.assert_allclose(pred.predict(image).scores, Predictor(model, config).predict(image).scores,
@@ -230,7 +272,8 @@ class _SizedPredictor(Predictor):
                          {"box_conf": 0.5, "mask_threshold": 0.5, "min_area": 0})
         self.calls = []
 
-    def _forward(self, arrays, scale, factor=None, box_filter=None):
+    def _forward(self, arrays, scale=1.0, factor=None, box_filter=None):
+        scale = factor[0] if factor is not None else scale  # native scale: the factor is the scale
         self.calls.append(scale)
         yield {"stage": "forward", "fraction": 0.5}
         h, w = arrays[0].shape[:2]
@@ -259,7 +302,8 @@ def test_auto_scale_estimates_size_and_predicts_at_the_model_size():
     pred = _SizedPredictor()
     pred.WINDOW = (15, 25)  # seen at 2.5x, lost again at the refined 3.5x: the 2.5x result is kept
     det = pred.predict(image, scale="auto")
-    assert pred.calls == [1.0, 2.5, pytest.approx(3.54, abs=0.05)] and det.scale == 2.5 and len(det) > 4
+    # (the next factor comes from the rounded diameter, 11 px: what typing 11 gives)
+    assert pred.calls == [1.0, 2.5, pytest.approx(40 / 11)] and det.scale == 2.5 and len(det) > 4
     pred = _SizedPredictor()
     pred.SIZE = 2.0  # never seen: every retry, then the first (empty) result
     det = pred.predict(image, scale="auto")
@@ -278,3 +322,100 @@ def test_resolve_scale_and_diameter():
     for bad in (dict(diameter=0), dict(diameter=-3), dict(scale=0), dict(scale="big")):
         with pytest.raises(PredictError):
             sized.resolve_scale(**bad)
+
+
+def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
+    """Issue 14 item 6: "estimated at N px: resized xF" where typing N gives exactly xF."""
+    from napari_cellseg.pipeline import _AutoSize
+    from napari_cellseg.sizing import size_message
+
+    sized = Predictor(torch.nn.Identity(), ModelConfig(diameter=40.0, native_scale=True))
+
+    def auto_result(measured_px_at_each_pass):
+        """Drive one image's auto size with fake measurements -> (Detections, message)."""
+        state = _AutoSize(sized.reference_diameter, Thresholds())
+        passes = iter(measured_px_at_each_pass)
+        while state.result is None:
+            d = next(passes)
+            side = int(round(d * np.sqrt(np.pi) / 2))  # a square whose disk-equivalent is ~d
+            h = 4 * side
+            dets = Detections([[side, side, 2 * side, 2 * side]], [0.99], np.ones((1, 28, 28)), (h, h))
+            state.update(dets)
+        return state.result, size_message(state.result, sized.reference_diameter)
+
+    for measured in (24, 43, 12, 90):
+        dets, message = auto_result([measured] * 4)
+        typed = sized.resolve_scale(diameter=dets.diameter)
+        assert typed == pytest.approx(dets.scale), (measured, message)
+        assert f"estimated at {dets.diameter:.0f} px" in message
+        factor = message.split("resized x")[1].rstrip(".")
+        assert float(factor) == pytest.approx(dets.scale, abs=0.005)
+        if abs(measured - 40) / 40 < 0.15:  # close to the model's size: x1, and then it says 40 px
+            assert dets.scale == 1.0 and "estimated at 40 px: image resized x1." in message
+        else:
+            assert dets.scale != 1.0 and not message.endswith("x1.")
+    # a stack: planes at different factors give a clear range (size and factor) and the count
+    planes = [Detections(np.zeros((0, 4)), [], np.zeros((0, 28, 28)), (8, 8), scale=s, diameter=40 / s)
+              for s in (0.4, 1.0, 4.0)]
+    assert size_message(planes, 40.0) == "Cell size estimated at 10-100 px: image resized x0.4-x4 (3 planes)."
+    assert size_message([Detections(np.zeros((0, 4)), [], np.zeros((0, 28, 28)), (8, 8))], 40.0) == ""
+
+
+def _naive_postprocess(labels, fill_holes, keep_largest):
+    """Every cell, one by one, over the whole image (the definition): first every cell keeps
+    its largest piece, then every cell takes the background it encloses."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for i in range(1, labels.max() + 1):
+        own = out == i
+        pieces, n = ndimage.label(own, structure=np.ones((3, 3)))
+        if keep_largest and n > 1:
+            sizes = np.bincount(pieces.ravel())
+            sizes[0] = 0
+            out[own & (pieces != np.argmax(sizes))] = 0
+    for i in range(1, labels.max() + 1):
+        own = out == i
+        if fill_holes and own.any():
+            out[ndimage.binary_fill_holes(own) & ~own & (out == 0)] = i
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_post_processing_equals_the_per_cell_definition(seed):
+    from napari_cellseg.detections import postprocess
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((64, 80), np.int32)
+    for i in range(1, 25):  # rings, blobs with holes and stray pieces, overlapping
+        y, x = rng.integers(0, 60), rng.integers(0, 76)
+        r = rng.integers(2, 9)
+        yy, xx = np.ogrid[:64, :80]
+        d2 = (yy - y) ** 2 + (xx - x) ** 2
+        shape = (d2 <= r * r) & (d2 >= rng.integers(0, 2) * (r - 2) ** 2)
+        labels[shape & (rng.random((64, 80)) > 0.08)] = i
+    for fill, largest in ((True, False), (False, True), (True, True)):
+        np.testing.assert_array_equal(postprocess(labels.copy(), fill, largest),
+                                      _naive_postprocess(labels, fill, largest))
+
+
+def test_auto_size_batched_over_images_equals_one_by_one(tiny):
+    """cellseg predict batches every auto-size pass over the images still measuring: same
+    factors and detections as predicting each image alone."""
+    from napari_cellseg.pipeline import iter_auto_scale
+
+    model, config = tiny
+    pred = Predictor(model, config)
+    arrays = [_image((96, 128), seed=s) for s in (5, 6, 7)]
+    together = drain(iter_auto_scale(pred, arrays, Thresholds()))
+    for array, d in zip(arrays, together):
+        alone = drain(iter_auto_scale(pred, [array], Thresholds()))[0]
+        assert d.scale == alone.scale and d.image_shape == alone.image_shape
+        np.testing.assert_allclose(d.scores, alone.scores, atol=1e-4)
+        assert min_instance_iou(alone.to_labels(), d.to_labels()) >= 0.98
+    # images of different sizes share a forward too (zero-padded like torchvision's own batching)
+    mixed = [_image((96, 128), seed=5), _image((64, 64), seed=6)]
+    together = drain(iter_auto_scale(pred, mixed, Thresholds()))
+    assert [d.image_shape for d in together] == [(96, 128), (64, 64)]
+    assert [d.scale for d in together] == [drain(iter_auto_scale(pred, [a], Thresholds()))[0].scale
+                                           for a in mixed]

@@ -44,21 +44,27 @@ def test_core_rule_keeps_each_centre_exactly_once():
 
 
 class FakeModelPredictor:
-    """Predictor stand-in: 'detects' connected bright regions of whatever window it is given."""
+    """Runner stand-in for the pipeline: 'detects' connected bright regions of whatever window
+    it is given (the runner interface the pipeline drives: base_factor, iter_forward, thresholds)."""
 
     def __init__(self, tile_size=256, tile_overlap=96):
         from napari_cellseg.model import ModelConfig
-        from napari_cellseg.predict import Predictor
+        from napari_cellseg.options import DEFAULT_THRESHOLDS, PredictOptions
+        from napari_cellseg.pipeline import Pipeline
 
         self.config = ModelConfig(native_scale=True)
         self.model = None
-        self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.thresholds = DEFAULT_THRESHOLDS
         self.calls = []
-        self._predict_array = Predictor._predict_array.__get__(self)
-        self.predict = lambda img, scale=1.0, tile="auto": Predictor.predict(self, img, scale, tile)
-        self.iter_predict = Predictor.iter_predict.__get__(self)
+        self.pipe = Pipeline(self, PredictOptions(scale=1.0, tile_size=tile_size, tile_overlap=tile_overlap))
 
-    def _forward(self, arrays, scale, factor=None, box_filter=None):
+    def base_factor(self, shape):
+        return 1.0
+
+    def predict(self, image, tile="auto"):
+        return self.pipe.predict(image, tile=tile)
+
+    def iter_forward(self, arrays, factors, box_filter=None):
         from scipy import ndimage
         from skimage.transform import resize
 

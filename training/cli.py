@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "ReduceLROnPlateau on val loss, gradient clipping, AMP on CUDA). Writes OUT/best_model.bin "
                     "(lowest val loss, or best val mAP), OUT/last.ckpt (for --resume), OUT/log.csv, "
                     "OUT/loss.png and OUT/figures/*.png. Multi-GPU: torchrun --nproc_per_node=N -m training ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter)
+    )
     tg = p.add_argument_group("training")
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _SKIP:

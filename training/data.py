@@ -17,9 +17,10 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_cellseg.images import IMAGE_SUFFIXES  # one list of image suffixes
 from napari_cellseg.metrics import median_diameter
+from napari_cellseg.sizing import clamp_scale  # the 0.25-4 size-normalisation clamp, one home
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 MIN_AREA = 4  # instances smaller than this (after augmentation) are dropped as degenerate
 
 
@@ -260,7 +261,7 @@ def normalize_size(samples: list[Sample], diameter: float, max_side: int = MAX_S
     out = []
     for s in samples:
         d = median_diameter(s.layers)
-        f = float(np.clip(diameter / d, 0.25, 4.0)) if d > 0 else 1.0
+        f = clamp_scale(diameter / d) if d > 0 else 1.0
         if abs(f - 1.0) < 0.02:
             img, layers = s.image, s.layers
         else:
@@ -346,13 +347,6 @@ class InstanceDataset:
             "iscrowd": torch.zeros(n, dtype=torch.int64),
         }
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
-
-
-def ArrayDataset(images, labels, pipeline=None, ids=None) -> InstanceDataset:  # noqa: N802 - class-like factory
-    """Dataset from in-memory arrays (napari layers); default pipeline: no resize, no augmentation."""
-    from .augment import test_pipeline
-
-    return InstanceDataset(array_samples(images, labels, ids), pipeline or test_pipeline(0, 0))
 
 
 def collate(batch):

@@ -8,24 +8,27 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_THRESHOLDS = {"box_conf": 0.5, "mask_threshold": 0.5}
+from napari_cellseg.options import DEFAULT_THRESHOLDS, PredictOptions, Thresholds
 
 
 def val_predictor(net, model_config, device):
-    """A ``napari_cellseg.predict.Predictor`` around the model being trained.
+    """A ``napari_cellseg.pipeline.Pipeline`` around the model being trained (``.predict(array)``
+    -> Detections), built from PredictOptions like every other prediction.
 
     The val images come out of the val pipeline at the size the network trained on, so they are
-    fed as they are (``native_scale``): no second resize by the transform's min_size/max_size.
-    Note: the Predictor puts ``net`` in eval mode; the caller switches it back to train mode.
+    fed as they are (``native_scale``, scale 1): no second resize, no size estimate.
+    Note: the runner puts ``net`` in eval mode; the caller switches it back to train mode.
     """
     import dataclasses
 
-    from napari_cellseg.predict import Predictor
+    from napari_cellseg.network import Runner
+    from napari_cellseg.pipeline import Pipeline
 
-    return Predictor(net, dataclasses.replace(model_config, native_scale=True), device=device)
+    runner = Runner(net, dataclasses.replace(model_config, native_scale=True), device=str(device))
+    return Pipeline(runner, PredictOptions(device=str(device), scale=1.0))
 
 
-def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, dict]:
+def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, Thresholds]:
     """Val mAP and the thresholds to store in the checkpoint.
 
     ``detections``: one ``napari_cellseg.predict.Detections`` per val image (run once);
@@ -36,16 +39,15 @@ def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, dict]:
     from napari_cellseg.metrics import average_precision
 
     detections, gts = list(detections), list(gts)
+    thr = DEFAULT_THRESHOLDS  # (a Thresholds; reads like the old dict: thr["box_conf"], {**thr})
     if not detections:
-        return 0.0, dict(DEFAULT_THRESHOLDS)
-    thr = dict(DEFAULT_THRESHOLDS)
+        return 0.0, thr
     if tune:
         from napari_cellseg.tuning import sweep
 
-        best = sweep(zip(detections, gts)).best
-        thr = {"box_conf": best["box_conf"], "mask_threshold": best["mask_threshold"]}
-    v_map = float(np.mean([average_precision(g, d.to_labels(thr["box_conf"], thr["mask_threshold"]))
-                           for d, g in zip(detections, gts)]))
+        best = sweep(zip(detections, gts), base=thr).best
+        thr = thr.with_overrides(box_conf=best["box_conf"], mask_threshold=best["mask_threshold"])
+    v_map = float(np.mean([average_precision(g, d.to_labels(thr)) for d, g in zip(detections, gts)]))
     return v_map, thr
 
 

@@ -1,0 +1,112 @@
+"""Image and label files the commands share: files keyed by image id, label images read on
+access, image sizes, label TIFF writing. Used by ``cellseg`` (cli.py), ``cellseg predict``
+(batch.py) and ``cellseg tune`` (tune_cmd.py); torch-free."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
+           "write_label_tiff", "write_tiff"]
+
+
+def read_label_image(path: Path):
+    """Read a label image file: a 2-D integer array (HxWx1 squeezed), else ImageError."""
+    from .images import ImageError, read_raw
+
+    labels = read_raw(path)
+    if labels.ndim == 3 and labels.shape[-1] == 1:
+        labels = labels[..., 0]
+    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+        raise ImageError(f"{path}: not a 2-D integer label image "
+                         f"(shape {labels.shape}, dtype {labels.dtype})")
+    return labels
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    from .images import ImageError, read_raw
+
+    array = read_raw(path)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+        return int(array.shape[0]), int(array.shape[1])
+    raise ImageError(f"{path}: cannot take an image size from shape {array.shape}")
+
+
+def files_by_id(paths, what: str) -> dict[str, Path]:
+    """Image files (folders expanded) keyed by file stem = image id."""
+    from .images import list_images
+
+    found: dict[str, Path] = {}
+    for path in list_images(paths):
+        if path.stem in found:
+            raise ValueError(f"{path}: image id {path.stem!r} also given by {found[path.stem]}")
+        found[path.stem] = path
+    if not found:
+        raise ValueError(f"no {what} found in {', '.join(map(str, paths))}")
+    return found
+
+
+class LabelFiles(Mapping):
+    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded)."""
+
+    def __init__(self, files: dict[str, Path], bar=None):
+        self.files, self.bar = files, bar
+
+    def __getitem__(self, image_id):
+        labels = read_label_image(self.files[image_id])
+        if self.bar is not None:
+            self.bar.update(1)
+        return labels
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def shape(self, image_id):
+        return image_shape(self.files[image_id])
+
+    def labels(self, image_id, shape=None):
+        labels = read_label_image(self.files[image_id])
+        if shape is not None and labels.shape != tuple(shape):
+            raise ValueError(f"{self.files[image_id]}: size {labels.shape[0]}x{labels.shape[1]} "
+                             f"(HxW) differs from the ground truth {shape[0]}x{shape[1]}")
+        return labels
+
+    @property
+    def ids(self):
+        return list(self.files)
+
+
+def label_source(path_text: str):
+    """A CSV (Annotations) or a folder / file of label images (LabelFiles)."""
+    from .annotations import read_annotations
+
+    path = Path(path_text)
+    if path.suffix.lower() == ".csv":
+        return read_annotations(path)
+    return LabelFiles(files_by_id([path], "label images"))
+
+
+def write_tiff(path: Path, array) -> None:
+    """Any array as a zlib-compressed TIFF, written atomically (the one TIFF writer)."""
+    import tifffile
+
+    from .atomic import atomic_write
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, compression="zlib")
+    with atomic_write(path, "wb") as fh:
+        fh.write(buffer.getvalue())
+
+
+def write_label_tiff(path: Path, labels) -> None:
+    """A label image as a zlib TIFF (uint16, or int32 above 65535 cells), written atomically."""
+    import numpy as np
+
+    if labels.max(initial=0) <= np.iinfo(np.uint16).max:
+        labels = labels.astype(np.uint16)
+    write_tiff(path, labels)
