@@ -78,6 +78,25 @@ def prepare_output(out: Path, resume: bool) -> None:
         raise OutputError(f"{out}: --resume needs {out / 'last.ckpt'}, which does not exist")
 
 
+TIMING_FIELDS = ("loader_start_s", "train_s", "val_s", "save_s", "time_s")
+
+
+def _with_logged_times(history: list[dict], path: Path) -> list[dict]:
+    """last.ckpt is written before its epoch's timings are final: take them from log.csv."""
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            logged = {r.get("epoch"): r for r in csv.DictReader(fh)}
+    except OSError:
+        return history
+    out = []
+    for row in history:
+        got = logged.get(str(row.get("epoch")), {})
+        out.append({**row, **{k: float(got[k]) for k in TIMING_FIELDS if got.get(k) not in (None, "")}})
+    return out
+
+
 def _write_log(history: list[dict], path: Path) -> None:
     import csv
     from napari_cellseg.atomic import atomic_write
@@ -408,7 +427,7 @@ def train(config: TrainConfig, samples=None):
         scheduler.load_state_dict(resume_obj["scheduler"])
         if resume_obj.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(resume_obj["scaler"])
-        history = list(resume_obj.get("history", []))
+        history = _with_logged_times(list(resume_obj.get("history", [])), out / "log.csv")
         start = int(resume_obj["epoch"]) + 1
         best = resume_obj.get("best")
     if world > 1:
@@ -442,9 +461,13 @@ def train(config: TrainConfig, samples=None):
         v_loss, v_mask, dets = yield from evaluate(model, val_ds, device, 0, config, gts)
         v_map, thr = ev.choose_thresholds(dets, gts[:len(dets)], config.tune_thresholds)
         yield {"stage": "epoch", "epoch": 0, "epochs": config.epochs,
-               "row": {"epoch": 0, "val_loss": v_loss, "val_mask_loss": v_mask, "val_map": v_map,
+               "row": {**{k: float("nan") for k in ("train_loss", "train_mask_loss")},
+                       "epoch": 0, "val_loss": v_loss, "val_mask_loss": v_mask, "val_map": v_map,
                        "box_conf": thr["box_conf"], "mask_threshold": thr["mask_threshold"],
-                       "val_s": round(time.perf_counter() - t0, 3)}}
+                       "lr": optimizer.param_groups[0]["lr"], "steps": 0, "optimizer_steps": 0,
+                       "skipped_batches": 0, "scaler_skipped": 0, "amp": amp, "loader_start_s": 0.0,
+                       "train_s": 0.0, "val_s": round(time.perf_counter() - t0, 3), "save_s": 0.0,
+                       "time_s": round(time.perf_counter() - t0, 2), "best": 0}}
     if resume_obj is not None and resume_obj.get("rng"):
         set_rng_state(resume_obj["rng"][rank] if isinstance(resume_obj["rng"], list) else resume_obj["rng"])
     total_steps = sum(int(r.get("optimizer_steps", 1) or 0) for r in history)
