@@ -41,7 +41,7 @@ if [ "$TINY" = 1 ]; then
   ARGS=(--backbone-weights random --batch-size 2 --workers 1 --device "$DEVICE" --val-fraction 0.25 --no-figures
         --backbone convnext_atto --fpn-channels 32 --mask-head-channels 32 --box-head-size 128
         --rpn-pre-nms-top-n-test 100 --rpn-post-nms-top-n-test 50 --box-detections-per-img 100
-        --width 0 --height 0 --anchor-sizes 8 16 32 64 128 --steps-per-epoch 3 --lr 1e-3)
+        --width 0 --height 0 --anchor-sizes 8 16 32 64 128 --steps-per-epoch 6 --lr 1e-3)
 fi
 echo "gpu_check: $(date -u +%FT%TZ) device $DEVICE, $N synthetic ${SIZE/ /x} (HxW) images, work dir $WORK"
 python3 - "$WORK/data" "$N" $SIZE <<'PY' || { echo "gpu_check: cannot make the data" >&2; exit 2; }
@@ -61,7 +61,7 @@ verdict() {  # verdict NAME CMD... : prints the command's one summary line; coun
   case "$line" in PASS*) ;; *) FAILS=$((FAILS + 1));; esac
 }
 logcheck() {  # logcheck OUT : loss fall and skip fractions from OUT/log.csv
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$1" "$2" "$BATCH" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1] + "/log.csv")))
 need = int(sys.argv[2])
@@ -71,11 +71,12 @@ scaler = sum(int(r["scaler_skipped"]) for r in rows)
 nonfinite = sum(int(r["skipped_batches"]) for r in rows)
 fall = 1 - last / first
 ok = len(rows) == need and fall >= 0.30 and scaler < 0.10 * steps and nonfinite == 0
-imgs = sum(int(r["steps"]) for r in rows[1:]) or steps
+batch = int(sys.argv[3])
+imgs = (sum(int(r["steps"]) for r in rows[1:]) or steps) * batch
 secs = sum(float(r["train_s"]) for r in rows[1:]) or sum(float(r["train_s"]) for r in rows)
 print(f"{'PASS' if ok else 'FAIL'} amp {rows[0]['amp']}: train loss {first:.3f} -> {last:.3f} ({fall:+.0%} fall, "
       f"need >= 30%), scaler skipped {scaler}/{steps}, non-finite {nonfinite}, val mAP {float(rows[-1]['val_map']):.3f}, "
-      f"{imgs / secs:.2f} train steps/s; epoch fixed costs: loader start {rows[-1]['loader_start_s']} s, "
+      f"{imgs / secs:.2f} train images/s; epoch fixed costs: loader start {rows[-1]['loader_start_s']} s, "
       f"val {rows[-1]['val_s']} s, save {rows[-1]['save_s']} s")
 PY
 }
@@ -152,5 +153,44 @@ print(f"{'PASS' if iou >= 0.98 else 'FAIL'} CUDA vs CPU masks: mean per-instance
 PY
 }
 verdict cuda-vs-cpu predict_check
+speed_check() {  # end-to-end train images/s (amp-auto, epochs after the first) vs the GPU-bound rate: the same
+  # steps on one batch already on the device (no loader), as training.engine runs them
+  python3 - "$WORK/amp-auto" "$BATCH" <<'PY'
+import csv, json, sys, time
+import torch
+from training.config import TrainConfig
+from training import engine
+from training.augment import train_pipeline
+from training.data import InstanceDataset, collate, load_samples
+run, batch = sys.argv[1], int(sys.argv[2])
+rows = list(csv.DictReader(open(run + "/log.csv")))[:-1]  # the resumed epoch aside
+later = rows[1:] or rows
+e2e = sum(int(r["steps"]) for r in later) * batch / sum(float(r["train_s"]) for r in later)
+cfg = TrainConfig.from_dict(json.load(open(run + "/config.json")))
+cfg.resume, cfg.init_checkpoint, cfg.out = False, None, run + "-speed"
+device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else cfg.device)
+amp = engine.resolve_amp(cfg.amp, device)
+model = engine._build(cfg, device)
+samples = load_samples(cfg)
+ds = InstanceDataset(samples, train_pipeline(cfg.width, cfg.height, cfg.crop_size, tuple(cfg.scale_range), cfg.augment))
+one = collate([ds[(1, i)] for i in range(batch)])
+n = 12
+opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
+scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+gen = engine.train_one_epoch(model, [one] * (n + 2), opt, scaler, device, 1, cfg, amp)
+for k, _ in enumerate(gen):
+    if k == 1:  # after 2 warm-up steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+bound = n * batch / (time.perf_counter() - t0)
+ratio = e2e / bound
+print(f"{'PASS' if ratio >= 0.8 else 'FAIL'} train {e2e:.2f} images/s end to end vs {bound:.2f} GPU-bound "
+      f"({ratio:.0%}, need >= 80%), amp {amp}, batch {batch}")
+PY
+}
+verdict speed speed_check
 echo "gpu_check: done, $FAILS failed check(s); logs and runs in $WORK"
 exit "$FAILS"

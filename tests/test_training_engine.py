@@ -222,6 +222,7 @@ def test_resume_is_exact_and_config_is_saved_and_untouched(folder, tmp_path, cap
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2", "3"]
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    assert all(float(r[k]) >= 0 for r in a for k in TIMING)  # per-epoch costs are reported
     saved = json.loads((full / "config.json").read_text())
     assert saved["epochs"] == 3 and saved["model"]["native_scale"] is True and saved["backbone_weights"] == "random"
     from napari_cellseg.checkpoint import read_checkpoint

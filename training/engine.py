@@ -391,7 +391,10 @@ def train(config: TrainConfig, samples=None):
         prepare_output(out, True)  # one line when OUT/last.ckpt is missing
     resume_obj = read_resume(out / "last.ckpt") if config.resume else None
     if world > 1:
-        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = resolve_device(config.device, local)
+        if device.type == "cuda" and device.index is None:  # --device cuda under torchrun: this rank's GPU
+            device = torch.device(f"cuda:{local % torch.cuda.device_count()}")
         if not dist.is_initialized():
             dist.init_process_group(ddp_backend(device))
         if device.type == "cuda":
