@@ -128,24 +128,31 @@ def _fp32_conv_class():
 
 
 def keep_stem_fp32(body):
-    """Run the backbone's first convolution (the patch-embedding stem) in float32 under autocast.
+    """Run the backbone's first convolution (the patch-embedding stem) and its patchify
+    downsampling convolutions (kernel == stride > 1, ConvNeXt's ``stages_N.downsample.1``) in
+    float32 under autocast.
 
-    Why: in ConvNeXt the stem conv is followed by a LayerNorm over channels. On flat (dark)
-    image regions the stem output barely varies across channels, so the LayerNorm divides by
-    ~sqrt(eps) and amplifies the gradient up to ~1000x per pixel; the stem's weight/bias
-    gradients then sum that over every pixel of the batch. Measured at 704x520 from random
-    weights: max |grad| 1.2e8 on ``stem_0.bias`` (next largest outside the stem: 1.4e3). In
-    float16 (max 65504) that overflows at ANY GradScaler scale >= 2^-11, so the scaler keeps
-    halving until half of all other gradients flush to zero: fp16 training stalls. In float32
-    the stem costs < 1% of the backbone's FLOPs. The module keeps its class's state_dict keys.
-    Returns the converted module (None when the body has no Conv2d)."""
+    Why: in ConvNeXt each of these convs sits next to a LayerNorm over channels, and their
+    weight/bias gradients sum over every pixel of a high-resolution map. On flat (dark) image
+    regions the stem output barely varies across channels, so the LayerNorm divides by
+    ~sqrt(eps) and amplifies the gradient up to ~1000x per pixel. Measured at 704x520 from
+    random weights (float32 gradients): max |grad| 1.2e8 on ``stem_0.bias``; with the stem
+    aside, 134 on ``stages_1.downsample.1.bias``; every other conv/linear gradient <= 3.7. In
+    float16 (max 65504) the stem overflows at ANY GradScaler scale >= 2^-11, so the scaler keeps
+    halving (each halving a skipped step) until half of all other gradients flush to zero:
+    fp16 training stalls. With these convs in float32 the highest safe scale is ~2^14. They
+    cost ~1% of the backbone's FLOPs. Modules keep their state_dict keys. Returns the
+    converted modules."""
     import torch
 
+    done = []
     for m in body.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.__class__ = _fp32_conv_class()
-            return m
-    return None
+        if isinstance(m, torch.nn.Conv2d) and type(m) is torch.nn.Conv2d:
+            k, st = tuple(m.kernel_size), tuple(m.stride)
+            if not done or (k == st and max(st) > 1):
+                m.__class__ = _fp32_conv_class()
+                done.append(m)
+    return done
 
 
 def build_backbone(config: ModelConfig, backbone_weights: str | Path | None = None):

@@ -98,11 +98,14 @@ def test_stem_conv_keeps_float32_under_autocast_and_same_state_dict():
 
     body = timm.create_model("convnext_atto", pretrained=False, features_only=True)
     keys = list(body.state_dict())
-    stem = keep_stem_fp32(body)
+    kept = keep_stem_fp32(body)
     assert list(body.state_dict()) == keys  # checkpoints stay compatible
+    names = {m: n for n, m in body.named_modules()}
+    assert [names[m] for m in kept] == ["stem_0", "stages_1.downsample.1", "stages_2.downsample.1",
+                                        "stages_3.downsample.1"]  # stem + patchify downsampling convs
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert stem(torch.rand(1, 3, 32, 32)).dtype == torch.float32
-        assert torch.nn.Conv2d(3, 4, 3)(torch.rand(1, 3, 8, 8)).dtype == torch.bfloat16  # others: autocast
+        assert kept[0](torch.rand(1, 3, 32, 32)).dtype == torch.float32
+        assert body.stages_0.blocks[0].conv_dw(torch.rand(1, 40, 8, 8)).dtype == torch.bfloat16  # others: autocast
 
 
 # ---------------------------------------------------------------- step accounting / DDP
