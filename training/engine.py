@@ -184,6 +184,19 @@ def _loader(ds, config, sampler, device):
                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
 
+class _Batches:
+    """One epoch of an already started DataLoader iterator (``len`` = batches)."""
+
+    def __init__(self, it, n: int):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return self.it
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def _set_backbone_frozen(model, frozen: bool) -> None:
     for p in getattr(model, "module", model).backbone.body.parameters():
         p.requires_grad_(not frozen)
@@ -209,7 +222,10 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, config, amp
     steps = len(loader)
     t0 = time.perf_counter()
     t_first = None
+    t_loaded = None
     for step, (images, targets) in enumerate(loader):
+        if step == 0:
+            t_loaded = time.perf_counter()  # the wait for the first batch: the loader's start-up cost
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [expand_masks(t, device) for t in targets]
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -264,7 +280,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, config, amp
     return {"train_loss": total / n if n else float("nan"), "train_mask_loss": mask_total / n if n else float("nan"),
             "steps": steps, "optimizer_steps": stepped, "skipped_batches": skipped,
             "scaler_skipped": scaler_skipped, "train_s": round(time.perf_counter() - t0, 3),
-            "loader_start_s": round((t_first or time.perf_counter()) - t0, 3)}
+            "loader_start_s": round((t_loaded or time.perf_counter()) - t0, 3)}
 
 
 def evaluate(model, dataset, device, epoch, config, gts):
@@ -474,11 +490,19 @@ def train(config: TrainConfig, samples=None):
     if resume_obj is not None and resume_obj.get("rng"):
         set_rng_state(resume_obj["rng"][rank] if isinstance(resume_obj["rng"], list) else resume_obj["rng"])
     total_steps = sum(int(r.get("optimizer_steps", 1) or 0) for r in history)
+    batches = None
     for epoch in range(start, config.epochs + 1):
         t_epoch = time.perf_counter()
         _set_backbone_frozen(model, epoch <= config.freeze_backbone_epochs)
-        sampler.set_epoch(epoch)
-        r = yield from train_one_epoch(model, loader, optimizer, scaler, device, epoch, config, amp, world)
+        if batches is None:
+            sampler.set_epoch(epoch)
+            batches = iter(loader)
+        r = yield from train_one_epoch(model, _Batches(batches, len(loader)), optimizer, scaler, device, epoch,
+                                       config, amp, world)
+        batches = None
+        if config.workers and epoch < config.epochs:  # the workers load the next epoch's first batches
+            sampler.set_epoch(epoch + 1)               # while this one validates and saves
+            batches = iter(loader)
         if world > 1:  # train loss: the mean over ranks (each rank's mean is already over all ranks)
             t = torch.tensor([r["train_loss"], r["train_mask_loss"]], dtype=torch.float64)
             dist.all_reduce(t)
