@@ -184,6 +184,64 @@ def _loader(ds, config, sampler, device):
                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
 
+class _Frozen:
+    """A model's state_dict snapshot, for save_checkpoint (which calls ``.state_dict()``)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def _cpu_copy(obj):
+    """Deep copy with every tensor copied to CPU: a snapshot the next steps cannot change."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class _Writer:
+    """Writes an epoch's checkpoints (atomic files) in a background thread from CPU snapshots,
+    so the next epoch starts at once; the previous batch of writes is awaited first, and at the
+    end of the run (also when it is cancelled)."""
+
+    def __init__(self):
+        self.thread = None
+        self.error = None
+
+    def submit(self, jobs) -> None:
+        import threading
+        from napari_cellseg.checkpoint import save_checkpoint
+
+        self.wait()
+
+        def run():
+            for path, kwargs in jobs:
+                try:
+                    save_checkpoint(path, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - reported by wait()
+                    self.error = (path, exc)
+                    return
+
+        self.thread = threading.Thread(target=run, name="cellseg-checkpoint-writer")
+        self.thread.start()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error and raise_errors:
+            (path, exc), self.error = self.error, None
+            raise OutputError(f"{path}: could not write the checkpoint ({exc})")
+
+
 class _Batches:
     """One epoch of an already started DataLoader iterator (``len`` = batches)."""
 
@@ -396,7 +454,6 @@ def train(config: TrainConfig, samples=None):
     model when fine-tuning from --init-checkpoint), "warning" (one line), "done"."""
     import torch
     import torch.distributed as dist
-    from napari_cellseg.checkpoint import save_checkpoint
     from napari_cellseg.devices import ddp_backend, resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -491,75 +548,86 @@ def train(config: TrainConfig, samples=None):
         set_rng_state(resume_obj["rng"][rank] if isinstance(resume_obj["rng"], list) else resume_obj["rng"])
     total_steps = sum(int(r.get("optimizer_steps", 1) or 0) for r in history)
     batches = None
-    for epoch in range(start, config.epochs + 1):
-        t_epoch = time.perf_counter()
-        _set_backbone_frozen(model, epoch <= config.freeze_backbone_epochs)
-        if batches is None:
-            sampler.set_epoch(epoch)
-            batches = iter(loader)
-        r = yield from train_one_epoch(model, _Batches(batches, len(loader)), optimizer, scaler, device, epoch,
-                                       config, amp, world)
-        batches = None
-        if config.workers and epoch < config.epochs:  # the workers load the next epoch's first batches
-            sampler.set_epoch(epoch + 1)               # while this one validates and saves
-            batches = iter(loader)
-        if world > 1:  # train loss: the mean over ranks (each rank's mean is already over all ranks)
-            t = torch.tensor([r["train_loss"], r["train_mask_loss"]], dtype=torch.float64)
-            dist.all_reduce(t)
-            r["train_loss"], r["train_mask_loss"] = float(t[0]) / world, float(t[1]) / world
-        total_steps += r["optimizer_steps"]
-        warning = _health_warning(epoch, r, amp)
-        row = None
-        if rank == 0:
-            t_val = time.perf_counter()
-            v_loss, v_mask, dets = yield from evaluate(model, val_ds, device, epoch, config, gts)
-            v_map, thr = ev.choose_thresholds(dets, gts[:len(dets)], config.tune_thresholds)
-            val_s = time.perf_counter() - t_val
-            metric = v_loss if config.select_by == "loss" else -v_map
-            is_best = math.isfinite(metric) and (best is None or metric < best) and r["optimizer_steps"] > 0
-            row = {"epoch": epoch, "train_loss": r["train_loss"], "train_mask_loss": r["train_mask_loss"],
-                   "val_loss": v_loss, "val_mask_loss": v_mask, "val_map": v_map, "box_conf": thr["box_conf"],
-                   "mask_threshold": thr["mask_threshold"], "lr": optimizer.param_groups[0]["lr"],
-                   "steps": r["steps"], "optimizer_steps": r["optimizer_steps"],
-                   "skipped_batches": r["skipped_batches"], "scaler_skipped": r["scaler_skipped"],
-                   "amp": amp, "loader_start_s": r["loader_start_s"], "train_s": r["train_s"],
-                   "val_s": round(val_s, 3), "save_s": 0.0, "time_s": 0.0, "best": int(is_best)}
-            history.append(row)
-            t_save = time.perf_counter()
-            info = {**info_base, "epoch": epoch, "val_loss": v_loss, "val_map": v_map}
-            if is_best:
-                best = metric
-                save_checkpoint(out / "best_model.bin", model, config.model, thresholds=thr, info=info)
-        sched_val = [row["val_loss"] if row else 0.0]
-        if world > 1:
-            dist.broadcast_object_list(sched_val, src=0)
-        if math.isfinite(sched_val[0]):
-            scheduler.step(sched_val[0])
-        rngs = [None] * world  # after validation (it draws proposals), so a resumed run goes on identically
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if rank == 0:
-            row["save_s"] = round(time.perf_counter() - t_save, 3)  # final values below; these go into last.ckpt
-            row["time_s"] = round(time.perf_counter() - t_epoch, 2)
-            save_checkpoint(out / "last.ckpt", model, config.model, thresholds={k: row[k] for k in ("box_conf", "mask_threshold")},
-                            info=info, extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                              "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-                                              "best": best, "rng": rngs if world > 1 else rngs[0],
-                                              "sampler": {"seed": config.seed, "next_epoch": epoch + 1, "offset": 0},
-                                              "train_config": config.to_dict()})
-            if config.figures:
-                ev.plot_loss(history, out / "loss.png")
-                _val_figure(val_ds, dets, thr, fig_dir / f"val_epoch{epoch:03d}.png", epoch)
-            row["save_s"] = round(time.perf_counter() - t_save, 3)
-            row["time_s"] = round(time.perf_counter() - t_epoch, 2)
-            _write_log(history, out / "log.csv")
-            if warning:
-                yield {"stage": "warning", "epoch": epoch, "message": warning}
-            yield {"stage": "epoch", "epoch": epoch, "epochs": config.epochs, "row": row}
-        if world > 1:
-            dist.barrier()
+    writer = _Writer()
+    try:
+        for epoch in range(start, config.epochs + 1):
+            t_epoch = time.perf_counter()
+            _set_backbone_frozen(model, epoch <= config.freeze_backbone_epochs)
+            if batches is None:
+                sampler.set_epoch(epoch)
+                batches = iter(loader)
+            r = yield from train_one_epoch(model, _Batches(batches, len(loader)), optimizer, scaler, device, epoch,
+                                           config, amp, world)
+            batches = None
+            if config.workers and epoch < config.epochs:  # the workers load the next epoch's first batches
+                sampler.set_epoch(epoch + 1)               # while this one validates and saves
+                batches = iter(loader)
+            if world > 1:  # train loss: the mean over ranks (each rank's mean is already over all ranks)
+                t = torch.tensor([r["train_loss"], r["train_mask_loss"]], dtype=torch.float64)
+                dist.all_reduce(t)
+                r["train_loss"], r["train_mask_loss"] = float(t[0]) / world, float(t[1]) / world
+            total_steps += r["optimizer_steps"]
+            warning = _health_warning(epoch, r, amp)
+            row = None
+            if rank == 0:
+                t_val = time.perf_counter()
+                v_loss, v_mask, dets = yield from evaluate(model, val_ds, device, epoch, config, gts)
+                v_map, thr = ev.choose_thresholds(dets, gts[:len(dets)], config.tune_thresholds)
+                val_s = time.perf_counter() - t_val
+                metric = v_loss if config.select_by == "loss" else -v_map
+                is_best = math.isfinite(metric) and (best is None or metric < best) and r["optimizer_steps"] > 0
+                row = {"epoch": epoch, "train_loss": r["train_loss"], "train_mask_loss": r["train_mask_loss"],
+                       "val_loss": v_loss, "val_mask_loss": v_mask, "val_map": v_map, "box_conf": thr["box_conf"],
+                       "mask_threshold": thr["mask_threshold"], "lr": optimizer.param_groups[0]["lr"],
+                       "steps": r["steps"], "optimizer_steps": r["optimizer_steps"],
+                       "skipped_batches": r["skipped_batches"], "scaler_skipped": r["scaler_skipped"],
+                       "amp": amp, "loader_start_s": r["loader_start_s"], "train_s": r["train_s"],
+                       "val_s": round(val_s, 3), "save_s": 0.0, "time_s": 0.0, "best": int(is_best)}
+                history.append(row)
+                t_save = time.perf_counter()
+                info = {**info_base, "epoch": epoch, "val_loss": v_loss, "val_map": v_map}
+                net = getattr(model, "module", model)
+                snapshot = _Frozen({k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()})
+                jobs = []
+                if is_best:
+                    best = metric
+                    jobs.append((out / "best_model.bin", dict(model=snapshot, config=config.model, thresholds=thr,
+                                                              info=info)))
+            sched_val = [row["val_loss"] if row else 0.0]
+            if world > 1:
+                dist.broadcast_object_list(sched_val, src=0)
+            if math.isfinite(sched_val[0]):
+                scheduler.step(sched_val[0])
+            rngs = [None] * world  # after validation (it draws proposals), so a resumed run goes on identically
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                row["save_s"] = round(time.perf_counter() - t_save, 3)  # final values below; these go into last.ckpt
+                row["time_s"] = round(time.perf_counter() - t_epoch, 2)
+                extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                         "rng": rngs if world > 1 else rngs[0],
+                         "sampler": {"seed": config.seed, "next_epoch": epoch + 1, "offset": 0},
+                         "train_config": config.to_dict()}
+                jobs.append((out / "last.ckpt", dict(model=snapshot, config=config.model, info=info, extra=_cpu_copy(extra),
+                                                     thresholds={k: row[k] for k in ("box_conf", "mask_threshold")})))
+                writer.submit(jobs)  # written while the next epoch trains
+                if config.figures:
+                    ev.plot_loss(history, out / "loss.png")
+                    _val_figure(val_ds, dets, thr, fig_dir / f"val_epoch{epoch:03d}.png", epoch)
+                row["save_s"] = round(time.perf_counter() - t_save, 3)
+                row["time_s"] = round(time.perf_counter() - t_epoch, 2)
+                _write_log(history, out / "log.csv")
+                if warning:
+                    yield {"stage": "warning", "epoch": epoch, "message": warning}
+                yield {"stage": "epoch", "epoch": epoch, "epochs": config.epochs, "row": row}
+            if world > 1:
+                dist.barrier()
+    finally:
+        writer.wait(raise_errors=False)  # the files are complete, also when the run is cancelled
+    writer.wait()
     if world > 1:
         dist.destroy_process_group()
     healthy = total_steps > 0
