@@ -185,8 +185,15 @@ def bench_checkpoint() -> None:
         save_checkpoint(Path(tmp) / "last.ckpt", model, config, extra={"optimizer": opt.state_dict()})
         t2 = time.perf_counter()
         size = (Path(tmp) / "last.ckpt").stat().st_size / 1e6
+    from training.engine import _cpu_copy
+
+    t3 = time.perf_counter()
+    snap = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, _cpu_copy(opt.state_dict()))
+    t4 = time.perf_counter()
+    del snap
     print(f"per-epoch fixed costs: checkpoint writes of the default {config.backbone} model: best_model.bin "
-          f"{t1 - t0:.2f} s, last.ckpt (+ AdamW state, {size:.0f} MB) {t2 - t1:.2f} s")
+          f"{t1 - t0:.2f} s, last.ckpt (+ AdamW state, {size:.0f} MB) {t2 - t1:.2f} s, done in a background "
+          f"thread; the training loop waits only for the snapshot (model + AdamW state copied): {t4 - t3:.2f} s")
 
 
 def main() -> int:
