@@ -74,7 +74,7 @@ ok = len(rows) == need and fall >= 0.30 and scaler < 0.10 * steps and nonfinite 
 batch = int(sys.argv[3])
 imgs = (sum(int(r["steps"]) for r in rows[1:]) or steps) * batch
 secs = sum(float(r["train_s"]) for r in rows[1:]) or sum(float(r["train_s"]) for r in rows)
-print(f"{'PASS' if ok else 'FAIL'} amp {rows[0]['amp']}: train loss {first:.3f} -> {last:.3f} ({fall:+.0%} fall, "
+print(f"{'PASS' if ok else 'FAIL'} amp {rows[0]['amp']}: train loss {first:.3f} -> {last:.3f} ({fall:.1%} fall, "
       f"need >= 30%), scaler skipped {scaler}/{steps}, non-finite {nonfinite}, val mAP {float(rows[-1]['val_map']):.3f}, "
       f"{imgs / secs:.2f} train images/s; epoch fixed costs: loader start {rows[-1]['loader_start_s']} s, "
       f"val {rows[-1]['val_s']} s, save {rows[-1]['save_s']} s")

@@ -181,7 +181,8 @@ HELP: dict[str, str] = {
                         "weights FILE; unused with --init-checkpoint / --resume",
     "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
     "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
-    "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, log)",
+    "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
+              "states, sampler position, log): the same numbers as an uninterrupted run",
     "device": "auto (CUDA if available), cpu, cuda, cuda:1 ...",
     "amp": "mixed precision: auto = bf16 autocast on GPUs with bfloat16, fp16 + GradScaler on older GPUs, "
            "off on CPU; or bf16, fp16, off",

@@ -1,7 +1,7 @@
 """The training loop as a generator of progress events.
 
-``train(config)`` yields dicts ``{"stage": "setup"|"train"|"val"|"epoch"|"done", ...}`` and returns
-a summary dict; the CLI drains it with tqdm, the napari widget runs it in a thread worker and can
+``train(config)`` yields dicts ``{"stage": "config"|"setup"|"train"|"val"|"epoch"|"warning"|"done", ...}``
+(fields: docs/API.md, training) and returns a summary dict; the CLI drains it with tqdm, the napari widget runs it in a thread worker and can
 stop between steps (closing the generator). Everything written goes through atomic writes, so a
 kill at any moment leaves the previous complete files. Under ``torchrun`` (WORLD_SIZE > 1) it
 trains with DistributedDataParallel; rank 0 alone validates, logs and saves.
