@@ -544,8 +544,11 @@ def train(config: TrainConfig, samples=None):
                        "skipped_batches": 0, "scaler_skipped": 0, "amp": amp, "loader_start_s": 0.0,
                        "train_s": 0.0, "val_s": round(time.perf_counter() - t0, 3), "save_s": 0.0,
                        "time_s": round(time.perf_counter() - t0, 2), "best": 0}}
-    if resume_obj is not None and resume_obj.get("rng"):
-        set_rng_state(resume_obj["rng"][rank] if isinstance(resume_obj["rng"], list) else resume_obj["rng"])
+    rng = resume_obj.get("rng") if resume_obj is not None else None
+    if isinstance(rng, list):  # one state per rank (DDP); another world size starts this rank fresh
+        rng = rng[rank] if rank < len(rng) else None
+    if rng:
+        set_rng_state(rng)
     total_steps = sum(int(r.get("optimizer_steps", 1) or 0) for r in history)
     batches = None
     writer = _Writer()
