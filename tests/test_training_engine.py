@@ -313,3 +313,19 @@ def test_a_run_whose_optimizer_never_stepped_does_not_look_healthy(folder, tmp_p
     r = rows(out)[0]
     assert (r["optimizer_steps"], r["skipped_batches"], r["best"]) == ("0", "2", "0")
     assert not (out / "best_model.bin").exists()
+
+
+def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
+    from training.data import EpochSampler, InstanceDataset, array_samples
+    from training.augment import test_pipeline
+    from training.engine import _loader
+    from test_training_data import synth
+
+    im, lab = synth(0)
+    ds = InstanceDataset(array_samples([im], [lab]), test_pipeline(0, 0))
+    sampler = EpochSampler(len(ds), seed=0)
+    with_workers = _loader(ds, TrainConfig(workers=2), sampler, torch.device("cpu"))
+    assert with_workers.persistent_workers and with_workers.prefetch_factor == 4 and not with_workers.pin_memory
+    assert _loader(ds, TrainConfig(workers=2), sampler, torch.device("cuda")).pin_memory
+    plain = _loader(ds, TrainConfig(workers=0), sampler, torch.device("cpu"))
+    assert not plain.persistent_workers and plain.num_workers == 0
