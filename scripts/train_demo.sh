@@ -26,7 +26,8 @@ ARCH=(--backbone convnext_atto --fpn-channels 64 --mask-head-channels 64 --box-h
 COMMON=(--crop-size 224 --scale-range 0.6 1.6 --batch-size 2 --steps-per-epoch 100
         --val-fraction 0.1 --max-val-images 8 --device cpu --seed 2025)
 [ -f "$WORK/demo/best_model.bin" ] || cellseg-train --image-dir "$DATA1/train/images" \
-  --label-dir "$DATA1/train/labels" --out "$WORK/demo" "${ARCH[@]}" "${COMMON[@]}" --epochs 6 --lr 3e-4
+  --label-dir "$DATA1/train/labels" --out "$WORK/demo" "${ARCH[@]}" "${COMMON[@]}" --epochs 6 --lr 3e-4 \
+  --backbone-weights random  # the shipped demo model started from random weights (no download)
 PHASE2=(--image-dir "$DATA2/train/images" --label-dir "$DATA2/train/labels" --out "$WORK/demo2"
         --init-checkpoint "$WORK/demo/best_model.bin" "${COMMON[@]}" --lr 3e-4)
 [ -f "$WORK/demo2/last.ckpt" ] || cellseg-train "${PHASE2[@]}" --epochs 20

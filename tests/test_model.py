@@ -55,8 +55,22 @@ def test_imagenet_weights_without_network_fail_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here anyway; offline just fails fast
     hub = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    with pytest.raises(BackboneError, match="could not download ImageNet weights.*--backbone-weights"):
+    with pytest.raises(BackboneError, match="could not download ImageNet weights.*--backbone-weights FILE.*"
+                                            "--backbone-weights random"):
         build_model(ModelConfig(**TINY), backbone_weights="imagenet")
+
+
+def test_loading_a_checkpoint_never_downloads(tmp_path, monkeypatch):
+    import timm
+    from napari_cellseg.checkpoint import load_checkpoint, save_checkpoint
+
+    config = ModelConfig(**TINY)
+    save_checkpoint(tmp_path / "m.bin", build_model(config, backbone_weights="random"), config)
+    real = timm.create_model
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(k.get("pretrained")) or real(*a, **k))
+    load_checkpoint(tmp_path / "m.bin")
+    assert calls == [False]
 
 
 def test_backbone_weights_from_local_file(tmp_path):

@@ -23,7 +23,7 @@ TINY = ["--backbone", "convnext_atto", "--fpn-channels", "32", "--mask-head-chan
         "--rpn-pre-nms-top-n-train", "200", "--rpn-post-nms-top-n-train", "100",
         "--box-detections-per-img", "50", "--box-batch-size-per-image", "64",
         "--width", "0", "--height", "0", "--steps-per-epoch", "2", "--val-fraction", "0.3",
-        "--anchor-sizes", "8", "16", "32", "64", "128"]
+        "--anchor-sizes", "8", "16", "32", "64", "128", "--backbone-weights", "random"]
 
 
 @pytest.fixture

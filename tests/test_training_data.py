@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+torch = pytest.importorskip("torch")
 import tifffile
 from skimage.draw import disk, ellipse
 
 from training.augment import test_pipeline as eval_pipeline, train_pipeline
-from training.data import (DataError, InstanceDataset, array_samples, labels_to_layers, layers_to_instances,
-                           load_csv_samples, load_folder_samples, masks_to_layers, split_samples)
+from training.data import (DataError, EpochSampler, InstanceDataset, array_samples, expand_masks, labels_to_layers,
+                           layers_to_instances, load_csv_samples, load_folder_samples, masks_to_layers,
+                           split_samples)
 
 
 def synth(seed: int, shape=(128, 128), n=6):
@@ -60,6 +62,7 @@ def test_augmented_boxes_always_match_masks():
     sizes = []
     for i in range(len(ds)):
         img, t = ds[i]
+        t = expand_masks(t)
         assert img.shape == (3, 96, 96) and img.dtype.is_floating_point and 0 <= img.min() and img.max() <= 1
         for m, b in zip(t["masks"].numpy(), t["boxes"].numpy()):
             ys, xs = np.nonzero(m)
@@ -149,3 +152,45 @@ def test_normalize_size_brings_median_diameter_to_target():
     assert [t.image_id for t in tiles][:2] == ["cells@r0c0", "cells@r0c1"] and len(tiles) == 9
     assert all(max(t.image.shape[:2]) <= 100 and t.image.shape[:2] == t.layers.shape[1:] for t in tiles)
     assert sum(int((t.layers > 0).sum()) for t in tiles) == int((big.layers > 0).sum())
+
+
+def test_loader_ships_label_layers_and_masks_are_built_on_the_device():
+    """The compact target (layers + instance ids) expands to exactly the masks the old loader
+    shipped one full-size array per instance, for overlapping (multi-layer) instances too."""
+    a = np.zeros((40, 50), bool); a[5:20, 5:20] = True
+    b = np.zeros((40, 50), bool); b[15:30, 15:30] = True  # overlaps a: second layer
+    c = np.zeros((40, 50), bool); c[32:38, 0:8] = True
+    sample = array_samples([synth(0, (40, 50))[0]], [np.zeros((40, 50), np.int32)])[0]
+    sample.layers = masks_to_layers([a, b, c], (40, 50))
+    for key in (0, (3, 0)):
+        compact = InstanceDataset([sample], train_pipeline(crop_size=32, seed=0), seed=5)[key][1]
+        full = InstanceDataset([sample], train_pipeline(crop_size=32, seed=0), seed=5, full_masks=True)[key][1]
+        assert "masks" not in compact and compact["layers"].dtype == torch.int16
+        got = expand_masks(compact, torch.device("cpu"))
+        assert got["masks"].dtype == torch.uint8 and torch.equal(got["masks"], full["masks"])
+        assert torch.equal(got["boxes"], full["boxes"]) and set(got) == set(full)
+    assert len(got["masks"]) >= 1
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_splits_ranks():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(3)
+    assert list(s) != first
+    s.set_epoch(2)
+    assert list(s) == first and sorted(i for _, i in first) == list(range(10)) and {e for e, _ in first} == {2}
+    ranks = [EpochSampler(10, seed=3, world=3, rank=r) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(2)
+    parts = [list(r) for r in ranks]
+    assert all(len(p) == 4 for p in parts) and {i for p in parts for _, i in p} == set(range(10))
+
+
+def test_augmentation_depends_on_epoch_and_index_only():
+    im, lab = synth(3)
+    ds = InstanceDataset(array_samples([im], [lab]), train_pipeline(crop_size=64, scale_range=(0.5, 2.0), seed=1),
+                         8, seed=11)
+    x = ds[(2, 5)][0]
+    ds[(4, 1)], ds[(2, 6)]  # other items in between (another worker's order)
+    assert torch.equal(ds[(2, 5)][0], x) and not torch.equal(ds[(3, 5)][0], x)

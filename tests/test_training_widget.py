@@ -217,7 +217,8 @@ def test_tiny_run_hands_best_model_to_segment(docked, qtbot, notes, tmp_path):
     assert seg.model_combo.currentData() == str(best)
     assert notes["info"] and "best_model.bin" in notes["info"][-1] and "Segment cells" in notes["info"][-1]
     assert train.tracker.epoch_rows and len(train.tracker.steps) == 2
-    assert len(train.val_line.get_xdata()) == 1 and len(train.step_line.get_xdata()) == 2
+    # val points: epoch 0 (the --init-checkpoint model, validated before training) and epoch 1
+    assert list(train.val_line.get_xdata()) == [0, 1] and len(train.step_line.get_xdata()) == 2
     assert train.out[0].text() != str(tmp_path / "run")  # the next run gets a fresh folder
     from napari_cellseg.checkpoint import load_checkpoint
 
@@ -235,7 +236,7 @@ def test_cancel_stops_a_running_job(docked, qtbot, notes, tmp_path):
     qtbot.waitUntil(lambda: train.tracker is not None and len(train.tracker.steps) >= 1, timeout=TIMEOUT)
     train.cancel_btn.click()
     qtbot.waitUntil(lambda: train._worker is None, timeout=60_000)
-    assert len(train.tracker.steps) < 20 and not train.tracker.epoch_rows
+    assert len(train.tracker.steps) < 20 and [r["epoch"] for r in train.tracker.epoch_rows] == [0]  # start model only
     assert train.status.text().startswith("Cancelled") and not notes["error"]
     assert not (tmp_path / "run" / "best_model.bin").exists()  # no epoch finished
     assert seg.model_combo.currentData() == before

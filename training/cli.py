@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
 from napari_cellseg.model import ModelConfig
 
-from .config import HELP, ConfigError, TrainConfig
+from .config import CHOICES, HELP, ConfigError, TrainConfig
 
 _SKIP = {"model"}
 _MODEL_SKIP = {"num_classes"}  # always 2 (background + cell)
@@ -47,9 +48,10 @@ def _add_field(group, name: str, default, dest: str) -> None:
         group.add_argument(_flag(name), type=type(default), metavar=type(default).__name__.upper(),
                            help=f"{help_} (default: {default})", **kw)
     else:
-        choices = ("loss", "map") if name == "select_by" else None
-        group.add_argument(_flag(name), type=str, choices=choices, metavar=None if choices else "PATH"
-                           if name not in ("device", "backbone") else name.upper(),
+        choices = CHOICES.get(name)
+        metavar = None if choices else ("imagenet|random|FILE" if name == "backbone_weights" else "PATH"
+                                        if name not in ("device", "backbone") else name.upper())
+        group.add_argument(_flag(name), type=str, choices=choices, metavar=metavar,
                            help=help_ + (f" (default: {default})" if default else ""), **kw)
 
 
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cellseg-train",
         description="Fine-tune the napari-cellseg Mask R-CNN (Kaggle Sartorius starter recipe: AdamW, "
-                    "ReduceLROnPlateau on val loss, gradient clipping, AMP on CUDA). Writes OUT/best_model.bin "
+                    "ReduceLROnPlateau on val loss, gradient clipping, AMP: bf16 or fp16 + GradScaler on CUDA). Writes OUT/best_model.bin "
                     "(lowest val loss, or best val mAP), OUT/last.ckpt (for --resume), OUT/log.csv, "
                     "OUT/loss.png and OUT/figures/*.png. Multi-GPU: torchrun --nproc_per_node=N -m training ...",
     )
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
 
     bar = None
     quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 alone reports
+    healthy = True
     try:
         config.validate()
         gen = train(config)
@@ -95,8 +98,13 @@ def main(argv=None) -> int:
             stage = ev["stage"]
             if quiet:
                 continue
-            if stage == "setup":
+            if stage == "config":
+                print(f"cellseg-train: effective config (amp {ev['amp']} on {ev['device']}): "
+                      f"{json.dumps(ev['config'], separators=(',', ':'))}", file=sys.stderr)
+            elif stage == "setup":
                 print(f"cellseg-train: {ev['message']}", file=sys.stderr)
+            elif stage == "warning":
+                (tqdm.write if bar is not None else print)(f"cellseg-train: warning: {ev['message']}", file=sys.stderr)
             elif stage in ("train", "val"):
                 if bar is None or ev["step"] == 1:
                     if bar is not None:
@@ -104,18 +112,29 @@ def main(argv=None) -> int:
                     bar = tqdm(total=ev["total"], desc=f"epoch {ev['epoch']} {stage}", leave=False,
                                dynamic_ncols=True, mininterval=1.0)
                 bar.update(1)
-                if stage == "train" and ev["step"] % 5 == 0:
-                    bar.set_postfix(loss=f"{ev['loss']:.3f}")
+                if stage == "train" and (ev["step"] % 5 == 0 or ev["step"] == ev["total"]):
+                    bar.set_postfix(loss=f"{ev['loss']:.3f}", stepped=f"{ev['optimizer_steps']}/{ev['step']}",
+                                    nonfinite=ev["skipped"], scaler_skip=ev["scaler_skipped"])
             elif stage == "epoch":
                 if bar is not None:
                     bar.close()
                     bar = None
                 r = ev["row"]
+                if r["epoch"] == 0:
+                    tqdm.write(f"epoch 0 (the --init-checkpoint model): val loss {r['val_loss']:.4f}  val mAP "
+                               f"{r['val_map']:.3f}")
+                    continue
+                skips = "" if r["optimizer_steps"] == r["steps"] else (
+                    f"  stepped {r['optimizer_steps']}/{r['steps']} ({r['skipped_batches']} non-finite, "
+                    f"{r['scaler_skipped']} scaler-skipped)")
                 tqdm.write(f"epoch {r['epoch']}/{ev['epochs']}: train loss {r['train_loss']:.4f}  val loss "
                            f"{r['val_loss']:.4f}  val mAP {r['val_map']:.3f} (box_conf {r['box_conf']}, mask "
-                           f"{r['mask_threshold']})  lr {r['lr']:.2e}  {r['time_s']:.0f}s{'  *best*' if r['best'] else ''}")
+                           f"{r['mask_threshold']})  lr {r['lr']:.2e}  {r['time_s']:.0f}s (val {r['val_s']:.1f}s, "
+                           f"save {r['save_s']:.1f}s){skips}{'  *best*' if r['best'] else ''}")
             elif stage == "done":
-                print(f"cellseg-train: done; best model: {ev['best_model']}", file=sys.stderr)
+                healthy = ev.get("healthy", True)
+                if healthy:
+                    print(f"cellseg-train: done; best model: {ev['best_model']}", file=sys.stderr)
     except (ConfigError, DataError, OutputError, BackboneError, ValueError, FileNotFoundError) as exc:
         if bar is not None:
             bar.close()
@@ -124,6 +143,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("cellseg-train: interrupted; the last finished epoch is in last.ckpt (use --resume)", file=sys.stderr)
         return 130
+    if not healthy:
+        print("cellseg-train: error: the optimizer never stepped, the weights did not change (see log.csv)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,6 +19,13 @@ class ConfigError(ValueError):
     """An inconsistent training configuration; the message names the field."""
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+BACKBONE_WEIGHTS = ("imagenet", "random")  # or a local file
+CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "map")}
+"""Fields with a closed set of values (the CLI's choices, the widget's combo boxes).
+``backbone_weights`` takes BACKBONE_WEIGHTS or a file path."""
+
+
 @dataclass
 class TrainConfig:
     """One training run. Paths are strings (``""`` / ``None`` = not given)."""
@@ -46,13 +53,13 @@ class TrainConfig:
     scale_range: tuple[float, float] = (1.0, 1.0)
     augment: bool = True
     # model initialisation
-    backbone_weights: str | None = None
+    backbone_weights: str = "imagenet"
     init_checkpoint: str | None = None
     freeze_backbone_epochs: int = 0
     # run control
     resume: bool = False
     device: str = "auto"
-    amp: bool = True
+    amp: str = "auto"
     seed: int = 2025
     workers: int = 0
     select_by: str = "loss"
@@ -90,6 +97,10 @@ class TrainConfig:
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             bad("scale_range", f"needs 0 < MIN <= MAX, got {lo} {hi}")
+        if self.amp not in AMP_MODES:
+            bad("amp", f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if not self.backbone_weights:
+            bad("backbone_weights", "must be 'imagenet', 'random' or a weights file")
         if self.select_by not in ("loss", "map"):
             bad("select_by", f"must be 'loss' or 'map', got {self.select_by!r}")
         if self.workers < 0:
@@ -129,6 +140,10 @@ class TrainConfig:
                 v = ModelConfig.from_dict(v) if isinstance(v, dict) else v
             elif isinstance(v, list):
                 v = tuple(v)
+            elif k == "amp" and isinstance(v, bool):  # configs saved when --amp was on/off
+                v = "auto" if v else "off"
+            elif k == "backbone_weights" and v is None:  # saved before the ImageNet default
+                v = "random"
             kwargs[k] = v
         return cls(**kwargs)
 
@@ -161,12 +176,16 @@ HELP: dict[str, str] = {
                 "--diameter/auto sizing rescales images to it (as cellpose's diam_mean); fine-tuning "
                 "keeps the --init-checkpoint's value unless this is given",
     "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",
-    "backbone_weights": "ImageNet weights file for the timm backbone (no downloads here)",
+    "backbone_weights": "backbone start for a run from scratch: 'imagenet' (timm's pretrained weights, downloaded "
+                        "once into the Hugging Face cache; offline the run stops at once), 'random', or a local "
+                        "weights FILE; unused with --init-checkpoint / --resume",
     "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
     "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
-    "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, log)",
+    "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
+              "states, sampler position, log): the same numbers as an uninterrupted run",
     "device": "auto (CUDA if available), cpu, cuda, cuda:1 ...",
-    "amp": "mixed precision on CUDA (never used on CPU)",
+    "amp": "mixed precision: auto = bf16 autocast on GPUs with bfloat16, fp16 + GradScaler on older GPUs, "
+           "off on CPU; or bf16, fp16, off",
     "seed": "random seed for Python, NumPy, torch and cuDNN (deterministic mode)",
     "workers": "DataLoader worker processes (0 = load in the main process)",
     "select_by": "best_model.bin criterion: 'loss' (lowest val loss) or 'map' (highest val mAP)",

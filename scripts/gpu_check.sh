@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# The project's GPU acceptance run (issue 13). One summary line per check ("CHECK name: PASS|FAIL ...");
+# exit status = number of failed checks. No network (backbone from random weights); needs torch,
+# torchvision, timm, scikit-image, tifffile, pandas, matplotlib; albumentations (+ its pure-Python
+# dependencies) may come as wheels: --wheels DIR installs DIR/*.whl into a private folder first.
+#
+#   scripts/gpu_check.sh                      # CUDA, the default recipe on synthetic 704x520 images (<= 8 min on one GPU)
+#   scripts/gpu_check.sh --device cpu         # rehearsal on CPU: tiny model, 128x128 images, a few steps
+#   options: --images N (train+val images, default 64)  --epochs N (3)  --batch N (4)  --workers N (8)
+#            --work DIR (default: a temp folder)  --wheels DIR  --tiny (tiny model/sizes on any device)
+#
+# Checks: amp-auto and amp-fp16 (default recipe, 3 epochs: train loss falls >= 30% from epoch 1 to 3,
+# GradScaler skipped < 10% of the steps, no non-finite steps), resume (one more epoch from last.ckpt),
+# torchrun (--nproc_per_node=1: NCCL on CUDA, gloo on CPU), cuda-vs-cpu (a trained checkpoint predicts
+# the same masks on CUDA and CPU: mean per-instance IoU >= 0.98), speed (train and predict images/s).
+set -u
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEVICE=cuda; N=64; EPOCHS=3; BATCH=4; WORKERS=8; WORK=""; WHEELS=""; TINY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2;; --images) N="$2"; shift 2;; --epochs) EPOCHS="$2"; shift 2;;
+    --batch) BATCH="$2"; shift 2;; --workers) WORKERS="$2"; shift 2;; --work) WORK="$2"; shift 2;;
+    --wheels) WHEELS="$2"; shift 2;; --tiny) TINY=1; shift;;
+    -h|--help) sed -n 2,16p "$0"; exit 0;;
+    *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2;;
+  esac
+done
+[ "$DEVICE" = cpu ] && TINY=1
+if [ -n "$WHEELS" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+    "$WHEELS"/*.whl || { echo "gpu_check.sh: cannot install the wheels in $WHEELS" >&2; exit 2; }
+  export PYTHONPATH="/tmp/gpu_check_site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$REPO:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+[ -n "$WORK" ] || WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"
+mkdir -p "$WORK"
+SIZE="520 704"; ARGS=(--backbone-weights random --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE"
+                      --val-fraction 0.125 --no-figures --max-val-images 4)
+if [ "$TINY" = 1 ]; then
+  SIZE="128 128"; [ "$N" = 64 ] && N=8; BATCH=2
+  ARGS=(--backbone-weights random --batch-size 2 --workers 1 --device "$DEVICE" --val-fraction 0.25 --no-figures
+        --backbone convnext_atto --fpn-channels 32 --mask-head-channels 32 --box-head-size 128
+        --rpn-pre-nms-top-n-test 100 --rpn-post-nms-top-n-test 50 --box-detections-per-img 100
+        --width 0 --height 0 --anchor-sizes 8 16 32 64 128 --steps-per-epoch 6 --lr 1e-3)
+fi
+echo "gpu_check: $(date -u +%FT%TZ) device $DEVICE, $N synthetic ${SIZE/ /x} (HxW) images, work dir $WORK"
+python3 - "$WORK/data" "$N" $SIZE <<'PY' || { echo "gpu_check: cannot make the data" >&2; exit 2; }
+import sys, torch
+from napari_cellseg.synthetic import write_dataset
+out, n, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+write_dataset(out, n, kind="cells", seed=0, shape=(h, w))
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {gpu}")
+PY
+DATA=(--image-dir "$WORK/data/images" --label-dir "$WORK/data/labels")
+FAILS=0
+verdict() {  # verdict NAME CMD... : prints the command's one summary line; counts a FAIL
+  local line; line="$("${@:2}" 2>>"$WORK/check.err")" || true
+  [ -n "$line" ] || line="FAIL (no result; see $WORK/check.err)"
+  echo "CHECK $1: $line"
+  case "$line" in PASS*) ;; *) FAILS=$((FAILS + 1));; esac
+}
+logcheck() {  # logcheck OUT : loss fall and skip fractions from OUT/log.csv
+  python3 - "$1" "$2" "$BATCH" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1] + "/log.csv")))
+need = int(sys.argv[2])
+first, last = float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+steps = sum(int(r["steps"]) for r in rows)
+scaler = sum(int(r["scaler_skipped"]) for r in rows)
+nonfinite = sum(int(r["skipped_batches"]) for r in rows)
+fall = 1 - last / first
+ok = len(rows) == need and fall >= 0.30 and scaler < 0.10 * steps and nonfinite == 0
+batch = int(sys.argv[3])
+imgs = (sum(int(r["steps"]) for r in rows[1:]) or steps) * batch
+secs = sum(float(r["train_s"]) for r in rows[1:]) or sum(float(r["train_s"]) for r in rows)
+print(f"{'PASS' if ok else 'FAIL'} amp {rows[0]['amp']}: train loss {first:.3f} -> {last:.3f} ({fall:.1%} fall, "
+      f"need >= 30%), scaler skipped {scaler}/{steps}, non-finite {nonfinite}, val mAP {float(rows[-1]['val_map']):.3f}, "
+      f"{imgs / secs:.2f} train images/s; epoch fixed costs: loader start {rows[-1]['loader_start_s']} s, "
+      f"val {rows[-1]['val_s']} s, save {rows[-1]['save_s']} s")
+PY
+}
+run_train() {  # run_train OUT extra-args... ; the training output goes to OUT.log
+  python3 -m training "${DATA[@]}" "${ARGS[@]}" --out "$1" "${@:2}" >"$1.log" 2>&1
+}
+for AMP in auto fp16; do
+  if run_train "$WORK/amp-$AMP" --amp "$AMP" --epochs "$EPOCHS"; then verdict "amp-$AMP" logcheck "$WORK/amp-$AMP" "$EPOCHS"
+  else echo "CHECK amp-$AMP: FAIL (exit $?; tail of $WORK/amp-$AMP.log:) $(tail -2 "$WORK/amp-$AMP.log" | tr '\n' ' ')"; FAILS=$((FAILS + 1)); fi
+done
+resume_check() {
+  run_train "$WORK/amp-auto" --amp auto --epochs $((EPOCHS + 1)) --resume || { echo "FAIL exit $? ($(tail -1 "$WORK/amp-auto.log"))"; return; }
+  python3 - "$WORK/amp-auto" "$((EPOCHS + 1))" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1] + "/log.csv")))
+ok = [int(r["epoch"]) for r in rows] == list(range(1, int(sys.argv[2]) + 1))
+print(f"{'PASS' if ok else 'FAIL'} resumed to epoch {rows[-1]['epoch']}, train loss {float(rows[-1]['train_loss']):.3f}")
+PY
+}
+verdict resume resume_check
+torchrun_check() {
+  local out="$WORK/torchrun"
+  python3 -m torch.distributed.run --nproc_per_node=1 -m training "${DATA[@]}" "${ARGS[@]}" --out "$out" --epochs 1 \
+    >"$out.log" 2>&1 || { echo "FAIL exit $? ($(tail -1 "$out.log"))"; return; }
+  python3 - "$out" <<'PY'
+import sys, torch
+from napari_cellseg.checkpoint import load_checkpoint
+_, _, _, info = load_checkpoint(sys.argv[1] + "/best_model.bin")
+backend = "nccl" if info["device"].startswith("cuda") else "gloo"
+print(f"PASS torchrun --nproc_per_node=1 ({backend}): world_size {info['world_size']}, device {info['device']}")
+PY
+}
+verdict torchrun torchrun_check
+predict_check() {
+  python3 - "$WORK/amp-auto/best_model.bin" "$WORK/data/images" "$DEVICE" <<'PY'
+import sys, time, glob
+import numpy as np, torch
+from napari_cellseg.images import to_rgb_float
+from napari_cellseg.predict import Predictor
+import tifffile
+ckpt, folder, device = sys.argv[1:]
+images = [to_rgb_float(tifffile.imread(p)) for p in sorted(glob.glob(folder + "/*.tif"))[:8]]
+def labels(dev, n):
+    pred = Predictor.from_checkpoint(ckpt, device=dev)
+    pred.predict(images[0])  # warm-up
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = [pred.predict(im).to_labels(0.5, 0.5) for im in images[:n]]
+    return out, n / (time.perf_counter() - t0)
+def mean_iou(a, b):  # per-instance IoU, each instance matched to its best partner; unmatched count 0
+    ious = []
+    for x, y in ((a, b), (b, a)):
+        ids = np.unique(x)[1:]
+        for i in ids:
+            m = x == i
+            partners, counts = np.unique(y[m], return_counts=True)
+            best = 0.0
+            for p, c in zip(partners, counts):
+                if p:
+                    best = max(best, c / np.logical_or(m, y == p).sum())
+            ious.append(best)
+    return float(np.mean(ious)) if ious else 1.0, len(np.unique(a)) - 1, len(np.unique(b)) - 1
+dev_labels, ips = labels(device if device != "cpu" else "cpu", len(images))
+if not device.startswith("cuda") or not torch.cuda.is_available():
+    print(f"PASS predict {ips:.2f} images/s on {device}; CUDA vs CPU comparison skipped (no CUDA)")
+    sys.exit()
+cpu_labels, cps = labels("cpu", 2)
+res = [mean_iou(a, b) for a, b in zip(dev_labels[:2], cpu_labels)]
+iou = min(r[0] for r in res)
+print(f"{'PASS' if iou >= 0.98 else 'FAIL'} CUDA vs CPU masks: mean per-instance IoU {iou:.4f} (need >= 0.98), "
+      f"cells {[r[1] for r in res]} vs {[r[2] for r in res]}; predict {ips:.2f} images/s on {device}, "
+      f"{cps:.2f} on CPU")
+PY
+}
+verdict cuda-vs-cpu predict_check
+speed_check() {  # end-to-end train images/s (amp-auto, epochs after the first) vs the GPU-bound rate: the same
+  # steps on one batch already on the device (no loader), as training.engine runs them
+  python3 - "$WORK/amp-auto" "$BATCH" <<'PY'
+import csv, json, sys, time
+import torch
+from training.config import TrainConfig
+from training import engine
+from training.augment import train_pipeline
+from training.data import InstanceDataset, collate, load_samples
+run, batch = sys.argv[1], int(sys.argv[2])
+rows = list(csv.DictReader(open(run + "/log.csv")))[:-1]  # the resumed epoch aside
+later = rows[1:] or rows
+e2e = sum(int(r["steps"]) for r in later) * batch / sum(float(r["train_s"]) for r in later)
+cfg = TrainConfig.from_dict(json.load(open(run + "/config.json")))
+cfg.resume, cfg.init_checkpoint, cfg.out = False, None, run + "-speed"
+device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else cfg.device)
+amp = engine.resolve_amp(cfg.amp, device)
+model = engine._build(cfg, device)
+samples = load_samples(cfg)
+ds = InstanceDataset(samples, train_pipeline(cfg.width, cfg.height, cfg.crop_size, tuple(cfg.scale_range), cfg.augment))
+one = collate([ds[(1, i)] for i in range(batch)])
+n = 12
+opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
+scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+gen = engine.train_one_epoch(model, [one] * (n + 2), opt, scaler, device, 1, cfg, amp)
+for k, _ in enumerate(gen):
+    if k == 1:  # after 2 warm-up steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+bound = n * batch / (time.perf_counter() - t0)
+ratio = e2e / bound
+print(f"{'PASS' if ratio >= 0.8 else 'FAIL'} train {e2e:.2f} images/s end to end vs {bound:.2f} GPU-bound "
+      f"({ratio:.0%}, need >= 80%), amp {amp}, batch {batch}")
+PY
+}
+verdict speed speed_check
+echo "gpu_check: done, $FAILS failed check(s); logs and runs in $WORK"
+exit "$FAILS"

@@ -1,0 +1,331 @@
+"""training.engine: AMP modes and the fp16 stem fix, DDP step agreement (2 gloo ranks, NaN on
+one), exact resume, one-line errors (no optimizer state, offline ImageNet), the caller's config
+left alone, config.json, the health warning when the optimizer does not step."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training.cli import main  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from test_training_cli import TINY  # noqa: E402
+from test_training_data import write_folder  # noqa: E402
+
+TIMING = {"loader_start_s", "train_s", "val_s", "save_s", "time_s"}
+
+
+def rows(out: Path):
+    with open(out / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_folder(tmp_path / "d", n=5)
+
+
+# ---------------------------------------------------------------- AMP
+def test_amp_modes_resolve_per_device():
+    from training.engine import resolve_amp
+
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) == "off"  # never on CPU unless asked
+    assert resolve_amp("fp16", cpu) == "fp16" and resolve_amp("off", cpu) == "off"
+    assert resolve_amp(True, cpu) == "off" and resolve_amp(False, cpu) == "off"  # old bool configs
+    assert TrainConfig.from_dict({"amp": True}).amp == "auto"
+    assert TrainConfig.from_dict({"amp": False}).amp == "off"
+    with pytest.raises(ValueError, match="--amp"):
+        TrainConfig(amp="fp8").validate()
+
+
+def _fp16_step(size: int, fixed: bool, monkeypatch):
+    """One fp16-autocast step of the tiny model on a synthetic cell image; returns whether the
+    GradScaler skipped it (scale decreased) and the parameters whose gradients were not finite."""
+    import napari_cellseg.model as M
+    from napari_cellseg.synthetic import make_image
+    from training.data import labels_to_layers, layers_to_instances
+
+    if not fixed:
+        monkeypatch.setattr(M, "keep_stem_fp32", lambda body: None)
+    torch.manual_seed(0)
+    model = M.build_model(M.ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32,
+                                        box_head_size=128, min_size=size, max_size=size,
+                                        anchor_sizes=(8, 16, 32, 64, 128)))
+    model.transform.resize = lambda im, t=None: (im, t)
+    im, lab = make_image("cells", (size, size), seed=1)
+    masks, boxes, _ = layers_to_instances(labels_to_layers(lab))
+    images = [torch.from_numpy(np.repeat(im[None].astype(np.float32) / 255, 3, 0))]
+    targets = [{"boxes": torch.from_numpy(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64),
+                "masks": torch.from_numpy(masks)}]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu")
+    model.train()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = sum(model(images, targets).values())
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    before = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale() < before, bad
+
+
+@pytest.mark.slow
+def test_fp16_stem_runs_in_float32_so_the_scaler_does_not_skip(monkeypatch):
+    """The cause of the fp16 stall: ConvNeXt's stem conv + LayerNorm make the stem's weight
+    gradients sum a ~1/sqrt(eps)-amplified gradient over every pixel; in fp16 they overflow (at
+    704x520 even at scale 1). With the stem kept in float32 the same step is not skipped."""
+    skipped, bad = _fp16_step(192, fixed=False, monkeypatch=monkeypatch)
+    assert skipped and any(n.startswith("backbone.body.stem_0") for n in bad)  # the failure, reproduced
+    monkeypatch.undo()
+    skipped, bad = _fp16_step(192, fixed=True, monkeypatch=monkeypatch)
+    assert not skipped and bad == []
+
+
+def test_stem_conv_keeps_float32_under_autocast_and_same_state_dict():
+    import timm
+    from napari_cellseg.model import keep_stem_fp32
+
+    body = timm.create_model("convnext_atto", pretrained=False, features_only=True)
+    keys = list(body.state_dict())
+    kept = keep_stem_fp32(body)
+    assert list(body.state_dict()) == keys  # checkpoints stay compatible
+    names = {m: n for n, m in body.named_modules()}
+    assert [names[m] for m in kept] == ["stem_0", "stages_1.downsample.1", "stages_2.downsample.1",
+                                        "stages_3.downsample.1"]  # stem + patchify downsampling convs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kept[0](torch.rand(1, 3, 32, 32)).dtype == torch.float32
+        assert body.stages_0.blocks[0].conv_dw(torch.rand(1, 40, 8, 8)).dtype == torch.bfloat16  # others: autocast
+
+
+# ---------------------------------------------------------------- step accounting / DDP
+class Toy(torch.nn.Module):
+    """Stands in for Mask R-CNN: model(images, targets) -> dict of losses; NaN on ``nan_rank``
+    at step ``nan_step``."""
+
+    def __init__(self, rank=0, nan_rank=-1, nan_step=-1):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+        self.rank, self.nan_rank, self.nan_step, self.calls = rank, nan_rank, nan_step, 0
+
+    def forward(self, images, targets):
+        x = torch.stack(images)
+        loss = (self.lin(x) - 1).pow(2).mean()
+        if self.rank == self.nan_rank and self.calls == self.nan_step:
+            loss = loss * float("nan")
+        self.calls += 1
+        return {"loss_mask": loss, "loss_box_reg": loss * 0.5}
+
+
+def _drain(gen):
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+def _toy_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [([torch.rand(4, generator=g)], [{"boxes": torch.zeros(0, 4)}]) for _ in range(n)]
+
+
+def test_train_one_epoch_counts_nonfinite_and_never_steps_on_them():
+    from training.engine import _health_warning, train_one_epoch
+
+    model = Toy(nan_rank=0, nan_step=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    events, r = _drain(train_one_epoch(model, _toy_batches(4), opt, scaler, torch.device("cpu"), 1,
+                                       TrainConfig(), "off"))
+    assert (r["steps"], r["optimizer_steps"], r["skipped_batches"], r["scaler_skipped"]) == (4, 3, 1, 0)
+    assert np.isnan(events[1]["loss"]) and events[-1]["optimizer_steps"] == 3
+    assert "elapsed_s" in events[0] and "eta_epoch_s" not in events[0] and events[-1]["eta_epoch_s"] > 0
+    assert _health_warning(1, r, "off") is None
+    msg = _health_warning(3, {**r, "optimizer_steps": 1, "scaler_skipped": 2, "skipped_batches": 1}, "fp16")
+    assert msg.startswith("epoch 3: 3 of 4 steps did not update the weights") and "--amp bf16" in msg
+    assert "\n" not in msg
+
+
+class SteepToy(Toy):
+    """Finite loss whose gradient (4 x scale) overflows float16 until the scaler reaches 2^13."""
+
+    def forward(self, images, targets):
+        return {"loss_mask": self.lin(torch.stack(images)).float().mean() * 4}
+
+
+def test_fp16_scaler_skips_are_counted_apart():
+    from training.engine import train_one_epoch
+
+    model = SteepToy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    events, r = _drain(train_one_epoch(model, _toy_batches(5), opt, scaler, torch.device("cpu"), 1,
+                                       TrainConfig(), "fp16"))
+    assert (r["scaler_skipped"], r["skipped_batches"], r["optimizer_steps"]) == (3, 0, 2)  # 2^16, 2^15, 2^14
+    assert [e["scaler_skipped"] for e in events] == [1, 2, 3, 3, 3]
+
+
+def _ddp_rank(rank, world, init_file, result_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from training.engine import train_one_epoch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DDP(Toy(rank=rank, nan_rank=1, nan_step=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _, r = _drain(train_one_epoch(model, _toy_batches(5, seed=rank), opt, scaler, torch.device("cpu"), 1,
+                                  TrainConfig(), "off", world))
+    weights = [p.detach().clone() for p in model.parameters()]
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save({"r": r, "w": weights}, Path(result_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_ranks_agree_to_skip_a_nan_on_one_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    res = [torch.load(tmp_path / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
+    for got in res:  # the batch is counted as skipped on BOTH ranks, and both stepped 4 times
+        assert (got["r"]["steps"], got["r"]["skipped_batches"], got["r"]["optimizer_steps"]) == (5, 1, 4)
+    assert res[0]["r"]["train_loss"] == res[1]["r"]["train_loss"]  # losses reduced across ranks
+    for a, b in zip(res[0]["w"], res[1]["w"]):
+        assert torch.equal(a, b)  # identical weights: the same steps on every rank
+
+
+# ---------------------------------------------------------------- whole runs (tiny model)
+@pytest.mark.slow
+def test_resume_is_exact_and_config_is_saved_and_untouched(folder, tmp_path, capsys):
+    images, labels = folder
+    args = ["--image-dir", str(images), "--label-dir", str(labels), *TINY, "--no-figures", "--workers", "1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*args, "--out", str(full), "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "effective config" in err and '"native_scale":true' in err
+    assert main([*args, "--out", str(part), "--epochs", "2"]) == 0
+    assert main([*args, "--out", str(part), "--epochs", "3", "--resume"]) == 0
+    a, b = rows(full), rows(part)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == ["1", "2", "3"]
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    assert all(float(r[k]) >= 0 for r in a for k in TIMING)  # per-epoch costs are reported
+    saved = json.loads((full / "config.json").read_text())
+    assert saved["epochs"] == 3 and saved["model"]["native_scale"] is True and saved["backbone_weights"] == "random"
+    from napari_cellseg.checkpoint import read_checkpoint
+    ck = read_checkpoint(full / "last.ckpt")
+    assert ck["train_config"] == saved and ck["sampler"]["next_epoch"] == 4
+    assert {"torch", "numpy", "python"} <= set(ck["rng"])
+
+
+def test_engine_works_on_a_copy_of_the_config(folder, tmp_path):
+    from training.engine import effective_config
+
+    images, labels = folder
+    cfg = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(tmp_path / "o"), width=0, height=0)
+    before = cfg.to_dict()
+    eff = effective_config(cfg)
+    assert eff.model.native_scale and not cfg.model.native_scale
+    assert cfg.to_dict() == before
+
+
+def test_resume_without_optimizer_state_is_one_line_exit_2(folder, tmp_path, capsys):
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    images, labels = folder
+    out = tmp_path / "run"
+    out.mkdir()
+    mc = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                     anchor_sizes=(8, 16, 32, 64, 128))
+    save_checkpoint(out / "last.ckpt", build_model(mc), mc)  # a model-only checkpoint
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                 "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellseg-train: error:") and "last.ckpt" in err[-1] and "optimizer" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_imagenet_default_offline_stops_before_any_work(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    images, labels = folder
+    out = tmp_path / "run"
+    tiny = [a for a in TINY if a not in ("--backbone-weights", "random")]
+    assert TrainConfig().backbone_weights == "imagenet"
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *tiny]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellseg-train: error:") and "--backbone-weights FILE" in err[-1]
+    assert "--backbone-weights random" in err[-1]
+    assert not out.exists() and "loading data" not in "\n".join(err)  # before any work
+
+
+@pytest.mark.slow
+def test_fine_tune_needs_no_backbone_weights_and_reports_epoch_0(folder, tmp_path, monkeypatch):
+    """--init-checkpoint: no download (offline is fine) and the starting model is validated as
+    an "epoch" event with epoch 0 for the widget."""
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+    from training.engine import train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    images, labels = folder
+    mc = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                     anchor_sizes=(8, 16, 32, 64, 128), box_detections_per_img=50)
+    save_checkpoint(tmp_path / "start.bin", build_model(mc), mc)
+    cfg = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(tmp_path / "ft"), width=0, height=0,
+                      epochs=1, steps_per_epoch=1, val_fraction=0.3, figures=False, tune_thresholds=False,
+                      init_checkpoint=str(tmp_path / "start.bin"))  # backbone_weights: the "imagenet" default
+    events, summary = _drain(train(cfg))
+    epochs = [e for e in events if e["stage"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert np.isfinite(epochs[0]["row"]["val_loss"]) and 0 <= epochs[0]["row"]["val_map"] <= 1
+    assert summary["healthy"] and [r["epoch"] for r in rows(tmp_path / "ft")] == ["1"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_optimizer_never_stepped_does_not_look_healthy(folder, tmp_path, capsys, monkeypatch):
+    images, labels = folder
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, *a, **k: torch.tensor(float("inf")))
+    out = tmp_path / "run"
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                 "--no-figures", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "epoch 1: 2 of 2 steps did not update the weights (2 non-finite loss/gradient)" in err
+    assert "the optimizer never stepped" in err and "done; best model" not in err
+    r = rows(out)[0]
+    assert (r["optimizer_steps"], r["skipped_batches"], r["best"]) == ("0", "2", "0")
+    assert not (out / "best_model.bin").exists()
+
+
+def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
+    from training.data import EpochSampler, InstanceDataset, array_samples
+    from training.augment import test_pipeline
+    from training.engine import _loader
+    from test_training_data import synth
+
+    im, lab = synth(0)
+    ds = InstanceDataset(array_samples([im], [lab]), test_pipeline(0, 0))
+    sampler = EpochSampler(len(ds), seed=0)
+    with_workers = _loader(ds, TrainConfig(workers=2), sampler, torch.device("cpu"))
+    assert with_workers.persistent_workers and with_workers.prefetch_factor == 4 and not with_workers.pin_memory
+    assert _loader(ds, TrainConfig(workers=2), sampler, torch.device("cuda")).pin_memory
+    plain = _loader(ds, TrainConfig(workers=0), sampler, torch.device("cpu"))
+    assert not plain.persistent_workers and plain.num_workers == 0
