@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from training.config import TrainConfig
+from training.config import BACKBONE_WEIGHTS, TrainConfig
 from training.data import DataError
 
 SOURCES = ("layers", "csv", "folders")
@@ -43,11 +43,16 @@ BACKBONE_CHOICES = {"imagenet": "ImageNet weights (timm)", "random": "random (sl
 def default_backbone_choice() -> str:
     """TrainConfig's default backbone_weights as a form choice."""
     w = _DEFAULT.backbone_weights
-    return "random" if w is None else ("imagenet" if w == "imagenet" else "file")
+    return w if w in BACKBONE_WEIGHTS else "file"
 
 
-def backbone_weights(choice: str, path: str = "") -> str | None:
-    """The form's backbone choice -> ``TrainConfig.backbone_weights`` ("imagenet", None or a path)."""
+def default_backbone_weights() -> str:
+    """TrainConfig's default (used as is when a starting checkpoint makes it irrelevant)."""
+    return _DEFAULT.backbone_weights
+
+
+def backbone_weights(choice: str, path: str = "") -> str:
+    """The form's backbone choice -> ``TrainConfig.backbone_weights`` ("imagenet", "random" or a path)."""
     if choice not in BACKBONE_CHOICES:
         raise DataError(f"backbone weights: unknown choice {choice!r} ({', '.join(BACKBONE_CHOICES)})")
     if choice == "file":
@@ -56,7 +61,7 @@ def backbone_weights(choice: str, path: str = "") -> str | None:
         if not Path(path).expanduser().is_file():
             raise DataError(f"backbone weights: {path}: file not found")
         return str(Path(path).expanduser())
-    return "imagenet" if choice == "imagenet" else None
+    return choice
 
 
 def default_out_dir(home: str | Path | None = None, now: _dt.datetime | None = None) -> Path:

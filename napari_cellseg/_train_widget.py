@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                             QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
@@ -327,7 +327,7 @@ class TrainWidget(ScrollDock):
             values = self.form_values()
             choice, path = values.pop("backbone_choice"), values.pop("backbone_file")
             # only used without a starting checkpoint (which brings its own backbone weights)
-            values["backbone_weights"] = (None if values["init_checkpoint"].strip()
+            values["backbone_weights"] = (_form.default_backbone_weights() if values["init_checkpoint"].strip()
                                           else _form.backbone_weights(choice, path))
             config = _form.form_to_config(values)
             pairs = self.layer_pairs() if self.source_combo.currentData() == "layers" else None
@@ -371,6 +371,8 @@ class TrainWidget(ScrollDock):
             self._worker.quit()
 
     def _on_event(self, event):
+        if event.get("stage") == "warning":  # e.g. most steps did not update the weights
+            show_warning(f"Train model: {event.get('message', '')}")
         self.tracker.update(event)
         self.progress.setValue(int(1000 * self.tracker.fraction))
         self.status.setText(self.tracker.text)
@@ -401,6 +403,10 @@ class TrainWidget(ScrollDock):
         self.last_summary = summary
         best = Path(summary["best_model"]).resolve()
         what = _form.done_message(summary.get("history", []), self.tracker.start_row if self.tracker else None)
+        if summary.get("healthy") is False:  # never looks healthy: the weights never changed
+            self._error(f"Training failed: the optimizer never stepped (every step was skipped; see "
+                        f"skipped_batches / scaler_skipped in {Path(summary['out']) / 'log.csv'})")
+            return
         if not best.is_file() or what is None:
             self._error(f"Training ended without a finite val loss: no best_model.bin in {summary['out']}")
             return

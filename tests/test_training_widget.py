@@ -96,7 +96,8 @@ def test_form_defaults_are_train_configs_and_backbone_choice(tmp_path):
     for key in ("epochs", "lr", "batch_size", "crop_size", "steps_per_epoch", "val_fraction", "device"):
         assert _form.FORM_DEFAULTS[key] == getattr(d, key), key
     assert _form.backbone_weights("imagenet") == "imagenet"
-    assert _form.backbone_weights("random") is None
+    assert _form.backbone_weights("random") == "random"
+    assert _form.default_backbone_choice() == d.backbone_weights == "imagenet"  # like the seed
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
     assert _form.backbone_weights("file", str(weights)) == str(weights)
