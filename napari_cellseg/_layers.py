@@ -143,7 +143,9 @@ def result_layer_name(image_layer_name: str) -> str:
 
 
 def labels_items(layer) -> dict[str, np.ndarray]:
-    """``{image id: 2D labels}`` for one Labels layer (each labelled plane of a stack)."""
+    """``{image id: 2D labels}`` for one Labels layer: every plane of a stack, empty planes too
+    (written as the format's 'no cell' row), so a re-export replaces the rows of planes whose
+    cells were all deleted and the reader gets the plane count back from the ids."""
     r = result_of(layer)
     meta = getattr(layer, "metadata", None) or {}
     base = r.image_id if r else meta.get("image_id") or _strip_cells(str(layer.name))
@@ -152,12 +154,8 @@ def labels_items(layer) -> dict[str, np.ndarray]:
         return {base: data}
     if data.ndim < 2:
         raise InputError(f"layer {layer.name!r} is not a 2D label image")
-    items = {}
-    for prefix in np.ndindex(*data.shape[:-2]):
-        plane = data[prefix]
-        if plane.any():
-            items[plane_id(base, prefix, data.shape[:-2])] = plane
-    return items
+    return {plane_id(base, prefix, data.shape[:-2]): data[prefix]
+            for prefix in np.ndindex(*data.shape[:-2])}
 
 
 def _strip_cells(name: str) -> str:
@@ -176,7 +174,7 @@ def export_items(layers, only=None) -> dict[str, np.ndarray]:
                 raise InputError(f"two layers export the same image id {key!r}; rename one")
             items[key] = lab
     if not items:
-        raise InputError("the segmented layers hold no cells in any plane (nothing was written)")
+        raise InputError("the segmented layers hold no planes (nothing was written)")
     return items
 
 
@@ -271,7 +269,7 @@ def stack_groups(ids, layers=()) -> dict[str, tuple[tuple[int, ...], dict[str, t
 
     A stem forms a stack when it has two or more plane ids, or when an open image of that name
     is a stack with as many leading axes; the lead shape is the open image's, else the largest
-    index + 1 (planes without cells are not in a CSV)."""
+    index + 1 (an export writes every plane, empty ones as a 'no cell' row)."""
     groups: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
     for image_id in ids:
         base, index = _split_plane_id(image_id)
