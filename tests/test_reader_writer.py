@@ -147,6 +147,29 @@ def test_reexport_after_deleting_a_plane_and_trailing_empty_planes(tmp_path, fmt
     np.testing.assert_array_equal(data, edited)
 
 
+def test_plane_like_ids_that_are_not_one_stack_open_as_separate_layers(tmp_path, monkeypatch):
+    """`scan_001` (40x50) and `scan_002` (30x20) are two images, not a stack (the whole CSV was
+    refused); `run_000` + `run_100000` must not allocate a 100001-plane array."""
+    sizes = tmp_path / "sizes.csv"
+    export_csv(sizes, {"scan_001": _labels(1), "scan_002": _labels(2, shape=(30, 20), n=2)}, "train")
+    layers = csv_to_layer_data(sizes)
+    assert [(m["name"], d.shape) for d, m, _ in layers] == [("scan_001 cells", (40, 50)),
+                                                            ("scan_002 cells", (30, 20))]
+    sparse = tmp_path / "sparse.csv"
+    export_csv(sparse, {"run_000": _labels(1), "run_100000": _labels(2)}, "train")
+    assert [(m["name"], d.shape) for d, m, _ in csv_to_layer_data(sparse)] == [
+        ("run_000 cells", (40, 50)), ("run_100000 cells", (40, 50))]
+    # a dense run of same-size planes is still one stack...
+    dense = tmp_path / "dense.csv"
+    export_csv(dense, {"d_000": _labels(1), "d_002": _labels(2)}, "train")
+    (data, meta, _), = csv_to_layer_data(dense)
+    assert data.shape == (3, 40, 50) and meta["name"] == "d cells"
+    # ...unless the stack would pass the memory bound
+    import napari_cellseg._layers as layers_mod
+    monkeypatch.setattr(layers_mod, "MAX_STACK_PIXELS", 3 * 40 * 50 - 1)
+    assert [m["name"] for _, m, _ in csv_to_layer_data(dense)] == ["d_000 cells", "d_002 cells"]
+
+
 def test_export_nothing_segmented_writes_nothing(tmp_path):
     with pytest.raises(InputError, match="nothing segmented"):
         export_items([FakeLayer(name="x", data=_labels(), metadata={})])
