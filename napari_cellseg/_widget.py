@@ -413,6 +413,13 @@ class SegmentWidget(PanelActions, ScrollDock):
             lyr.name = kept = self._free_name(f"{name} (kept)")
             note = f" The layer that was named {name!r} is kept as {kept!r}."
             lyr = None
+        if lyr is not None and result_of(lyr).edited:
+            # painted on while the network ran: the hand edits win; this run is not applied
+            self._update_tune_panel()
+            self._error(f"{name!r} was edited by hand while Segment ran: your edits are kept and "
+                        "this run's result was not applied. Press 'Reset to model' to discard the "
+                        "edits, then Segment again")
+            return
         if lyr is None or tuple(lyr.data.shape) != shape:
             if lyr is not None:  # our own earlier result for an image of another shape
                 self.viewer.layers.remove(lyr)

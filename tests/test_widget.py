@@ -270,6 +270,35 @@ def test_all_planes_of_a_stack(make_napari_viewer, qtbot, tiny_checkpoint, forwa
     assert not w.all_planes.isEnabled()
 
 
+def test_hand_edits_made_while_segment_runs_are_kept(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                    monkeypatch, errors):
+    """Painting on the result layer while Segment runs must not be overwritten by the run."""
+    from napari_cellseg import pipeline
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    orig, gate = pipeline.Pipeline.iter_predict, []
+
+    def gated(self, image, *a, **k):
+        while not gate:
+            time.sleep(0.01)
+            yield {"stage": "gated", "fraction": 0.1}
+        return (yield from orig(self, image, *a, **k))
+
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", gated)
+    w.segment()
+    qtbot.waitUntil(lambda: "gated" in w.status.text(), timeout=TIMEOUT)
+    lyr.paint((5, 5), 999, refresh=True)
+    edited = lyr.data.copy()
+    assert (edited == 999).any()
+    gate.append(1)
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    np.testing.assert_array_equal(lyr.data, edited)
+    assert result_of(lyr).edited and "Reset to model" in errors[-1]
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+
+
 def test_segment_never_overwrites_a_foreign_layer_of_the_same_name(make_napari_viewer, qtbot,
                                                                     tiny_checkpoint, errors):
     # ground truth opened from a train.csv is named "<id> cells", like the result layer
