@@ -18,7 +18,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QPushButton, QSpinBox, QVBoxLayout)
 
-from . import registry
+from . import _edit, registry
 from ._layers import InputError, draw_labels, image_plane, result_of
 from ._layout import ScrollDock
 from ._napari_compat import same_layer
@@ -329,5 +329,6 @@ class ReviewWidget(ScrollDock):
                 else:
                     lyr.data = labels
             lyr.refresh()
+            _edit.forget_last_stroke(lyr)
             r.thresholds = {**r.thresholds, "box_conf": b, "mask_threshold": m}
         self.schedule()

@@ -490,6 +490,7 @@ class SegmentWidget(PanelActions, ScrollDock):
             counts[plane] = int(labels.max()) if labels.size else 0
         lyr.refresh(extent=False)
         reset_undo_history(lyr)  # old strokes must not replay onto a different drawing
+        _edit.forget_last_stroke(lyr)  # ...nor be given a new id there
         r.thresholds = t
         n = sum(counts.values())
         if len(counts) > 1:

@@ -299,6 +299,31 @@ def test_hand_edits_made_while_segment_runs_are_kept(make_napari_viewer, qtbot, 
     qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
 
 
+def test_new_id_for_last_stroke_forgets_strokes_when_the_data_is_replaced(make_napari_viewer, qtbot,
+                                                                        tiny_checkpoint, errors):
+    """After Reset to model (or any redraw) the old stroke's pixels belong to model cells: the
+    shortcut must refuse instead of splitting them off as a new cell."""
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    w.box_slider.setValue(0.0)
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    assert lyr.data.max() > 0
+    covered = tuple(np.argwhere(lyr.data > 0)[0])
+    lyr.selected_label = int(lyr.data.max()) + 5
+    lyr.paint(covered, lyr.selected_label, refresh=True)  # a stroke over a model cell
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    w.reset_to_model()
+    drawn = lyr.data.copy()
+    assert drawn[covered] > 0
+    w._edit_action("new_id")
+    assert errors and "nothing painted yet" in errors[-1]
+    np.testing.assert_array_equal(lyr.data, drawn)
+    # a new stroke is remembered again
+    lyr.paint((2, 2), 77, refresh=True)
+    w._edit_action("new_id")
+    assert w.status.text().startswith("last stroke is now cell")
+
+
 def test_segment_never_overwrites_a_foreign_layer_of_the_same_name(make_napari_viewer, qtbot,
                                                                     tiny_checkpoint, errors):
     # ground truth opened from a train.csv is named "<id> cells", like the result layer
