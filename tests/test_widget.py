@@ -199,15 +199,15 @@ def test_edit_actions_are_undoable(make_napari_viewer, qtbot):
 
 
 def test_cancel_running_job(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
-    from napari_cellseg import predict
+    from napari_cellseg import pipeline
 
-    def slow(self, image, scale=1.0):
+    def slow(self, image, scale=None, tile="auto"):
         for i in range(2000):
             time.sleep(0.01)
             yield {"stage": "slow", "fraction": i / 2000}
         raise AssertionError("not cancelled")
 
-    monkeypatch.setattr(predict.Predictor, "iter_predict", slow)
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", slow)  # the widget runs the Pipeline
     viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
     w.segment()
     qtbot.waitUntil(lambda: w.status.text().startswith("Segmenting: slow"), timeout=TIMEOUT)
@@ -340,18 +340,18 @@ def test_segment_never_overwrites_a_foreign_layer_of_the_same_name(make_napari_v
 
 
 def test_cancel_all_planes_keeps_nothing(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
-    from napari_cellseg import predict
+    from napari_cellseg import pipeline
 
     calls = []
 
-    def slow(self, image, scale=1.0):
+    def slow(self, image, scale=None, tile="auto"):
         calls.append(1)
         for i in range(200):
             time.sleep(0.01)
             yield {"stage": "slow", "fraction": i / 200}
         return None
 
-    monkeypatch.setattr(predict.Predictor, "iter_predict", slow)
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", slow)  # the widget runs the Pipeline
     stack = np.stack([_image(s) for s in range(4)])
     viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=stack, name="stack")
     w.all_planes.setChecked(True)
@@ -583,6 +583,42 @@ def test_calibrate_writes_the_diameter_and_segment_agrees(make_napari_viewer, qt
     _segment(qtbot, w)
     res = result_of(viewer.layers["img cells"])
     assert res.detections.scale == pytest.approx(scale, abs=0.006)
+
+
+def test_segment_and_calibrate_run_the_pipeline_with_the_forms_options(make_napari_viewer, qtbot,
+                                                                       tiny_checkpoint, monkeypatch, errors):
+    """Issue 16: the widget builds PredictOptions from its form (device, diameter, thresholds)
+    and predicts through pipeline.Pipeline, like the CLI, tune and training validation."""
+    from napari_cellseg import pipeline
+    from napari_cellseg.options import PredictOptions
+
+    seen = []
+    orig = pipeline.Pipeline.__init__
+
+    def record(self, runner, options=None):
+        seen.append(options)
+        orig(self, runner, options)
+
+    monkeypatch.setattr(pipeline.Pipeline, "__init__", record)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    w.device_combo.setCurrentText("cpu")
+    w.diameter_spin.setValue(20)
+    w.box_slider.setValue(0.1)  # not the checkpoint's 0.3
+    w.largest_check.setChecked(True)
+    _segment(qtbot, w)
+    assert errors == []
+    options = [o for o in seen if isinstance(o, PredictOptions) and o.checkpoint == str(tiny_checkpoint)]
+    assert options, seen
+    o = options[-1]
+    assert (o.device, o.diameter, o.box_conf, o.keep_largest) == ("cpu", 20.0, pytest.approx(0.1), True)
+    r = result_of(viewer.layers["img cells"])
+    # the run used (and the sliders keep) the form's thresholds, not the checkpoint's
+    assert r.thresholds["box_conf"] == pytest.approx(0.1) and r.thresholds["keep_largest"] is True
+    assert w.box_slider.value() == pytest.approx(0.1) and w.largest_check.isChecked()
+    seen.clear()
+    w.calibrate()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    assert [o.diameter for o in seen if isinstance(o, PredictOptions)] == ["auto"]
 
 
 def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
