@@ -139,6 +139,15 @@ def track_strokes(layer) -> None:
     layer.events.paint.connect(remember)  # a plain function: napari keeps a strong reference
 
 
+def forget_last_stroke(layer) -> None:
+    """Drop the remembered stroke: call whenever the layer's data is replaced (a redraw from
+    the model, Reset to model, a new result), so the shortcut never relabels an old stroke's
+    pixels in a drawing they no longer belong to."""
+    key = unwrap(layer)
+    if key in _LAST_STROKE:
+        _LAST_STROKE[key] = None
+
+
 def new_id_for_last_stroke(layer) -> int:
     stroke = _LAST_STROKE.get(unwrap(layer))
     if not stroke:

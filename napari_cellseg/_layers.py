@@ -143,7 +143,9 @@ def result_layer_name(image_layer_name: str) -> str:
 
 
 def labels_items(layer) -> dict[str, np.ndarray]:
-    """``{image id: 2D labels}`` for one Labels layer (each labelled plane of a stack)."""
+    """``{image id: 2D labels}`` for one Labels layer: every plane of a stack, empty planes too
+    (written as the format's 'no cell' row), so a re-export replaces the rows of planes whose
+    cells were all deleted and the reader gets the plane count back from the ids."""
     r = result_of(layer)
     meta = getattr(layer, "metadata", None) or {}
     base = r.image_id if r else meta.get("image_id") or _strip_cells(str(layer.name))
@@ -152,12 +154,8 @@ def labels_items(layer) -> dict[str, np.ndarray]:
         return {base: data}
     if data.ndim < 2:
         raise InputError(f"layer {layer.name!r} is not a 2D label image")
-    items = {}
-    for prefix in np.ndindex(*data.shape[:-2]):
-        plane = data[prefix]
-        if plane.any():
-            items[plane_id(base, prefix, data.shape[:-2])] = plane
-    return items
+    return {plane_id(base, prefix, data.shape[:-2]): data[prefix]
+            for prefix in np.ndindex(*data.shape[:-2])}
 
 
 def _strip_cells(name: str) -> str:
@@ -176,7 +174,7 @@ def export_items(layers, only=None) -> dict[str, np.ndarray]:
                 raise InputError(f"two layers export the same image id {key!r}; rename one")
             items[key] = lab
     if not items:
-        raise InputError("the segmented layers hold no cells in any plane (nothing was written)")
+        raise InputError("the segmented layers hold no planes (nothing was written)")
     return items
 
 
@@ -227,7 +225,7 @@ def csv_to_layer_data(path, layers=()) -> list[tuple]:
         raise InputError(
             f"{path}: image size unknown for {listed}: the CSV has no width/height columns; "
             "open the image(s) with that name first, then open the CSV again")
-    stacks = stack_groups(ann.ids, layers)
+    stacks = stack_groups(ann.ids, layers, shapes)
     owner = {pid: base for base, (_, planes) in stacks.items() for pid in planes}
     out, done = [], set()
     for image_id in ann.ids:
@@ -243,10 +241,7 @@ def csv_to_layer_data(path, layers=()) -> list[tuple]:
         lead_shape, planes = stacks[base]
         hw = tuple(shapes[image_id])
         data = np.zeros(tuple(lead_shape) + hw, np.int32)
-        for pid, index in planes.items():
-            if tuple(shapes[pid]) != hw:
-                raise InputError(f"{path}: {pid} is {shapes[pid][0]}x{shapes[pid][1]} but other "
-                                 f"planes of {base} are {hw[0]}x{hw[1]}")
+        for pid, index in planes.items():  # stack_groups checked they share one size
             data[index] = ann.labels(pid, shape=hw)
         out.append((data, {"name": result_layer_name(base),
                            "metadata": {"image_id": base, "source_csv": str(path)}}, "labels"))
@@ -265,13 +260,22 @@ def _split_plane_id(image_id: str) -> tuple[str, tuple[int, ...]]:
     return base, tuple(index)
 
 
-def stack_groups(ids, layers=()) -> dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]]:
+MAX_STACK_PIXELS = 2**28  # a CSV opens as one stack layer only up to this many pixels in all
+
+
+def stack_groups(ids, layers=(), shapes=None
+                 ) -> dict[str, tuple[tuple[int, ...], dict[str, tuple[int, ...]]]]:
     """Plane ids of one stack (``<stem>_000``, ``<stem>_001``... as ``images.plane_id`` writes
     them) -> ``{stem: (lead shape, {plane id: index})}``.
 
     A stem forms a stack when it has two or more plane ids, or when an open image of that name
     is a stack with as many leading axes; the lead shape is the open image's, else the largest
-    index + 1 (planes without cells are not in a CSV)."""
+    index + 1 (an export writes every plane, empty ones as a 'no cell' row). Ids that only look
+    like planes stay separate images: planes of different sizes (``shapes``: id -> (H, W)),
+    numbers too sparse to be one stack (fewer ids than half the planes, with no open stack of
+    that shape), over ``images.MAX_PLANES`` planes or over ``MAX_STACK_PIXELS`` pixels in all."""
+    from .images import MAX_PLANES
+
     groups: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
     for image_id in ids:
         base, index = _split_plane_id(image_id)
@@ -285,15 +289,22 @@ def stack_groups(ids, layers=()) -> dict[str, tuple[tuple[int, ...], dict[str, t
                 open_shapes[key] = shape[:-2]
     out = {}
     for (base, depth), planes in groups.items():
-        lead = open_shapes.get(base)
-        if lead is not None and len(lead) == depth:
-            if any(any(i >= n for i, n in zip(idx, lead)) for idx in planes.values()):
-                lead = None
-        elif len(planes) < 2:
-            continue
-        if lead is None or len(lead) != depth:
-            lead = tuple(max(idx[d] for idx in planes.values()) + 1 for d in range(depth))
         if base in out:  # two depths for one stem: keep them apart (not a stack)
+            continue
+        lead = open_shapes.get(base)
+        from_image = lead is not None and len(lead) == depth and not any(
+            any(i >= n for i, n in zip(idx, lead)) for idx in planes.values())
+        if not from_image:
+            if len(planes) < 2:
+                continue
+            lead = tuple(max(idx[d] for idx in planes.values()) + 1 for d in range(depth))
+        n_planes = int(np.prod(lead))
+        sizes = {tuple(shapes[p]) for p in planes if shapes.get(p) is not None} if shapes else set()
+        if len(sizes) > 1 or n_planes > MAX_PLANES:
+            continue
+        if not from_image and 2 * len(planes) < n_planes:
+            continue
+        if sizes and n_planes * int(np.prod(next(iter(sizes)))) > MAX_STACK_PIXELS:
             continue
         out[base] = (tuple(int(n) for n in lead), planes)
     return out

@@ -18,10 +18,11 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QPushButton, QSpinBox, QVBoxLayout)
 
-from . import registry
+from . import _edit, registry
 from ._layers import InputError, draw_labels, image_plane, result_of
 from ._layout import ScrollDock
 from ._napari_compat import same_layer
+from .options import Thresholds
 from ._review_plots import draw_bars, draw_heat, figure
 from .review import COLORS, FN, FP, NAMES, OVERLAY_KEY, TP, choose_pair, grid_values, overlay_labels  # noqa: F401
 
@@ -260,13 +261,19 @@ class ReviewWidget(ScrollDock):
             show_error(str(exc))
             return
         values = grid_values(self.grid_spin.value())
-        min_area = int(result_of(pairs[0][2]).thresholds.get("min_area", 0))
+        try:  # the layer's min_area and post-processing apply at every grid point (as in tune)
+            base = Thresholds.from_dict(result_of(pairs[0][2]).thresholds,
+                                        where=f"{pairs[0][2].name!r} thresholds")
+        except ValueError as exc:
+            self.sweep_label.setText(f"⚠ {exc}")
+            show_error(str(exc))
+            return
         self._sweep_pred = pairs[0][2]
 
         def job():
             from .tuning import sweep
 
-            return sweep([(d, g) for d, g, _ in pairs], values, values, min_area=min_area)
+            return sweep([(d, g) for d, g, _ in pairs], values, values, base=base)
 
         self._worker = create_worker(job, _ignore_errors=True)
         self._worker.returned.connect(self._on_sweep_done)
@@ -322,5 +329,6 @@ class ReviewWidget(ScrollDock):
                 else:
                     lyr.data = labels
             lyr.refresh()
+            _edit.forget_last_stroke(lyr)
             r.thresholds = {**r.thresholds, "box_conf": b, "mask_threshold": m}
         self.schedule()

@@ -1,6 +1,7 @@
 """The "Segment cells" dock widget (thin: reads the form, calls the core, puts results in layers).
 
-Prediction runs in a napari thread worker (``predict.Predictor.iter_predict``, imported lazily so
+Prediction runs in a napari thread worker (``pipeline.Pipeline`` built from the form's
+``options.PredictOptions``, imported lazily so
 napari start-up never imports torch). The network output (Detections) is kept in the result
 layer's metadata; the sliders only call ``Detections.to_labels``.
 """
@@ -20,7 +21,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 from superqt import QLabeledDoubleSlider
 
 from . import _edit, registry
-from ._jobs import calibrate_job, load_torch_job, segment_job
+from ._jobs import calibrate_job, load_torch_job, predict_options, segment_job
 from ._layers import (InputError, Result, draw_labels, image_id_for_layer, image_plane,
                       post_processing_supported, result_layer_name, result_of, spatial_shape,
                       stack_planes)
@@ -29,6 +30,7 @@ from ._napari_compat import reset_undo_history, same_layer, unwrap
 from ._panels import PanelActions, build_edit_box, build_export_box
 from ._settings import DIAMETER_TIP, save_settings, size_note
 from .channels import CHANNELS
+from .options import OptionError
 
 SEGMENT_TIP = ("Run the network once on the image (the sliders below then work without "
                "re-running it)")
@@ -326,14 +328,15 @@ class SegmentWidget(PanelActions, ScrollDock):
                 raise InputError(f"{existing.name!r} has hand edits: press 'Reset to model' to discard "
                                  "them (or rename that layer to keep them), then Segment again")
             self._check_channel(layer)
-        except InputError as exc:
+            diameter = float(self.diameter_spin.value()) or None  # 0 = the model's own size
+            options = predict_options(checkpoint, self.device_combo.currentText(), diameter,
+                                      self.thresholds())
+        except (InputError, OptionError) as exc:
             self._error(str(exc))
             return
         save_settings({"last_checkpoint": checkpoint})
-        diameter = float(self.diameter_spin.value()) or None  # 0 = "auto"
         channel, invert = self._prepare_options()
-        worker = create_worker(segment_job, checkpoint, self.device_combo.currentText(), planes,
-                               diameter, self._predictors, channel, invert,
+        worker = create_worker(segment_job, options, planes, self._predictors, channel, invert,
                                _ignore_errors=True)  # errors are shown by _on_failed
         worker.returned.connect(functools.partial(self._on_done, layer, checkpoint))
         self._run(worker, f"Segmenting {layer.name}{what}…", "Segmentation")
@@ -366,12 +369,14 @@ class SegmentWidget(PanelActions, ScrollDock):
             image, _ = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
             checkpoint = self._checkpoint()
             self._check_channel(layer)
-        except InputError as exc:
+            options = predict_options(checkpoint, self.device_combo.currentText(), "auto",
+                                      self.thresholds())
+        except (InputError, OptionError) as exc:
             self._error(str(exc))
             return
         channel, invert = self._prepare_options()
-        worker = create_worker(calibrate_job, checkpoint, self.device_combo.currentText(), image,
-                               self._predictors, channel, invert, _ignore_errors=True)
+        worker = create_worker(calibrate_job, options, image, self._predictors, channel, invert,
+                               _ignore_errors=True)
         worker.returned.connect(functools.partial(self._on_calibrated, layer.name))
         self._run(worker, f"Calibrating: measuring the cells in {layer.name}…", "Calibration")
 
@@ -413,6 +418,13 @@ class SegmentWidget(PanelActions, ScrollDock):
             lyr.name = kept = self._free_name(f"{name} (kept)")
             note = f" The layer that was named {name!r} is kept as {kept!r}."
             lyr = None
+        if lyr is not None and result_of(lyr).edited:
+            # painted on while the network ran: the hand edits win; this run is not applied
+            self._update_tune_panel()
+            self._error(f"{name!r} was edited by hand while Segment ran: your edits are kept and "
+                        "this run's result was not applied. Press 'Reset to model' to discard the "
+                        "edits, then Segment again")
+            return
         if lyr is None or tuple(lyr.data.shape) != shape:
             if lyr is not None:  # our own earlier result for an image of another shape
                 self.viewer.layers.remove(lyr)
@@ -483,6 +495,7 @@ class SegmentWidget(PanelActions, ScrollDock):
             counts[plane] = int(labels.max()) if labels.size else 0
         lyr.refresh(extent=False)
         reset_undo_history(lyr)  # old strokes must not replay onto a different drawing
+        _edit.forget_last_stroke(lyr)  # ...nor be given a new id there
         r.thresholds = t
         n = sum(counts.values())
         if len(counts) > 1:

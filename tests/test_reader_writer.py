@@ -87,12 +87,13 @@ def test_kaggle_csv_size_from_open_image_else_clear_error(tmp_path):
     assert meta["name"] == "img_a cells"
 
 
-def test_stack_layer_exports_each_labelled_plane(tmp_path):
+def test_stack_layer_exports_every_plane(tmp_path):
     stack = np.zeros((3, 40, 50), np.int32)
     stack[2] = _labels(4)
     lyr = FakeLayer(name="s cells", data=stack, metadata={"napari_cellseg": Result("s", "s", plane=(2,))})
     items = labels_items(lyr)
-    assert list(items) == ["s_002"]  # same id rule as `cellseg predict` on a stack
+    # same id rule as `cellseg predict` on a stack; empty planes too (a 'no cell' row)
+    assert list(items) == ["s_000", "s_001", "s_002"]
     out = tmp_path / "s.csv"
     export_csv(out, items, "starter")
     src = Image("s", np.zeros((3, 40, 50)))
@@ -118,11 +119,55 @@ def test_stack_csv_round_trips_as_one_stack_layer(tmp_path):
     again = tmp_path / "again.csv"
     export_csv(again, labels_items(FakeLayer(name="stack4 cells", data=data, metadata=meta["metadata"])),
                "train")
-    assert read_annotations(again).ids == read_annotations(out).ids == ["stack4_000", "stack4_001", "stack4_003"]
+    assert read_annotations(again).ids == read_annotations(out).ids == [f"stack4_00{i}" for i in range(4)]
     # a lone `<stem>_007` id with no open stack of that name stays a 2D layer
     single = tmp_path / "single.csv"
     export_csv(single, {"img_007": _labels(4)}, "train")
     assert [m["name"] for _, m, _ in csv_to_layer_data(single)] == ["img_007 cells"]
+
+
+@pytest.mark.parametrize("fmt", ["kaggle", "starter", "train"])
+def test_reexport_after_deleting_a_plane_and_trailing_empty_planes(tmp_path, fmt):
+    """Deleting every cell of one plane and exporting again must drop that plane's old rows; a
+    stack whose last planes are empty reopens with all its planes."""
+    stack = np.zeros((4, 40, 50), np.int32)
+    stack[0], stack[2] = _labels(1), _labels(2)
+    meta = {"napari_cellseg": Result("st", "st")}
+    out = tmp_path / "st.csv"
+    export_csv(out, labels_items(FakeLayer(name="st cells", data=stack, metadata=meta)), fmt)
+    edited = stack.copy()
+    edited[2] = 0  # the user deleted every cell of plane 2
+    export_csv(out, labels_items(FakeLayer(name="st cells", data=edited, metadata=meta)), fmt)
+    ann = read_annotations(out)
+    assert ann.ids == ["st_000", "st_001", "st_002", "st_003"]
+    assert ann.rles("st_002") == [] and ann.rles("st_003") == []
+    src = Image("st", np.zeros((4, 40, 50)))
+    (data, lmeta, _), = csv_to_layer_data(out, layers=[] if fmt == "train" else [src])
+    assert data.shape == (4, 40, 50)  # the trailing empty plane is back
+    np.testing.assert_array_equal(data, edited)
+
+
+def test_plane_like_ids_that_are_not_one_stack_open_as_separate_layers(tmp_path, monkeypatch):
+    """`scan_001` (40x50) and `scan_002` (30x20) are two images, not a stack (the whole CSV was
+    refused); `run_000` + `run_100000` must not allocate a 100001-plane array."""
+    sizes = tmp_path / "sizes.csv"
+    export_csv(sizes, {"scan_001": _labels(1), "scan_002": _labels(2, shape=(30, 20), n=2)}, "train")
+    layers = csv_to_layer_data(sizes)
+    assert [(m["name"], d.shape) for d, m, _ in layers] == [("scan_001 cells", (40, 50)),
+                                                            ("scan_002 cells", (30, 20))]
+    sparse = tmp_path / "sparse.csv"
+    export_csv(sparse, {"run_000": _labels(1), "run_100000": _labels(2)}, "train")
+    assert [(m["name"], d.shape) for d, m, _ in csv_to_layer_data(sparse)] == [
+        ("run_000 cells", (40, 50)), ("run_100000 cells", (40, 50))]
+    # a dense run of same-size planes is still one stack...
+    dense = tmp_path / "dense.csv"
+    export_csv(dense, {"d_000": _labels(1), "d_002": _labels(2)}, "train")
+    (data, meta, _), = csv_to_layer_data(dense)
+    assert data.shape == (3, 40, 50) and meta["name"] == "d cells"
+    # ...unless the stack would pass the memory bound
+    import napari_cellseg._layers as layers_mod
+    monkeypatch.setattr(layers_mod, "MAX_STACK_PIXELS", 3 * 40 * 50 - 1)
+    assert [m["name"] for _, m, _ in csv_to_layer_data(dense)] == ["d_000 cells", "d_002 cells"]
 
 
 def test_export_nothing_segmented_writes_nothing(tmp_path):

@@ -186,6 +186,34 @@ def test_sweep_heat_map_and_use_best(make_napari_viewer, qtbot):
     assert result_of(cells).thresholds["box_conf"] == pytest.approx(0.2)
 
 
+def test_sweep_uses_the_layers_post_processing(make_napari_viewer, qtbot):
+    """The sweep scores masks the way the layer draws them: its fill_holes / keep_largest /
+    min_area, not the defaults (as `cellseg tune` does)."""
+    from napari_cellseg.options import Thresholds
+    from napari_cellseg.tuning import sweep
+
+    dets = _fake_detections(np.random.default_rng(3))
+    layer_th = {"box_conf": 0.5, "mask_threshold": 0.5, "min_area": 30, "fill_holes": False,
+                "keep_largest": True}
+    gt = dets.to_labels(Thresholds.from_dict({**layer_th, "box_conf": 0.65, "mask_threshold": 0.35}))
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((96, 128), np.float32), name="img")
+    viewer.add_labels(gt, name="img truth", metadata={"image_id": "img"})
+    cells = viewer.add_labels(dets.to_labels(Thresholds.from_dict(layer_th)), name="img cells")
+    cells.metadata["napari_cellseg"] = Result(image_id="img", image_layer="img", detections=dets,
+                                              thresholds=dict(layer_th))
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Review")
+    w.pred_combo.setCurrentText("img cells")
+    w.gt_combo.setCurrentText("img truth")
+    w.run_sweep()
+    qtbot.waitUntil(lambda: w.sweep_result is not None and w._worker is None, timeout=TIMEOUT)
+    res = w.sweep_result
+    expected = sweep([(dets, gt)], base=Thresholds.from_dict(layer_th))
+    np.testing.assert_allclose(res.map, expected.map)
+    assert not np.allclose(res.map, sweep([(dets, gt)], min_area=30).map)  # defaults differ
+    assert (res.best["box_conf"], res.best["mask_threshold"]) == (0.65, 0.35)
+
+
 def test_sweep_without_segment_result_says_why(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     gt, pred = _hand_case()

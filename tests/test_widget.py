@@ -199,15 +199,15 @@ def test_edit_actions_are_undoable(make_napari_viewer, qtbot):
 
 
 def test_cancel_running_job(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
-    from napari_cellseg import predict
+    from napari_cellseg import pipeline
 
-    def slow(self, image, scale=1.0):
+    def slow(self, image, scale=None, tile="auto"):
         for i in range(2000):
             time.sleep(0.01)
             yield {"stage": "slow", "fraction": i / 2000}
         raise AssertionError("not cancelled")
 
-    monkeypatch.setattr(predict.Predictor, "iter_predict", slow)
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", slow)  # the widget runs the Pipeline
     viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
     w.segment()
     qtbot.waitUntil(lambda: w.status.text().startswith("Segmenting: slow"), timeout=TIMEOUT)
@@ -270,6 +270,60 @@ def test_all_planes_of_a_stack(make_napari_viewer, qtbot, tiny_checkpoint, forwa
     assert not w.all_planes.isEnabled()
 
 
+def test_hand_edits_made_while_segment_runs_are_kept(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                    monkeypatch, errors):
+    """Painting on the result layer while Segment runs must not be overwritten by the run."""
+    from napari_cellseg import pipeline
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    orig, gate = pipeline.Pipeline.iter_predict, []
+
+    def gated(self, image, *a, **k):
+        while not gate:
+            time.sleep(0.01)
+            yield {"stage": "gated", "fraction": 0.1}
+        return (yield from orig(self, image, *a, **k))
+
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", gated)
+    w.segment()
+    qtbot.waitUntil(lambda: "gated" in w.status.text(), timeout=TIMEOUT)
+    lyr.paint((5, 5), 999, refresh=True)
+    edited = lyr.data.copy()
+    assert (edited == 999).any()
+    gate.append(1)
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    np.testing.assert_array_equal(lyr.data, edited)
+    assert result_of(lyr).edited and "Reset to model" in errors[-1]
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+
+
+def test_new_id_for_last_stroke_forgets_strokes_when_the_data_is_replaced(make_napari_viewer, qtbot,
+                                                                        tiny_checkpoint, errors):
+    """After Reset to model (or any redraw) the old stroke's pixels belong to model cells: the
+    shortcut must refuse instead of splitting them off as a new cell."""
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    w.box_slider.setValue(0.0)
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    assert lyr.data.max() > 0
+    covered = tuple(np.argwhere(lyr.data > 0)[0])
+    lyr.selected_label = int(lyr.data.max()) + 5
+    lyr.paint(covered, lyr.selected_label, refresh=True)  # a stroke over a model cell
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    w.reset_to_model()
+    drawn = lyr.data.copy()
+    assert drawn[covered] > 0
+    w._edit_action("new_id")
+    assert errors and "nothing painted yet" in errors[-1]
+    np.testing.assert_array_equal(lyr.data, drawn)
+    # a new stroke is remembered again
+    lyr.paint((2, 2), 77, refresh=True)
+    w._edit_action("new_id")
+    assert w.status.text().startswith("last stroke is now cell")
+
+
 def test_segment_never_overwrites_a_foreign_layer_of_the_same_name(make_napari_viewer, qtbot,
                                                                     tiny_checkpoint, errors):
     # ground truth opened from a train.csv is named "<id> cells", like the result layer
@@ -286,18 +340,18 @@ def test_segment_never_overwrites_a_foreign_layer_of_the_same_name(make_napari_v
 
 
 def test_cancel_all_planes_keeps_nothing(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch):
-    from napari_cellseg import predict
+    from napari_cellseg import pipeline
 
     calls = []
 
-    def slow(self, image, scale=1.0):
+    def slow(self, image, scale=None, tile="auto"):
         calls.append(1)
         for i in range(200):
             time.sleep(0.01)
             yield {"stage": "slow", "fraction": i / 200}
         return None
 
-    monkeypatch.setattr(predict.Predictor, "iter_predict", slow)
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", slow)  # the widget runs the Pipeline
     stack = np.stack([_image(s) for s in range(4)])
     viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=stack, name="stack")
     w.all_planes.setChecked(True)
@@ -529,6 +583,42 @@ def test_calibrate_writes_the_diameter_and_segment_agrees(make_napari_viewer, qt
     _segment(qtbot, w)
     res = result_of(viewer.layers["img cells"])
     assert res.detections.scale == pytest.approx(scale, abs=0.006)
+
+
+def test_segment_and_calibrate_run_the_pipeline_with_the_forms_options(make_napari_viewer, qtbot,
+                                                                       tiny_checkpoint, monkeypatch, errors):
+    """Issue 16: the widget builds PredictOptions from its form (device, diameter, thresholds)
+    and predicts through pipeline.Pipeline, like the CLI, tune and training validation."""
+    from napari_cellseg import pipeline
+    from napari_cellseg.options import PredictOptions
+
+    seen = []
+    orig = pipeline.Pipeline.__init__
+
+    def record(self, runner, options=None):
+        seen.append(options)
+        orig(self, runner, options)
+
+    monkeypatch.setattr(pipeline.Pipeline, "__init__", record)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    w.device_combo.setCurrentText("cpu")
+    w.diameter_spin.setValue(20)
+    w.box_slider.setValue(0.1)  # not the checkpoint's 0.3
+    w.largest_check.setChecked(True)
+    _segment(qtbot, w)
+    assert errors == []
+    options = [o for o in seen if isinstance(o, PredictOptions) and o.checkpoint == str(tiny_checkpoint)]
+    assert options, seen
+    o = options[-1]
+    assert (o.device, o.diameter, o.box_conf, o.keep_largest) == ("cpu", 20.0, pytest.approx(0.1), True)
+    r = result_of(viewer.layers["img cells"])
+    # the run used (and the sliders keep) the form's thresholds, not the checkpoint's
+    assert r.thresholds["box_conf"] == pytest.approx(0.1) and r.thresholds["keep_largest"] is True
+    assert w.box_slider.value() == pytest.approx(0.1) and w.largest_check.isChecked()
+    seen.clear()
+    w.calibrate()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    assert [o.diameter for o in seen if isinstance(o, PredictOptions)] == ["auto"]
 
 
 def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
