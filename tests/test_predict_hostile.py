@@ -219,3 +219,20 @@ def test_checkpoint_with_a_text_diameter_leaves_no_journal(env, tmp_path):
     line = _one_error_line(proc)
     assert "forty.bin" in line and "diameter" in line
     assert not out.exists() and _leftovers(tmp_path, "sub.csv") == []
+
+
+# ---- a fresh run where every image fails replaces the old CSV (header only), leaves no journal -
+def test_fresh_run_with_every_image_failing_replaces_the_old_csv(env, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    out = tmp_path / "stale.csv"
+    old = b"id,predicted\nold_img,1 2\n"
+    out.write_bytes(old)
+    proc = cellseg("--checkpoint", env / "tiny.bin", bad, "--out", out, "--device", "cpu", "--resume")
+    assert proc.returncode == 1, proc.stderr
+    assert out.read_bytes() == old and _leftovers(tmp_path, "stale.csv") == []  # --resume: rows stay
+    proc = cellseg("--checkpoint", env / "tiny.bin", bad, "--out", out, "--device", "cpu")
+    assert proc.returncode == 1, proc.stderr
+    assert "wrote 0 images" in proc.stdout
+    assert out.read_text() == "id,predicted\n"  # header only: no row of the earlier run survives
+    assert _leftovers(tmp_path, "stale.csv") == []
