@@ -115,10 +115,15 @@ def _add_to_csv(subparsers) -> None:
 def _cmd_to_csv(args) -> int:
     from .annotations import write_annotations
 
-    files = _files_by_id(args.labels, "label images")
+    skipped: list[str] = []  # names that cannot be CSV ids: reported (one line each) before any read
+    files = _files_by_id(args.labels, "label images", skipped)
     with _progress(total=len(files), desc="to-csv") as bar:
         write_annotations(args.out, _LabelFiles(files, bar), format=args.format, merge=args.merge)
     print(f"wrote {len(files)} images to {args.out} ({args.format} format)")
+    if skipped:
+        print(f"cellseg to-csv: {len(skipped)} of {len(files) + len(skipped)} label images skipped "
+              "(file names that are not UTF-8)", file=sys.stderr)
+        return 1
     return 0
 
 
