@@ -42,12 +42,14 @@ def read_label_image(path: Path):
 
 
 def image_shape(path: Path) -> tuple[int, int]:
-    from .images import ImageError, read_raw
+    """``(height, width)`` of a single-image file from its header only (no pixels decoded), by
+    images.py's one layout rule (HxW, HxWxC with C in 1..4); a stack is an ImageError."""
+    from .images import ImageError, image_info
 
-    array = read_raw(path)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
-        return int(array.shape[0]), int(array.shape[1])
-    raise ImageError(f"{path}: cannot take an image size from shape {array.shape}")
+    info = image_info(path)
+    if info.planes != 1:
+        raise ImageError(f"{path}: cannot take an image size from a stack of {info.planes} planes")
+    return info.height, info.width
 
 
 def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path]:
