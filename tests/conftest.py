@@ -18,7 +18,10 @@ DATA = REPO / "tests" / "data"
 try:
     from hypothesis import settings as _hyp_settings
 
-    _hyp_settings.register_profile("default", derandomize=True, print_blob=True, deadline=None)
+    # the example counts live in the profiles only (no @settings(max_examples=...) in a test: it
+    # would override "fuzz" too); 200 per test keeps the default run as long as before
+    _hyp_settings.register_profile("default", derandomize=True, print_blob=True, deadline=None,
+                                   max_examples=200)
     _hyp_settings.register_profile("fuzz", derandomize=False, print_blob=True, deadline=None,
                                    max_examples=5000)
     _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
