@@ -16,8 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
-            min_size=64, max_size=96, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100,
+from conftest import tiny_checkpoint  # noqa: E402
+
+TINY = dict(min_size=64, max_size=96, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100,
             box_detections_per_img=50)
 
 
@@ -26,16 +27,8 @@ def env(tmp_path_factory):
     """A tiny random checkpoint that finds cells, and two small images."""
     import imageio.v3 as iio
 
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
-
     root = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(0)
-    config = ModelConfig(**TINY)
-    model = build_model(config)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
-    save_checkpoint(root / "tiny.bin", model, config, thresholds={"box_conf": 0.5, "mask_threshold": 0.5})
+    tiny_checkpoint(root / "tiny.bin", thresholds={"box_conf": 0.5, "mask_threshold": 0.5}, **TINY)
     rng = np.random.default_rng(0)
     for name in ("a_img", "b_img"):
         iio.imwrite(root / f"{name}.png", (rng.random((48, 56)) * 255).astype(np.uint8))
@@ -169,15 +162,11 @@ def test_tiny_images_are_predicted_not_skipped(env, tmp_path, native):
     import imageio.v3 as iio
 
     from napari_cellseg.annotations import read_annotations
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
 
     ckpt = env / "tiny.bin"
     if native:  # like the demo model: native scale + a trained diameter -> auto size retries 2.5x / 0.4x
-        torch.manual_seed(0)
-        config = ModelConfig(**{**TINY, "native_scale": True, "diameter": 40.0})
-        ckpt = tmp_path / "native.bin"
-        save_checkpoint(ckpt, build_model(config), config, thresholds={"box_conf": 0.99})
+        ckpt = tiny_checkpoint(tmp_path / "native.bin", thresholds={"box_conf": 0.99}, **TINY,
+                               native_scale=True, diameter=40.0)
     folder = tmp_path / "imgs"
     folder.mkdir()
     iio.imwrite(folder / "one.png", np.full((1, 1), 200, np.uint8))
