@@ -14,6 +14,24 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _process_umask() -> int:
+    """The umask, read once at import: ``os.umask`` can only be read by setting it, which is a
+    race when files are written from several threads (label TIFFs from encode threads)."""
+    try:  # Linux >= 4.7: read without changing it
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore, once, while importing
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary file for writing; on success it replaces ``path`` atomically."""
@@ -28,9 +46,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
         open_kwargs.setdefault("newline", "")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        umask = os.umask(0)  # mkstemp makes 0600 files; give the usual 0666 & ~umask instead
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual 0666 & ~umask
         with os.fdopen(fd, mode, **open_kwargs) as fh:
             yield fh
             fh.flush()

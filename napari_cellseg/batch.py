@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .files import display_path, non_utf8_name
 from .images import plane_id
 from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_path, journal_paths,
                       normalize_id, output_lock)
@@ -72,11 +73,6 @@ def dist_info() -> tuple[int, int]:
 
 
 # ---- items ------------------------------------------------------------------------------------
-def display_path(path) -> str:
-    """A path for messages: bytes that are not UTF-8 shown as \\xNN escapes."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _n_planes(path: Path) -> int | None:
     """Number of planes of a stack (images.py's one layout rule, from the header), None for a
     single image or an unreadable file (reported and skipped when it is loaded)."""
@@ -95,10 +91,8 @@ def expand_items(files: Sequence[Path], skipped: list | None = None) -> list[Ite
     a CSV: it is reported on stderr and appended to ``skipped`` (ValueError when None)."""
     items: list[Item] = []
     for f in files:
-        try:
-            f.stem.encode("utf-8")
-        except UnicodeEncodeError:
-            message = f"{display_path(f)}: file name is not valid UTF-8 (cannot be an id in a CSV); rename it"
+        message = non_utf8_name(f)
+        if message:
             if skipped is None:
                 raise ValueError(message) from None
             print(f"cellseg predict: skipped: {message}", file=sys.stderr)

@@ -41,6 +41,7 @@ def _progress(iterable=None, **kwargs):
 # the file helpers live in files.py (tune_cmd and batch use them too)
 from .files import LabelFiles as _LabelFiles  # noqa: E402
 from .files import files_by_id as _files_by_id  # noqa: E402
+from .files import image_shape as _image_shape  # noqa: E402
 from .files import label_source as _label_source  # noqa: E402
 from .files import write_label_tiff as _write_label_tiff  # noqa: E402
 
@@ -71,8 +72,6 @@ def _add_to_labels(subparsers) -> None:
 def _cmd_to_labels(args) -> int:
     from .annotations import read_annotations
 
-    from .images import ImageError, image_info
-
     ann = read_annotations(args.annotations)
     images = _files_by_id([args.images], "images") if args.images else {}
     shapes = {}
@@ -84,11 +83,7 @@ def _cmd_to_labels(args) -> int:
         elif ann.shape(image_id) is None and images:
             if image_id not in images:
                 raise ValueError(f"no image for id {image_id!r} in {args.images}")
-            info = image_info(images[image_id])  # the header only: no pixels decoded
-            if info.planes != 1:
-                raise ImageError(f"{images[image_id]}: cannot take an image size from a stack "
-                                 f"of {info.planes} planes")
-            shape = (info.height, info.width)
+            shape = _image_shape(images[image_id])  # the header only: no pixels decoded
         shapes[image_id] = ann.check(image_id, shape)  # CsvError naming the file and row
     args.out.mkdir(parents=True, exist_ok=True)
     for image_id in _progress(ann.ids, desc="to-labels"):
@@ -115,10 +110,15 @@ def _add_to_csv(subparsers) -> None:
 def _cmd_to_csv(args) -> int:
     from .annotations import write_annotations
 
-    files = _files_by_id(args.labels, "label images")
+    skipped: list[str] = []  # names that cannot be CSV ids: reported (one line each) before any read
+    files = _files_by_id(args.labels, "label images", skipped)
     with _progress(total=len(files), desc="to-csv") as bar:
         write_annotations(args.out, _LabelFiles(files, bar), format=args.format, merge=args.merge)
     print(f"wrote {len(files)} images to {args.out} ({args.format} format)")
+    if skipped:
+        print(f"cellseg to-csv: {len(skipped)} of {len(files) + len(skipped)} label images skipped "
+              "(file names that are not UTF-8)", file=sys.stderr)
+        return 1
     return 0
 
 

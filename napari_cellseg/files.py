@@ -5,11 +5,27 @@ access, image sizes, label TIFF writing. Used by ``cellseg`` (cli.py), ``cellseg
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
-           "write_label_tiff", "write_tiff"]
+           "write_label_tiff", "write_tiff", "display_path", "non_utf8_name"]
+
+
+def display_path(path) -> str:
+    """A path for messages: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def non_utf8_name(path: Path) -> str | None:
+    """The message for a file whose name is not valid UTF-8 (it cannot be an id in a CSV), else
+    None. The one rule for ``cellseg predict`` (batch.expand_items) and the file commands."""
+    try:
+        path.stem.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{display_path(path)}: file name is not valid UTF-8 (cannot be an id in a CSV); rename it"
+    return None
 
 
 def read_label_image(path: Path):
@@ -26,23 +42,38 @@ def read_label_image(path: Path):
 
 
 def image_shape(path: Path) -> tuple[int, int]:
-    from .images import ImageError, read_raw
+    """``(height, width)`` of a single-image file from its header only (no pixels decoded), by
+    images.py's one layout rule (HxW, HxWxC with C in 1..4); a stack is an ImageError."""
+    from .images import ImageError, image_info
 
-    array = read_raw(path)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
-        return int(array.shape[0]), int(array.shape[1])
-    raise ImageError(f"{path}: cannot take an image size from shape {array.shape}")
+    info = image_info(path)
+    if info.planes != 1:
+        raise ImageError(f"{path}: cannot take an image size from a stack of {info.planes} planes")
+    return info.height, info.width
 
 
-def files_by_id(paths, what: str) -> dict[str, Path]:
-    """Image files (folders expanded) keyed by file stem = image id."""
+def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path]:
+    """Image files (folders expanded) keyed by image id = file stem normalised like the CSV
+    readers and ``cellseg predict`` do (annotations.normalize_id). A file whose name is not valid
+    UTF-8 is reported on stderr in one line and skipped (its display path appended to
+    ``skipped``); an empty or duplicate id is a ValueError. Only names are looked at here."""
+    from .annotations import normalize_id
     from .images import list_images
 
     found: dict[str, Path] = {}
     for path in list_images(paths):
-        if path.stem in found:
-            raise ValueError(f"{path}: image id {path.stem!r} also given by {found[path.stem]}")
-        found[path.stem] = path
+        problem = non_utf8_name(path)
+        if problem:
+            print(f"cellseg: skipped: {problem}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append(display_path(path))
+            continue
+        image_id = normalize_id(path.stem)
+        if not image_id:
+            raise ValueError(f"{path}: the file name gives an empty image id")
+        if image_id in found:
+            raise ValueError(f"{path}: image id {image_id!r} also given by {found[image_id]}")
+        found[image_id] = path
     if not found:
         raise ValueError(f"no {what} found in {', '.join(map(str, paths))}")
     return found

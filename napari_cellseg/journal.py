@@ -171,13 +171,18 @@ def done_ids(out: Path) -> set[str]:
 
 def flush_csv(out: Path, fmt: str, keep_existing: bool) -> int:
     """Atomically rewrite ``out`` = its rows (if ``keep_existing``) + every journal's rows not in it
-    yet; then remove the journals. Returns the number of images in the new CSV."""
+    yet; then remove the journals. Returns the number of images in the new CSV.
+
+    With no row at all, a fresh run (``keep_existing`` false) still replaces an existing ``out``
+    with a header-only CSV: its old rows belong to an earlier run the user asked to replace.
+    Otherwise no header-only CSV is left behind."""
     journals = journal_paths(out)
     seen: set[str] = set()
     try:
-        _write_merged(out, fmt, keep_existing, journals, seen)
+        _write_merged(out, fmt, keep_existing, journals, seen,
+                      allow_empty=not keep_existing and out.exists())
     except _NothingToWrite:
-        return 0  # no row at all: leave no header-only CSV behind
+        pass
     for j in journals:
         j.unlink(missing_ok=True)
     return len(seen)
@@ -187,7 +192,8 @@ class _NothingToWrite(Exception):
     pass
 
 
-def _write_merged(out: Path, fmt: str, keep_existing: bool, journals, seen: set) -> None:
+def _write_merged(out: Path, fmt: str, keep_existing: bool, journals, seen: set,
+                  allow_empty: bool = False) -> None:
     from .atomic import atomic_write
 
     with atomic_write(out, "w") as fh:
@@ -215,8 +221,8 @@ def _write_merged(out: Path, fmt: str, keep_existing: bool, journals, seen: set)
                 seen.add(e["id"])
                 for value in e["rles"] or [""]:
                     put(e["id"], value)
-        if idx == 0:
-            raise _NothingToWrite
+        if idx == 0 and not allow_empty:
+            raise _NothingToWrite  # aborts the atomic write: ``out`` stays as it was
 
 
 class Journal:

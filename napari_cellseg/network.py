@@ -83,11 +83,22 @@ class Runner:
                           "emulated and much slower than fp32 here", stacklevel=2)
         self.model = model.eval().to(self.device)
         self.config = config or ModelConfig()
-        self.thresholds = Thresholds.from_dict(thresholds)
+        self.thresholds = thresholds  # validated by the setter
         self.mask_chunk = int(mask_chunk)
         self.info: dict = {}
         self.checkpoint_path = getattr(self, "checkpoint_path", None)  # set early by from_checkpoint
         self._check_diameter()
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The read-only :class:`~napari_cellseg.options.Thresholds`; change them by assigning
+        (``r.thresholds = r.thresholds.with_overrides(box_conf=0.3)``; a mapping is accepted and
+        validated through ``Thresholds.from_dict``, a bad value raises OptionError)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value) -> None:
+        self._thresholds = Thresholds.from_dict(value, where="thresholds")
 
     def _check_diameter(self) -> None:
         d = getattr(self.config, "diameter", 0.0)

@@ -17,6 +17,21 @@ class OptionError(ValueError):
     """An option out of range; the message names the field (or flag) and the value."""
 
 
+SCALE_RANGE = (0.05, 20.0)  # any explicit scale / diameter-derived factor (sizing.py uses it too)
+
+
+def valid_scale(value) -> float | None:
+    """``value`` as a finite float within SCALE_RANGE, else None: the one scale rule
+    (PredictOptions.scale here, sizing.check_scale and scale_for_diameter)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and SCALE_RANGE[0] <= v <= SCALE_RANGE[1] else None
+
+
 def _unit(name: str, value) -> float:
     try:
         v = float(value)
@@ -144,12 +159,10 @@ class PredictOptions:
                 raise OptionError(f"diameter must be a number of pixels > 0 or 'auto', got {self.diameter!r}")
             object.__setattr__(self, "diameter", d)
         if self.scale is not None:
-            try:
-                s = float(self.scale)
-            except (TypeError, ValueError):
-                raise OptionError(f"scale must be a number in [0.1, 10], got {self.scale!r}") from None
-            if not math.isfinite(s) or not 0.1 <= s <= 10:
-                raise OptionError(f"scale must be a number in [0.1, 10], got {self.scale!r}")
+            s = valid_scale(self.scale)
+            if s is None:
+                raise OptionError(f"scale must be a number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}], "
+                                  f"got {self.scale!r}")
             object.__setattr__(self, "scale", s)
         if self.tile_size is not None:
             t = _count("tile_size", self.tile_size, 0, 16384)

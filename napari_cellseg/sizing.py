@@ -18,6 +18,7 @@ import math
 import numpy as np
 
 from .network import DEFAULT_DIAMETER, PredictError
+from .options import SCALE_RANGE, valid_scale  # the one scale range (PredictOptions checks it too)
 
 __all__ = ["AUTO_PASSES", "AUTO_SCALE_RANGE", "SCALE_RANGE", "DEFAULT_DIAMETER", "check_scale",
            "clamp_scale", "scale_for_diameter", "diameter_for_scale", "resolve_scale",
@@ -25,7 +26,6 @@ __all__ = ["AUTO_PASSES", "AUTO_SCALE_RANGE", "SCALE_RANGE", "DEFAULT_DIAMETER",
 
 AUTO_PASSES = 4  # scale="auto": most network passes per image
 AUTO_SCALE_RANGE = (0.25, 4.0)  # the size-normalisation clamp: auto size and training's resize
-SCALE_RANGE = (0.05, 20.0)  # any explicit scale / diameter-derived factor
 _SETTLED = math.log(1.2)  # auto size stops when the next factor is within 20 % of this one
 
 
@@ -35,11 +35,7 @@ def check_scale(scale) -> None:
         if scale != "auto":
             raise PredictError(f"scale must be a number or 'auto', got {scale!r}")
         return
-    try:
-        ok = math.isfinite(float(scale)) and SCALE_RANGE[0] <= float(scale) <= SCALE_RANGE[1]
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    if valid_scale(scale) is None:
         raise PredictError(f"scale must be between {SCALE_RANGE[0]} and {SCALE_RANGE[1]:g}, got {scale}")
 
 
@@ -54,7 +50,7 @@ def scale_for_diameter(predictor, diameter: float) -> float:
     if not (np.isfinite(diameter) and diameter > 0):
         raise PredictError(f"diameter must be a positive number of pixels, got {diameter}")
     scale = reference / float(diameter)
-    if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+    if valid_scale(scale) is None:
         raise PredictError(f"diameter {diameter:g} px would resize the image x{scale:.3g} for this "
                            f"model (objects ~{reference:.0f} px); give a diameter "
                            f"between {reference / SCALE_RANGE[1]:.3g} and "

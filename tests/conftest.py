@@ -18,7 +18,10 @@ DATA = REPO / "tests" / "data"
 try:
     from hypothesis import settings as _hyp_settings
 
-    _hyp_settings.register_profile("default", derandomize=True, print_blob=True, deadline=None)
+    # the example counts live in the profiles only (no @settings(max_examples=...) in a test: it
+    # would override "fuzz" too); 200 per test keeps the default run as long as before
+    _hyp_settings.register_profile("default", derandomize=True, print_blob=True, deadline=None,
+                                   max_examples=200)
     _hyp_settings.register_profile("fuzz", derandomize=False, print_blob=True, deadline=None,
                                    max_examples=5000)
     _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
@@ -86,6 +89,32 @@ def make_label_image(shape=(48, 64), seed: int = 0) -> np.ndarray:
 def small_labels() -> np.ndarray:
     """A 48x64 synthetic int32 label image (see make_label_image)."""
     return make_label_image()
+
+
+# ---- tiny random checkpoints (torch; the predict CLI tests) -----------------------------------
+TINY_MODEL = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                  min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
+                  box_detections_per_img=100)
+
+
+def tiny_checkpoint(path, thresholds=None, seed: int = 0, **config_overrides) -> Path:
+    """Save a tiny random-weight checkpoint (convnext_atto, ``TINY_MODEL`` + ``config_overrides``)
+    at ``path`` and return ``path``. The cell-class score bias is raised so the random model
+    "finds" cells (most boxes pass box_conf 0.5); weights are seeded (``seed``): deterministic.
+    ``thresholds``: stored in the checkpoint (None: the defaults). Imports torch: call it from a
+    test module that did ``pytest.importorskip("torch")``."""
+    import torch
+
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**TINY_MODEL, **config_overrides})
+    model = build_model(config)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
+    save_checkpoint(path, model, config, thresholds=thresholds)
+    return Path(path)
 
 
 # ---- no silent skips in CI ------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from napari_cellseg.atomic import atomic_write
@@ -32,3 +34,32 @@ def test_replaces_atomically(tmp_path):
     with atomic_write(target) as fh:
         fh.write("new")
     assert target.read_text() == "new"
+
+
+def test_never_touches_the_process_umask_while_writing(tmp_path, monkeypatch):
+    """Label TIFFs are written from several threads: setting the umask to 0 and back in one
+    thread gave another thread's new files mode 0666 (a race). The umask is read once."""
+    import os
+    import stat
+
+    import napari_cellseg.atomic as atomic
+
+    def umask_called(mask):
+        raise AssertionError("os.umask called while writing")
+
+    monkeypatch.setattr(os, "umask", umask_called)
+    target = tmp_path / "f.txt"
+    with atomic_write(target) as fh:
+        fh.write("x")
+    assert target.read_text() == "x"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~atomic._UMASK
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_umask_read_at_import_matches_the_process(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import os; os.umask(0o027); import napari_cellseg.atomic as a; print(oct(a._UMASK))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0o27"

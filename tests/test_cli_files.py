@@ -123,3 +123,37 @@ def test_commands_do_not_import_torch(tmp_path, label_dir):
             "print(rc, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split()[-2:] == ["0", "False"], result.stderr
+
+
+def test_file_ids_are_normalised_like_the_csv_ids(tmp_path):
+    """evaluate reads ' a.tif' as id 'a', as to-csv wrote it: the prediction is found."""
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    labels = np.zeros((32, 40), np.uint16)
+    labels[4:12, 5:15], labels[20:28, 20:30] = 1, 2
+    tifffile.imwrite(gt / " a.tif", labels)
+    csv = tmp_path / "p.csv"
+    assert cellseg("to-csv", gt, "--out", csv).returncode == 0
+    result = cellseg("evaluate", "--gt", gt, "--pred", csv, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["id"] for r in report["images"]] == ["a"] and report["mean_map"] == 1.0
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="needs non-UTF-8 file names (Linux)")
+def test_to_csv_skips_a_non_utf8_file_name_with_one_line(tmp_path):
+    import os
+
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    labels = np.zeros((16, 16), np.uint16)
+    labels[2:8, 2:8] = 1
+    tifffile.imwrite(folder / "good.tif", labels)
+    tifffile.imwrite(folder / "tmp.tif", labels)
+    os.rename(folder / "tmp.tif", os.path.join(os.fsencode(folder), b"bad\xff.tif"))
+    csv = tmp_path / "p.csv"
+    result = cellseg("to-csv", folder, "--out", csv)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "codec" not in result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "skipped" in line and "UTF-8" in line]
+    assert any("bad\\xff.tif" in line for line in skipped), result.stderr
+    assert read_annotations(csv).ids == ["good"]

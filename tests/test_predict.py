@@ -254,6 +254,23 @@ def test_from_checkpoint_keeps_thresholds(tiny, tmp_path):
         Predictor.from_checkpoint(tmp_path / "missing.bin", device="cpu")
 
 
+def test_thresholds_changed_by_assignment_and_validated(tiny):
+    """Thresholds are read-only; the documented way to change them is assigning a new value."""
+    from napari_cellseg.options import OptionError
+
+    model, config = tiny
+    pred = Predictor(model, config, thresholds={"box_conf": 0.6})
+    with pytest.raises(TypeError):
+        pred.thresholds["box_conf"] = 0.3
+    pred.thresholds = pred.thresholds.with_overrides(box_conf=0.3)
+    assert pred.thresholds == Thresholds(box_conf=0.3)
+    pred.thresholds = {"box_conf": 0.4, "min_area": 5}  # a dict is validated into Thresholds
+    assert isinstance(pred.thresholds, Thresholds) and pred.thresholds.min_area == 5
+    with pytest.raises(OptionError, match="box_conf"):
+        pred.thresholds = {"box_conf": 2.0}
+    assert pred.thresholds.box_conf == 0.4  # a refused value changes nothing
+
+
 def test_drain_returns_generator_value():
     def job():
         yield {"stage": "a", "fraction": 0.5}

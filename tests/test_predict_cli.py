@@ -13,25 +13,15 @@ torch = pytest.importorskip("torch")
 from napari_cellseg.batch import merge_shards, shard  # noqa: E402
 from napari_cellseg.cli import main  # noqa: E402
 
-TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
-            min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
-            box_detections_per_img=100)
+from conftest import tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     import imageio.v3 as iio
 
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
-
     root = tmp_path_factory.mktemp("predict_cli")
-    torch.manual_seed(0)
-    config = ModelConfig(**TINY)
-    model = build_model(config)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
-    save_checkpoint(root / "tiny.bin", model, config, thresholds={"box_conf": 0.5, "mask_threshold": 0.5})
+    tiny_checkpoint(root / "tiny.bin", thresholds={"box_conf": 0.5, "mask_threshold": 0.5})
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

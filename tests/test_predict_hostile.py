@@ -16,8 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
-            min_size=64, max_size=96, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100,
+from conftest import tiny_checkpoint  # noqa: E402
+
+TINY = dict(min_size=64, max_size=96, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100,
             box_detections_per_img=50)
 
 
@@ -26,16 +27,8 @@ def env(tmp_path_factory):
     """A tiny random checkpoint that finds cells, and two small images."""
     import imageio.v3 as iio
 
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
-
     root = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(0)
-    config = ModelConfig(**TINY)
-    model = build_model(config)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
-    save_checkpoint(root / "tiny.bin", model, config, thresholds={"box_conf": 0.5, "mask_threshold": 0.5})
+    tiny_checkpoint(root / "tiny.bin", thresholds={"box_conf": 0.5, "mask_threshold": 0.5}, **TINY)
     rng = np.random.default_rng(0)
     for name in ("a_img", "b_img"):
         iio.imwrite(root / f"{name}.png", (rng.random((48, 56)) * 255).astype(np.uint8))
@@ -169,15 +162,11 @@ def test_tiny_images_are_predicted_not_skipped(env, tmp_path, native):
     import imageio.v3 as iio
 
     from napari_cellseg.annotations import read_annotations
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
 
     ckpt = env / "tiny.bin"
     if native:  # like the demo model: native scale + a trained diameter -> auto size retries 2.5x / 0.4x
-        torch.manual_seed(0)
-        config = ModelConfig(**{**TINY, "native_scale": True, "diameter": 40.0})
-        ckpt = tmp_path / "native.bin"
-        save_checkpoint(ckpt, build_model(config), config, thresholds={"box_conf": 0.99})
+        ckpt = tiny_checkpoint(tmp_path / "native.bin", thresholds={"box_conf": 0.99}, **TINY,
+                               native_scale=True, diameter=40.0)
     folder = tmp_path / "imgs"
     folder.mkdir()
     iio.imwrite(folder / "one.png", np.full((1, 1), 200, np.uint8))
@@ -219,3 +208,20 @@ def test_checkpoint_with_a_text_diameter_leaves_no_journal(env, tmp_path):
     line = _one_error_line(proc)
     assert "forty.bin" in line and "diameter" in line
     assert not out.exists() and _leftovers(tmp_path, "sub.csv") == []
+
+
+# ---- a fresh run where every image fails replaces the old CSV (header only), leaves no journal -
+def test_fresh_run_with_every_image_failing_replaces_the_old_csv(env, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    out = tmp_path / "stale.csv"
+    old = b"id,predicted\nold_img,1 2\n"
+    out.write_bytes(old)
+    proc = cellseg("--checkpoint", env / "tiny.bin", bad, "--out", out, "--device", "cpu", "--resume")
+    assert proc.returncode == 1, proc.stderr
+    assert out.read_bytes() == old and _leftovers(tmp_path, "stale.csv") == []  # --resume: rows stay
+    proc = cellseg("--checkpoint", env / "tiny.bin", bad, "--out", out, "--device", "cpu")
+    assert proc.returncode == 1, proc.stderr
+    assert "wrote 0 images" in proc.stdout
+    assert out.read_text() == "id,predicted\n"  # header only: no row of the earlier run survives
+    assert _leftovers(tmp_path, "stale.csv") == []

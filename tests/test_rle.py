@@ -2,7 +2,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -98,7 +98,6 @@ def test_labels_to_rles_rejects_non_2d():
     assert labels_to_rles(np.zeros((3, 3), np.uint16)) == []
 
 
-@settings(max_examples=100, deadline=None)
 @given(arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9)),
               elements=st.integers(0, 4)))
 def test_fuzz_label_round_trip(labels):
@@ -150,7 +149,6 @@ def _rle_like(draw):
     return out
 
 
-@settings(max_examples=300, deadline=None)
 @given(_rle_like() | st.lists(_tokens, max_size=12).map(" ".join) | st.text(max_size=20),
        st.tuples(st.integers(1, 6), st.integers(1, 6)))
 def test_fuzz_decode_correct_mask_or_value_error(rle, shape):
@@ -205,7 +203,6 @@ def test_parse_rles_names_the_first_bad_string(rles, first):
     assert info.value.index == first
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.lists(_rle_like() | st.sampled_from(["1 2", "3 1 5 1", "", "1 0", "9" * 40]), max_size=6),
        st.integers(1, 30))
 def test_fuzz_parse_rles_agrees_with_one_at_a_time(rles, size):
@@ -229,3 +226,21 @@ def test_fuzz_parse_rles_agrees_with_one_at_a_time(rles, size):
         return
     assert first_bad is None
     assert len(n_runs) == len(rles) and int(n_runs.sum()) == len(starts) == len(lengths)
+
+
+@pytest.mark.parametrize("profile, expected", [("default", 200), ("fuzz", 5000)])
+def test_hypothesis_profile_sets_every_property_tests_example_count(profile, expected):
+    """HYPOTHESIS_PROFILE=fuzz must widen every test here: no per-test max_examples overrides it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import conftest, test_rle\n"
+            "print(sorted({f._hypothesis_internal_use_settings.max_examples for f in vars(test_rle).values()"
+            " if hasattr(f, 'hypothesis')}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(here)], capture_output=True, text=True,
+                          env={**os.environ, "HYPOTHESIS_PROFILE": profile}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [f"[{expected}]"]

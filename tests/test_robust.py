@@ -19,24 +19,14 @@ torch = pytest.importorskip("torch")
 from napari_cellseg.annotations import CsvError, read_annotations  # noqa: E402
 from napari_cellseg.cli import main  # noqa: E402
 
-TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
-            min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=200,
-            box_detections_per_img=50)
+from conftest import TINY_MODEL, tiny_checkpoint  # noqa: E402
+
+TINY = {**TINY_MODEL, "box_detections_per_img": 50}
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
-
-    torch.manual_seed(0)
-    config = ModelConfig(**TINY)
-    model = build_model(config)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
-    path = tmp_path_factory.mktemp("ckpt") / "tiny model é.bin"
-    save_checkpoint(path, model, config)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny model é.bin", box_detections_per_img=50)
 
 
 def _images(folder: Path, names, seed=0):

@@ -158,3 +158,24 @@ def test_bundled_model_missing_is_a_clear_error(setup, capsys, monkeypatch, tmp_
     root, _ = setup
     out = _tune_inprocess(capsys, "--gt", root / "gt", "--images", root / "images")
     assert out.returncode == 2 and "bundled demo model is missing" in out.stderr
+
+
+def test_tune_takes_a_grey_alpha_image_like_predict(setup, tmp_path, capsys):
+    """tune sized images by its own rule (channels 1, 3, 4: a grey+alpha PNG was refused with
+    "cannot take an image size from shape (64, 64, 2)"); now images.py's layout rule, header only."""
+    import imageio.v3 as iio
+    import tifffile
+
+    root, ckpt = setup
+    (tmp_path / "tg").mkdir()
+    (tmp_path / "ti").mkdir()
+    gt = np.zeros((64, 64), np.uint16)
+    gt[10:30, 10:30] = 1
+    tifffile.imwrite(tmp_path / "tg" / "la.tif", gt)
+    grey_alpha = np.zeros((64, 64, 2), np.uint8)
+    grey_alpha[..., 0], grey_alpha[..., 1] = 100, 255
+    iio.imwrite(tmp_path / "ti" / "la.png", grey_alpha)
+    out = _tune_inprocess(capsys, "--checkpoint", ckpt, "--gt", tmp_path / "tg", "--images", tmp_path / "ti",
+                          "--box-confs", 0.5, "--mask-thresholds", 0.5, "--json", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["n_images"] == 1
