@@ -336,11 +336,19 @@ class TrainWidget(ScrollDock):
         except ValueError as exc:  # ConfigError / DataError: one line naming the field
             self._error(str(exc))
             return
-        self._preload_torch()
+        from ._torch_guard import block_triton, import_torch
+
+        block_triton()  # in the GUI thread (instant); the slow imports run on the worker below
         self._config, self.tracker, self.last_summary = config, _form.ProgressTracker(config.epochs), None
         self._job = _form.train_job(config, pairs)
         job = self._job
-        worker = create_worker(lambda: (yield from job), _ignore_errors=True)
+
+        def body():  # the window stays responsive while PyTorch and the training code load
+            yield {"stage": "setup", "message": "Loading PyTorch and the training code…"}
+            import_torch()
+            return (yield from job)
+
+        worker = create_worker(body, _ignore_errors=True)
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_done)
         worker.errored.connect(lambda exc: self._error(f"Training failed: {exc}"))
@@ -354,16 +362,6 @@ class TrainWidget(ScrollDock):
         self.progress.setVisible(True)
         self.status.setText(f"Starting: output in {config.out}")
         worker.start()
-
-    def _preload_torch(self):
-        from qtpy.QtWidgets import QApplication
-
-        from ._torch_guard import import_torch
-
-        self.status.setText("Loading PyTorch…")
-        QApplication.processEvents()
-        import_torch()
-        from training import engine  # noqa: F401  (imports cv2/albumentations in the GUI thread, once)
 
     def cancel(self):
         if self._worker is not None:

@@ -228,6 +228,31 @@ def test_tiny_run_hands_best_model_to_segment(docked, qtbot, notes, tmp_path):
 
 
 @pytest.mark.slow
+def test_start_loads_pytorch_off_the_gui_thread(docked, qtbot, notes, monkeypatch):
+    """Start keeps the window responsive: the slow imports run on the worker, with a message."""
+    import threading
+
+    from napari_cellseg import _torch_guard
+
+    real, seen = _torch_guard.import_torch, []
+
+    def spy():
+        seen.append(threading.current_thread() is threading.main_thread())
+        real()
+
+    monkeypatch.setattr(_torch_guard, "import_torch", spy)
+    _, _, train = docked
+    train.steps.setValue(500)
+    train.start_btn.click()
+    assert train.status.text().startswith(("Starting", "Loading"))
+    qtbot.waitUntil(lambda: bool(seen), timeout=TIMEOUT)
+    assert seen == [False]  # never in the GUI thread
+    train.cancel_btn.click()
+    qtbot.waitUntil(lambda: train._worker is None, timeout=60_000)
+    assert not notes["error"]
+
+
+@pytest.mark.slow
 def test_cancel_stops_a_running_job(docked, qtbot, notes, tmp_path):
     _, seg, train = docked
     before = seg.model_combo.currentData()
