@@ -8,9 +8,10 @@
 # file: copy it over napari_cellseg/models/demo.bin yourself if you mean to replace the demo model.
 #
 # Why not bit for bit: the shipped model was trained in stages by the code of its day, and the
-# training code has changed since (exact resume: each item's augmentation is now seeded by
-# data.item_seed(seed, epoch, index) instead of drawn from the global RNG; AMP modes, an fp32 stem,
-# label layers on the device):
+# training code has changed since: for exact resume each item's augmentation is now seeded by
+# data.item_seed(seed, epoch, index) (it was one albumentations stream per run/worker) and the epoch
+# order by numpy's default_rng([seed, epoch]) (it was a torch.Generator seeded seed + epoch), so the
+# crops, flips and order differ from the first step on (AMP, off on a CPU, changed too):
 #   phase 1 + 2: code of 2026-11-25 22:06 .. 2026-11-26 01:34 (commits 10c71e8 .. 26fb651; logs in
 #                docs/demo_model/phase1_log.csv, phase2_log.csv, committed with the first bundle 1cfef87)
 #   phase 3:     training code of d928a07 (unchanged up to 120ffb0, the commit that shipped demo.bin;
