@@ -211,9 +211,11 @@ def csv_to_layer_data(path, layers=()) -> list[tuple]:
     The size comes from width/height columns, else from an open image with that id; ids with
     no known size raise ``InputError`` naming them (nothing is added).
     """
-    from .annotations import read_annotations
+    from .annotations import NO_ROWS, read_annotations
 
     ann = read_annotations(path)
+    if not ann.ids:
+        raise InputError(f"{path} {NO_ROWS}: no masks to show")
     shapes, unknown = {}, []
     for image_id in ann.ids:
         shape = ann.shape(image_id) or shape_from_layers(image_id, layers)

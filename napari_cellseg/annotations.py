@@ -8,7 +8,10 @@ Formats (detected from the header):
 
 Every row is validated on reading; a problem raises :class:`CsvError` with a one-line message
 ``FILE: row N: problem`` where N counts rows as a spreadsheet does (the header is row 1, the
-first data row is row 2). Writes are atomic.
+first data row is row 2). Writes are atomic. A valid header without data rows is a valid CSV of
+no image (what ``cellseg predict`` writes when every image failed; Kaggle scores it as an empty
+submission): it reads as an :class:`Annotations` with no ids, and each command that needs an
+image says so in its own words (:data:`NO_ROWS` is the common phrase).
 
 Shared rules (one home each, used by every reader and writer, the prediction journal included):
 - fields and ids are stripped of :data:`napari_cellseg.rle.WHITESPACE` only (:func:`normalize_id`);
@@ -32,7 +35,9 @@ from .rle import (
 )
 
 __all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS",
-           "normalize_id", "csv_reader", "MAX_FIELD_CHARS"]
+           "normalize_id", "csv_reader", "MAX_FIELD_CHARS", "NO_ROWS"]
+
+NO_ROWS = "has no rows after the header (no image)"  # "FILE has no rows...": every command's wording
 
 FORMATS = ("kaggle", "starter", "train")
 _COLUMNS = {
@@ -243,8 +248,6 @@ def read_annotations(path) -> Annotations:
             raise CsvError(f"{path}: row {n}: {len(fields)} fields, the header has {len(header)}")
         records.append(fields)
         row_numbers.append(n)
-    if not records:
-        raise CsvError(f"{path}: no data rows after the header")
     table = pd.DataFrame(records, columns=header, dtype=str)
     table["id"] = [normalize_id(v) for v in table["id"].tolist()]
     table[column] = [strip_field(v) for v in table[column].tolist()]

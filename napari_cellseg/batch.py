@@ -11,7 +11,9 @@
 * A bad image is reported on stderr and skipped; the exit status is 0 (all good), 1 (some
   images failed: "K of N images failed") or 2 (usage errors, bad checkpoint: raised as ValueError).
 * torchrun: rank R predicts ``items[R::world]`` (minus ids already done) into its own journal;
-  the small per-rank summaries are gathered on rank 0, which writes the CSV.
+  the small per-rank summaries (failed images, the size used per image) are gathered on every
+  rank, so the end-of-run counts and the size summary cover all ranks and every rank exits
+  with the run's status; rank 0 alone reports and writes the CSV (from all journals).
 * One run per --out: an exclusive lock (journal.output_lock) is taken before any journal is
   touched; a second run on the same --out stops at once (exit 2, naming the file).
 * Throughput: images are decoded on worker threads while the network runs, up to
@@ -329,6 +331,8 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
 
 def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world, bad_names,
                 progress_factory) -> int:
+    from types import SimpleNamespace
+
     journal = Journal(journal_path(out, rank))
     flushed = [resume]  # after the first flush the CSV holds this run's rows: keep them
     count = [0]
@@ -351,15 +355,17 @@ def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world
         journal.close()
         if bar is not None:
             bar.close()
-    if world > 1:
+    failed = bad_names + failed  # (unreadable names: listed on rank 0 only)
+    if world > 1:  # every end-of-run figure covers all ranks: failures and the sizes used
         import torch.distributed as dist
 
-        parts = [None] * world if rank == 0 else None
-        dist.gather_object(failed, parts, dst=0)  # also the barrier before rank 0 reads journals
-        if rank != 0:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (failed, [(s.scale, s.diameter) for s in sizes]))
+        # (also the barrier before rank 0 reads the journals)
+        failed = [f for part_failed, _ in parts for f in part_failed]
+        sizes = [SimpleNamespace(scale=sc, diameter=d) for _, part_sizes in parts for sc, d in part_sizes]
+        if rank != 0:  # every rank exits with the run's status, rank 0 alone reports and writes
             return 1 if failed else 0
-        failed = [f for p in parts for f in p]
-    failed = bad_names + failed
     message = pipeline.size_message(sizes) if pipeline.scale == "auto" and sizes else ""
     if message:  # e.g. "Cell size estimated at 24-40 px: image resized x1-x1.67 (12 images)."
         print(f"cellseg predict: {message}", file=sys.stderr)

@@ -39,6 +39,32 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
 
 
+def code_version() -> dict:
+    """Which code trains a model, for a checkpoint's ``info["code"]``: the package version and,
+    when it runs from a git checkout of this project (not from a wheel, nor from some other
+    repository it is installed inside), the commit and whether tracked files differ from it.
+    ``{"package": "0.1.0", "git_commit": "<40 hex>" | None, "git_dirty": bool | None}``."""
+    import subprocess
+
+    from . import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    found = {"package": __version__, "git_commit": None, "git_dirty": None}
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return found
+        found["git_commit"] = git("rev-parse", "HEAD")
+        found["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return found
+
+
 def save_checkpoint(path, model, config: ModelConfig, thresholds: dict | None = None,
                     info: dict | None = None, extra: dict | None = None) -> None:
     """Write a checkpoint atomically. ``extra`` adds keys (optimizer state for last.ckpt...)."""

@@ -70,9 +70,11 @@ def _add_to_labels(subparsers) -> None:
 
 
 def _cmd_to_labels(args) -> int:
-    from .annotations import read_annotations
+    from .annotations import NO_ROWS, read_annotations
 
     ann = read_annotations(args.annotations)
+    if not ann.ids:
+        print(f"cellseg to-labels: {args.annotations} {NO_ROWS}: no label image to write", file=sys.stderr)
     images = _files_by_id([args.images], "images") if args.images else {}
     shapes = {}
     for image_id in ann.ids:  # check every size and every row before writing anything
@@ -128,7 +130,8 @@ def _add_evaluate(subparsers) -> None:
         "evaluate", help="Kaggle mAP of predictions against ground truth",
         description="Score predictions with the Kaggle Sartorius metric (mean over IoU "
                     "0.50:0.05:0.95 of TP/(TP+FP+FN)). Every image in GT is scored; a missing "
-                    "prediction counts as an empty one (0 when GT has cells). Sizes for a CSV "
+                    "prediction counts as an empty one (0 when GT has cells), so a predictions CSV "
+                    "with a header and no rows is a valid empty submission. Sizes for a CSV "
                     "without width/height come from the ground truth.")
     p.add_argument("--gt", required=True, help="ground truth: annotation CSV or label folder")
     p.add_argument("--pred", required=True, help="predictions: CSV (any format) or label folder")
@@ -145,7 +148,11 @@ def _cmd_evaluate(args) -> int:
 
     from .metrics import evaluate_image
 
+    from .annotations import NO_ROWS
+
     gt, pred = _label_source(args.gt), _label_source(args.pred)
+    if not gt.ids:
+        raise ValueError(f"{args.gt} {NO_ROWS}: no ground truth to score against")
     results, missing = [], []
     for image_id in _progress(gt.ids, desc="evaluate"):
         gt_labels = gt.labels(image_id, gt.shape(image_id) or args.shape)
@@ -158,6 +165,9 @@ def _cmd_evaluate(args) -> int:
         results.append({"id": image_id, **score.to_dict()})
     extra = [i for i in pred.ids if i not in gt]
     mean = float(np.mean([r["map"] for r in results]))
+    if not pred.ids:  # a valid empty submission (every image failed in `cellseg predict`)
+        print(f"cellseg evaluate: note: {args.pred} {NO_ROWS}: every image scored as an empty "
+              "prediction", file=sys.stderr)
     if args.json:
         json.dump({"mean_map": mean, "n_images": len(results), "iou": args.iou,
                    "images": results, "missing_predictions": missing,
@@ -170,7 +180,7 @@ def _cmd_evaluate(args) -> int:
         print(f"{r['id']:<{width}}  {r['map']:6.4f}  {r['n_gt']:5d}  {r['n_pred']:5d}  "
               f"{r['tp']:5d}  {r['fp']:5d}  {r['fn']:5d}")
     print(f"mean mAP over {len(results)} images: {mean:.4f}  (TP/FP/FN at IoU > {args.iou})")
-    if missing:
+    if missing and pred.ids:
         print(f"note: {len(missing)} images had no prediction (scored as empty)", file=sys.stderr)
     if extra:
         print(f"note: {len(extra)} predicted images are not in the ground truth (ignored)",

@@ -73,6 +73,7 @@ def write_thresholds(path, thresholds, info: dict | None = None) -> dict:
 
 def run_tune(args, progress_factory=None) -> int:
     """The ``cellseg tune`` command (args from cli.py's parser)."""
+    from .annotations import NO_ROWS
     from .checkpoint import resolve_checkpoint
     from .options import PredictOptions
     from .files import files_by_id, image_shape, label_source
@@ -92,6 +93,8 @@ def run_tune(args, progress_factory=None) -> int:
     if args.write:
         _check_writable_checkpoint(ckpt)
     gt = label_source(args.gt)
+    if not gt.ids:
+        raise ValueError(f"{args.gt} {NO_ROWS}: no ground truth to tune on")
     images = files_by_id([args.images], "images")
     ids = [i for i in gt.ids if i in images]
     if not ids:

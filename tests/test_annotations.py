@@ -65,8 +65,25 @@ BAD = {
     "fields": ("id,predicted\na,1 1,extra\n", "row 2: 3 fields"),
     "empty id": ("id,predicted\n,1 1\n", "row 2: empty id"),
     "empty file": ("", "empty file"),
-    "header only": ("id,predicted\n", "no data rows"),
 }
+
+
+@pytest.mark.parametrize("header", ["id,predicted", "idx,id,annotation", "id,annotation,width,height,cell_type"])
+def test_header_only_csv_is_a_valid_csv_of_no_image(tmp_path, header):
+    """What `cellseg predict` writes when every image failed: a valid, empty submission."""
+    path = tmp_path / "empty.csv"
+    path.write_text(header + "\n\n")  # (a trailing blank line is no row either)
+    ann = read_annotations(path)
+    assert ann.ids == [] and len(ann) == 0 and list(ann.rows()) == [] and "a" not in ann
+    with pytest.raises(CsvError, match="no rows for image id 'a'"):
+        ann.rles("a")
+    # rows merged into it: its format kept (the merge used to fail on "no data rows")
+    labels = np.zeros((3, 4), int)
+    labels[0, :2] = 1
+    fmt = ann.format
+    write_annotations(path, {"a": labels}, format=fmt, merge=True)
+    merged = read_annotations(path)
+    assert merged.format == fmt and merged.ids == ["a"]
 
 
 @pytest.mark.parametrize("name", list(BAD))

@@ -231,3 +231,36 @@ def test_valid_checkpoint_thresholds_checked_and_kept(tiny, tmp_path):
     path = _variant(tiny, tmp_path, "ok.bin", thresholds={"box_conf": 0.7, "fill_holes": True})
     _, _, thresholds, _ = load_checkpoint(path)
     assert thresholds == {"box_conf": 0.7, "mask_threshold": 0.5, "min_area": 0, "fill_holes": True}
+
+
+def test_code_version_names_this_checkout_only(tmp_path, monkeypatch):
+    """info["code"] of a trained checkpoint: the commit of THIS project's checkout, or None
+    (a wheel; or installed inside some other git repository: its commit would be a lie)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import napari_cellseg
+    from napari_cellseg.checkpoint import code_version
+
+    root = Path(napari_cellseg.__file__).resolve().parents[1]
+    found = code_version()
+    assert found["package"] == napari_cellseg.__version__
+    if shutil.which("git") is None or not (root / ".git").exists():
+        assert found["git_commit"] is None
+    else:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert found["git_commit"] == head and isinstance(found["git_dirty"], bool)
+    # a copy of the package inside another repository: no commit claimed
+    other = tmp_path / "other"
+    shutil.copytree(root / "napari_cellseg", other / "site" / "napari_cellseg",
+                    ignore=shutil.ignore_patterns("models", "__pycache__", "data"))
+    if shutil.which("git"):
+        subprocess.run(["git", "init", "-q", str(other)], check=True)
+    out = subprocess.run([sys.executable, "-c", "from napari_cellseg.checkpoint import code_version as c; print(c())"],
+                         cwd=other / "site", capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(other / "site")})
+    assert out.returncode == 0, out.stderr
+    assert "'git_commit': None" in out.stdout and "'git_dirty': None" in out.stdout

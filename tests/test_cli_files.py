@@ -157,3 +157,37 @@ def test_to_csv_skips_a_non_utf8_file_name_with_one_line(tmp_path):
     skipped = [line for line in result.stderr.splitlines() if "skipped" in line and "UTF-8" in line]
     assert any("bad\\xff.tif" in line for line in skipped), result.stderr
     assert read_annotations(csv).ids == ["good"]
+
+
+def test_header_only_csv_is_an_empty_submission(tmp_path, label_dir, nuclei_label_slices):
+    """A header-only CSV (`cellseg predict` where every image failed) is a valid empty submission:
+    evaluate scores every ground-truth image as an empty prediction (as for an image missing
+    from the predictions) with one line saying so; as ground truth it is one clear error;
+    to-labels writes no image. Before: every command stopped with "no data rows"."""
+    empty = tmp_path / "empty.csv"
+    empty.write_text("id,predicted\n")
+    result = cellseg("evaluate", "--gt", label_dir, "--pred", empty, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_images"] == len(nuclei_label_slices) and report["missing_predictions"] == list(nuclei_label_slices)
+    assert all(r["n_pred"] == 0 and r["fn"] == r["n_gt"] and r["map"] == (r["n_gt"] == 0) for r in report["images"])
+    assert report["mean_map"] == 0.0  # every slice has cells
+    assert result.stderr.strip() == (f"cellseg evaluate: note: {empty} has no rows after the header (no image): "
+                                      "every image scored as an empty prediction")
+    # the same scores as a predictions file that lists none of these ids (one rule)
+    other = tmp_path / "other.csv"
+    other.write_text("id,predicted\nnot_an_image,1 2\n")
+    same = json.loads(cellseg("evaluate", "--gt", label_dir, "--pred", other, "--json").stdout)
+    assert same["images"] == report["images"] and same["mean_map"] == report["mean_map"]
+    result = cellseg("evaluate", "--gt", label_dir, "--pred", empty)  # the table: one note, not two
+    assert result.returncode == 0 and "mean mAP over" in result.stdout
+    assert result.stderr.count("\n") == 1 and "no rows after the header" in result.stderr
+
+    result = cellseg("evaluate", "--gt", empty, "--pred", label_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"cellseg evaluate: error: {empty} has no rows after the header "
+                                      "(no image): no ground truth to score against")
+
+    result = cellseg("to-labels", empty, "--out", tmp_path / "decoded", "--shape", "20x30")
+    assert result.returncode == 0 and "wrote 0 label images" in result.stdout
+    assert "no rows after the header" in result.stderr and list((tmp_path / "decoded").iterdir()) == []

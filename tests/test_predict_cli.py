@@ -165,6 +165,36 @@ def test_predict_on_two_gloo_ranks(workdir, tmp_path):
         assert sorted(ann.rles(image_id)) == sorted(ref.rles(image_id))
 
 
+@pytest.mark.slow
+def test_torchrun_summary_covers_every_rank(workdir, tmp_path):
+    """`torchrun --nproc_per_node=2 ... cellseg predict --diameter auto`, as a user runs it: the
+    size summary, the failure count and the exit status cover the images of BOTH ranks (the
+    summary used to count rank 0's images only)."""
+    import subprocess
+    import sys
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("a_img", "b_img", "c_img"):
+        (images / f"{name}.png").write_bytes((workdir / "images" / f"{name}.png").read_bytes())
+    (images / "d_img.png").write_bytes((workdir / "images" / "a_img.png").read_bytes())
+    (images / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # rank 1's share
+    out = tmp_path / "sub.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "napari_cellseg.cli", "predict", "--checkpoint", str(workdir / "tiny.bin"),
+                           str(images), "--out", str(out), "--device", "cpu", "--diameter", "auto"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]  # one image failed
+    summary = [line for line in err.splitlines() if "Cell size estimated at" in line]
+    assert len(summary) == 1 and summary[0].endswith("(4 images)."), err[-3000:]
+    assert err.count("1 of 5 images failed") == 1 and "b_broken.png" in err
+    assert proc.stdout.count(f"wrote 4 images to {out}") == 1
+    from napari_cellseg.annotations import read_annotations
+    assert set(read_annotations(out).ids) == {"a_img", "b_img", "c_img", "d_img"}
+
+
 def test_diameter_option_sizes_images(workdir, tmp_path, capsys):
     from napari_cellseg.annotations import read_annotations
 

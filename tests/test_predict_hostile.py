@@ -225,3 +225,17 @@ def test_fresh_run_with_every_image_failing_replaces_the_old_csv(env, tmp_path):
     assert "wrote 0 images" in proc.stdout
     assert out.read_text() == "id,predicted\n"  # header only: no row of the earlier run survives
     assert _leftovers(tmp_path, "stale.csv") == []
+    # ... and that CSV is a valid empty submission: scored as if no image were predicted (exit 0)
+    import tifffile
+
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    cells = np.zeros((48, 56), np.uint16)
+    cells[4:12, 4:12] = 1
+    tifffile.imwrite(gt / "broken.tif", cells)
+    scored = subprocess.run([sys.executable, "-m", "napari_cellseg.cli", "evaluate", "--gt", str(gt),
+                             "--pred", str(out)], capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0 and "Traceback" not in scored.stderr, scored.stderr
+    assert "mean mAP over 1 images: 0.0000" in scored.stdout
+    assert scored.stderr.strip() == (f"cellseg evaluate: note: {out} has no rows after the header (no image): "
+                                      "every image scored as an empty prediction")

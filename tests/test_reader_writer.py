@@ -87,6 +87,18 @@ def test_kaggle_csv_size_from_open_image_else_clear_error(tmp_path):
     assert meta["name"] == "img_a cells"
 
 
+def test_header_only_csv_export_into_it_and_open_it(tmp_path):
+    """The header-only CSV of a `cellseg predict` run where every image failed: exporting into
+    it keeps its format; opening it says there is nothing to show (one line, no traceback)."""
+    out = tmp_path / "sub.csv"
+    out.write_text("id,predicted\n")
+    with pytest.raises(InputError, match=r"sub.csv has no rows after the header \(no image\): no masks"):
+        get_reader(str(out))(str(out))
+    lab = _labels(4)
+    assert export_csv(out, {"img_a": lab}, "kaggle") == len(np.unique(lab)) - 1
+    assert read_annotations(out).format == "kaggle" and read_annotations(out).ids == ["img_a"]
+
+
 def test_stack_layer_exports_every_plane(tmp_path):
     stack = np.zeros((3, 40, 50), np.int32)
     stack[2] = _labels(4)

@@ -61,6 +61,9 @@ def test_two_epochs_then_resume(data, tmp_path):
     assert cfg.backbone == "convnext_atto" and cfg.fpn_channels == 32 and cfg.anchor_sizes == (8, 16, 32, 64, 128)
     assert cfg.diameter == 24.0  # size normalisation travels with the model to predict
     assert {"box_conf", "mask_threshold"} <= set(thr) and info["n_train"] + info["n_val"] == 6
+    from napari_cellseg import __version__
+    from napari_cellseg.checkpoint import code_version
+    assert info["code"] == code_version() and info["code"]["package"] == __version__  # which code trained it
     best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
     assert str(info["epoch"]) == best_epoch
     from napari_cellseg.predict import Predictor

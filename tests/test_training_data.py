@@ -116,6 +116,9 @@ def test_csv_source_decodes_once_and_names_missing_rows(tmp_path):
     (tmp_path / "img" / "id1.png").unlink()
     with pytest.raises(DataError, match=r"train.csv: row \d+.*'id1' not found"):
         load_csv_samples(csv, tmp_path / "img")
+    csv.write_text("id,annotation,width,height\n")  # header only: names the file, not "no data rows"
+    with pytest.raises(DataError, match=r"train.csv has no rows after the header \(no image\): no annotated"):
+        load_csv_samples(csv, tmp_path / "img")
 
 
 def test_split_is_grouped_and_errors_are_clear():

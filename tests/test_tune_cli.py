@@ -119,6 +119,7 @@ def test_tune_text_table_and_csv_gt(setup, tmp_path):
     ("bad_ckpt", "not a readable PyTorch checkpoint"),
     ("bad_size", "but the ground truth for 'img0' is 50x50"),
     ("bad_values", "between 0 and 1"),
+    ("header_only_gt", "gt.csv has no rows after the header (no image): no ground truth to tune on"),
 ])
 def test_tune_bad_input_exit_2_nothing_written(setup, tmp_path, capsys, case, message):
     import shutil
@@ -139,6 +140,9 @@ def test_tune_bad_input_exit_2_nothing_written(setup, tmp_path, capsys, case, me
         gt = tmp_path / "gt"
         gt.mkdir()
         tifffile.imwrite(gt / "img0.tif", np.ones((50, 50), np.uint16))
+    elif case == "header_only_gt":  # what a `cellseg predict` run where every image failed writes
+        gt = tmp_path / "gt.csv"
+        gt.write_text("id,predicted\n")
     else:
         extra = ["--box-confs", "0.5", "1.5"]
     before = ckpt.read_bytes()

@@ -175,10 +175,12 @@ def load_folder_samples(image_dir, label_dir) -> list[Sample]:
 
 def load_csv_samples(csv_path, image_dir) -> list[Sample]:
     """Kaggle train.csv (one RLE row per cell) + the folder of the images it names."""
-    from napari_cellseg.annotations import read_annotations
+    from napari_cellseg.annotations import NO_ROWS, read_annotations
     from napari_cellseg.rle import rle_decode
 
     ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
+    if not ann.ids:
+        raise DataError(f"{csv_path} {NO_ROWS}: no annotated cells to train on")
     files = _index_images(Path(image_dir))
     missing = [i for i in ann.ids if str(i) not in files]
     if missing:

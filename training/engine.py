@@ -454,6 +454,7 @@ def train(config: TrainConfig, samples=None):
     model when fine-tuning from --init-checkpoint), "warning" (one line), "done"."""
     import torch
     import torch.distributed as dist
+    from napari_cellseg.checkpoint import code_version
     from napari_cellseg.devices import ddp_backend, resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -529,7 +530,8 @@ def train(config: TrainConfig, samples=None):
                         fig_dir / "train_samples.png", "augmented training samples")
     info_base = {"n_train": len(train_s), "n_val": len(val_s), "train_ids": [s.image_id for s in train_s][:2000],
                  "val_ids": [s.image_id for s in val_s], "train_config": config.to_dict(), "amp": amp,
-                 "world_size": world, "device": str(device), "input_scale": "native (the model does not resize in training)"}
+                 "world_size": world, "device": str(device), "input_scale": "native (the model does not resize in training)",
+                 "code": code_version()}  # package version + git commit: which code trained the model
     yield {"stage": "setup", "message": f"{len(train_s)} train / {len(val_s)} val images on {device}",
            "n_train": len(train_s), "n_val": len(val_s), "start_epoch": start}
     if rank == 0 and config.init_checkpoint and start == 1:  # the starting model, for comparison
