@@ -342,30 +342,25 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, config, amp
 
 
 def evaluate(model, dataset, device, epoch, config, gts):
-    """Generator: val loss (train-mode forward without gradients; ConvNeXt has no BatchNorm) and
-    one ``Detections`` per val image (napari_cellseg.predict.Predictor: the same inference as
-    the Segment widget) for the threshold sweep. Returns (loss, mask loss, detections)."""
-    import torch
-
+    """Generator: val loss (the heads in train mode without gradients; ConvNeXt has no BatchNorm)
+    and one ``Detections`` per val image (the first ``max_val_images``; the same inference as the
+    Segment widget's Predictor) for the threshold sweep, from ONE backbone forward per image
+    (``evaluate.val_step``). Returns (loss, mask loss, detections)."""
     net = getattr(model, "module", model)
-    predictor = ev.val_predictor(net, config.model, device)
+    pipeline = ev.val_predictor(net, config.model, device)
     total, mask_total, n, dets = 0.0, 0.0, 0, []
     n_map = len(dataset) if not config.max_val_images else min(config.max_val_images, len(dataset))
     try:
         for i in range(len(dataset)):
             image, target = dataset[i]
-            target = expand_masks(target, device)
-            with torch.no_grad():
-                net.train()
-                losses = net([image.to(device)], [target])
-                loss = float(sum(losses.values()))
+            losses, found = ev.val_step(pipeline, [image.permute(1, 2, 0).numpy()],
+                                        [expand_masks(target, device)], detect=i < n_map)
+            loss = float(sum(losses[0].values()))
             if math.isfinite(loss):
                 total += loss
-                mask_total += float(losses.get("loss_mask", 0.0))
+                mask_total += float(losses[0].get("loss_mask", 0.0))
                 n += 1
-            if i < n_map:
-                net.eval()
-                dets.append(predictor.predict(image.permute(1, 2, 0).numpy()))
+            dets.extend(found or [])
             yield {"stage": "val", "epoch": epoch, "step": i + 1, "total": len(dataset)}
     finally:
         net.train()
