@@ -10,6 +10,8 @@
   (same numbers, ~4x cheaper on CPU), and only the predicted class's logit map is computed;
 * everything stays on the device until the end of the batch: one host copy per batch;
 * optional autocast: bf16 (CPU with native bf16, CUDA), fp16 (CUDA).
+* the forward also runs in pieces (``prepare``, ``features``, ``iter_detect``): training
+  validation computes the features once for its loss and for these Detections.
 
 It knows the model's own resize rule (:meth:`Runner.base_factor`) and nothing about object
 size, tiles or files: those live in :mod:`napari_cellseg.pipeline`, which drives it. The device
