@@ -10,6 +10,8 @@
   (same numbers, ~4x cheaper on CPU), and only the predicted class's logit map is computed;
 * everything stays on the device until the end of the batch: one host copy per batch;
 * optional autocast: bf16 (CPU with native bf16, CUDA), fp16 (CUDA).
+* the forward also runs in pieces (``prepare``, ``features``, ``iter_detect``): training
+  validation computes the features once for its loss and for these Detections.
 
 It knows the model's own resize rule (:meth:`Runner.base_factor`) and nothing about object
 size, tiles or files: those live in :mod:`napari_cellseg.pipeline`, which drives it. The device
@@ -172,79 +174,106 @@ class Runner:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def _factors(self, arrays, scale: float = 1.0, factor=None) -> list[float]:
+        if factor is None:
+            return [self.base_factor(a.shape) * float(scale) for a in arrays]
+        if np.ndim(factor) == 0:
+            return [float(factor)] * len(arrays)
+        return [float(f) for f in factor]
+
+    def prepare(self, arrays, factors):
+        """Normalised float32 HxWx3 arrays at their resize factors (one or one per array) ->
+        ``(ImageList, original sizes)``: normalised, resized, batched and padded as the network
+        sees them. With :meth:`features` and :meth:`iter_detect`: :meth:`forward` in pieces, for
+        callers that use the same features twice (training validation: losses and detections)."""
+        import torch
+        from torchvision.models.detection.image_list import ImageList
+
+        t = self.model.transform
+        tensors, orig_sizes = [], []
+        for a, f in zip(arrays, self._factors(arrays, factor=factors)):
+            x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+            x = x.to(self.device, torch.float32, non_blocking=True)
+            orig_sizes.append(tuple(x.shape[-2:]))
+            x = t.normalize(x)
+            size = resized_size(x.shape[-2:], f)
+            if size != tuple(x.shape[-2:]):
+                x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear",
+                                                    align_corners=False)[0]
+            tensors.append(x)
+        sizes = [tuple(x.shape[-2:]) for x in tensors]
+        return ImageList(t.batch_images(tensors, size_divisible=t.size_divisible), sizes), orig_sizes
+
+    def features(self, images) -> dict:
+        """The backbone + FPN features (float32) of :meth:`prepare`'s ImageList."""
+        import torch
+
+        with self._autocast():  # channels_last: oneDNN's fast convolution layout on CPU
+            feats = self.model.backbone(images.tensors.contiguous(memory_format=torch.channels_last))
+        return {k: v.float() for k, v in feats.items()}
+
     def _forward(self, arrays, scale: float = 1.0, factor=None, box_filter=None):
         """The forward generator. ``factor`` (a number or one per array) replaces the model's
         own rule times ``scale`` (kept for callers of the old signature)."""
         import torch
-        from torchvision.models.detection.image_list import ImageList
+
+        with torch.inference_mode():
+            images, orig_sizes = self.prepare(arrays, self._factors(arrays, scale, factor))
+            yield {"stage": "backbone", "fraction": 0.05}
+            feats = self.features(images)
+            return (yield from self.iter_detect(images, feats, orig_sizes, box_filter,
+                                                float(scale) if factor is None else 1.0))
+
+    def iter_detect(self, images, feats, orig_sizes, box_filter=None, scale: float = 1.0):
+        """Generator (progress events from "proposals" on): the heads of the network in
+        inference mode on already computed :meth:`features` of :meth:`prepare`'s ``images``;
+        returns one Detections per image (boxes in ``orig_sizes`` pixels, ``.scale`` = scale).
+        Call it under ``torch.inference_mode()`` (or ``no_grad``); the model must be in eval mode."""
+        import torch
         from torchvision.models.detection.transform import resize_boxes
 
         m = self.model
-        t = m.transform
-        n_img = len(arrays)
-        if factor is None:
-            factors = [self.base_factor(a.shape) * float(scale) for a in arrays]
-        elif np.ndim(factor) == 0:
-            factors = [float(factor)] * n_img
-        else:
-            factors = [float(f) for f in factor]
-        with torch.inference_mode():
-            tensors, orig_sizes = [], []
-            for a, f in zip(arrays, factors):
-                x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-                x = x.to(self.device, torch.float32, non_blocking=True)
-                orig_sizes.append(tuple(x.shape[-2:]))
-                x = t.normalize(x)
-                size = resized_size(x.shape[-2:], f)
-                if size != tuple(x.shape[-2:]):
-                    x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear",
-                                                        align_corners=False)[0]
-                tensors.append(x)
-            sizes = [tuple(x.shape[-2:]) for x in tensors]
-            images = ImageList(t.batch_images(tensors, size_divisible=t.size_divisible), sizes)
-            yield {"stage": "backbone", "fraction": 0.05}
-            with self._autocast():  # channels_last: oneDNN's fast convolution layout on CPU
-                feats = m.backbone(images.tensors.contiguous(memory_format=torch.channels_last))
-            feats = {k: v.float() for k, v in feats.items()}
-            yield {"stage": "proposals", "fraction": 0.35}
-            proposals, _ = m.rpn(images, feats)
-            yield {"stage": "boxes", "fraction": 0.45}
-            rh = m.roi_heads
-            bf = rh.box_roi_pool(feats, proposals, sizes)
-            with self._autocast():
-                bf = rh.box_head(bf)
-            logits, deltas = rh.box_predictor(bf.float())
-            boxes, scores, labels = rh.postprocess_detections(logits, deltas, proposals, sizes)
-            if box_filter is not None:
-                for i in range(len(boxes)):
-                    ob = resize_boxes(boxes[i], sizes[i], orig_sizes[i]).float().cpu().numpy()
-                    keep = torch.from_numpy(np.asarray(box_filter(ob), bool)).to(boxes[i].device)
-                    boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
-            counts = [len(b) for b in boxes]
-            total = max(sum(counts), 1)
-            probs_all, done = [], 0
-            empty = boxes[0].new_zeros((0, 4))
-            for i, (bi, li) in enumerate(zip(boxes, labels)):
-                for s in range(0, len(bi), self.mask_chunk):
-                    yield {"stage": "masks", "fraction": 0.55 + 0.4 * done / total}
-                    chunk = [bi[s:s + self.mask_chunk] if j == i else empty for j in range(len(boxes))]
-                    x = rh.mask_roi_pool(feats, chunk, sizes)
-                    probs_all.append(self._mask_probs(x, li[s:s + self.mask_chunk]))
-                    done += len(chunk[i])
-            # one host copy for the whole batch: boxes, scores, labels and masks together
-            probs = torch.cat(probs_all) if probs_all else torch.zeros(0, 28, 28, device=self.device)
-            gboxes = torch.cat([resize_boxes(boxes[i], sizes[i], orig_sizes[i]).float()
-                                for i in range(n_img)]) if n_img else torch.zeros(0, 4)
-            gscores = torch.cat([s.float() for s in scores]) if n_img else torch.zeros(0)
-            glabels = torch.cat(labels) if n_img else torch.zeros(0, dtype=torch.int64)
-            probs, gboxes, gscores, glabels = (v.cpu().numpy() for v in (probs, gboxes, gscores, glabels))
-            yield {"stage": "done", "fraction": 1.0}
-            out = []
-            for i, (n0, n) in enumerate(zip(np.cumsum([0] + counts[:-1]), counts)):
-                out.append(Detections(gboxes[n0:n0 + n], gscores[n0:n0 + n], probs[n0:n0 + n],
-                                      orig_sizes[i], labels=glabels[n0:n0 + n],
-                                      scale=float(scale) if factor is None else 1.0))
-            return out
+        n_img = len(orig_sizes)
+        sizes = [tuple(s) for s in images.image_sizes]
+        yield {"stage": "proposals", "fraction": 0.35}
+        proposals, _ = m.rpn(images, feats)
+        yield {"stage": "boxes", "fraction": 0.45}
+        rh = m.roi_heads
+        bf = rh.box_roi_pool(feats, proposals, sizes)
+        with self._autocast():
+            bf = rh.box_head(bf)
+        logits, deltas = rh.box_predictor(bf.float())
+        boxes, scores, labels = rh.postprocess_detections(logits, deltas, proposals, sizes)
+        if box_filter is not None:
+            for i in range(len(boxes)):
+                ob = resize_boxes(boxes[i], sizes[i], orig_sizes[i]).float().cpu().numpy()
+                keep = torch.from_numpy(np.asarray(box_filter(ob), bool)).to(boxes[i].device)
+                boxes[i], scores[i], labels[i] = boxes[i][keep], scores[i][keep], labels[i][keep]
+        counts = [len(b) for b in boxes]
+        total = max(sum(counts), 1)
+        probs_all, done = [], 0
+        empty = boxes[0].new_zeros((0, 4))
+        for i, (bi, li) in enumerate(zip(boxes, labels)):
+            for s in range(0, len(bi), self.mask_chunk):
+                yield {"stage": "masks", "fraction": 0.55 + 0.4 * done / total}
+                chunk = [bi[s:s + self.mask_chunk] if j == i else empty for j in range(len(boxes))]
+                x = rh.mask_roi_pool(feats, chunk, sizes)
+                probs_all.append(self._mask_probs(x, li[s:s + self.mask_chunk]))
+                done += len(chunk[i])
+        # one host copy for the whole batch: boxes, scores, labels and masks together
+        probs = torch.cat(probs_all) if probs_all else torch.zeros(0, 28, 28, device=self.device)
+        gboxes = torch.cat([resize_boxes(boxes[i], sizes[i], orig_sizes[i]).float()
+                            for i in range(n_img)]) if n_img else torch.zeros(0, 4)
+        gscores = torch.cat([s.float() for s in scores]) if n_img else torch.zeros(0)
+        glabels = torch.cat(labels) if n_img else torch.zeros(0, dtype=torch.int64)
+        probs, gboxes, gscores, glabels = (v.cpu().numpy() for v in (probs, gboxes, gscores, glabels))
+        yield {"stage": "done", "fraction": 1.0}
+        out = []
+        for i, (n0, n) in enumerate(zip(np.cumsum([0] + counts[:-1]), counts)):
+            out.append(Detections(gboxes[n0:n0 + n], gscores[n0:n0 + n], probs[n0:n0 + n],
+                                  orig_sizes[i], labels=glabels[n0:n0 + n],
+                                  scale=float(scale)))
+        return out
 
     def _mask_probs(self, x, labels):
         """Mask head + predictor for one chunk -> (n, 28, 28) float32 probabilities."""

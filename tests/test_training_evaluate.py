@@ -98,3 +98,121 @@ def test_engine_evaluate_uses_predictor_once_per_image_and_restores_train_mode()
     np.testing.assert_allclose(dets[0].scores, ref.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(dets[0].to_labels(0.5, 0.5), ref.to_labels(0.5, 0.5))
     model.train()
+
+
+def _val_case(n=3, shape=(96, 128)):
+    """A tiny model as the engine builds it (no resize in the transform) and ``n`` synthetic
+    cell images of ``shape`` in a val InstanceDataset."""
+    torch = pytest.importorskip("torch")
+    from conftest import TINY_MODEL
+    from napari_cellseg.model import ModelConfig, build_model
+    from napari_cellseg.synthetic import make_image
+    from training.augment import test_pipeline
+    from training.data import InstanceDataset, array_samples
+    from training.engine import _no_resize
+
+    torch.manual_seed(0)
+    mc = ModelConfig(**{**TINY_MODEL, "anchor_sizes": (8, 16, 32, 64, 128)})
+    model = build_model(mc)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[1] = 4.0  # random weights: make boxes pass
+    model.transform.resize = _no_resize
+    pairs = [make_image("cells", shape, seed=s, diameter=16) for s in range(n)]
+    ds = InstanceDataset(array_samples([p[0] for p in pairs], [p[1] for p in pairs]), test_pipeline(0, 0))
+    return model, mc, ds
+
+
+def _two_pass(model, mc, ds, n_map, pipeline=None):
+    """The validation of before the one-pass step: a train-mode forward of the whole model for
+    the losses, then the val Pipeline's predict for the Detections (per image, in this order)."""
+    import torch
+    from training.data import expand_masks
+
+    pipe = pipeline or ev.val_predictor(model, mc, "cpu")
+    losses, dets = [], []
+    for i in range(len(ds)):
+        image, target = ds[i]
+        with torch.no_grad():
+            model.train()
+            losses.append({k: float(v) for k, v in model([image], [expand_masks(target)]).items()})
+        if i < n_map:
+            model.eval()
+            dets.append(pipe.predict(image.permute(1, 2, 0).numpy()))
+    model.train()
+    return losses, dets
+
+
+def _same_detections(a, b, exact=True):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) > 0 and x.image_shape == y.image_shape and x.scale == y.scale
+        if not exact:  # a batched backbone: the same numbers up to float rounding
+            np.testing.assert_allclose(x.scores, y.scores, rtol=1e-5)
+            np.testing.assert_allclose(x.boxes, y.boxes, rtol=1e-4, atol=1e-3)
+            np.testing.assert_allclose(x.probs, y.probs, atol=1e-4)
+            continue
+        np.testing.assert_array_equal(x.scores, y.scores)
+        np.testing.assert_array_equal(x.boxes, y.boxes)
+        np.testing.assert_array_equal(x.probs, y.probs)
+        np.testing.assert_array_equal(x.to_labels(0.5, 0.5), y.to_labels(0.5, 0.5))
+
+
+def test_one_pass_validation_equals_the_two_pass_path():
+    """engine.evaluate runs the backbone once per val image: the same val loss (fp tolerance:
+    the backbone input is channels_last, as in the pipeline) and the same Detections, bit for bit,
+    as the train-mode forward + Predictor path; images beyond max_val_images: loss only."""
+    import torch
+    from training.config import TrainConfig
+    from training.engine import evaluate
+
+    model, mc, ds = _val_case()
+    torch.manual_seed(1)
+    ref_losses, ref_dets = _two_pass(model, mc, ds, n_map=2)
+    torch.manual_seed(1)  # the proposal sampling draws: the same draws in the same order
+    calls = []
+    hook = model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    gen = evaluate(model, ds, torch.device("cpu"), 1, TrainConfig(max_val_images=2, model=mc), None)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            loss, mask_loss, dets = stop.value
+            break
+    hook.remove()
+    assert len(calls) == len(ds)  # one backbone forward per val image (two before)
+    assert model.training
+    assert loss == pytest.approx(np.mean([sum(r.values()) for r in ref_losses]), rel=1e-4)
+    assert mask_loss == pytest.approx(np.mean([r["loss_mask"] for r in ref_losses]), rel=1e-4)
+    _same_detections(dets, ref_dets)
+
+
+def test_val_step_batched_per_image_losses_and_tiled_images_as_the_pipeline():
+    """val_step over a batch of same-shape images: each image's losses are those of its own
+    one-image forward (same sampling draws) and the Detections those of pipeline.predict (up to
+    the float rounding of a batched backbone); one image: bit for bit; an image the pipeline
+    tiles gets the pipeline's tiled Detections."""
+    import torch
+    from training.data import expand_masks
+
+    model, mc, ds = _val_case()
+    pipe = ev.val_predictor(model, mc, "cpu")
+    torch.manual_seed(1)
+    ref_losses, ref_dets = _two_pass(model, mc, ds, n_map=len(ds), pipeline=pipe)
+    arrays = [ds[i][0].permute(1, 2, 0).numpy() for i in range(len(ds))]
+    targets = [expand_masks(ds[i][1]) for i in range(len(ds))]
+    torch.manual_seed(1)
+    losses, dets = ev.val_step(pipe, arrays, targets)
+    for got, ref in zip(losses, ref_losses):
+        assert list(got) == list(ref)
+        for k in ref:
+            assert float(got[k]) == pytest.approx(ref[k], rel=1e-4, abs=1e-6)
+    _same_detections(dets, ref_dets, exact=False)
+    torch.manual_seed(1)
+    _same_detections(ev.val_step(pipe, arrays[:1], targets[:1])[1], ref_dets[:1])
+    assert ev.val_step(pipe, arrays[:1], targets[:1], detect=False)[1] is None
+
+    pipe.tile_size, pipe.tile_overlap = 64, 16  # these images are now tiled by the pipeline
+    tiled = [pipe.predict(a) for a in arrays[:1]]
+    _, dets = ev.val_step(pipe, arrays[:1], targets[:1])
+    _same_detections(dets, tiled)
+    model.train()

@@ -1,4 +1,5 @@
-"""Validation helpers: the val Predictor, the threshold choice for the best val mAP (the shared
+"""Validation helpers: the val Predictor, the one-pass validation step (losses and Detections
+from one backbone forward), the threshold choice for the best val mAP (the shared
 ``napari_cellseg.tuning.sweep`` on cached Detections) and the run's figures (loss curve,
 augmented samples, validation overlays). No Qt here."""
 
@@ -26,6 +27,49 @@ def val_predictor(net, model_config, device):
 
     runner = Runner(net, dataclasses.replace(model_config, native_scale=True), device=str(device))
     return Pipeline(runner, PredictOptions(device=str(device), scale=1.0))
+
+
+def val_step(pipeline, arrays, targets, detect: bool = True):
+    """One validation step over a batch: ``arrays`` (normalised float32 HxWx3, as the pipeline
+    takes them) and their torchvision ``targets`` (masks on the device) -> ``(losses, detections)``:
+    one dict of loss tensors and (when ``detect``) one ``Detections`` per image.
+
+    The backbone runs ONCE (``Runner.prepare`` + ``Runner.features``, exactly as the pipeline's
+    forward): the heads then run in training mode on those features for the losses (per image,
+    each on its own slice, so the losses and the random proposal sampling are those of a one-image
+    train-mode forward) and in eval mode (``Runner.iter_detect``) for the Detections, which are
+    those of ``pipeline.predict(array)``. An image the pipeline would tile (larger than its
+    ``tile_size``) gets its Detections from ``pipeline.predict`` itself. Leaves the model in eval
+    mode; the caller switches it back to train mode. The arrays of one call should have one shape
+    (a smaller image padded to a larger one's size would see other border features)."""
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
+    from napari_cellseg.progress import drain
+    from napari_cellseg.tiling import needs_tiling
+
+    runner = pipeline.runner
+    net = runner.model
+    factors = [runner.base_factor(a.shape) * float(pipeline.scale) for a in arrays]
+    with torch.inference_mode():
+        images, orig_sizes = runner.prepare(arrays, factors)
+        feats = runner.features(images)
+        net.train()  # the heads: RPN / ROI sampling and losses (the backbone has run already)
+        losses = []
+        for i in range(len(arrays)):
+            one = ImageList(images.tensors[i:i + 1], images.image_sizes[i:i + 1])
+            f = {k: v[i:i + 1] for k, v in feats.items()}
+            proposals, proposal_losses = net.rpn(one, f, targets[i:i + 1])
+            _, detector_losses = net.roi_heads(f, proposals, one.image_sizes, targets[i:i + 1])
+            losses.append({**detector_losses, **proposal_losses})  # GeneralizedRCNN's order
+        net.eval()
+        if not detect:
+            return losses, None
+        dets = drain(runner.iter_detect(images, feats, orig_sizes, scale=float(pipeline.scale)))
+    tiled = [i for i, (a, f) in enumerate(zip(arrays, factors)) if needs_tiling(a.shape, f, pipeline.tile_size)]
+    for i in tiled:  # (the tiles see other pixels than the whole image: predict them as the pipeline does)
+        dets[i] = pipeline.predict(arrays[i])
+    return losses, dets
 
 
 def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, Thresholds]:

@@ -1,0 +1,188 @@
+"""The state of a training run on disk and in memory, apart from the loops: the output folder
+(``prepare_output``), log.csv (``LOG_FIELDS``, ``_write_log``) and config.json, the RNG states and
+``read_resume`` (what ``--resume`` needs from OUT/last.ckpt), and the background checkpoint writer
+(``_Writer`` over CPU snapshots). Everything written goes through atomic writes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+from .config import TrainConfig
+
+LOG_FIELDS = ["epoch", "train_loss", "train_mask_loss", "val_loss", "val_mask_loss", "val_map",
+              "box_conf", "mask_threshold", "lr", "steps", "optimizer_steps", "skipped_batches",
+              "scaler_skipped", "amp", "loader_start_s", "train_s", "val_s", "save_s", "time_s", "best"]
+"""log.csv columns. skipped_batches: steps with a non-finite loss or gradient (on any rank);
+scaler_skipped: steps the fp16 GradScaler skipped (inf gradients at its scale); the weights
+moved on optimizer_steps of steps. loader_start_s: wait for the first batch (worker start-up on
+epoch 1); train_s / val_s / save_s (checkpoints, log, figures) / time_s: seconds."""
+
+
+TIMING_FIELDS = ("loader_start_s", "train_s", "val_s", "save_s", "time_s")
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used."""
+
+
+def prepare_output(out: Path, resume: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{out}: output folder is not writable ({exc.strerror or exc})") from None
+    if not resume and (out / "last.ckpt").exists():
+        raise OutputError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
+    if resume and not (out / "last.ckpt").is_file():
+        raise OutputError(f"{out}: --resume needs {out / 'last.ckpt'}, which does not exist")
+
+
+def _with_logged_times(history: list[dict], path: Path) -> list[dict]:
+    """last.ckpt is written before its epoch's timings are final: take them from log.csv."""
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            logged = {r.get("epoch"): r for r in csv.DictReader(fh)}
+    except OSError:
+        return history
+    out = []
+    for row in history:
+        got = logged.get(str(row.get("epoch")), {})
+        out.append({**row, **{k: float(got[k]) for k in TIMING_FIELDS if got.get(k) not in (None, "")}})
+    return out
+
+
+def _write_log(history: list[dict], path: Path) -> None:
+    import csv
+    from napari_cellseg.atomic import atomic_write
+
+    with atomic_write(path) as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in LOG_FIELDS})
+
+
+def _write_config(cfg: TrainConfig, path: Path) -> None:
+    import json
+    from napari_cellseg.atomic import atomic_write
+
+    with atomic_write(path) as fh:
+        json.dump(cfg.to_dict(), fh, indent=1)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+    """torch / numpy / python / CUDA RNG states as weights_only-safe values."""
+    import torch
+
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda = list(state["cuda"])[:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "state_dict")
+
+
+def read_resume(path: Path) -> dict:
+    """OUT/last.ckpt, checked for everything --resume needs (one clear line otherwise)."""
+    from napari_cellseg.checkpoint import read_checkpoint
+
+    obj = read_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in obj]
+    if missing:
+        raise OutputError(f"{path}: cannot resume, it has no {' / '.join(missing)} state (a model-only "
+                          f"checkpoint?); start a new run with --init-checkpoint {path} instead")
+    return obj
+
+
+class _Frozen:
+    """A model's state_dict snapshot, for save_checkpoint (which calls ``.state_dict()``)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+def _cpu_copy(obj):
+    """Deep copy with every tensor copied to CPU: a snapshot the next steps cannot change."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class _Writer:
+    """Writes an epoch's checkpoints (atomic files) in a background thread from CPU snapshots,
+    so the next epoch starts at once; the previous batch of writes is awaited first, and at the
+    end of the run (also when it is cancelled)."""
+
+    def __init__(self):
+        self.thread = None
+        self.error = None
+
+    def submit(self, jobs) -> None:
+        import threading
+        from napari_cellseg.checkpoint import save_checkpoint
+
+        self.wait()
+
+        def run():
+            for path, kwargs in jobs:
+                try:
+                    save_checkpoint(path, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - reported by wait()
+                    self.error = (path, exc)
+                    return
+
+        self.thread = threading.Thread(target=run, name="cellseg-checkpoint-writer")
+        self.thread.start()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error and raise_errors:
+            (path, exc), self.error = self.error, None
+            raise OutputError(f"{path}: could not write the checkpoint ({exc})")
