@@ -197,3 +197,43 @@ def test_augmentation_depends_on_epoch_and_index_only():
     x = ds[(2, 5)][0]
     ds[(4, 1)], ds[(2, 6)]  # other items in between (another worker's order)
     assert torch.equal(ds[(2, 5)][0], x) and not torch.equal(ds[(3, 5)][0], x)
+
+
+# ---- hostile folders and CSVs (red-team findings 2, 7, 10): one rule for ids, planes and channels
+def _rgb8(image):
+    grey = (image >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _pair_dirs(root):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    return root / "images", root / "labels"
+
+
+def test_colour_coded_label_image_is_refused_not_read_as_a_stack(tmp_path):
+    """An RGB image with a colour-coded RGB label PNG (both HxWx3) was read as a Z-stack of image
+    rows (one sample per row); a last axis of 1-4 is channels (images.layout), never planes."""
+    import imageio.v3 as iio
+
+    images, labels = _pair_dirs(tmp_path)
+    im, lab = synth(0, (48, 64))
+    palette = np.random.default_rng(0).integers(1, 255, (lab.max() + 1, 3)).astype(np.uint8)
+    palette[0] = 0
+    iio.imwrite(images / "a.png", _rgb8(im))
+    iio.imwrite(labels / "a.png", palette[lab])
+    with pytest.raises(DataError, match=r"a\.png: label image is RGB \(HxWx3\): save instance ids as a "
+                                        r"single-channel integer image"):
+        load_folder_samples(images, labels)
+    iio.imwrite(labels / "a.png", lab.astype(np.uint8))  # RGB image + grey ids: one RGB sample
+    (sample,) = load_folder_samples(images, labels)
+    assert sample.image_id == "a" and sample.image.shape == (48, 64, 1) and sample.n_instances == 6
+    # an RGB stack (ZxHxWx3) with its label stack (ZxHxW): one sample per labelled plane
+    ims, labs = zip(*(synth(k, (48, 64)) for k in range(3)))
+    tifffile.imwrite(images / "a.tif", np.stack([_rgb8(i) for i in ims]))
+    tifffile.imwrite(labels / "a.tif", np.stack(labs).astype(np.uint16))
+    (images / "a.png").unlink(), (labels / "a.png").unlink()
+    got = load_folder_samples(images, labels)
+    assert [s.image_id for s in got] == ["a[0]", "a[1]", "a[2]"]
+    assert all(s.image.shape[:2] == (48, 64) and s.layers.shape == (1, 48, 64) for s in got)
+    assert np.array_equal(got[1].layers[0] > 0, labs[1] > 0)

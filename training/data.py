@@ -40,15 +40,40 @@ class Sample:
 
 
 # ---------------------------------------------------------------- image reading / normalising
-def _read_raw(path: Path) -> np.ndarray:
+def _info(path: Path):
+    """images.image_info (the header, limits checked, images.layout's planes/channels) as a DataError."""
+    from napari_cellseg.images import ImageError, image_info
+
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-            return np.asarray(tifffile.imread(path))
-        import imageio.v3 as iio
-        return np.asarray(iio.imread(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a data error
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        return image_info(path)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _read(path: Path, plane: int | None = None) -> np.ndarray:
+    """One plane of an image file (images.read_plane: only that page of a paged TIFF is decoded)
+    as HxW or HxWxC by images.layout (a last axis of 1-4 is channels, never planes)."""
+    from napari_cellseg.images import ImageError, layout, read_plane
+
+    try:
+        array = np.asarray(read_plane(path, plane))
+        planes, h, w, c = layout(array.shape, str(path))
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+    if planes != 1:
+        raise DataError(f"{path}: is a stack of {planes} planes (shape {array.shape}); expected one plane")
+    return array.reshape((h, w) if c == 1 else (h, w, c))
+
+
+_COLOURS = {2: "grey+alpha", 3: "RGB", 4: "RGBA"}
+
+
+def _check_label_info(path: Path, info) -> None:
+    """A label image holds one instance id per pixel: channels (a colour-coded label) are refused."""
+    if info.channels > 1:
+        kind = "a palette (indexed-colour) image" if info.dtype == "P" else _COLOURS.get(info.channels, "colour")
+        raise DataError(f"{path}: label image is {kind} (HxWx{info.channels}): save instance ids as a "
+                        f"single-channel integer image")
 
 
 def to_float_image(array: np.ndarray) -> np.ndarray:
@@ -146,7 +171,8 @@ def _index_images(folder: Path) -> dict[str, Path]:
 
 def load_folder_samples(image_dir, label_dir) -> list[Sample]:
     """images/NAME.ext + labels/NAME.tif (stem match). A Z-stack with a matching label stack gives
-    one sample per plane that carries labels (ids NAME[z])."""
+    one sample per plane that carries labels (ids NAME[z]). Planes and channels follow images.layout
+    (a last axis of 1-4 is channels, never planes); a colour label image is refused."""
     images, labels = _index_images(Path(image_dir)), _index_images(Path(label_dir))
     if not images:
         raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
@@ -156,20 +182,28 @@ def load_folder_samples(image_dir, label_dir) -> list[Sample]:
                         f"(labels are matched by file stem)")
     samples = []
     for stem, ipath in images.items():
-        lpath = labels[stem]
-        img, lab = _read_raw(ipath), _read_raw(lpath)
-        if lab.ndim == 3 and lab.shape[-1] != 1 and img.shape[:3] == lab.shape:  # Z-stack (+ channels)
-            for z in range(lab.shape[0]):
-                if lab[z].any():
-                    samples.append(_make_sample(f"{stem}[{z}]", img[z], labels_to_layers(lab[z], f"{lpath}[{z}]"),
-                                                f"{ipath}[{z}]"))
-            continue
-        if lab.ndim == 3 and lab.shape[-1] == 1:
-            lab = lab[..., 0]
-        if img.shape[:2] != lab.shape[:2]:
-            raise DataError(f"{ipath}: image is {img.shape[1]}x{img.shape[0]} (WxH) but its labels "
-                            f"{lpath.name} are {lab.shape[-1]}x{lab.shape[-2]}")
-        samples.append(_make_sample(stem, img, labels_to_layers(lab, str(lpath)), str(ipath)))
+        samples.extend(_folder_pair(stem, ipath, labels[stem]))
+    return samples
+
+
+def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
+    """The samples of one image file and its label file: checked on the headers, then decoded."""
+    iinfo, linfo = _info(ipath), _info(lpath)
+    _check_label_info(lpath, linfo)
+    if (iinfo.height, iinfo.width) != (linfo.height, linfo.width):
+        raise DataError(f"{ipath}: image is {iinfo.width}x{iinfo.height} (WxH) but its labels "
+                        f"{lpath.name} are {linfo.width}x{linfo.height}")
+    if linfo.planes == 1 and iinfo.planes == 1:
+        return [_make_sample(stem, _read(ipath), labels_to_layers(_read(lpath), str(lpath)), str(ipath))]
+    if linfo.planes != iinfo.planes:
+        raise DataError(f"{lpath}: a stack of {linfo.planes} label planes but the image {ipath.name} has "
+                        f"{iinfo.planes} planes")
+    samples = []
+    for z in range(linfo.planes):  # Z-stack (+ channels): one plane at a time
+        lab = _read(lpath, z)
+        if lab.any():
+            samples.append(_make_sample(f"{stem}[{z}]", _read(ipath, z),
+                                        labels_to_layers(lab, f"{lpath} [plane {z}]"), f"{ipath} [plane {z}]"))
     return samples
 
 
@@ -194,7 +228,7 @@ def load_csv_samples(csv_path, image_dir) -> list[Sample]:
     samples = []
     for image_id in ann.ids:
         path = files[str(image_id)]
-        img = _read_raw(path)
+        img = _read(path)
         shape = ann.shape(image_id) or img.shape[:2]
         if tuple(shape) != tuple(img.shape[:2]):
             raise DataError(f"{csv_path}: id {image_id!r}: width/height {shape[1]}x{shape[0]} but image "
