@@ -237,3 +237,55 @@ def test_colour_coded_label_image_is_refused_not_read_as_a_stack(tmp_path):
     assert [s.image_id for s in got] == ["a[0]", "a[1]", "a[2]"]
     assert all(s.image.shape[:2] == (48, 64) and s.layers.shape == (1, 48, 64) for s in got)
     assert np.array_equal(got[1].layers[0] > 0, labs[1] > 0)
+
+
+def _stack_csv(tmp_path):
+    """images/stack.tif (3 planes) + images/one.png and a train CSV naming stack_000, stack_002, one
+    (the ids `cellseg predict` writes for them)."""
+    import imageio.v3 as iio
+    from napari_cellseg.annotations import write_annotations
+
+    (tmp_path / "img").mkdir()
+    ims, labs = zip(*(synth(k, (48, 64)) for k in range(4)))
+    tifffile.imwrite(tmp_path / "img" / "stack.tif", np.stack(ims[:3]))
+    iio.imwrite(tmp_path / "img" / "one.png", (ims[3] >> 8).astype(np.uint8))
+    csv = tmp_path / "train.csv"
+    write_annotations(csv, {"stack_000": labs[0], "stack_002": labs[2], "one": labs[3]}, format="train")
+    return csv, ims, labs
+
+
+def test_csv_ids_of_stack_planes_read_that_plane(tmp_path):
+    """--train-csv with the plane ids tune/predict use (stack_000 .. for images/stack.tif) was
+    refused ('image stack_000 not found'); each id now reads its plane of the stack."""
+    csv, ims, labs = _stack_csv(tmp_path)
+    samples = {s.image_id: s for s in load_csv_samples(csv, tmp_path / "img")}
+    assert sorted(samples) == ["one", "stack_000", "stack_002"]
+    for image_id, k in (("stack_000", 0), ("stack_002", 2), ("one", 3)):
+        assert np.array_equal(samples[image_id].layers[0] > 0, labs[k] > 0)
+        assert samples[image_id].n_instances == len(np.unique(labs[k])) - 1
+    # the image is that plane, not another one (each plane has its own cells)
+    bright = samples["stack_002"].image[..., 0].astype(np.float32) > 0.5
+    assert (bright == (labs[2] > 0)).mean() > 0.99
+
+
+def test_csv_plane_ids_are_checked_like_predict_names_them(tmp_path):
+    from napari_cellseg.annotations import write_annotations
+
+    csv, ims, labs = _stack_csv(tmp_path)
+    for bad, message in (("stack_003", r"row 2 .*'stack_003' not found"),  # plane out of range
+                         ("stack_1", r"row 2 .*'stack_1' not found"),  # predict pads to 3 digits
+                         ("stack", r"row 2: image 'stack' is .*stack\.tif, a stack of 3 planes: name "
+                                   r"its planes stack_000 \.\. stack_002")):
+        write_annotations(csv, {bad: labs[0]}, format="train")
+        with pytest.raises(DataError, match=message):
+            load_csv_samples(csv, tmp_path / "img")
+    tifffile.imwrite(tmp_path / "img" / "stack_000.tif", ims[0])  # a file and a plane, one id
+    write_annotations(csv, {"stack_000": labs[0]}, format="train")
+    with pytest.raises(DataError, match=r"row 2: image id 'stack_000' names both .*stack_000\.tif and "
+                                        r"plane 0 of .*stack\.tif"):
+        load_csv_samples(csv, tmp_path / "img")
+    (tmp_path / "img" / "stack_000.tif").unlink()
+    write_annotations(csv, {"stack_001": labs[0][:40]}, format="train")  # size checked per plane
+    with pytest.raises(DataError, match=r"row 2: image 'stack_001' is 64x40 .* not 64x48 \(plane 1 of "
+                                        r".*stack\.tif\)"):
+        load_csv_samples(csv, tmp_path / "img")

@@ -207,34 +207,106 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
     return samples
 
 
+def _files(folder, what: str) -> dict[str, Path]:
+    """Image files of a folder keyed by image id: files.files_by_id, the rule of ``cellseg tune`` /
+    ``evaluate`` / ``to-csv`` (id = file stem by annotations.normalize_id; one id twice, e.g.
+    a.png + a.tif, is refused), as a DataError."""
+    from napari_cellseg.files import files_by_id
+    from napari_cellseg.images import list_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found")
+    if not list_images(folder):
+        raise DataError(f"{folder}: no {what} ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    try:
+        return files_by_id([folder], what)
+    except ValueError as exc:  # files.files_by_id: an empty or duplicate id
+        raise DataError(str(exc)) from None
+
+
+def _plane_of(image_id: str, files: dict[str, Path]):
+    """``(path, plane, header)`` when ``image_id`` names a plane of a stack file as ``cellseg
+    predict`` names them (images.plane_id: ``stack_000`` .. for stack.tif), else None."""
+    from napari_cellseg.images import plane_id, plane_id_bases
+
+    bases = plane_id_bases(image_id)
+    if not bases or bases[0] not in files:
+        return None
+    path = files[bases[0]]
+    info = _info(path)
+    tail = image_id[len(bases[0]) + 1:]
+    k = int(tail) if tail.isdecimal() else -1
+    if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
+        return path, k, info
+    return None
+
+
+def _csv_row(ann, image_id) -> int:
+    """Spreadsheet row (header = row 1) of the first row of ``image_id``."""
+    try:
+        return ann._rows[ann._index[image_id][0]]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return ann.table["id"].astype(str).tolist().index(str(image_id)) + 2
+
+
+def _resolve_csv_ids(ann, csv_path, image_dir) -> dict[str, tuple[Path, int | None, object]]:
+    """Every CSV id -> ``(file, plane or None, header)``: a file whose id it is, or one plane of a
+    stack (``_plane_of``). Checked on headers only; a missing image, an id naming a whole stack or
+    both a file and a plane is a DataError naming the CSV row."""
+    from napari_cellseg.images import plane_id
+
+    files = _files(image_dir, "images")
+    found, missing = {}, []
+    for image_id in ann.ids:
+        image_id = str(image_id)
+        direct, plane = files.get(image_id), _plane_of(image_id, files)
+        if direct is not None and plane is not None:
+            raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image id {image_id!r} names both "
+                            f"{direct} and plane {plane[1]} of {plane[0]}; rename one")
+        if plane is not None:
+            found[image_id] = plane
+        elif direct is not None:
+            info = _info(direct)
+            if info.planes > 1:
+                n = info.planes
+                raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image {image_id!r} is {direct}, "
+                                f"a stack of {n} planes: name its planes {plane_id(image_id, (0,), (n,))} .. "
+                                f"{plane_id(image_id, (n - 1,), (n,))} (the ids cellseg predict writes)")
+            found[image_id] = (direct, None, info)
+        else:
+            missing.append(image_id)
+    if missing:
+        raise DataError(f"{csv_path}: row {_csv_row(ann, missing[0])} (spreadsheet row incl. header): image "
+                        f"{missing[0]!r} not found in {image_dir} ({len(missing)} id(s) without an image)")
+    return found
+
+
 def load_csv_samples(csv_path, image_dir) -> list[Sample]:
-    """Kaggle train.csv (one RLE row per cell) + the folder of the images it names."""
-    from napari_cellseg.annotations import NO_ROWS, read_annotations
+    """Kaggle train.csv (one RLE row per cell) + the folder of the images it names. Ids are
+    resolved as the other commands do: file stem (files.files_by_id), or ``STEM_000`` .. for the
+    planes of a stack STEM.tif (images.plane_id, the ids ``cellseg predict`` writes), one plane
+    read at a time (images.read_plane). Every id, size and RLE is checked before any decoding."""
+    from napari_cellseg.annotations import NO_ROWS, CsvError, read_annotations
     from napari_cellseg.rle import rle_decode
 
     ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
     if not ann.ids:
         raise DataError(f"{csv_path} {NO_ROWS}: no annotated cells to train on")
-    files = _index_images(Path(image_dir))
-    missing = [i for i in ann.ids if str(i) not in files]
-    if missing:
-        try:  # spreadsheet row of the first row of that id (header = row 1)
-            row = ann._rows[ann._index[missing[0]][0]]
-        except (AttributeError, KeyError, IndexError, TypeError):
-            ids = ann.table["id"].astype(str).tolist()
-            row = ids.index(str(missing[0])) + 2
-        raise DataError(f"{csv_path}: row {row} (spreadsheet row incl. header): image {missing[0]!r} not found "
-                        f"in {image_dir} ({len(missing)} id(s) without an image)")
+    found = _resolve_csv_ids(ann, csv_path, image_dir)
+    shapes = {}
+    for image_id, (path, plane, info) in found.items():
+        where = str(path) if plane is None else f"plane {plane} of {path}"
+        try:  # the CSV's width/height against the image header, and every RLE, naming the row
+            shapes[image_id] = ann.check(image_id, (info.height, info.width))
+        except CsvError as exc:
+            raise DataError(f"{exc} ({where})") from None
     samples = []
-    for image_id in ann.ids:
-        path = files[str(image_id)]
-        img = _read(path)
-        shape = ann.shape(image_id) or img.shape[:2]
-        if tuple(shape) != tuple(img.shape[:2]):
-            raise DataError(f"{csv_path}: id {image_id!r}: width/height {shape[1]}x{shape[0]} but image "
-                            f"{path.name} is {img.shape[1]}x{img.shape[0]}")
+    for image_id, (path, plane, _) in found.items():
+        shape = shapes[image_id]
         masks = [rle_decode(r, shape) for r in ann.rles(image_id)]
-        samples.append(_make_sample(str(image_id), img, masks_to_layers(masks, tuple(shape)), str(path)))
+        where = str(path) if plane is None else f"{path} [plane {plane}]"
+        samples.append(_make_sample(image_id, _read(path, plane), masks_to_layers(masks, tuple(shape)), where))
     return samples
 
 
