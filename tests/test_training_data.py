@@ -289,3 +289,63 @@ def test_csv_plane_ids_are_checked_like_predict_names_them(tmp_path):
     with pytest.raises(DataError, match=r"row 2: image 'stack_001' is 64x40 .* not 64x48 \(plane 1 of "
                                         r".*stack\.tif\)"):
         load_csv_samples(csv, tmp_path / "img")
+
+
+def test_same_stem_two_extensions_is_refused_like_the_other_commands(tmp_path):
+    """images/a.png + images/a.tif silently trained on a.png; files_by_id refuses one id twice."""
+    import imageio.v3 as iio
+    from napari_cellseg.annotations import write_annotations
+
+    images, labels = write_folder(tmp_path / "f", n=2)
+    iio.imwrite(images / "s0.png", np.zeros((128, 128), np.uint8))
+    with pytest.raises(DataError, match=r"s0\.tif: image id 's0' also given by .*s0\.png"):
+        load_folder_samples(images, labels)
+    csv = tmp_path / "train.csv"
+    write_annotations(csv, {"s1": synth(1)[1]}, format="train")
+    with pytest.raises(DataError, match=r"s0\.tif: image id 's0' also given by .*s0\.png"):
+        load_csv_samples(csv, images)
+
+
+def test_orphan_label_files_are_reported_as_a_warning(tmp_path):
+    """A label image whose image is missing was ignored silently."""
+    from training.data import DataWarning
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    tifffile.imwrite(labels / "orphan.tif", synth(9)[1])
+    tifffile.imwrite(labels / "orphan2.tif", synth(8)[1])
+    said = []
+    samples = load_folder_samples(images, labels, warn=said.append)
+    assert [s.image_id for s in samples] == ["s0", "s1", "s2"]
+    assert len(said) == 1 and "2 label image(s) have no image" in said[0] and "orphan.tif" in said[0]
+    with pytest.warns(DataWarning, match="orphan.tif"):  # no callback: a Python warning, never silent
+        load_folder_samples(images, labels)
+
+
+def test_all_empty_labels_say_so_not_change_the_seed(tmp_path):
+    """Every label image empty: 'change --seed or --val-fraction' pointed the wrong way."""
+    from training.config import TrainConfig
+    from training.data import load_samples
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    for k in range(3):
+        tifffile.imwrite(labels / f"s{k}.tif", np.zeros((128, 128), np.uint16))
+    config = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(tmp_path / "out"))
+    with pytest.raises(DataError, match=r"no image carries any cells: nothing to train on \(.*labels: every label "
+                                        r"image is empty\)"):
+        load_samples(config)
+    empty = array_samples([synth(0)[0]] * 3, [np.zeros((128, 128), np.int32)] * 3)
+    with pytest.raises(DataError, match=r"no image carries any cells"):
+        split_samples(empty, 0.34, seed=0)
+
+
+def test_stack_image_with_a_single_label_plane_is_named_as_a_stack(tmp_path):
+    """A 3-plane stack with a 2-D label was reported as 'image is 96x3 (WxH)'."""
+    images, labels = write_folder(tmp_path / "f", n=1)
+    tifffile.imwrite(images / "s0.tif", np.stack([synth(0)[0]] * 3))
+    with pytest.raises(DataError, match=r"s0\.tif: image is a stack of 3 planes of 128x128 but its labels "
+                                        r"s0\.tif are a single 128x128 plane: give a label stack"):
+        load_folder_samples(images, labels)
+    tifffile.imwrite(labels / "s0.tif", np.stack([synth(0)[1]] * 2).astype(np.uint16))
+    with pytest.raises(DataError, match=r"labels.s0\.tif: a stack of 2 label planes but the image s0\.tif "
+                                        r"has 3 planes"):
+        load_folder_samples(images, labels)

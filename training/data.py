@@ -28,6 +28,21 @@ class DataError(ValueError):
     """Unusable training data; the message names the file/row and the problem."""
 
 
+class DataWarning(UserWarning):
+    """Usable training data with something the user should know (e.g. label files not used)."""
+
+
+def _warn(warn, message: str) -> None:
+    """One-line warning: ``warn(message)`` when given (engine.train turns it into a "warning"
+    event, which cellseg-train and the Train widget show), else a Python DataWarning."""
+    if warn is not None:
+        warn(message)
+    else:
+        import warnings
+
+        warnings.warn(message, DataWarning, stacklevel=3)
+
+
 @dataclass
 class Sample:
     image_id: str
@@ -159,30 +174,24 @@ def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: st
 
 
 # ---------------------------------------------------------------- sources
-def _index_images(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            out.setdefault(p.stem, p)
-    return out
-
-
-def load_folder_samples(image_dir, label_dir) -> list[Sample]:
-    """images/NAME.ext + labels/NAME.tif (stem match). A Z-stack with a matching label stack gives
-    one sample per plane that carries labels (ids NAME[z]). Planes and channels follow images.layout
-    (a last axis of 1-4 is channels, never planes); a colour label image is refused."""
-    images, labels = _index_images(Path(image_dir)), _index_images(Path(label_dir))
-    if not images:
-        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    missing = sorted(set(images) - set(labels))
+def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
+    """images/NAME.ext + labels/NAME.tif, matched by image id (files.files_by_id: file stem by
+    annotations.normalize_id; one id twice, e.g. a.png + a.tif, is refused). A Z-stack with a
+    matching label stack gives one sample per plane that carries labels (ids NAME[z]). Planes and
+    channels follow images.layout (a last axis of 1-4 is channels, never planes); a colour label
+    image is refused. Label files without an image are reported through ``warn`` (``_warn``)."""
+    images, labels = _files(image_dir, "images"), _files(label_dir, "label images")
+    missing = [i for i in images if i not in labels]
     if missing:
         raise DataError(f"{label_dir}: no label image for {len(missing)} image(s), e.g. {missing[0]!r} "
                         f"(labels are matched by file stem)")
+    orphans = [path.name for image_id, path in labels.items() if image_id not in images]
+    if orphans:
+        _warn(warn, f"{label_dir}: {len(orphans)} label image(s) have no image in {image_dir} and are not "
+                    f"used, e.g. {orphans[0]} (labels are matched by file stem)")
     samples = []
-    for stem, ipath in images.items():
-        samples.extend(_folder_pair(stem, ipath, labels[stem]))
+    for image_id, ipath in images.items():
+        samples.extend(_folder_pair(image_id, ipath, labels[image_id]))
     return samples
 
 
@@ -195,6 +204,10 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
                         f"{lpath.name} are {linfo.width}x{linfo.height}")
     if linfo.planes == 1 and iinfo.planes == 1:
         return [_make_sample(stem, _read(ipath), labels_to_layers(_read(lpath), str(lpath)), str(ipath))]
+    if linfo.planes == 1:
+        raise DataError(f"{ipath}: image is a stack of {iinfo.planes} planes of {iinfo.width}x{iinfo.height} "
+                        f"but its labels {lpath.name} are a single {linfo.width}x{linfo.height} plane: give "
+                        f"a label stack with one plane per image plane (or one image per label)")
     if linfo.planes != iinfo.planes:
         raise DataError(f"{lpath}: a stack of {linfo.planes} label planes but the image {ipath.name} has "
                         f"{iinfo.planes} planes")
@@ -320,20 +333,28 @@ def array_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
             for i, im, lab in zip(ids, images, labels)]
 
 
-def load_samples(config) -> list[Sample]:
+def load_samples(config, warn=None) -> list[Sample]:
+    """The samples of the config's data source; ``warn`` takes one-line warnings (``_warn``)."""
     if config.train_csv:
         samples = load_csv_samples(config.train_csv, config.images)
+        source = f"{config.train_csv}: every row says 'no cell'"
     elif config.image_dir:
-        samples = load_folder_samples(config.image_dir, config.label_dir)
+        samples = load_folder_samples(config.image_dir, config.label_dir, warn)
+        source = f"{config.label_dir}: every label image is empty"
     else:
         raise DataError("no training data: give --train-csv CSV --images DIR or --image-dir DIR --label-dir DIR")
-    if not samples:
-        raise DataError("the training set is empty (no image carries any labels)")
+    if not any(s.layers.any() for s in samples):
+        raise DataError(f"{NO_CELLS} ({source})")
     return samples
+
+
+NO_CELLS = "no image carries any cells: nothing to train on"
 
 
 def split_samples(samples: list[Sample], val_fraction: float, seed: int):
     """Group split by image id (no id in both sets); ceil(fraction * n_ids) ids go to validation."""
+    if not any(s.layers.any() for s in samples):
+        raise DataError(NO_CELLS)
     ids = sorted({s.image_id for s in samples})
     if val_fraction <= 0:
         raise DataError("--val-fraction 0 leaves nothing to validate (best_model.bin is chosen on validation images)")
