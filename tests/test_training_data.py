@@ -197,3 +197,155 @@ def test_augmentation_depends_on_epoch_and_index_only():
     x = ds[(2, 5)][0]
     ds[(4, 1)], ds[(2, 6)]  # other items in between (another worker's order)
     assert torch.equal(ds[(2, 5)][0], x) and not torch.equal(ds[(3, 5)][0], x)
+
+
+# ---- hostile folders and CSVs (red-team findings 2, 7, 10): one rule for ids, planes and channels
+def _rgb8(image):
+    grey = (image >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _pair_dirs(root):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    return root / "images", root / "labels"
+
+
+def test_colour_coded_label_image_is_refused_not_read_as_a_stack(tmp_path):
+    """An RGB image with a colour-coded RGB label PNG (both HxWx3) was read as a Z-stack of image
+    rows (one sample per row); a last axis of 1-4 is channels (images.layout), never planes."""
+    import imageio.v3 as iio
+
+    images, labels = _pair_dirs(tmp_path)
+    im, lab = synth(0, (48, 64))
+    palette = np.random.default_rng(0).integers(1, 255, (lab.max() + 1, 3)).astype(np.uint8)
+    palette[0] = 0
+    iio.imwrite(images / "a.png", _rgb8(im))
+    iio.imwrite(labels / "a.png", palette[lab])
+    with pytest.raises(DataError, match=r"a\.png: label image is RGB \(HxWx3\): save instance ids as a "
+                                        r"single-channel integer image"):
+        load_folder_samples(images, labels)
+    iio.imwrite(labels / "a.png", lab.astype(np.uint8))  # RGB image + grey ids: one RGB sample
+    (sample,) = load_folder_samples(images, labels)
+    assert sample.image_id == "a" and sample.image.shape == (48, 64, 1) and sample.n_instances == 6
+    # an RGB stack (ZxHxWx3) with its label stack (ZxHxW): one sample per labelled plane
+    ims, labs = zip(*(synth(k, (48, 64)) for k in range(3)))
+    tifffile.imwrite(images / "a.tif", np.stack([_rgb8(i) for i in ims]))
+    tifffile.imwrite(labels / "a.tif", np.stack(labs).astype(np.uint16))
+    (images / "a.png").unlink(), (labels / "a.png").unlink()
+    got = load_folder_samples(images, labels)
+    assert [s.image_id for s in got] == ["a[0]", "a[1]", "a[2]"]
+    assert all(s.image.shape[:2] == (48, 64) and s.layers.shape == (1, 48, 64) for s in got)
+    assert np.array_equal(got[1].layers[0] > 0, labs[1] > 0)
+
+
+def _stack_csv(tmp_path):
+    """images/stack.tif (3 planes) + images/one.png and a train CSV naming stack_000, stack_002, one
+    (the ids `cellseg predict` writes for them)."""
+    import imageio.v3 as iio
+    from napari_cellseg.annotations import write_annotations
+
+    (tmp_path / "img").mkdir()
+    ims, labs = zip(*(synth(k, (48, 64)) for k in range(4)))
+    tifffile.imwrite(tmp_path / "img" / "stack.tif", np.stack(ims[:3]))
+    iio.imwrite(tmp_path / "img" / "one.png", (ims[3] >> 8).astype(np.uint8))
+    csv = tmp_path / "train.csv"
+    write_annotations(csv, {"stack_000": labs[0], "stack_002": labs[2], "one": labs[3]}, format="train")
+    return csv, ims, labs
+
+
+def test_csv_ids_of_stack_planes_read_that_plane(tmp_path):
+    """--train-csv with the plane ids tune/predict use (stack_000 .. for images/stack.tif) was
+    refused ('image stack_000 not found'); each id now reads its plane of the stack."""
+    csv, ims, labs = _stack_csv(tmp_path)
+    samples = {s.image_id: s for s in load_csv_samples(csv, tmp_path / "img")}
+    assert sorted(samples) == ["one", "stack_000", "stack_002"]
+    for image_id, k in (("stack_000", 0), ("stack_002", 2), ("one", 3)):
+        assert np.array_equal(samples[image_id].layers[0] > 0, labs[k] > 0)
+        assert samples[image_id].n_instances == len(np.unique(labs[k])) - 1
+    # the image is that plane, not another one (each plane has its own cells)
+    bright = samples["stack_002"].image[..., 0].astype(np.float32) > 0.5
+    assert (bright == (labs[2] > 0)).mean() > 0.99
+
+
+def test_csv_plane_ids_are_checked_like_predict_names_them(tmp_path):
+    from napari_cellseg.annotations import write_annotations
+
+    csv, ims, labs = _stack_csv(tmp_path)
+    for bad, message in (("stack_003", r"row 2 .*'stack_003' not found"),  # plane out of range
+                         ("stack_1", r"row 2 .*'stack_1' not found"),  # predict pads to 3 digits
+                         ("stack", r"row 2: image 'stack' is .*stack\.tif, a stack of 3 planes: name "
+                                   r"its planes stack_000 \.\. stack_002")):
+        write_annotations(csv, {bad: labs[0]}, format="train")
+        with pytest.raises(DataError, match=message):
+            load_csv_samples(csv, tmp_path / "img")
+    tifffile.imwrite(tmp_path / "img" / "stack_000.tif", ims[0])  # a file and a plane, one id
+    write_annotations(csv, {"stack_000": labs[0]}, format="train")
+    with pytest.raises(DataError, match=r"row 2: image id 'stack_000' names both .*stack_000\.tif and "
+                                        r"plane 0 of .*stack\.tif"):
+        load_csv_samples(csv, tmp_path / "img")
+    (tmp_path / "img" / "stack_000.tif").unlink()
+    write_annotations(csv, {"stack_001": labs[0][:40]}, format="train")  # size checked per plane
+    with pytest.raises(DataError, match=r"row 2: image 'stack_001' is 64x40 .* not 64x48 \(plane 1 of "
+                                        r".*stack\.tif\)"):
+        load_csv_samples(csv, tmp_path / "img")
+
+
+def test_same_stem_two_extensions_is_refused_like_the_other_commands(tmp_path):
+    """images/a.png + images/a.tif silently trained on a.png; files_by_id refuses one id twice."""
+    import imageio.v3 as iio
+    from napari_cellseg.annotations import write_annotations
+
+    images, labels = write_folder(tmp_path / "f", n=2)
+    iio.imwrite(images / "s0.png", np.zeros((128, 128), np.uint8))
+    with pytest.raises(DataError, match=r"s0\.tif: image id 's0' also given by .*s0\.png"):
+        load_folder_samples(images, labels)
+    csv = tmp_path / "train.csv"
+    write_annotations(csv, {"s1": synth(1)[1]}, format="train")
+    with pytest.raises(DataError, match=r"s0\.tif: image id 's0' also given by .*s0\.png"):
+        load_csv_samples(csv, images)
+
+
+def test_orphan_label_files_are_reported_as_a_warning(tmp_path):
+    """A label image whose image is missing was ignored silently."""
+    from training.data import DataWarning
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    tifffile.imwrite(labels / "orphan.tif", synth(9)[1])
+    tifffile.imwrite(labels / "orphan2.tif", synth(8)[1])
+    said = []
+    samples = load_folder_samples(images, labels, warn=said.append)
+    assert [s.image_id for s in samples] == ["s0", "s1", "s2"]
+    assert len(said) == 1 and "2 label image(s) have no image" in said[0] and "orphan.tif" in said[0]
+    with pytest.warns(DataWarning, match="orphan.tif"):  # no callback: a Python warning, never silent
+        load_folder_samples(images, labels)
+
+
+def test_all_empty_labels_say_so_not_change_the_seed(tmp_path):
+    """Every label image empty: 'change --seed or --val-fraction' pointed the wrong way."""
+    from training.config import TrainConfig
+    from training.data import load_samples
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    for k in range(3):
+        tifffile.imwrite(labels / f"s{k}.tif", np.zeros((128, 128), np.uint16))
+    config = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(tmp_path / "out"))
+    with pytest.raises(DataError, match=r"no image carries any cells: nothing to train on \(.*labels: every label "
+                                        r"image is empty\)"):
+        load_samples(config)
+    empty = array_samples([synth(0)[0]] * 3, [np.zeros((128, 128), np.int32)] * 3)
+    with pytest.raises(DataError, match=r"no image carries any cells"):
+        split_samples(empty, 0.34, seed=0)
+
+
+def test_stack_image_with_a_single_label_plane_is_named_as_a_stack(tmp_path):
+    """A 3-plane stack with a 2-D label was reported as 'image is 96x3 (WxH)'."""
+    images, labels = write_folder(tmp_path / "f", n=1)
+    tifffile.imwrite(images / "s0.tif", np.stack([synth(0)[0]] * 3))
+    with pytest.raises(DataError, match=r"s0\.tif: image is a stack of 3 planes of 128x128 but its labels "
+                                        r"s0\.tif are a single 128x128 plane: give a label stack"):
+        load_folder_samples(images, labels)
+    tifffile.imwrite(labels / "s0.tif", np.stack([synth(0)[1]] * 2).astype(np.uint16))
+    with pytest.raises(DataError, match=r"labels.s0\.tif: a stack of 2 label planes but the image s0\.tif "
+                                        r"has 3 planes"):
+        load_folder_samples(images, labels)

@@ -28,6 +28,21 @@ class DataError(ValueError):
     """Unusable training data; the message names the file/row and the problem."""
 
 
+class DataWarning(UserWarning):
+    """Usable training data with something the user should know (e.g. label files not used)."""
+
+
+def _warn(warn, message: str) -> None:
+    """One-line warning: ``warn(message)`` when given (engine.train turns it into a "warning"
+    event, which cellseg-train and the Train widget show), else a Python DataWarning."""
+    if warn is not None:
+        warn(message)
+    else:
+        import warnings
+
+        warnings.warn(message, DataWarning, stacklevel=3)
+
+
 @dataclass
 class Sample:
     image_id: str
@@ -40,15 +55,40 @@ class Sample:
 
 
 # ---------------------------------------------------------------- image reading / normalising
-def _read_raw(path: Path) -> np.ndarray:
+def _info(path: Path):
+    """images.image_info (the header, limits checked, images.layout's planes/channels) as a DataError."""
+    from napari_cellseg.images import ImageError, image_info
+
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-            return np.asarray(tifffile.imread(path))
-        import imageio.v3 as iio
-        return np.asarray(iio.imread(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a data error
-        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        return image_info(path)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _read(path: Path, plane: int | None = None) -> np.ndarray:
+    """One plane of an image file (images.read_plane: only that page of a paged TIFF is decoded)
+    as HxW or HxWxC by images.layout (a last axis of 1-4 is channels, never planes)."""
+    from napari_cellseg.images import ImageError, layout, read_plane
+
+    try:
+        array = np.asarray(read_plane(path, plane))
+        planes, h, w, c = layout(array.shape, str(path))
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+    if planes != 1:
+        raise DataError(f"{path}: is a stack of {planes} planes (shape {array.shape}); expected one plane")
+    return array.reshape((h, w) if c == 1 else (h, w, c))
+
+
+_COLOURS = {2: "grey+alpha", 3: "RGB", 4: "RGBA"}
+
+
+def _check_label_info(path: Path, info) -> None:
+    """A label image holds one instance id per pixel: channels (a colour-coded label) are refused."""
+    if info.channels > 1:
+        kind = "a palette (indexed-colour) image" if info.dtype == "P" else _COLOURS.get(info.channels, "colour")
+        raise DataError(f"{path}: label image is {kind} (HxWx{info.channels}): save instance ids as a "
+                        f"single-channel integer image")
 
 
 def to_float_image(array: np.ndarray) -> np.ndarray:
@@ -134,73 +174,152 @@ def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: st
 
 
 # ---------------------------------------------------------------- sources
-def _index_images(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-            out.setdefault(p.stem, p)
-    return out
-
-
-def load_folder_samples(image_dir, label_dir) -> list[Sample]:
-    """images/NAME.ext + labels/NAME.tif (stem match). A Z-stack with a matching label stack gives
-    one sample per plane that carries labels (ids NAME[z])."""
-    images, labels = _index_images(Path(image_dir)), _index_images(Path(label_dir))
-    if not images:
-        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    missing = sorted(set(images) - set(labels))
+def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
+    """images/NAME.ext + labels/NAME.tif, matched by image id (files.files_by_id: file stem by
+    annotations.normalize_id; one id twice, e.g. a.png + a.tif, is refused). A Z-stack with a
+    matching label stack gives one sample per plane that carries labels (ids NAME[z]). Planes and
+    channels follow images.layout (a last axis of 1-4 is channels, never planes); a colour label
+    image is refused. Label files without an image are reported through ``warn`` (``_warn``)."""
+    images, labels = _files(image_dir, "images"), _files(label_dir, "label images")
+    missing = [i for i in images if i not in labels]
     if missing:
         raise DataError(f"{label_dir}: no label image for {len(missing)} image(s), e.g. {missing[0]!r} "
                         f"(labels are matched by file stem)")
+    orphans = [path.name for image_id, path in labels.items() if image_id not in images]
+    if orphans:
+        _warn(warn, f"{label_dir}: {len(orphans)} label image(s) have no image in {image_dir} and are not "
+                    f"used, e.g. {orphans[0]} (labels are matched by file stem)")
     samples = []
-    for stem, ipath in images.items():
-        lpath = labels[stem]
-        img, lab = _read_raw(ipath), _read_raw(lpath)
-        if lab.ndim == 3 and lab.shape[-1] != 1 and img.shape[:3] == lab.shape:  # Z-stack (+ channels)
-            for z in range(lab.shape[0]):
-                if lab[z].any():
-                    samples.append(_make_sample(f"{stem}[{z}]", img[z], labels_to_layers(lab[z], f"{lpath}[{z}]"),
-                                                f"{ipath}[{z}]"))
-            continue
-        if lab.ndim == 3 and lab.shape[-1] == 1:
-            lab = lab[..., 0]
-        if img.shape[:2] != lab.shape[:2]:
-            raise DataError(f"{ipath}: image is {img.shape[1]}x{img.shape[0]} (WxH) but its labels "
-                            f"{lpath.name} are {lab.shape[-1]}x{lab.shape[-2]}")
-        samples.append(_make_sample(stem, img, labels_to_layers(lab, str(lpath)), str(ipath)))
+    for image_id, ipath in images.items():
+        samples.extend(_folder_pair(image_id, ipath, labels[image_id]))
     return samples
 
 
+def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
+    """The samples of one image file and its label file: checked on the headers, then decoded."""
+    iinfo, linfo = _info(ipath), _info(lpath)
+    _check_label_info(lpath, linfo)
+    if (iinfo.height, iinfo.width) != (linfo.height, linfo.width):
+        raise DataError(f"{ipath}: image is {iinfo.width}x{iinfo.height} (WxH) but its labels "
+                        f"{lpath.name} are {linfo.width}x{linfo.height}")
+    if linfo.planes == 1 and iinfo.planes == 1:
+        return [_make_sample(stem, _read(ipath), labels_to_layers(_read(lpath), str(lpath)), str(ipath))]
+    if linfo.planes == 1:
+        raise DataError(f"{ipath}: image is a stack of {iinfo.planes} planes of {iinfo.width}x{iinfo.height} "
+                        f"but its labels {lpath.name} are a single {linfo.width}x{linfo.height} plane: give "
+                        f"a label stack with one plane per image plane (or one image per label)")
+    if linfo.planes != iinfo.planes:
+        raise DataError(f"{lpath}: a stack of {linfo.planes} label planes but the image {ipath.name} has "
+                        f"{iinfo.planes} planes")
+    samples = []
+    for z in range(linfo.planes):  # Z-stack (+ channels): one plane at a time
+        lab = _read(lpath, z)
+        if lab.any():
+            samples.append(_make_sample(f"{stem}[{z}]", _read(ipath, z),
+                                        labels_to_layers(lab, f"{lpath} [plane {z}]"), f"{ipath} [plane {z}]"))
+    return samples
+
+
+def _files(folder, what: str) -> dict[str, Path]:
+    """Image files of a folder keyed by image id: files.files_by_id, the rule of ``cellseg tune`` /
+    ``evaluate`` / ``to-csv`` (id = file stem by annotations.normalize_id; one id twice, e.g.
+    a.png + a.tif, is refused), as a DataError."""
+    from napari_cellseg.files import files_by_id
+    from napari_cellseg.images import list_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found")
+    if not list_images(folder):
+        raise DataError(f"{folder}: no {what} ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    try:
+        return files_by_id([folder], what)
+    except ValueError as exc:  # files.files_by_id: an empty or duplicate id
+        raise DataError(str(exc)) from None
+
+
+def _plane_of(image_id: str, files: dict[str, Path]):
+    """``(path, plane, header)`` when ``image_id`` names a plane of a stack file as ``cellseg
+    predict`` names them (images.plane_id: ``stack_000`` .. for stack.tif), else None."""
+    from napari_cellseg.images import plane_id, plane_id_bases
+
+    bases = plane_id_bases(image_id)
+    if not bases or bases[0] not in files:
+        return None
+    path = files[bases[0]]
+    info = _info(path)
+    tail = image_id[len(bases[0]) + 1:]
+    k = int(tail) if tail.isdecimal() else -1
+    if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
+        return path, k, info
+    return None
+
+
+def _csv_row(ann, image_id) -> int:
+    """Spreadsheet row (header = row 1) of the first row of ``image_id``."""
+    try:
+        return ann._rows[ann._index[image_id][0]]
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return ann.table["id"].astype(str).tolist().index(str(image_id)) + 2
+
+
+def _resolve_csv_ids(ann, csv_path, image_dir) -> dict[str, tuple[Path, int | None, object]]:
+    """Every CSV id -> ``(file, plane or None, header)``: a file whose id it is, or one plane of a
+    stack (``_plane_of``). Checked on headers only; a missing image, an id naming a whole stack or
+    both a file and a plane is a DataError naming the CSV row."""
+    from napari_cellseg.images import plane_id
+
+    files = _files(image_dir, "images")
+    found, missing = {}, []
+    for image_id in ann.ids:
+        image_id = str(image_id)
+        direct, plane = files.get(image_id), _plane_of(image_id, files)
+        if direct is not None and plane is not None:
+            raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image id {image_id!r} names both "
+                            f"{direct} and plane {plane[1]} of {plane[0]}; rename one")
+        if plane is not None:
+            found[image_id] = plane
+        elif direct is not None:
+            info = _info(direct)
+            if info.planes > 1:
+                n = info.planes
+                raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image {image_id!r} is {direct}, "
+                                f"a stack of {n} planes: name its planes {plane_id(image_id, (0,), (n,))} .. "
+                                f"{plane_id(image_id, (n - 1,), (n,))} (the ids cellseg predict writes)")
+            found[image_id] = (direct, None, info)
+        else:
+            missing.append(image_id)
+    if missing:
+        raise DataError(f"{csv_path}: row {_csv_row(ann, missing[0])} (spreadsheet row incl. header): image "
+                        f"{missing[0]!r} not found in {image_dir} ({len(missing)} id(s) without an image)")
+    return found
+
+
 def load_csv_samples(csv_path, image_dir) -> list[Sample]:
-    """Kaggle train.csv (one RLE row per cell) + the folder of the images it names."""
-    from napari_cellseg.annotations import NO_ROWS, read_annotations
+    """Kaggle train.csv (one RLE row per cell) + the folder of the images it names. Ids are
+    resolved as the other commands do: file stem (files.files_by_id), or ``STEM_000`` .. for the
+    planes of a stack STEM.tif (images.plane_id, the ids ``cellseg predict`` writes), one plane
+    read at a time (images.read_plane). Every id, size and RLE is checked before any decoding."""
+    from napari_cellseg.annotations import NO_ROWS, CsvError, read_annotations
     from napari_cellseg.rle import rle_decode
 
     ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
     if not ann.ids:
         raise DataError(f"{csv_path} {NO_ROWS}: no annotated cells to train on")
-    files = _index_images(Path(image_dir))
-    missing = [i for i in ann.ids if str(i) not in files]
-    if missing:
-        try:  # spreadsheet row of the first row of that id (header = row 1)
-            row = ann._rows[ann._index[missing[0]][0]]
-        except (AttributeError, KeyError, IndexError, TypeError):
-            ids = ann.table["id"].astype(str).tolist()
-            row = ids.index(str(missing[0])) + 2
-        raise DataError(f"{csv_path}: row {row} (spreadsheet row incl. header): image {missing[0]!r} not found "
-                        f"in {image_dir} ({len(missing)} id(s) without an image)")
+    found = _resolve_csv_ids(ann, csv_path, image_dir)
+    shapes = {}
+    for image_id, (path, plane, info) in found.items():
+        where = str(path) if plane is None else f"plane {plane} of {path}"
+        try:  # the CSV's width/height against the image header, and every RLE, naming the row
+            shapes[image_id] = ann.check(image_id, (info.height, info.width))
+        except CsvError as exc:
+            raise DataError(f"{exc} ({where})") from None
     samples = []
-    for image_id in ann.ids:
-        path = files[str(image_id)]
-        img = _read_raw(path)
-        shape = ann.shape(image_id) or img.shape[:2]
-        if tuple(shape) != tuple(img.shape[:2]):
-            raise DataError(f"{csv_path}: id {image_id!r}: width/height {shape[1]}x{shape[0]} but image "
-                            f"{path.name} is {img.shape[1]}x{img.shape[0]}")
+    for image_id, (path, plane, _) in found.items():
+        shape = shapes[image_id]
         masks = [rle_decode(r, shape) for r in ann.rles(image_id)]
-        samples.append(_make_sample(str(image_id), img, masks_to_layers(masks, tuple(shape)), str(path)))
+        where = str(path) if plane is None else f"{path} [plane {plane}]"
+        samples.append(_make_sample(image_id, _read(path, plane), masks_to_layers(masks, tuple(shape)), where))
     return samples
 
 
@@ -214,20 +333,28 @@ def array_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
             for i, im, lab in zip(ids, images, labels)]
 
 
-def load_samples(config) -> list[Sample]:
+def load_samples(config, warn=None) -> list[Sample]:
+    """The samples of the config's data source; ``warn`` takes one-line warnings (``_warn``)."""
     if config.train_csv:
         samples = load_csv_samples(config.train_csv, config.images)
+        source = f"{config.train_csv}: every row says 'no cell'"
     elif config.image_dir:
-        samples = load_folder_samples(config.image_dir, config.label_dir)
+        samples = load_folder_samples(config.image_dir, config.label_dir, warn)
+        source = f"{config.label_dir}: every label image is empty"
     else:
         raise DataError("no training data: give --train-csv CSV --images DIR or --image-dir DIR --label-dir DIR")
-    if not samples:
-        raise DataError("the training set is empty (no image carries any labels)")
+    if not any(s.layers.any() for s in samples):
+        raise DataError(f"{NO_CELLS} ({source})")
     return samples
+
+
+NO_CELLS = "no image carries any cells: nothing to train on"
 
 
 def split_samples(samples: list[Sample], val_fraction: float, seed: int):
     """Group split by image id (no id in both sets); ceil(fraction * n_ids) ids go to validation."""
+    if not any(s.layers.any() for s in samples):
+        raise DataError(NO_CELLS)
     ids = sorted({s.image_id for s in samples})
     if val_fraction <= 0:
         raise DataError("--val-fraction 0 leaves nothing to validate (best_model.bin is chosen on validation images)")
