@@ -3,7 +3,8 @@
 A 704x520 label image with 500 instances (random ellipses, touching and clipped at the edges).
 Baselines (the starter notebook's code):
   encode: for each instance, build its full-frame mask and RLE-encode the whole frame;
-  decode: decode every RLE into its own full-size mask, run by run, then combine into labels.
+  decode: decode every RLE into its own full-size mask, run by run, then combine into labels;
+  training rles_to_layers: the training CSV loader before (rle_decode per cell + masks_to_layers).
 Run: ``python benchmarks/bench_rle.py`` (prints seconds per call and speed-up ratios; must be >=10x).
 """
 
@@ -17,7 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_cellseg.rle import labels_to_rles, rles_to_labels  # noqa: E402
+from napari_cellseg.rle import labels_to_rles, rle_decode, rles_to_labels  # noqa: E402
+from training.data import masks_to_layers, rles_to_layers  # noqa: E402
 
 H, W, N = 520, 704, 500
 
@@ -83,6 +85,11 @@ def best_time(fn, *args, repeat: int = 5) -> float:
     return min(times)
 
 
+def decoded_masks_to_layers(rles, shape):
+    """The training CSV loader before: one full-size decoded mask per cell, then the layers."""
+    return masks_to_layers([rle_decode(r, shape) for r in rles], shape)
+
+
 def main() -> int:
     labels = make_labels()
     rles = labels_to_rles(labels)
@@ -90,6 +97,7 @@ def main() -> int:
     assert rles == starter_labels_to_rles(labels), "encoders disagree"
     assert np.array_equal(rles_to_labels(rles, (H, W)), starter_rles_to_labels(rles, (H, W)))
     assert np.array_equal(rles_to_labels(rles, (H, W)), labels)
+    assert np.array_equal(rles_to_layers(rles, (H, W)), decoded_masks_to_layers(rles, (H, W)))
     runs = sum(len(r.split()) // 2 for r in rles)
     print(f"label image {W}x{H}, {N} instances, {runs} runs, "
           f"{np.count_nonzero(labels)} foreground pixels")
@@ -98,6 +106,7 @@ def main() -> int:
     for name, ours, base, args in [
         ("encode labels_to_rles", labels_to_rles, starter_labels_to_rles, (labels,)),
         ("decode rles_to_labels", rles_to_labels, starter_rles_to_labels, (rles, (H, W))),
+        ("training rles_to_layers", rles_to_layers, decoded_masks_to_layers, (rles, (H, W))),
     ]:
         t_base = best_time(base, *args, repeat=3)
         t_ours = best_time(ours, *args, repeat=7)

@@ -11,6 +11,7 @@ from skimage.draw import disk, ellipse
 from training.augment import test_pipeline as eval_pipeline, train_pipeline
 from training.data import (DataError, EpochSampler, InstanceDataset, array_samples, expand_masks, labels_to_layers,
                            layers_to_instances, load_csv_samples, load_folder_samples, masks_to_layers,
+                           rles_to_layers,
                            split_samples)
 
 
@@ -35,6 +36,30 @@ def write_folder(root, n=5, shape=(128, 128)):
         tifffile.imwrite(root / "images" / f"s{k}.tif", im)
         tifffile.imwrite(root / "labels" / f"s{k}.tif", lab)
     return root / "images", root / "labels"
+
+
+def test_rles_to_layers_equals_decoded_masks_to_layers():
+    """The training CSV path builds layers straight from the runs; it must give exactly the layers
+    of the decoded masks (overlaps, an empty RLE, runs across row ends, the last pixel)."""
+    from napari_cellseg.rle import rle_decode, rle_encode
+
+    rng = np.random.default_rng(3)
+    shape = (37, 53)
+    masks = []
+    for _ in range(40):
+        m = np.zeros(shape, bool)
+        y, x = rng.integers(0, shape[0] - 5), rng.integers(0, shape[1] - 5)
+        m[y:y + rng.integers(1, 12), x:x + rng.integers(1, 20)] = True
+        masks.append(m)
+    wrap = np.zeros(shape, bool); wrap.ravel()[45:70] = True  # one run over a row end
+    last = np.zeros(shape, bool); last.ravel()[-3:] = True
+    masks += [np.zeros(shape, bool), wrap, last]
+    rles = [rle_encode(m) for m in masks]
+    expected = masks_to_layers([rle_decode(r, shape) for r in rles], shape)
+    got = rles_to_layers(rles, shape)
+    assert expected.shape[0] > 1  # the random boxes overlap, so there are several layers
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert np.array_equal(rles_to_layers([], shape), np.zeros((1, *shape), np.uint16))
 
 
 def test_overlapping_masks_survive_in_layers():

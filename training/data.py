@@ -145,10 +145,34 @@ def labels_to_layers(labels: np.ndarray, where: str = "labels") -> np.ndarray:
 
 def masks_to_layers(masks: Sequence[np.ndarray], shape) -> np.ndarray:
     """Possibly overlapping bool masks -> (L, H, W) uint16 layers, greedy: first layer that is free."""
+    return pixels_to_layers((np.flatnonzero(m) for m in masks), shape)
+
+
+def rles_to_layers(rles: Sequence[str], shape) -> np.ndarray:
+    """Kaggle RLE strings (one per cell, possibly overlapping) -> the same layers as
+    ``masks_to_layers`` of their decoded masks, without one full-size mask per cell: each cell's
+    flat pixel indices come straight from its runs (rle.parse_rles validates them)."""
+    from napari_cellseg.rle import parse_rles
+
+    h, w = shape
+    starts, lengths, n_runs = parse_rles(list(rles), h * w)
+    bounds = np.concatenate(([0], np.cumsum(n_runs)))
+
+    def cells():
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            st, ln = starts[a:b], lengths[a:b]
+            offsets = np.cumsum(ln) - ln
+            yield np.arange(int(ln.sum()), dtype=np.int64) + np.repeat(st - offsets, ln)
+
+    return pixels_to_layers(cells(), shape)
+
+
+def pixels_to_layers(cells, shape) -> np.ndarray:
+    """Cells given as flat pixel indices (ascending) -> (L, H, W) uint16 layers, greedy: each cell
+    goes to the first layer where none of its pixels is taken; ids 1.. per layer in input order."""
     layers: list[np.ndarray] = []
     counters: list[int] = []
-    for m in masks:
-        idx = np.flatnonzero(m)
+    for idx in cells:
         if idx.size == 0:
             continue
         for li, layer in enumerate(layers):
@@ -301,8 +325,6 @@ def load_csv_samples(csv_path, image_dir) -> list[Sample]:
     planes of a stack STEM.tif (images.plane_id, the ids ``cellseg predict`` writes), one plane
     read at a time (images.read_plane). Every id, size and RLE is checked before any decoding."""
     from napari_cellseg.annotations import NO_ROWS, CsvError, read_annotations
-    from napari_cellseg.rle import rle_decode
-
     ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
     if not ann.ids:
         raise DataError(f"{csv_path} {NO_ROWS}: no annotated cells to train on")
@@ -317,9 +339,9 @@ def load_csv_samples(csv_path, image_dir) -> list[Sample]:
     samples = []
     for image_id, (path, plane, _) in found.items():
         shape = shapes[image_id]
-        masks = [rle_decode(r, shape) for r in ann.rles(image_id)]
+        layers = rles_to_layers(ann.rles(image_id), tuple(shape))  # RLEs checked above
         where = str(path) if plane is None else f"{path} [plane {plane}]"
-        samples.append(_make_sample(image_id, _read(path, plane), masks_to_layers(masks, tuple(shape)), where))
+        samples.append(_make_sample(image_id, _read(path, plane), layers, where))
     return samples
 
 
