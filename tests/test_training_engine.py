@@ -329,3 +329,19 @@ def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
     assert _loader(ds, TrainConfig(workers=2), sampler, torch.device("cuda")).pin_memory
     plain = _loader(ds, TrainConfig(workers=0), sampler, torch.device("cpu"))
     assert not plain.persistent_workers and plain.num_workers == 0
+
+
+def test_label_file_without_an_image_is_one_warning_line(folder, tmp_path, capsys):
+    """A label file whose image is missing is not used: cellseg-train says so in one
+    'cellseg-train: warning:' line (the engine's warning event, also shown by the Train widget)."""
+    import tifffile
+
+    images, labels = folder
+    tifffile.imwrite(labels / "orphan.tif", np.zeros((16, 16), np.uint16))
+    out = tmp_path / "run"
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                 "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "orphan.tif" in ln]
+    assert len(lines) == 1 and lines[0].startswith("cellseg-train: warning:"), err
+    assert "DataWarning" not in err

@@ -131,7 +131,10 @@ def train(config: TrainConfig, samples=None):
     yield {"stage": "setup", "message": f"building {config.model.backbone} on {device} (amp {amp})"}
     model = _build(config, device)
     yield {"stage": "setup", "message": "loading data"}
-    samples = samples if samples is not None else load_samples(config)
+    notes: list[str] = []  # one-line data warnings (e.g. label files without an image)
+    samples = samples if samples is not None else load_samples(config, warn=notes.append)
+    for message in notes:
+        yield {"stage": "warning", "message": message}
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     if config.model.diameter:
         train_s, val_s = (normalize_size(x, config.model.diameter) for x in (train_s, val_s))
