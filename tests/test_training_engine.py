@@ -329,3 +329,54 @@ def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
     assert _loader(ds, TrainConfig(workers=2), sampler, torch.device("cuda")).pin_memory
     plain = _loader(ds, TrainConfig(workers=0), sampler, torch.device("cpu"))
     assert not plain.persistent_workers and plain.num_workers == 0
+
+
+# ---------------------------------------------------------------- fine-tuning: the derived config
+def _native_checkpoint(path, diameter=24.0):
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    mc = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                     anchor_sizes=(8, 16, 32, 64, 128), native_scale=True, diameter=diameter)
+    save_checkpoint(path, build_model(mc), mc)
+    return path
+
+
+def test_fine_tuning_a_native_scale_checkpoint_trains_at_native_size(folder, tmp_path):
+    """README: `cellseg-train --init-checkpoint demo.bin ...` without --width/--height: the derived
+    config keeps the checkpoint's diameter and trains at native size (0x0), and is itself valid."""
+    from training.cli import parse_args
+    from training.engine import effective_config
+
+    images, labels = folder
+    start = _native_checkpoint(tmp_path / "start.bin")
+    base = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(tmp_path / "ft"),
+            "--init-checkpoint", str(start)]
+    for cfg, given in (parse_args(base),  # the CLI knows which flags were given
+                       (TrainConfig(image_dir=str(images), label_dir=str(labels), init_checkpoint=str(start)), None)):
+        eff = effective_config(cfg, given)
+        assert (eff.width, eff.height, eff.crop_size) == (0, 0, 0)
+        assert eff.model.diameter == 24.0 and eff.model.native_scale
+        eff.validate()
+    # a new --diameter on fine-tuning (no --width/--height) is valid as well
+    eff = effective_config(*parse_args([*base, "--diameter", "30"]))
+    assert (eff.width, eff.height, eff.model.diameter) == (0, 0, 30.0)
+    # a run that crops keeps the given --width/--height (only the val images' size; crops are native)
+    eff = effective_config(*parse_args([*base, "--crop-size", "64"]))
+    assert (eff.width, eff.height, eff.crop_size) == (704, 520, 64) and eff.model.native_scale
+
+
+def test_fine_tuning_with_an_explicit_resize_that_conflicts_is_one_line_exit_2(folder, tmp_path, capsys):
+    """--width/--height given against a checkpoint that normalises cell size: refused before
+    anything is written (the derived config is validated)."""
+    images, labels = folder
+    start = _native_checkpoint(tmp_path / "start.bin")
+    out = tmp_path / "ft"
+    tiny = [a for a in TINY]
+    i = tiny.index("--width")
+    tiny[i:i + 4] = ["--width", "704", "--height", "520"]
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *tiny,
+                 "--epochs", "1", "--no-figures", "--init-checkpoint", str(start)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellseg-train: error: --diameter:") and "--width 0 --height 0" in err[-1]
+    assert not out.exists()

@@ -163,7 +163,8 @@ HELP: dict[str, str] = {
     "grad_clip": "clip the gradient norm at this value (0 = off)",
     "plateau_factor": "ReduceLROnPlateau: multiply the lr by this when the val loss stalls",
     "plateau_patience": "ReduceLROnPlateau: epochs without val-loss improvement before lowering the lr",
-    "width": "resize every image to WIDTH x HEIGHT (0 0 = keep native size); ignored for training crops",
+    "width": "resize every image to WIDTH x HEIGHT (0 0 = keep native size; fine-tuning a native-scale "
+             "--init-checkpoint: 0 0 unless given); ignored for training crops",
     "height": "see --width",
     "crop_size": "train on random CROP x CROP crops at native scale (0 = whole resized images); "
                  "validation then uses whole images at native size",

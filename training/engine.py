@@ -59,16 +59,35 @@ def _build(config: TrainConfig, device):
     return model.to(device)
 
 
-def effective_config(config: TrainConfig) -> TrainConfig:
+def given_fields(config: TrainConfig) -> set[str]:
+    """For callers that do not say which settings they chose (the Python API, the widget): the
+    fields that differ from the defaults (``"model.NAME"`` for the architecture)."""
+    import dataclasses
+    from napari_cellseg.model import ModelConfig
+
+    d0, m0 = TrainConfig(), ModelConfig()
+    given = {f.name for f in dataclasses.fields(config)
+             if f.name != "model" and getattr(config, f.name) != getattr(d0, f.name)}
+    return given | {"model." + f.name for f in dataclasses.fields(config.model)
+                    if getattr(config.model, f.name) != getattr(m0, f.name)}
+
+
+def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     """A validated COPY of ``config`` with what the run derives filled in (the caller's object is
     never changed): native_scale when training at native size; on --resume the model config of
     OUT/last.ckpt; when fine-tuning the architecture of --init-checkpoint (and its diameter
-    unless --diameter is given)."""
+    unless --diameter is given), at native size (width = height = 0) when that checkpoint is
+    native-scale or normalises cell size and neither --width nor --height was given.
+
+    ``given``: the names of the fields the user set (``training.cli.parse_args``); None = those
+    that differ from the defaults (``given_fields``). The derived config is validated as a whole,
+    so a conflict left (e.g. an explicit --width 704 --height 520 with a checkpoint's --diameter)
+    is one ConfigError before anything is written."""
     import copy
     from napari_cellseg.model import ModelConfig
 
-    cfg = copy.deepcopy(config).validate()
-    native = bool(cfg.crop_size or not (cfg.width and cfg.height))
+    cfg = copy.deepcopy(config)
+    given = given_fields(cfg) if given is None else set(given)
     last = Path(cfg.out) / "last.ckpt"
     if cfg.resume and last.is_file():  # a resumed run goes on with the model it started with
         cfg.model = ModelConfig.from_dict(_checkpoint_config(last))
@@ -78,11 +97,15 @@ def effective_config(config: TrainConfig) -> TrainConfig:
         diameter = cfg.model.diameter or float(src.get("diameter") or 0.0)
         if src:
             cfg.model = ModelConfig.from_dict(src)
-        cfg.model.native_scale = bool(cfg.model.native_scale or native)
         cfg.model.diameter = diameter
-    elif native:  # the network is trained on native-scale pixels: predict must not rescale either
-        cfg.model.native_scale = True
-    return cfg
+        if ((src.get("native_scale") or diameter) and not cfg.crop_size
+                and not {"width", "height"} & given):  # the checkpoint was trained at native scale
+            cfg.width = cfg.height = 0
+        # what this run does: a model trained on resized images must be resized by predict too
+        cfg.model.native_scale = bool(cfg.crop_size or not (cfg.width and cfg.height))
+    elif cfg.crop_size or not (cfg.width and cfg.height):
+        cfg.model.native_scale = True  # trained on native-scale pixels: predict must not rescale either
+    return cfg.validate()
 
 
 def _val_figure(dataset, dets, thresholds, path, epoch):
@@ -94,10 +117,11 @@ def _val_figure(dataset, dets, thresholds, path, epoch):
     ev.plot_samples(items, path, f"validation, epoch {epoch}")
 
 
-def train(config: TrainConfig, samples=None):
+def train(config: TrainConfig, samples=None, given=None):
     """Run a training; ``samples`` (list of data.Sample) overrides the config's data source.
 
-    Works on a copy of ``config`` (``effective_config``); the caller's object is never changed.
+    Works on a copy of ``config`` (``effective_config(config, given)``; ``given``: the fields the
+    user set, see there); the caller's object is never changed.
     Events (dicts, key "stage"): "config" (the effective config, once), "setup" (messages),
     "train" (per step), "val" (per val image), "epoch" (a log row; epoch 0 = the starting
     model when fine-tuning from --init-checkpoint), "warning" (one line), "done"."""
@@ -108,7 +132,7 @@ def train(config: TrainConfig, samples=None):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    config = effective_config(config)
+    config = effective_config(config, given)
     out = Path(config.out)
     if config.resume and rank == 0:
         prepare_output(out, True)  # one line when OUT/last.ckpt is missing
