@@ -331,6 +331,102 @@ def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
     assert not plain.persistent_workers and plain.num_workers == 0
 
 
+# ---------------------------------------------------------------- fine-tuning: the derived config
+def _native_checkpoint(path, diameter=24.0):
+    from napari_cellseg.checkpoint import save_checkpoint
+    from napari_cellseg.model import ModelConfig, build_model
+
+    mc = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                     anchor_sizes=(8, 16, 32, 64, 128), native_scale=True, diameter=diameter)
+    save_checkpoint(path, build_model(mc), mc)
+    return path
+
+
+def test_fine_tuning_a_native_scale_checkpoint_trains_at_native_size(folder, tmp_path):
+    """README: `cellseg-train --init-checkpoint demo.bin ...` without --width/--height: the derived
+    config keeps the checkpoint's diameter and trains at native size (0x0), and is itself valid."""
+    from training.cli import parse_args
+    from training.engine import effective_config
+
+    images, labels = folder
+    start = _native_checkpoint(tmp_path / "start.bin")
+    base = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(tmp_path / "ft"),
+            "--init-checkpoint", str(start)]
+    for cfg, given in (parse_args(base),  # the CLI knows which flags were given
+                       (TrainConfig(image_dir=str(images), label_dir=str(labels), init_checkpoint=str(start)), None)):
+        eff = effective_config(cfg, given)
+        assert (eff.width, eff.height, eff.crop_size) == (0, 0, 0)
+        assert eff.model.diameter == 24.0 and eff.model.native_scale
+        eff.validate()
+    # a new --diameter on fine-tuning (no --width/--height) is valid as well
+    eff = effective_config(*parse_args([*base, "--diameter", "30"]))
+    assert (eff.width, eff.height, eff.model.diameter) == (0, 0, 30.0)
+    # a run that crops keeps the given --width/--height (only the val images' size; crops are native)
+    eff = effective_config(*parse_args([*base, "--crop-size", "64"]))
+    assert (eff.width, eff.height, eff.crop_size) == (704, 520, 64) and eff.model.native_scale
+
+
+def test_fine_tuning_with_an_explicit_resize_that_conflicts_is_one_line_exit_2(folder, tmp_path, capsys):
+    """--width/--height given against a checkpoint that normalises cell size: refused before
+    anything is written (the derived config is validated)."""
+    images, labels = folder
+    start = _native_checkpoint(tmp_path / "start.bin")
+    out = tmp_path / "ft"
+    tiny = [a for a in TINY]
+    i = tiny.index("--width")
+    tiny[i:i + 4] = ["--width", "704", "--height", "520"]
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *tiny,
+                 "--epochs", "1", "--no-figures", "--init-checkpoint", str(start)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cellseg-train: error: --diameter:") and "--width 0 --height 0" in err[-1]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- --resume keeps the run's settings
+@pytest.mark.slow
+def test_resume_keeps_the_runs_settings_and_refuses_changed_ones(folder, tmp_path, capsys):
+    """--resume: select_by, seed, val_fraction, the data sources ... come from last.ckpt (a
+    different split or a `best` compared across criteria would be silently wrong); a flag given
+    with another value is one line naming it and both values, exit 2, nothing touched."""
+    from napari_cellseg.checkpoint import read_checkpoint
+
+    images, labels = folder
+    out = tmp_path / "run"
+    args = [*TINY, "--no-figures", "--out", str(out)]
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), *args, "--epochs", "1",
+                 "--select-by", "map", "--seed", "7"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for flag, value, saved in (("--select-by", "loss", "map"), ("--seed", "1", "7"),
+                               ("--val-fraction", "0.5", "0.3"), ("--image-dir", str(labels), str(images)),
+                               ("--lr", "0.001", "0.0001"), ("--fpn-channels", "64", "32")):
+        assert main([*args, "--epochs", "2", "--resume", flag, value]) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"cellseg-train: error: {flag}:"), err[-1]
+        assert saved in err[-1] and value in err[-1] and "Traceback" not in "\n".join(err)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, flag
+    # the run's own settings need not be repeated (data sources included); --epochs may change
+    assert main([*args, "--epochs", "2", "--resume", "--workers", "1"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["select_by"], saved["seed"], saved["image_dir"], saved["epochs"]) == ("map", 7, str(images), 2)
+    ck = read_checkpoint(out / "last.ckpt")
+    assert ck["best_by"] == "map" and ck["epoch"] == 2
+    r = rows(out)
+    stepped = [float(x["val_map"]) for x in r if int(x["optimizer_steps"]) > 0]
+    assert ck["best"] == pytest.approx(-max(stepped), abs=1e-5)  # best = -mAP, over both runs
+    assert int(r[-1]["best"]) == (float(r[-1]["val_map"]) > float(r[0]["val_map"]))
+
+
+def test_resume_reads_best_with_its_criterion():
+    from training.runstate import resume_best
+
+    assert resume_best({"best": -0.5, "best_by": "map"}, "map") == -0.5
+    assert resume_best({"best": -0.5, "best_by": "map"}, "loss") is None  # never compared across criteria
+    # last.ckpt files written before best_by: the criterion is the run's select_by
+    assert resume_best({"best": -0.5, "train_config": {"select_by": "map"}}, "map") == -0.5
+    assert resume_best({"best": 1.2, "train_config": {"select_by": "loss"}}, "map") is None
+    assert resume_best({"best": 1.2}, "loss") == 1.2 and resume_best({}, "loss") is None
+
 def test_label_file_without_an_image_is_one_warning_line(folder, tmp_path, capsys):
     """A label file whose image is missing is not used: cellseg-train says so in one
     'cellseg-train: warning:' line (the engine's warning event, also shown by the Train widget)."""

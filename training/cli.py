@@ -74,15 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv=None) -> TrainConfig:
-    ns = vars(build_parser().parse_args(argv))
+def parse_args(argv=None) -> tuple[TrainConfig, frozenset[str]]:
+    """The TrainConfig and the names of the fields the user gave (``"model.NAME"`` for the
+    architecture): ``engine.effective_config`` derives only what was not given."""
+    ns = vars(build_parser().parse_args(argv))  # flags default to SUPPRESS: only the given ones
     model_kw = {k[6:]: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items() if k.startswith("model.")}
     train_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items() if not k.startswith("model.")}
-    return TrainConfig(**train_kw, model=ModelConfig(**model_kw))
+    return TrainConfig(**train_kw, model=ModelConfig(**model_kw)), frozenset(ns)
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    return parse_args(argv)[0]
 
 
 def main(argv=None) -> int:
-    config = config_from_args(argv)
+    config, given = parse_args(argv)
     from .data import DataError
     from .engine import OutputError, train
     from napari_cellseg.model import BackboneError
@@ -92,8 +98,7 @@ def main(argv=None) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 alone reports
     healthy = True
     try:
-        config.validate()
-        gen = train(config)
+        gen = train(config, given=given)  # validates the effective config before any work
         for ev in gen:
             stage = ev["stage"]
             if quiet:

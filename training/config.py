@@ -25,6 +25,16 @@ CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "
 """Fields with a closed set of values (the CLI's choices, the widget's combo boxes).
 ``backbone_weights`` takes BACKBONE_WEIGHTS or a file path."""
 
+RESUME_MAY_CHANGE = ("out", "resume", "epochs", "steps_per_epoch", "batch_size", "workers", "device", "amp",
+                     "figures", "grad_clip", "augment", "scale_range", "freeze_backbone_epochs")
+"""TrainConfig fields a --resume may change (how long and on what the remaining epochs train).
+Every other field, the architecture included, comes from OUT/last.ckpt: the data sources, seed
+and val_fraction fix the train/val split; width/height/crop_size, max_val_images,
+tune_thresholds, select_by and the model fix what the val loss / mAP and so ``best`` mean; lr,
+weight_decay and plateau_* come back with the optimizer / scheduler state; init_checkpoint and
+backbone_weights were the start. A flag given with another value is refused
+(``training.engine.effective_config``)."""
+
 
 @dataclass
 class TrainConfig:
@@ -163,7 +173,8 @@ HELP: dict[str, str] = {
     "grad_clip": "clip the gradient norm at this value (0 = off)",
     "plateau_factor": "ReduceLROnPlateau: multiply the lr by this when the val loss stalls",
     "plateau_patience": "ReduceLROnPlateau: epochs without val-loss improvement before lowering the lr",
-    "width": "resize every image to WIDTH x HEIGHT (0 0 = keep native size); ignored for training crops",
+    "width": "resize every image to WIDTH x HEIGHT (0 0 = keep native size; fine-tuning a native-scale "
+             "--init-checkpoint: 0 0 unless given); ignored for training crops",
     "height": "see --width",
     "crop_size": "train on random CROP x CROP crops at native scale (0 = whole resized images); "
                  "validation then uses whole images at native size",
@@ -182,7 +193,9 @@ HELP: dict[str, str] = {
     "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
     "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
     "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
-              "states, sampler position, log): the same numbers as an uninterrupted run",
+              "states, sampler position, log): the same numbers as an uninterrupted run; the run's settings "
+              "(data, split, selection, model) come from last.ckpt, only "
+              + ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE[2:]) + " may change",
     "device": "auto (CUDA if available), cpu, cuda, cuda:1 ...",
     "amp": "mixed precision: auto = bf16 autocast on GPUs with bfloat16, fp16 + GradScaler on older GPUs, "
            "off on CPU; or bf16, fp16, off",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig
+from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
 from .data import EpochSampler, InstanceDataset, load_samples, normalize_size, split_samples
 from .augment import test_pipeline, train_pipeline
 from . import evaluate as ev
@@ -26,7 +26,7 @@ from . import evaluate as ev
 # modules; their public names stay importable from here
 from .runstate import (LOG_FIELDS, RESUME_KEYS, TIMING_FIELDS, OutputError, _cpu_copy, _Frozen,  # noqa: F401
                        _with_logged_times, _write_config, _write_log, _Writer, prepare_output, read_resume,
-                       rng_state, seed_everything, set_rng_state)
+                       resume_best, rng_state, seed_everything, set_rng_state)
 from .loops import (AMP_DTYPES, _Batches, _health_warning, _loader, _set_backbone_frozen,  # noqa: F401
                     _worker_init, evaluate, resolve_amp, train_one_epoch)
 
@@ -59,30 +59,101 @@ def _build(config: TrainConfig, device):
     return model.to(device)
 
 
-def effective_config(config: TrainConfig) -> TrainConfig:
+_PATH_FIELDS = ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights")
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _same(name: str, a, b) -> bool:
+    if name in _PATH_FIELDS and a and b:
+        return os.path.realpath(os.path.expanduser(str(a))) == os.path.realpath(os.path.expanduser(str(b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfig:
+    """The run's config from ``last`` (its train_config and model), with the RESUME_MAY_CHANGE
+    fields of ``cfg``; a given field that disagrees with the run -> ConfigError naming both values."""
+    from napari_cellseg.checkpoint import read_checkpoint
+    from napari_cellseg.model import ModelConfig
+
+    obj = read_checkpoint(last)
+    model = ModelConfig.from_dict(obj.get("config") or {})
+    saved = obj.get("train_config")
+    if not isinstance(saved, dict):  # no run settings stored: the caller's, with the run's model
+        cfg.model = model
+        return cfg
+    run = TrainConfig.from_dict(saved)
+    run.model = model
+    for name in sorted(given):
+        if name.startswith("model."):
+            mine, theirs = getattr(cfg.model, name[6:], None), getattr(model, name[6:], None)
+        elif name in RESUME_MAY_CHANGE or not hasattr(run, name):
+            continue
+        else:
+            mine, theirs = getattr(cfg, name), getattr(run, name)
+        if not _same(name, mine, theirs):
+            flag = "--" + name.split(".")[-1].replace("_", "-")
+            may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE if n not in ("out", "resume"))
+            raise ConfigError(f"{flag}: the run in {last.parent} was started with {_shown(theirs)}, got "
+                              f"{_shown(mine)}; --resume continues it as it started (only {may} may change): "
+                              f"drop {flag}, or start a new run in another --out")
+    for name in RESUME_MAY_CHANGE:
+        setattr(run, name, getattr(cfg, name))
+    return run
+
+
+def given_fields(config: TrainConfig) -> set[str]:
+    """For callers that do not say which settings they chose (the Python API, the widget): the
+    fields that differ from the defaults (``"model.NAME"`` for the architecture)."""
+    import dataclasses
+    from napari_cellseg.model import ModelConfig
+
+    d0, m0 = TrainConfig(), ModelConfig()
+    given = {f.name for f in dataclasses.fields(config)
+             if f.name != "model" and getattr(config, f.name) != getattr(d0, f.name)}
+    return given | {"model." + f.name for f in dataclasses.fields(config.model)
+                    if getattr(config.model, f.name) != getattr(m0, f.name)}
+
+
+def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     """A validated COPY of ``config`` with what the run derives filled in (the caller's object is
     never changed): native_scale when training at native size; on --resume the model config of
     OUT/last.ckpt; when fine-tuning the architecture of --init-checkpoint (and its diameter
-    unless --diameter is given)."""
+    unless --diameter is given), at native size (width = height = 0) when that checkpoint is
+    native-scale or normalises cell size and neither --width nor --height was given.
+
+    ``given``: the names of the fields the user set (``training.cli.parse_args``); None = those
+    that differ from the defaults (``given_fields``). The derived config is validated as a whole,
+    so a conflict left (e.g. an explicit --width 704 --height 520 with a checkpoint's --diameter)
+    is one ConfigError before anything is written."""
     import copy
     from napari_cellseg.model import ModelConfig
 
-    cfg = copy.deepcopy(config).validate()
-    native = bool(cfg.crop_size or not (cfg.width and cfg.height))
+    cfg = copy.deepcopy(config)
+    given = given_fields(cfg) if given is None else set(given)
     last = Path(cfg.out) / "last.ckpt"
-    if cfg.resume and last.is_file():  # a resumed run goes on with the model it started with
-        cfg.model = ModelConfig.from_dict(_checkpoint_config(last))
-        cfg.init_checkpoint = None
+    if cfg.resume and last.is_file():  # a resumed run goes on with the settings it started with
+        cfg = _resumed_config(cfg, given, last)
     elif cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture
         src = _checkpoint_config(cfg.init_checkpoint)
         diameter = cfg.model.diameter or float(src.get("diameter") or 0.0)
         if src:
             cfg.model = ModelConfig.from_dict(src)
-        cfg.model.native_scale = bool(cfg.model.native_scale or native)
         cfg.model.diameter = diameter
-    elif native:  # the network is trained on native-scale pixels: predict must not rescale either
-        cfg.model.native_scale = True
-    return cfg
+        if ((src.get("native_scale") or diameter) and not cfg.crop_size
+                and not {"width", "height"} & given):  # the checkpoint was trained at native scale
+            cfg.width = cfg.height = 0
+        # what this run does: a model trained on resized images must be resized by predict too
+        cfg.model.native_scale = bool(cfg.crop_size or not (cfg.width and cfg.height))
+    elif cfg.crop_size or not (cfg.width and cfg.height):
+        cfg.model.native_scale = True  # trained on native-scale pixels: predict must not rescale either
+    return cfg.validate()
 
 
 def _val_figure(dataset, dets, thresholds, path, epoch):
@@ -94,10 +165,11 @@ def _val_figure(dataset, dets, thresholds, path, epoch):
     ev.plot_samples(items, path, f"validation, epoch {epoch}")
 
 
-def train(config: TrainConfig, samples=None):
+def train(config: TrainConfig, samples=None, given=None):
     """Run a training; ``samples`` (list of data.Sample) overrides the config's data source.
 
-    Works on a copy of ``config`` (``effective_config``); the caller's object is never changed.
+    Works on a copy of ``config`` (``effective_config(config, given)``; ``given``: the fields the
+    user set, see there); the caller's object is never changed.
     Events (dicts, key "stage"): "config" (the effective config, once), "setup" (messages),
     "train" (per step), "val" (per val image), "epoch" (a log row; epoch 0 = the starting
     model when fine-tuning from --init-checkpoint), "warning" (one line), "done"."""
@@ -108,7 +180,7 @@ def train(config: TrainConfig, samples=None):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    config = effective_config(config)
+    config = effective_config(config, given)
     out = Path(config.out)
     if config.resume and rank == 0:
         prepare_output(out, True)  # one line when OUT/last.ckpt is missing
@@ -158,7 +230,7 @@ def train(config: TrainConfig, samples=None):
             scaler.load_state_dict(resume_obj["scaler"])
         history = _with_logged_times(list(resume_obj.get("history", [])), out / "log.csv")
         start = int(resume_obj["epoch"]) + 1
-        best = resume_obj.get("best")
+        best = resume_best(resume_obj, config.select_by)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -265,6 +337,7 @@ def train(config: TrainConfig, samples=None):
                 row["time_s"] = round(time.perf_counter() - t_epoch, 2)
                 extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best,
+                         "best_by": config.select_by,
                          "rng": rngs if world > 1 else rngs[0],
                          "sampler": {"seed": config.seed, "next_epoch": epoch + 1, "offset": 0},
                          "train_config": config.to_dict()}

@@ -1,6 +1,6 @@
 """The state of a training run on disk and in memory, apart from the loops: the output folder
 (``prepare_output``), log.csv (``LOG_FIELDS``, ``_write_log``) and config.json, the RNG states and
-``read_resume`` (what ``--resume`` needs from OUT/last.ckpt), and the background checkpoint writer
+``read_resume`` / ``resume_best`` (what ``--resume`` needs from OUT/last.ckpt), and the background checkpoint writer
 (``_Writer`` over CPU snapshots). Everything written goes through atomic writes.
 """
 
@@ -128,6 +128,13 @@ def read_resume(path: Path) -> dict:
         raise OutputError(f"{path}: cannot resume, it has no {' / '.join(missing)} state (a model-only "
                           f"checkpoint?); start a new run with --init-checkpoint {path} instead")
     return obj
+
+
+def resume_best(obj: dict, select_by: str):
+    """last.ckpt's ``best`` if it was measured by ``select_by`` (``best_by``: "loss" = val loss,
+    "map" = -val mAP), else None. Files written before ``best_by``: the run's select_by."""
+    by = obj.get("best_by") or (obj.get("train_config") or {}).get("select_by") or "loss"
+    return obj.get("best") if by == select_by else None
 
 
 class _Frozen:
