@@ -52,6 +52,26 @@ def image_shape(path: Path) -> tuple[int, int]:
     return info.height, info.width
 
 
+def plane_of(image_id: str, files: Mapping[str, Path]):
+    """``(path, plane, header)`` when ``image_id`` names one plane of a stack among ``files``
+    (id -> file, from :func:`files_by_id`) exactly as ``cellseg predict`` and the napari export name
+    planes (images.plane_id: ``stack_000`` .. for stack.tif), else None. Headers only; a bad
+    header is an images.ImageError naming the file. The one rule for commands that take
+    ground truth by id and the images from a folder (``cellseg tune``, ``cellseg-train --train-csv``)."""
+    from .images import image_info, plane_id, plane_id_bases
+
+    bases = plane_id_bases(image_id)
+    if not bases or bases[0] not in files:
+        return None
+    path = files[bases[0]]
+    info = image_info(path)
+    tail = image_id[len(bases[0]) + 1:]
+    k = int(tail) if tail.isdecimal() else -1
+    if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
+        return path, k, info
+    return None
+
+
 def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path]:
     """Image files (folders expanded) keyed by image id = file stem normalised like the CSV
     readers and ``cellseg predict`` do (annotations.normalize_id). A file whose name is not valid

@@ -263,20 +263,14 @@ def _files(folder, what: str) -> dict[str, Path]:
 
 
 def _plane_of(image_id: str, files: dict[str, Path]):
-    """``(path, plane, header)`` when ``image_id`` names a plane of a stack file as ``cellseg
-    predict`` names them (images.plane_id: ``stack_000`` .. for stack.tif), else None."""
-    from napari_cellseg.images import plane_id, plane_id_bases
+    """files.plane_of (``stack_000`` .. name the planes of stack.tif) with header errors as DataError."""
+    from napari_cellseg.files import plane_of
+    from napari_cellseg.images import ImageError
 
-    bases = plane_id_bases(image_id)
-    if not bases or bases[0] not in files:
-        return None
-    path = files[bases[0]]
-    info = _info(path)
-    tail = image_id[len(bases[0]) + 1:]
-    k = int(tail) if tail.isdecimal() else -1
-    if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
-        return path, k, info
-    return None
+    try:
+        return plane_of(image_id, files)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _csv_row(ann, image_id) -> int:
