@@ -167,6 +167,20 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys):
     assert "not writable" in msg and "not_a_folder" in msg
 
 
+def test_foreign_backbone_weights_file_refused_before_any_output(tmp_path, capsys):
+    """red team 5: --backbone-weights FILE with anything in it trained from random weights, rc 0."""
+    import torch
+
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "foreign.bin")
+    tiny = [a for a in TINY if a != "random"]
+    tiny[tiny.index("--backbone-weights") + 1:tiny.index("--backbone-weights") + 1] = [str(tmp_path / "foreign.bin")]
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *tiny,
+                "--epochs", "1", "--no-figures"], capsys, out)
+    assert "foreign.bin: matches 0 of" in msg and "backbone weights of timm model 'convnext_atto'" in msg
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 -m training: DDP over gloo; rank 0 alone logs and saves."""

@@ -178,7 +178,8 @@ HELP: dict[str, str] = {
     "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",
     "backbone_weights": "backbone start for a run from scratch: 'imagenet' (timm's pretrained weights, downloaded "
                         "once into the Hugging Face cache; offline the run stops at once), 'random', or a local "
-                        "weights FILE; unused with --init-checkpoint / --resume",
+                        "weights FILE of this --backbone (timm .safetensors/.pth; every backbone weight must "
+                        "match in name and shape); unused with --init-checkpoint / --resume",
     "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
     "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
     "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
