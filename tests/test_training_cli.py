@@ -181,6 +181,25 @@ def test_foreign_backbone_weights_file_refused_before_any_output(tmp_path, capsy
     assert "foreign.bin: matches 0 of" in msg and "backbone weights of timm model 'convnext_atto'" in msg
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--fpn-channels", "0"], "--fpn-channels: must be an integer in [1, 1024], got 0"),
+    (["--box-nms-thresh", "7"], "--box-nms-thresh: must be a number in [0, 1], got 7.0"),
+    (["--image-std", "0", "0", "0"], "--image-std: must be 3 finite numbers > 0"),
+    (["--backbone", "hf-hub:timm/convnext_atto.d2_in1k"], "--backbone: 'hf-hub:timm/convnext_atto.d2_in1k' "
+                                                          "is not a local timm model name"),
+    (["--backbone", "convnext_nope"], "--backbone: 'convnext_nope' is not a timm model name known locally"),
+])
+def test_architecture_flags_checked_before_any_output(tmp_path, capsys, flags, message):
+    """red team 6: TrainConfig.validate never checked the model flags: --fpn-channels 0 was a
+    traceback, --box-nms-thresh 7 trained a checkpoint predict refuses, --image-std 0 trained on
+    NaN, an hf-hub: backbone contacted the Hub. Now one line naming the flag, exit 2."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                "--epochs", "1", "--no-figures", *flags], capsys, out)
+    assert msg == f"cellseg-train: error: {message}" or msg.startswith(f"cellseg-train: error: {message}"), msg
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 -m training: DDP over gloo; rank 0 alone logs and saves."""

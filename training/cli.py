@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 alone reports
     healthy = True
     try:
-        config.validate()
+        config.validate().check_backbone()
         gen = train(config)
         for ev in gen:
             stage = ev["stage"]

@@ -12,11 +12,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from napari_cellseg.model import ModelConfig
+from napari_cellseg.model import ConfigError as ModelConfigError
+from napari_cellseg.model import ModelConfig, check_backbone_name
 
 
 class ConfigError(ValueError):
     """An inconsistent training configuration; the message names the field."""
+
+
+def _as_flag(exc: ModelConfigError) -> "ConfigError":
+    """ModelConfig's ``field: problem`` as ``--field: problem`` (every model field is a flag)."""
+    field, sep, why = str(exc).partition(": ")
+    return ConfigError(f"--{field.replace('_', '-')}: {why}" if sep else str(exc))
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -115,6 +122,20 @@ class TrainConfig:
             bad("images", "--train-csv needs --images DIR (the folder with the images it names)")
         if bool(self.image_dir) != bool(self.label_dir):
             bad("label_dir", "--image-dir and --label-dir go together")
+        try:  # the architecture flags: the same bounds a checkpoint's config is held to
+            self.model.validate()  # (cheap: the backbone's form only, see check_backbone)
+        except ModelConfigError as exc:
+            raise _as_flag(exc) from None
+        return self
+
+    def check_backbone(self) -> "TrainConfig":
+        """``--backbone`` against timm's local model names (never the Hub). Separate from
+        :meth:`validate` because it imports timm (torch): seconds, too slow for the napari
+        widget's GUI thread, whose backbone is the default anyway. Returns self."""
+        try:
+            check_backbone_name(self.model.backbone)
+        except ModelConfigError as exc:
+            raise _as_flag(exc) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
