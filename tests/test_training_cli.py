@@ -200,6 +200,26 @@ def test_architecture_flags_checked_before_any_output(tmp_path, capsys, flags, m
     assert msg == f"cellseg-train: error: {message}" or msg.startswith(f"cellseg-train: error: {message}"), msg
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--max-val-images", "-1"], "--max-val-images: must be >= 0 (0 = every validation image), got -1"),
+    (["--plateau-factor", "5"], "--plateau-factor: must be between 0 and 1"),
+    (["--plateau-factor", "0"], "--plateau-factor: must be between 0 and 1"),
+    (["--plateau-patience", "-3"], "--plateau-patience: must be >= 0 (epochs), got -3"),
+    (["--seed", "-5"], "--seed: must be an integer in [0, 4294967295], got -5"),
+    (["--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (["--grad-clip", "nan"], "--grad-clip: must be a finite number, got nan"),
+])
+def test_training_flags_bounded_before_any_output(tmp_path, capsys, flags, message):
+    """red team 8: --max-val-images -1 scored no image (val mAP 0, untuned thresholds stored),
+    --plateau-factor 5 failed late in torch with config.json left, --seed -5 failed in NumPy
+    without naming the flag, --plateau-patience -3 was taken. Now one line naming the flag."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                "--epochs", "1", "--no-figures", *flags], capsys, out)
+    assert msg.startswith(f"cellseg-train: error: {message}"), msg
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 -m training: DDP over gloo; rank 0 alone logs and saves."""

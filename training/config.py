@@ -9,6 +9,7 @@ Kaggle Sartorius starter. This module is cheap to import (no torch).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ def _as_flag(exc: ModelConfigError) -> "ConfigError":
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+SEED_MAX = 2**32 - 1  # NumPy's seed range; the sampler and augmentation use seed % 2**32 anyway
 BACKBONE_WEIGHTS = ("imagenet", "random")  # or a local file
 CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "map")}
 """Fields with a closed set of values (the CLI's choices, the widget's combo boxes).
@@ -80,6 +82,9 @@ class TrainConfig:
         def bad(name, why):
             raise ConfigError(f"--{name.replace('_', '-')}: {why}")
 
+        for name in ("lr", "weight_decay", "grad_clip", "plateau_factor"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, f"must be a finite number, got {getattr(self, name)}")
         if self.epochs < 1:
             bad("epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -116,6 +121,14 @@ class TrainConfig:
             bad("freeze_backbone_epochs", f"must be >= 0, got {self.freeze_backbone_epochs}")
         if self.grad_clip < 0:
             bad("grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if not 0 < self.plateau_factor < 1:
+            bad("plateau_factor", f"must be between 0 and 1 (the lr is multiplied by it), got {self.plateau_factor}")
+        if self.plateau_patience < 0:
+            bad("plateau_patience", f"must be >= 0 (epochs), got {self.plateau_patience}")
+        if self.max_val_images < 0:
+            bad("max_val_images", f"must be >= 0 (0 = every validation image), got {self.max_val_images}")
+        if not 0 <= self.seed <= SEED_MAX:
+            bad("seed", f"must be an integer in [0, {SEED_MAX}], got {self.seed}")
         if self.train_csv and (self.image_dir or self.label_dir):
             bad("train_csv", "give either --train-csv/--images or --image-dir/--label-dir, not both")
         if self.train_csv and not self.images:
