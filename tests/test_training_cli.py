@@ -220,6 +220,62 @@ def test_training_flags_bounded_before_any_output(tmp_path, capsys, flags, messa
     assert msg.startswith(f"cellseg-train: error: {message}"), msg
 
 
+def _ctrl_c(args, tmp_path, when):
+    """Run ``python -m training ARGS``, send a real SIGINT (what Ctrl-C sends) once ``when`` is
+    met (seconds, or a text on stderr); return (exit code, stderr)."""
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as fh:  # SIG_DFL: a background job's ignored SIGINT would be inherited
+        proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=Path(__file__).parents[1],
+                                stdout=subprocess.DEVNULL, stderr=fh,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        if isinstance(when, str):
+            deadline = time.time() + 300
+            while when not in err.read_text(errors="replace") and time.time() < deadline:
+                assert proc.poll() is None, err.read_text(errors="replace")[-2000:]
+                time.sleep(0.2)
+        else:
+            time.sleep(when)
+        assert proc.poll() is None, err.read_text(errors="replace")[-2000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.read_text(errors="replace")
+    return rc, text, [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+
+
+@pytest.mark.slow  # interpreter start-ups with torch
+@pytest.mark.parametrize("when", [1.0, "epoch 1 train"], ids=["during-imports", "in-epoch-1"])
+def test_ctrl_c_before_the_first_epoch_says_nothing_to_resume(tmp_path, when):
+    """red team 9: Ctrl-C in epoch 1 said "the last finished epoch is in last.ckpt (use
+    --resume)" with no last.ckpt (--resume then failed); during the first seconds (the torch
+    import) it printed a KeyboardInterrupt traceback."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "run"
+    rc, text, lines = _ctrl_c(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                               "--epochs", "2", "--steps-per-epoch", "500", "--no-figures"], tmp_path, when)
+    assert rc == 130 and "Traceback" not in text, text[-3000:]
+    assert lines[-1] == (f"cellseg-train: interrupted before the first epoch finished; nothing to resume "
+                         f"({out / 'last.ckpt'} was not written): run the same command again, without --resume")
+    assert not (out / "last.ckpt").exists()
+
+
+@pytest.mark.slow  # an interpreter start-up with torch, one short epoch
+def test_ctrl_c_after_an_epoch_points_to_resume(tmp_path):
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "run"
+    rc, text, lines = _ctrl_c(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                               "--epochs", "3", "--steps-per-epoch", "40", "--no-figures"], tmp_path,
+                              "epoch 2 train")  # epoch 1 is saved before epoch 2 starts
+    assert rc == 130 and "Traceback" not in text, text[-3000:]
+    assert lines[-1] == (f"cellseg-train: interrupted; the last finished epoch is in {out / 'last.ckpt'} "
+                         "(continue with --resume)")
+    assert (out / "last.ckpt").is_file()
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 -m training: DDP over gloo; rank 0 alone logs and saves."""
