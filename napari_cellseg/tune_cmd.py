@@ -11,6 +11,7 @@ written when anything fails.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,9 +45,22 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
+def _is_bundled(path: Path) -> bool:
+    from .checkpoint import bundled_model_path
+
+    bundled = bundled_model_path()
+    try:
+        return bundled.is_file() and Path(path).is_file() and os.path.samefile(path, bundled)
+    except OSError:
+        return False
+
+
 def _check_writable_checkpoint(path: Path) -> None:
     from .checkpoint import CheckpointError, read_checkpoint
 
+    if _is_bundled(path):  # shipped with the package: a write would replace the demo model for good
+        raise CheckpointError(f"{path}: --write: the bundled demo model is read-only: copy it first "
+                              f"(cp {path} my_model.bin) and pass --checkpoint my_model.bin; nothing written")
     obj = read_checkpoint(path)
     if not ("state_dict" in obj and "config" in obj):
         raise CheckpointError(f"{path}: --write needs a napari-cellseg checkpoint (a bare state_dict "
@@ -88,6 +102,9 @@ def run_tune(args, progress_factory=None) -> int:
         mask_thresholds = args.mask_thresholds or DEFAULT_MASK_THRESHOLDS
     box_confs = _check_values(box_confs, "--box-confs")
     mask_thresholds = _check_values(mask_thresholds, "--mask-thresholds")
+    if args.write and args.checkpoint is None:
+        raise ValueError("--write needs --checkpoint FILE; the bundled demo model is read-only: "
+                         "copy it first and tune the copy; nothing written")
     options = PredictOptions.from_args(args)  # min_area and the size options checked here
     ckpt = resolve_checkpoint(args.checkpoint)  # CheckpointError when the bundled model is missing
     if args.write:

@@ -89,6 +89,54 @@ def test_backbone_weights_from_local_file(tmp_path):
         build_model(ModelConfig(**TINY), backbone_weights=tmp_path / "junk.pth")
 
 
+def _fb_names(sd):
+    """timm ConvNeXt names -> the original facebookresearch/ConvNeXt release's."""
+    import re
+
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^stem\.", "downsample_layers.0.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.", r"stages.\1.", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        out[k] = v
+    return out
+
+
+def test_backbone_weights_file_must_hold_this_backbone(tmp_path):
+    """red team 5: any file was accepted (timm's features_only load is not strict) and the run
+    silently trained from random weights. Now every backbone weight must be in the file with
+    its shape; the one-line refusal says how many matched."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    ref = timm.create_model("convnext_atto", pretrained=False)
+    sd = ref.state_dict()
+    n = len(build_model(ModelConfig(**TINY), backbone_weights="random").backbone.body.state_dict())
+    cases = {
+        "foreign.bin": ({"foo": torch.zeros(3)}, f"matches 0 of {n} backbone weights"),
+        "partial.pth": ({k: v for k, v in sd.items() if k != "stages.2.blocks.1.conv_dw.bias"},
+                        f"matches {n - 1} of {n} backbone weights.*stages.2.blocks.1.conv_dw.bias"),
+        "femto.pth": (timm.create_model("convnext_femto").state_dict(),
+                      r"stem.0.weight is \(48, 3, 4, 4\), the model needs \(40, 3, 4, 4\)"),
+        "nan.pth": ({**sd, "stem.0.bias": torch.full_like(sd["stem.0.bias"], float("nan"))}, "NaN"),
+    }
+    for name, (weights, message) in cases.items():
+        torch.save(weights, tmp_path / name)
+        with pytest.raises(BackboneError, match=f"{name}: .*{message}"):
+            build_model(ModelConfig(**TINY), backbone_weights=tmp_path / name)
+    # accepted: timm's nesting ({"model": ...}), safetensors, the original ConvNeXt names
+    torch.save({"model": sd}, tmp_path / "nested.pth")
+    save_file(sd, str(tmp_path / "atto.safetensors"))
+    torch.save({"model": _fb_names(sd)}, tmp_path / "fb.pth")
+    for name in ("nested.pth", "atto.safetensors", "fb.pth"):
+        body = build_model(ModelConfig(**TINY), backbone_weights=tmp_path / name).backbone.body
+        assert torch.equal(body.stages_3.blocks[1].mlp.fc2.weight, ref.stages[3].blocks[1].mlp.fc2.weight), name
+        assert torch.equal(body.stem_0.weight, ref.stem[0].weight), name
+
+
 @pytest.mark.slow
 def test_default_convnext_tiny_builds():
     model = build_model()

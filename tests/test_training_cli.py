@@ -167,6 +167,115 @@ def test_bad_input_exit_2_nothing_written(tmp_path, capsys):
     assert "not writable" in msg and "not_a_folder" in msg
 
 
+def test_foreign_backbone_weights_file_refused_before_any_output(tmp_path, capsys):
+    """red team 5: --backbone-weights FILE with anything in it trained from random weights, rc 0."""
+    import torch
+
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    torch.save({"foo": torch.zeros(3)}, tmp_path / "foreign.bin")
+    tiny = [a for a in TINY if a != "random"]
+    tiny[tiny.index("--backbone-weights") + 1:tiny.index("--backbone-weights") + 1] = [str(tmp_path / "foreign.bin")]
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *tiny,
+                "--epochs", "1", "--no-figures"], capsys, out)
+    assert "foreign.bin: matches 0 of" in msg and "backbone weights of timm model 'convnext_atto'" in msg
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--fpn-channels", "0"], "--fpn-channels: must be an integer in [1, 1024], got 0"),
+    (["--box-nms-thresh", "7"], "--box-nms-thresh: must be a number in [0, 1], got 7.0"),
+    (["--image-std", "0", "0", "0"], "--image-std: must be 3 finite numbers > 0"),
+    (["--backbone", "hf-hub:timm/convnext_atto.d2_in1k"], "--backbone: 'hf-hub:timm/convnext_atto.d2_in1k' "
+                                                          "is not a local timm model name"),
+    (["--backbone", "convnext_nope"], "--backbone: 'convnext_nope' is not a timm model name known locally"),
+])
+def test_architecture_flags_checked_before_any_output(tmp_path, capsys, flags, message):
+    """red team 6: TrainConfig.validate never checked the model flags: --fpn-channels 0 was a
+    traceback, --box-nms-thresh 7 trained a checkpoint predict refuses, --image-std 0 trained on
+    NaN, an hf-hub: backbone contacted the Hub. Now one line naming the flag, exit 2."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                "--epochs", "1", "--no-figures", *flags], capsys, out)
+    assert msg == f"cellseg-train: error: {message}" or msg.startswith(f"cellseg-train: error: {message}"), msg
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-val-images", "-1"], "--max-val-images: must be >= 0 (0 = every validation image), got -1"),
+    (["--plateau-factor", "5"], "--plateau-factor: must be between 0 and 1"),
+    (["--plateau-factor", "0"], "--plateau-factor: must be between 0 and 1"),
+    (["--plateau-patience", "-3"], "--plateau-patience: must be >= 0 (epochs), got -3"),
+    (["--seed", "-5"], "--seed: must be an integer in [0, 4294967295], got -5"),
+    (["--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (["--grad-clip", "nan"], "--grad-clip: must be a finite number, got nan"),
+])
+def test_training_flags_bounded_before_any_output(tmp_path, capsys, flags, message):
+    """red team 8: --max-val-images -1 scored no image (val mAP 0, untuned thresholds stored),
+    --plateau-factor 5 failed late in torch with config.json left, --seed -5 failed in NumPy
+    without naming the flag, --plateau-patience -3 was taken. Now one line naming the flag."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "out"
+    msg = _bad(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                "--epochs", "1", "--no-figures", *flags], capsys, out)
+    assert msg.startswith(f"cellseg-train: error: {message}"), msg
+
+
+def _ctrl_c(args, tmp_path, when):
+    """Run ``python -m training ARGS``, send a real SIGINT (what Ctrl-C sends) once ``when`` is
+    met (seconds, or a text on stderr); return (exit code, stderr)."""
+    err = tmp_path / "stderr.txt"
+    with open(err, "wb") as fh:  # SIG_DFL: a background job's ignored SIGINT would be inherited
+        proc = subprocess.Popen([sys.executable, "-m", "training", *args], cwd=Path(__file__).parents[1],
+                                stdout=subprocess.DEVNULL, stderr=fh,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        if isinstance(when, str):
+            deadline = time.time() + 300
+            while when not in err.read_text(errors="replace") and time.time() < deadline:
+                assert proc.poll() is None, err.read_text(errors="replace")[-2000:]
+                time.sleep(0.2)
+        else:
+            time.sleep(when)
+        assert proc.poll() is None, err.read_text(errors="replace")[-2000:]
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.read_text(errors="replace")
+    return rc, text, [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+
+
+@pytest.mark.slow  # interpreter start-ups with torch
+@pytest.mark.parametrize("when", [1.0, "epoch 1 train"], ids=["during-imports", "in-epoch-1"])
+def test_ctrl_c_before_the_first_epoch_says_nothing_to_resume(tmp_path, when):
+    """red team 9: Ctrl-C in epoch 1 said "the last finished epoch is in last.ckpt (use
+    --resume)" with no last.ckpt (--resume then failed); during the first seconds (the torch
+    import) it printed a KeyboardInterrupt traceback."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "run"
+    rc, text, lines = _ctrl_c(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                               "--epochs", "2", "--steps-per-epoch", "500", "--no-figures"], tmp_path, when)
+    assert rc == 130 and "Traceback" not in text, text[-3000:]
+    assert lines[-1] == (f"cellseg-train: interrupted before the first epoch finished; nothing to resume "
+                         f"({out / 'last.ckpt'} was not written): run the same command again, without --resume")
+    assert not (out / "last.ckpt").exists()
+
+
+@pytest.mark.slow  # an interpreter start-up with torch, one short epoch
+def test_ctrl_c_after_an_epoch_points_to_resume(tmp_path):
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "run"
+    rc, text, lines = _ctrl_c(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY,
+                               "--epochs", "3", "--steps-per-epoch", "40", "--no-figures"], tmp_path,
+                              "epoch 2 train")  # epoch 1 is saved before epoch 2 starts
+    assert rc == 130 and "Traceback" not in text, text[-3000:]
+    assert lines[-1] == (f"cellseg-train: interrupted; the last finished epoch is in {out / 'last.ckpt'} "
+                         "(continue with --resume)")
+    assert (out / "last.ckpt").is_file()
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_two_cpu_processes(tmp_path):
     """torchrun --nproc_per_node=2 -m training: DDP over gloo; rank 0 alone logs and saves."""

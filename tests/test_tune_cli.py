@@ -164,6 +164,32 @@ def test_bundled_model_missing_is_a_clear_error(setup, capsys, monkeypatch, tmp_
     assert out.returncode == 2 and "bundled demo model is missing" in out.stderr
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_write_never_overwrites_the_bundled_model(setup, capsys, monkeypatch, tmp_path, explicit):
+    """red team 1: `cellseg tune --write` without --checkpoint tuned the bundled demo model and
+    stored the pair in the package's demo.bin (the README's "Poor masks" command did exactly
+    that). Now: exit 2, one line, the bundled file untouched, also when named by --checkpoint."""
+    import shutil
+
+    from napari_cellseg import checkpoint
+
+    root, ckpt0 = setup
+    bundled = tmp_path / "models" / "demo.bin"
+    bundled.parent.mkdir()
+    shutil.copy(ckpt0, bundled)
+    monkeypatch.setattr(checkpoint, "bundled_model_path", lambda: bundled)
+    before = bundled.read_bytes()
+    ckpt_args = ["--checkpoint", bundled] if explicit else []
+    out = _tune_inprocess(capsys, *ckpt_args, "--gt", root / "gt", "--images", root / "images",
+                          "--box-confs", *BOX_CONFS, "--mask-thresholds", *MASKS, "--write")
+    assert bundled.read_bytes() == before
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "bundled demo model is read-only" in err[0], out.stderr
+    assert ("--write needs --checkpoint FILE" in err[0]) != explicit
+    assert out.stdout == ""
+
+
 def test_tune_takes_a_grey_alpha_image_like_predict(setup, tmp_path, capsys):
     """tune sized images by its own rule (channels 1, 3, 4: a grey+alpha PNG was refused with
     "cannot take an image size from shape (64, 64, 2)"); now images.py's layout rule, header only."""

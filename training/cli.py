@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 from napari_cellseg.model import ModelConfig
 
@@ -87,67 +88,99 @@ def config_from_args(argv=None) -> TrainConfig:
     return parse_args(argv)[0]
 
 
+def _interrupted(config: TrainConfig, started: float) -> str:
+    """What a Ctrl-C leaves: the --resume hint only when OUT/last.ckpt holds an epoch of this
+    run (or the run being resumed)."""
+    last = os.path.join(config.out, "last.ckpt")
+    try:
+        ours = config.resume or os.stat(last).st_mtime >= started - 1.0
+    except OSError:
+        ours = False
+    if ours and os.path.isfile(last):
+        return f"interrupted; the last finished epoch is in {last} (continue with --resume)"
+    return (f"interrupted before the first epoch finished; nothing to resume ({last} was not written): "
+            "run the same command again, without --resume")
+
+
 def main(argv=None) -> int:
-    config, given = parse_args(argv)
-    from .data import DataError
-    from .engine import OutputError, train
+    started = time.time()
+    quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 alone reports
+    state: dict = {"bar": None}
+    config = None
+    try:  # Ctrl-C anywhere from here on, also during the torch import in _run: one line, no traceback
+        config, given = parse_args(argv)
+        return _run(config, given, quiet, state)
+    except KeyboardInterrupt:
+        if state["bar"] is not None:
+            state["bar"].close()
+        if not quiet:
+            print(f"cellseg-train: {_interrupted(config, started) if config else 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+def _run(config: TrainConfig, given: frozenset, quiet: bool, state: dict) -> int:
     from napari_cellseg.model import BackboneError
     from tqdm import tqdm
 
-    bar = None
-    quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 alone reports
+    from .data import DataError
+    from .engine import OutputError, train
+
     healthy = True
     try:
+        config.check_backbone()  # the timm name lookup (slow: not in validate(), which the widget runs)
         gen = train(config, given=given)  # validates the effective config before any work
-        for ev in gen:
-            stage = ev["stage"]
-            if quiet:
-                continue
-            if stage == "config":
-                print(f"cellseg-train: effective config (amp {ev['amp']} on {ev['device']}): "
-                      f"{json.dumps(ev['config'], separators=(',', ':'))}", file=sys.stderr)
-            elif stage == "setup":
-                print(f"cellseg-train: {ev['message']}", file=sys.stderr)
-            elif stage == "warning":
-                (tqdm.write if bar is not None else print)(f"cellseg-train: warning: {ev['message']}", file=sys.stderr)
-            elif stage in ("train", "val"):
-                if bar is None or ev["step"] == 1:
+        try:
+            for ev in gen:
+                stage = ev["stage"]
+                bar = state["bar"]
+                if quiet:
+                    continue
+                if stage == "config":
+                    print(f"cellseg-train: effective config (amp {ev['amp']} on {ev['device']}): "
+                          f"{json.dumps(ev['config'], separators=(',', ':'))}", file=sys.stderr)
+                elif stage == "setup":
+                    print(f"cellseg-train: {ev['message']}", file=sys.stderr)
+                elif stage == "warning":
+                    (tqdm.write if bar is not None else print)(f"cellseg-train: warning: {ev['message']}",
+                                                               file=sys.stderr)
+                elif stage in ("train", "val"):
+                    if bar is None or ev["step"] == 1:
+                        if bar is not None:
+                            bar.close()
+                        bar = state["bar"] = tqdm(total=ev["total"], desc=f"epoch {ev['epoch']} {stage}", leave=False,
+                                                  dynamic_ncols=True, mininterval=1.0)
+                    bar.update(1)
+                    if stage == "train" and (ev["step"] % 5 == 0 or ev["step"] == ev["total"]):
+                        bar.set_postfix(loss=f"{ev['loss']:.3f}", stepped=f"{ev['optimizer_steps']}/{ev['step']}",
+                                        nonfinite=ev["skipped"], scaler_skip=ev["scaler_skipped"])
+                elif stage == "epoch":
                     if bar is not None:
                         bar.close()
-                    bar = tqdm(total=ev["total"], desc=f"epoch {ev['epoch']} {stage}", leave=False,
-                               dynamic_ncols=True, mininterval=1.0)
-                bar.update(1)
-                if stage == "train" and (ev["step"] % 5 == 0 or ev["step"] == ev["total"]):
-                    bar.set_postfix(loss=f"{ev['loss']:.3f}", stepped=f"{ev['optimizer_steps']}/{ev['step']}",
-                                    nonfinite=ev["skipped"], scaler_skip=ev["scaler_skipped"])
-            elif stage == "epoch":
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                r = ev["row"]
-                if r["epoch"] == 0:
-                    tqdm.write(f"epoch 0 (the --init-checkpoint model): val loss {r['val_loss']:.4f}  val mAP "
-                               f"{r['val_map']:.3f}")
-                    continue
-                skips = "" if r["optimizer_steps"] == r["steps"] else (
-                    f"  stepped {r['optimizer_steps']}/{r['steps']} ({r['skipped_batches']} non-finite, "
-                    f"{r['scaler_skipped']} scaler-skipped)")
-                tqdm.write(f"epoch {r['epoch']}/{ev['epochs']}: train loss {r['train_loss']:.4f}  val loss "
-                           f"{r['val_loss']:.4f}  val mAP {r['val_map']:.3f} (box_conf {r['box_conf']}, mask "
-                           f"{r['mask_threshold']})  lr {r['lr']:.2e}  {r['time_s']:.0f}s (val {r['val_s']:.1f}s, "
-                           f"save {r['save_s']:.1f}s){skips}{'  *best*' if r['best'] else ''}")
-            elif stage == "done":
-                healthy = ev.get("healthy", True)
-                if healthy:
-                    print(f"cellseg-train: done; best model: {ev['best_model']}", file=sys.stderr)
+                        state["bar"] = None
+                    r = ev["row"]
+                    if r["epoch"] == 0:
+                        tqdm.write(f"epoch 0 (the --init-checkpoint model): val loss {r['val_loss']:.4f}  val mAP "
+                                   f"{r['val_map']:.3f}")
+                        continue
+                    skips = "" if r["optimizer_steps"] == r["steps"] else (
+                        f"  stepped {r['optimizer_steps']}/{r['steps']} ({r['skipped_batches']} non-finite, "
+                        f"{r['scaler_skipped']} scaler-skipped)")
+                    tqdm.write(f"epoch {r['epoch']}/{ev['epochs']}: train loss {r['train_loss']:.4f}  val loss "
+                               f"{r['val_loss']:.4f}  val mAP {r['val_map']:.3f} (box_conf {r['box_conf']}, mask "
+                               f"{r['mask_threshold']})  lr {r['lr']:.2e}  {r['time_s']:.0f}s (val {r['val_s']:.1f}s, "
+                               f"save {r['save_s']:.1f}s){skips}{'  *best*' if r['best'] else ''}")
+                elif stage == "done":
+                    healthy = ev.get("healthy", True)
+                    if healthy:
+                        print(f"cellseg-train: done; best model: {ev['best_model']}", file=sys.stderr)
+        finally:  # Ctrl-C in this loop: the engine's pending checkpoint writes finish before the message
+            gen.close()
     except (ConfigError, DataError, OutputError, BackboneError, ValueError, FileNotFoundError) as exc:
-        if bar is not None:
-            bar.close()
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
         print(f"cellseg-train: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cellseg-train: interrupted; the last finished epoch is in last.ckpt (use --resume)", file=sys.stderr)
-        return 130
     if not healthy:
         print("cellseg-train: error: the optimizer never stepped, the weights did not change (see log.csv)",
               file=sys.stderr)

@@ -9,17 +9,26 @@ Kaggle Sartorius starter. This module is cheap to import (no torch).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from napari_cellseg.model import ModelConfig
+from napari_cellseg.model import ConfigError as ModelConfigError
+from napari_cellseg.model import ModelConfig, check_backbone_name
 
 
 class ConfigError(ValueError):
     """An inconsistent training configuration; the message names the field."""
 
 
+def _as_flag(exc: ModelConfigError) -> "ConfigError":
+    """ModelConfig's ``field: problem`` as ``--field: problem`` (every model field is a flag)."""
+    field, sep, why = str(exc).partition(": ")
+    return ConfigError(f"--{field.replace('_', '-')}: {why}" if sep else str(exc))
+
+
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+SEED_MAX = 2**32 - 1  # NumPy's seed range; the sampler and augmentation use seed % 2**32 anyway
 BACKBONE_WEIGHTS = ("imagenet", "random")  # or a local file
 CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "map")}
 """Fields with a closed set of values (the CLI's choices, the widget's combo boxes).
@@ -83,6 +92,9 @@ class TrainConfig:
         def bad(name, why):
             raise ConfigError(f"--{name.replace('_', '-')}: {why}")
 
+        for name in ("lr", "weight_decay", "grad_clip", "plateau_factor"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, f"must be a finite number, got {getattr(self, name)}")
         if self.epochs < 1:
             bad("epochs", f"must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -119,12 +131,34 @@ class TrainConfig:
             bad("freeze_backbone_epochs", f"must be >= 0, got {self.freeze_backbone_epochs}")
         if self.grad_clip < 0:
             bad("grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        if not 0 < self.plateau_factor < 1:
+            bad("plateau_factor", f"must be between 0 and 1 (the lr is multiplied by it), got {self.plateau_factor}")
+        if self.plateau_patience < 0:
+            bad("plateau_patience", f"must be >= 0 (epochs), got {self.plateau_patience}")
+        if self.max_val_images < 0:
+            bad("max_val_images", f"must be >= 0 (0 = every validation image), got {self.max_val_images}")
+        if not 0 <= self.seed <= SEED_MAX:
+            bad("seed", f"must be an integer in [0, {SEED_MAX}], got {self.seed}")
         if self.train_csv and (self.image_dir or self.label_dir):
             bad("train_csv", "give either --train-csv/--images or --image-dir/--label-dir, not both")
         if self.train_csv and not self.images:
             bad("images", "--train-csv needs --images DIR (the folder with the images it names)")
         if bool(self.image_dir) != bool(self.label_dir):
             bad("label_dir", "--image-dir and --label-dir go together")
+        try:  # the architecture flags: the same bounds a checkpoint's config is held to
+            self.model.validate()  # (cheap: the backbone's form only, see check_backbone)
+        except ModelConfigError as exc:
+            raise _as_flag(exc) from None
+        return self
+
+    def check_backbone(self) -> "TrainConfig":
+        """``--backbone`` against timm's local model names (never the Hub). Separate from
+        :meth:`validate` because it imports timm (torch): seconds, too slow for the napari
+        widget's GUI thread, whose backbone is the default anyway. Returns self."""
+        try:
+            check_backbone_name(self.model.backbone)
+        except ModelConfigError as exc:
+            raise _as_flag(exc) from None
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,7 +223,8 @@ HELP: dict[str, str] = {
     "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",
     "backbone_weights": "backbone start for a run from scratch: 'imagenet' (timm's pretrained weights, downloaded "
                         "once into the Hugging Face cache; offline the run stops at once), 'random', or a local "
-                        "weights FILE; unused with --init-checkpoint / --resume",
+                        "weights FILE of this --backbone (timm .safetensors/.pth; every backbone weight must "
+                        "match in name and shape); unused with --init-checkpoint / --resume",
     "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
     "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
     "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
