@@ -90,7 +90,8 @@ def run_tune(args, progress_factory=None) -> int:
     from .annotations import NO_ROWS
     from .checkpoint import resolve_checkpoint
     from .options import PredictOptions
-    from .files import files_by_id, image_shape, label_source
+    from .files import files_by_id, image_shape, label_source, plane_of
+    from .images import load_plane
     from .pipeline import Pipeline
     from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
 
@@ -113,19 +114,34 @@ def run_tune(args, progress_factory=None) -> int:
     if not gt.ids:
         raise ValueError(f"{args.gt} {NO_ROWS}: no ground truth to tune on")
     images = files_by_id([args.images], "images")
-    ids = [i for i in gt.ids if i in images]
+    # each ground-truth id -> (file, plane or None): a file's id, or a plane of a stack named as
+    # cellseg predict names planes (files.plane_of: stack_000 .. of stack.tif)
+    sources, shapes, missing = {}, {}, []
+    for image_id in gt.ids:
+        plane = None if image_id in images else plane_of(image_id, images)
+        if image_id in images:
+            sources[image_id] = (images[image_id], None)
+            size = image_shape(images[image_id])  # a whole stack for one id is an ImageError
+        elif plane is not None:
+            sources[image_id] = (plane[0], plane[1])
+            size = (plane[2].height, plane[2].width)
+        else:
+            missing.append(image_id)
+            continue
+        known = gt.shape(image_id)
+        if known is not None and tuple(known) != size:
+            where = sources[image_id][0] if plane is None else f"plane {plane[1]} of {plane[0]}"
+            raise ValueError(f"{where}: image is {size[0]}x{size[1]} (HxW) but the ground "
+                             f"truth for {image_id!r} is {known[0]}x{known[1]}")
+        shapes[image_id] = size
+    ids = list(sources)
     if not ids:
         sample = ", ".join(list(gt.ids)[:3])
         raise ValueError(f"no image in {args.images} has a file stem matching a ground-truth id "
                          f"of {args.gt} (ids like {sample})")
-    shapes = {}
-    for image_id in ids:
-        size = image_shape(images[image_id])
-        known = gt.shape(image_id)
-        if known is not None and tuple(known) != size:
-            raise ValueError(f"{images[image_id]}: image is {size[0]}x{size[1]} (HxW) but the ground "
-                             f"truth for {image_id!r} is {known[0]}x{known[1]}")
-        shapes[image_id] = size
+    if missing:
+        print(f"cellseg tune: note: {len(missing)} of {len(gt.ids)} ground-truth image(s) have no image in "
+              f"{args.images} and are not used (e.g. {missing[0]!r})", file=sys.stderr)
 
     # ---- one forward pass per image, then the grid from the kept Detections
     if args.checkpoint is None:
@@ -136,7 +152,8 @@ def run_tune(args, progress_factory=None) -> int:
     pairs = []
     try:
         print(f"cellseg tune: object size: {pipeline.describe()}", file=sys.stderr)
-        for k, dets in pipeline.predict_many([images[i] for i in ids]):
+        inputs = (path if plane is None else load_plane(path, plane) for path, plane in sources.values())
+        for k, dets in pipeline.predict_many(inputs):
             image_id = ids[k]
             labels = gt.labels(image_id, shapes[image_id])
             if tuple(labels.shape) != tuple(dets.image_shape):

@@ -209,3 +209,28 @@ def test_tune_takes_a_grey_alpha_image_like_predict(setup, tmp_path, capsys):
                           "--box-confs", 0.5, "--mask-thresholds", 0.5, "--json", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["n_images"] == 1
+
+
+def test_tune_takes_the_plane_ids_of_a_stack(setup, tmp_path, capsys):
+    """Ground truth for a plane of a stack, named as cellseg predict and the napari export name
+    planes (stack_001 = plane 1 of stack.tif), is tuned on that plane (tune used to drop plane ids
+    silently: "mAP over 0 images"); a GT id with no image is said in one note line."""
+    import tifffile
+
+    from napari_cellseg.annotations import write_annotations
+
+    root, ckpt = setup
+    image = tifffile.imread(root / "images" / "img0.tif")
+    (tmp_path / "im").mkdir()
+    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]))  # plane 0 blank
+    gt = tifffile.imread(root / "gt" / "img0.tif")
+    write_annotations(tmp_path / "gt.csv", {"stack_001": gt, "gone": gt}, format="train")
+    out = _tune_inprocess(capsys, "--checkpoint", ckpt, "--gt", tmp_path / "gt.csv", "--images", tmp_path / "im",
+                          "--box-confs", *BOX_CONFS, "--mask-thresholds", *MASKS, "--json", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["n_images"] == 1
+    # plane 1 was predicted (the GT is the model's own output on it at TARGET), not plane 0
+    assert doc["map"] == pytest.approx(1.0) and (doc["box_conf"], doc["mask_threshold"]) == TARGET
+    notes = [ln for ln in out.stderr.splitlines() if "'gone'" in ln]
+    assert len(notes) == 1 and "1 of 2 ground-truth image(s) have no image" in notes[0]
