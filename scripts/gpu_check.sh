@@ -8,6 +8,7 @@
 #   scripts/gpu_check.sh --device cpu         # rehearsal on CPU: tiny model, 64x64 images, 24 steps (~2-3 min)
 #   options: --images N (train+val images, default 64)  --epochs N (3)  --batch N (4)  --workers N (8)
 #            --work DIR (default: a temp folder)  --wheels DIR  --tiny (tiny model/sizes on any device)
+#   environment: PYTHON (default python3: the interpreter that has torch)
 #
 # Checks: amp-auto and amp-fp16 (default recipe, 3 epochs: train loss falls >= 30% from epoch 1 to 3,
 # GradScaler skipped < 10% of the steps, no non-finite steps), resume (one more epoch from last.ckpt),
@@ -21,15 +22,17 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift 2;; --images) N="$2"; shift 2;; --epochs) EPOCHS="$2"; shift 2;;
     --batch) BATCH="$2"; shift 2;; --workers) WORKERS="$2"; shift 2;; --work) WORK="$2"; shift 2;;
     --wheels) WHEELS="$2"; shift 2;; --tiny) TINY=1; shift;;
-    -h|--help) sed -n 2,16p "$0"; exit 0;;
+    -h|--help) awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0"; exit 0;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
 # CPU: the rehearsal. One intra-op thread per process (unless OMP_NUM_THREADS says otherwise): the fp16 CPU
 # convolutions run group by group, and two OpenMP threads on two busy cores made an fp16 step 10x slower.
 [ "$DEVICE" = cpu ] && { TINY=1; export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"; }
+PY="${PYTHON:-python3}"  # the interpreter with torch (PYTHON=... to choose another)
 if [ -n "$WHEELS" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu_check.sh: --wheels $WHEELS: no .whl files there (scripts/gpu_wheels.sh DIR makes them)" >&2; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
     "$WHEELS"/*.whl || { echo "gpu_check.sh: cannot install the wheels in $WHEELS" >&2; exit 2; }
   export PYTHONPATH="/tmp/gpu_check_site:${PYTHONPATH:-}"
 fi
@@ -53,7 +56,7 @@ if [ "$TINY" = 1 ]; then
         --width 0 --height 0 --anchor-sizes 8 16 32 64 128 --steps-per-epoch 8 --lr 2e-3)
 fi
 echo "gpu_check: $(date -u +%FT%TZ) device $DEVICE, $N synthetic $KIND ${SIZE/ /x} (HxW) images, work dir $WORK"
-python3 - "$WORK/data" "$N" "$KIND" $SIZE $DIAMETER <<'PY' || { echo "gpu_check: cannot make the data" >&2; exit 2; }
+"$PY" - "$WORK/data" "$N" "$KIND" $SIZE $DIAMETER <<'PY' || { echo "gpu_check: cannot make the data" >&2; exit 2; }
 import sys, torch
 from napari_cellseg.synthetic import write_dataset
 out, n, kind, h, w = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -71,7 +74,7 @@ verdict() {  # verdict NAME CMD... : prints the command's one summary line; coun
   case "$line" in PASS*) ;; *) FAILS=$((FAILS + 1));; esac
 }
 logcheck() {  # logcheck OUT : loss fall and skip fractions from OUT/log.csv
-  python3 - "$1" "$2" "$BATCH" <<'PY'
+  "$PY" - "$1" "$2" "$BATCH" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1] + "/log.csv")))
 need = int(sys.argv[2])
@@ -91,7 +94,7 @@ print(f"{'PASS' if ok else 'FAIL'} amp {rows[0]['amp']}: train loss {first:.3f} 
 PY
 }
 run_train() {  # run_train OUT extra-args... ; the training output goes to OUT.log
-  python3 -m training "${DATA[@]}" "${ARGS[@]}" --out "$1" "${@:2}" >"$1.log" 2>&1
+  "$PY" -m training "${DATA[@]}" "${ARGS[@]}" --out "$1" "${@:2}" >"$1.log" 2>&1
 }
 for AMP in auto fp16; do
   if run_train "$WORK/amp-$AMP" --amp "$AMP" --epochs "$EPOCHS"; then verdict "amp-$AMP" logcheck "$WORK/amp-$AMP" "$EPOCHS"
@@ -99,7 +102,7 @@ for AMP in auto fp16; do
 done
 resume_check() {
   run_train "$WORK/amp-auto" --amp auto --epochs $((EPOCHS + 1)) --resume || { echo "FAIL exit $? ($(tail -1 "$WORK/amp-auto.log"))"; return; }
-  python3 - "$WORK/amp-auto" "$((EPOCHS + 1))" <<'PY'
+  "$PY" - "$WORK/amp-auto" "$((EPOCHS + 1))" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1] + "/log.csv")))
 ok = [int(r["epoch"]) for r in rows] == list(range(1, int(sys.argv[2]) + 1))
@@ -109,19 +112,21 @@ PY
 verdict resume resume_check
 torchrun_check() {
   local out="$WORK/torchrun"
-  python3 -m torch.distributed.run --nproc_per_node=1 -m training "${DATA[@]}" "${ARGS[@]}" --out "$out" --epochs 1 \
+  "$PY" -m torch.distributed.run --nproc_per_node=1 -m training "${DATA[@]}" "${ARGS[@]}" --out "$out" --epochs 1 \
     >"$out.log" 2>&1 || { echo "FAIL exit $? ($(tail -1 "$out.log"))"; return; }
-  python3 - "$out" <<'PY'
+  "$PY" - "$out" <<'PY'
 import sys, torch
 from napari_cellseg.checkpoint import load_checkpoint
 _, _, _, info = load_checkpoint(sys.argv[1] + "/best_model.bin")
-backend = "nccl" if info["device"].startswith("cuda") else "gloo"
-print(f"PASS torchrun --nproc_per_node=1 ({backend}): world_size {info['world_size']}, device {info['device']}")
+want = "nccl" if info["device"].startswith("cuda") else "gloo"
+got = info.get("ddp_backend")  # the process group the run really used (None: it ran without DDP)
+print(f"{'PASS' if got == want else 'FAIL'} torchrun --nproc_per_node=1: DDP over {got} (need {want}), "
+      f"world_size {info['world_size']}, device {info['device']}")
 PY
 }
 verdict torchrun torchrun_check
 predict_check() {
-  python3 - "$WORK/amp-auto/best_model.bin" "$WORK/data/images" "$DEVICE" <<'PY'
+  "$PY" - "$WORK/amp-auto/best_model.bin" "$WORK/data/images" "$DEVICE" <<'PY'
 import sys, time, glob
 import numpy as np, torch
 from napari_cellseg.images import to_rgb_float
@@ -165,7 +170,7 @@ PY
 verdict cuda-vs-cpu predict_check
 speed_check() {  # end-to-end train images/s (amp-auto, epochs after the first) vs the GPU-bound rate: the same
   # steps on one batch already on the device (no loader), as training.engine runs them
-  python3 - "$WORK/amp-auto" "$BATCH" "$TINY" <<'PY'
+  "$PY" - "$WORK/amp-auto" "$BATCH" "$TINY" <<'PY'
 import csv, json, math, sys, time
 import torch
 from training.config import TrainConfig
