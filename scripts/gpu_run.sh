@@ -78,6 +78,7 @@ done
 {
   echo "gpu_run summary ($(date -u +%FT%TZ), device $DEVICE, $((SECONDS - START)) s in all):"
   grep -h "^gpu_check: torch\|^CHECK \|^gpu_check: done" "$DEST/gpu_check.txt" 2>/dev/null
-  grep -h "faster\|images/s\|items/s\|x the\|ratio" "$DEST/bench_predict.txt" "$DEST/bench_data.txt" 2>/dev/null | head -20
+  grep -hE "^device|same masks|predict\+labels|images/s|items/s|PASS|FAIL" "$DEST/bench_predict.txt" \
+    "$DEST/bench_data.txt" 2>/dev/null | head -24
   grep -h "^== .*exit [^0]\|SKIPPED" "$ALL"
 } | tee "$DEST/summary.txt"
