@@ -5,8 +5,9 @@ saving) over the epoch loops of :mod:`training.loops` and the run state of
 ``train(config)`` yields dicts ``{"stage": "config"|"setup"|"train"|"val"|"epoch"|"warning"|"done", ...}``
 (fields: docs/API.md, training) and returns a summary dict; the CLI drains it with tqdm, the napari widget runs it in a thread worker and can
 stop between steps (closing the generator). Everything written goes through atomic writes, so a
-kill at any moment leaves the previous complete files. Under ``torchrun`` (WORLD_SIZE > 1) it
-trains with DistributedDataParallel; rank 0 alone validates, logs and saves.
+kill at any moment leaves the previous complete files. Under ``torchrun`` (any world size, 1 too:
+``--nproc_per_node=1`` runs the NCCL/gloo path on one device) it trains with DistributedDataParallel;
+rank 0 alone validates, logs and saves.
 """
 
 from __future__ import annotations
@@ -180,12 +181,14 @@ def train(config: TrainConfig, samples=None, given=None):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    # launched by torchrun (TORCHELASTIC_RUN_ID), even as one process: a process group and DDP
+    ddp = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     config = effective_config(config, given)
     out = Path(config.out)
     if config.resume and rank == 0:
         prepare_output(out, True)  # one line when OUT/last.ckpt is missing
     resume_obj = read_resume(out / "last.ckpt") if config.resume else None
-    if world > 1:
+    if ddp:
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = resolve_device(config.device, local)
         if device.type == "cuda" and device.index is None:  # --device cuda under torchrun: this rank's GPU
@@ -231,7 +234,7 @@ def train(config: TrainConfig, samples=None, given=None):
         history = _with_logged_times(list(resume_obj.get("history", [])), out / "log.csv")
         start = int(resume_obj["epoch"]) + 1
         best = resume_best(resume_obj, config.select_by)
-    if world > 1:
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=config.freeze_backbone_epochs > 0)
@@ -254,7 +257,7 @@ def train(config: TrainConfig, samples=None, given=None):
                         fig_dir / "train_samples.png", "augmented training samples")
     info_base = {"n_train": len(train_s), "n_val": len(val_s), "train_ids": [s.image_id for s in train_s][:2000],
                  "val_ids": [s.image_id for s in val_s], "train_config": config.to_dict(), "amp": amp,
-                 "world_size": world, "device": str(device), "input_scale": "native (the model does not resize in training)",
+                 "world_size": world, "ddp_backend": dist.get_backend() if ddp else None, "device": str(device), "input_scale": "native (the model does not resize in training)",
                  "code": code_version()}  # package version + git commit: which code trained the model
     yield {"stage": "setup", "message": f"{len(train_s)} train / {len(val_s)} val images on {device}",
            "n_train": len(train_s), "n_val": len(val_s), "start_epoch": start}
@@ -291,7 +294,7 @@ def train(config: TrainConfig, samples=None, given=None):
             if config.workers and epoch < config.epochs:  # the workers load the next epoch's first batches
                 sampler.set_epoch(epoch + 1)               # while this one validates and saves
                 batches = iter(loader)
-            if world > 1:  # train loss: the mean over ranks (each rank's mean is already over all ranks)
+            if ddp:  # train loss: the mean over ranks (each rank's mean is already over all ranks)
                 t = torch.tensor([r["train_loss"], r["train_mask_loss"]], dtype=torch.float64)
                 dist.all_reduce(t)
                 r["train_loss"], r["train_mask_loss"] = float(t[0]) / world, float(t[1]) / world
@@ -323,12 +326,12 @@ def train(config: TrainConfig, samples=None, given=None):
                     jobs.append((out / "best_model.bin", dict(model=snapshot, config=config.model, thresholds=thr,
                                                               info=info)))
             sched_val = [row["val_loss"] if row else 0.0]
-            if world > 1:
+            if ddp:
                 dist.broadcast_object_list(sched_val, src=0)
             if math.isfinite(sched_val[0]):
                 scheduler.step(sched_val[0])
             rngs = [None] * world  # after validation (it draws proposals), so a resumed run goes on identically
-            if world > 1:
+            if ddp:
                 dist.all_gather_object(rngs, rng_state())
             else:
                 rngs = [rng_state()]
@@ -353,12 +356,12 @@ def train(config: TrainConfig, samples=None, given=None):
                 if warning:
                     yield {"stage": "warning", "epoch": epoch, "message": warning}
                 yield {"stage": "epoch", "epoch": epoch, "epochs": config.epochs, "row": row}
-            if world > 1:
+            if ddp:
                 dist.barrier()
     finally:
         writer.wait(raise_errors=False)  # the files are complete, also when the run is cancelled
     writer.wait()
-    if world > 1:
+    if ddp:
         dist.destroy_process_group()
     healthy = total_steps > 0
     summary = {"out": str(out), "history": history, "best_model": str(out / "best_model.bin"),

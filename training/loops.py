@@ -107,7 +107,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, config, amp
         stats = torch.stack([loss.detach(), mask_loss.detach()])
         finite = torch.isfinite(stats).all()
         agg = torch.cat([finite.float().reshape(1), torch.where(torch.isfinite(stats), stats, 0.0)]).double()
-        if world > 1:
+        if world > 1 or (dist.is_available() and dist.is_initialized()):
             dist.all_reduce(agg)  # one collective: [ranks with finite losses, sum loss, sum mask loss]
         agg = agg.tolist()
         all_finite = agg[0] == world
