@@ -133,6 +133,7 @@ def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfi
     saved = obj.get("train_config")
     if not isinstance(saved, dict):  # no run settings stored: the caller's, with the run's model
         cfg.model = model
+        _stored_paths_absolute(cfg)
         return cfg.validate()
     run = TrainConfig.from_dict(saved)
     run.model = model
@@ -185,9 +186,11 @@ def given_fields(config: TrainConfig) -> set[str]:
 def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     """A validated COPY of ``config`` with what the run derives filled in (the caller's object is
     never changed): native_scale when training at native size; on --resume the model config of
-    OUT/last.ckpt; when fine-tuning the architecture of --init-checkpoint (and its diameter
-    unless --diameter is given), at native size (width = height = 0) when that checkpoint is
-    native-scale or normalises cell size and neither --width nor --height was given.
+    OUT/last.ckpt (``_resumed_config``); when fine-tuning the architecture of --init-checkpoint
+    (a given architecture flag with another value -> ConfigError, ``_architecture_conflict``; its
+    diameter unless --diameter is given), at native size (width = height = 0) when that checkpoint
+    is native-scale or normalises cell size and neither --width nor --height was given. Path
+    fields are stored absolute (a resume works from any folder).
 
     ``given``: the names of the fields the user set (``training.cli.parse_args``); None = those
     that differ from the defaults (``given_fields``). The derived config is validated as a whole,
