@@ -372,9 +372,7 @@ def test_fine_tuning_with_an_explicit_resize_that_conflicts_is_one_line_exit_2(f
     images, labels = folder
     start = _native_checkpoint(tmp_path / "start.bin")
     out = tmp_path / "ft"
-    tiny = [a for a in TINY]
-    i = tiny.index("--width")
-    tiny[i:i + 4] = ["--width", "704", "--height", "520"]
+    tiny = ["--width", "704", "--height", "520", "--steps-per-epoch", "2"]  # the architecture: the checkpoint's
     assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *tiny,
                  "--epochs", "1", "--no-figures", "--init-checkpoint", str(start)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -422,10 +420,164 @@ def test_resume_reads_best_with_its_criterion():
 
     assert resume_best({"best": -0.5, "best_by": "map"}, "map") == -0.5
     assert resume_best({"best": -0.5, "best_by": "map"}, "loss") is None  # never compared across criteria
-    # last.ckpt files written before best_by: the criterion is the run's select_by
-    assert resume_best({"best": -0.5, "train_config": {"select_by": "map"}}, "map") == -0.5
-    assert resume_best({"best": 1.2, "train_config": {"select_by": "loss"}}, "map") is None
-    assert resume_best({"best": 1.2}, "loss") == 1.2 and resume_best({}, "loss") is None
+    assert resume_best({}, "loss") is None
+
+
+def test_resume_recomputes_best_of_a_file_without_best_by_from_its_history():
+    """An old bug stored best = -mAP in runs selecting by loss, without best_by: such a best
+    (-0.4 < any loss) was never beaten again, so best_model.bin never updated. Files without
+    best_by get best recomputed from their history with the run's select_by, over the epochs
+    whose optimizer stepped."""
+    from training.runstate import resume_best
+
+    history = [{"epoch": 1, "val_loss": 1.5, "val_map": 0.4, "optimizer_steps": 2},
+               {"epoch": 2, "val_loss": 1.2, "val_map": 0.3, "optimizer_steps": 2},
+               {"epoch": 3, "val_loss": 0.9, "val_map": 0.6, "optimizer_steps": 0},  # never stepped
+               {"epoch": 4, "val_loss": float("nan"), "val_map": 0.0, "optimizer_steps": 2}]
+    damaged = {"best": -0.4, "train_config": {"select_by": "loss"}, "history": history}
+    assert resume_best(damaged, "loss") == 1.2
+    assert resume_best(damaged, "map") == -0.4
+    assert resume_best({"best": 1.2, "history": history[2:3]}, "loss") is None  # no stepped epoch
+
+
+# ---------------------------------------------------------------- fine-tune start and --resume: one architecture rule
+def _config_checkpoint(path, mc, **extra):
+    """A checkpoint holding only configs (effective_config reads no weights)."""
+    from napari_cellseg.checkpoint import save_checkpoint
+    from training.runstate import _Frozen
+
+    save_checkpoint(path, _Frozen({}), mc, extra=extra or None)
+    return path
+
+
+def _demo_model(**kw):
+    from napari_cellseg.model import ModelConfig
+
+    return ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                       anchor_sizes=(8, 16, 32, 64, 128), native_scale=True, diameter=24.0, **kw)
+
+
+def test_fine_tuning_refuses_an_architecture_flag_the_checkpoint_does_not_have(folder, tmp_path, capsys):
+    """Fine-tuning keeps --init-checkpoint's architecture: a given architecture flag with
+    another value is one line naming both, exit 2, nothing written (it used to be replaced
+    silently, and the same command + --resume was then refused); equal values and --diameter
+    may be given."""
+    from training.cli import parse_args
+    from training.engine import effective_config
+
+    images, labels = folder
+    start = _config_checkpoint(tmp_path / "demo.bin", _demo_model())
+    out = tmp_path / "ft"
+    base = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), "--init-checkpoint", str(start)]
+    eff = effective_config(*parse_args([*base, "--fpn-channels", "32", "--anchor-sizes", "8", "16", "32", "64", "128",
+                                        "--diameter", "30"]))
+    assert (eff.model.fpn_channels, eff.model.diameter) == (32, 30.0)
+    assert main([*base, "--anchor-sizes", "16", "32", "64", "128", "256", "--epochs", "1", "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cellseg-train: error: --anchor-sizes: the --init-checkpoint {start} was trained "
+                              f"with 8 16 32 64 128, got 16 32 64 128 256"), err[-1]
+    assert "Traceback" not in "\n".join(err) and not out.exists()
+
+
+def _last_ckpt(out, run: TrainConfig, **extra):
+    out.mkdir(parents=True, exist_ok=True)
+    return _config_checkpoint(out / "last.ckpt", run.model, train_config=run.to_dict(), **extra)
+
+
+def test_resume_repeats_the_first_fine_tune_command(folder, tmp_path):
+    """The first command + --resume continues the run. A fine-tune run started before the
+    architecture rule (no "architecture_checked" in last.ckpt) took the checkpoint's
+    architecture over the given flags: they are not compared on its resume; a newer run's
+    resume refuses a changed one."""
+    from training.cli import parse_args
+    from training.engine import ConfigError, effective_config
+
+    images, labels = folder
+    start = _config_checkpoint(tmp_path / "demo.bin", _demo_model())
+    out = tmp_path / "ft"
+    first = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY, "--epochs", "1",
+             "--init-checkpoint", str(start)]
+    # TINY's rpn/box flags differ from the checkpoint's: refused at a fine-tune start now
+    with pytest.raises(ConfigError, match="^--box-batch-size-per-image: the --init-checkpoint"):
+        effective_config(*parse_args(first))
+    # ... but an old run started so (its train_config: the checkpoint's architecture) resumes
+    run = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(out), init_checkpoint=str(start),
+                      width=0, height=0, steps_per_epoch=2, val_fraction=0.3, backbone_weights="random", epochs=1)
+    run.model = _demo_model()
+    _last_ckpt(out, run)
+    eff = effective_config(*parse_args([*first, "--epochs", "2", "--resume"]))
+    assert eff.model == _demo_model() and eff.epochs == 2 and eff.init_checkpoint == str(start)
+    # a run started under the rule: its first command resumes, a changed architecture flag does not
+    _last_ckpt(out, run, architecture_checked=True)
+    ok = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), "--fpn-channels", "32",
+          "--diameter", "24", "--init-checkpoint", str(start), "--epochs", "2", "--resume"]
+    assert effective_config(*parse_args(ok)).model == _demo_model()
+    with pytest.raises(ConfigError, match=f"^--fpn-channels: the run in {out} was started with 32, got 64"):
+        effective_config(*parse_args([*ok, "--fpn-channels", "64"]))
+
+
+def test_resume_ignores_init_checkpoint_and_backbone_weights(folder, tmp_path):
+    """An old *resumed* run stored init_checkpoint = None: repeating --init-checkpoint X --resume
+    is accepted (they only chose the start; the stored values are kept)."""
+    from training.cli import parse_args
+    from training.engine import effective_config
+
+    images, labels = folder
+    out = tmp_path / "run"
+    first = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY, "--epochs", "1"]
+    run = effective_config(*parse_args(first))
+    _last_ckpt(out, run, architecture_checked=True)
+    start = _config_checkpoint(tmp_path / "x.bin", run.model)
+    eff = effective_config(*parse_args([*first, "--init-checkpoint", str(start), "--backbone-weights", "imagenet",
+                                        "--resume"]))
+    assert (eff.init_checkpoint, eff.backbone_weights) == (None, "random")
+
+
+def test_resume_from_another_folder_with_relative_paths(folder, tmp_path, monkeypatch):
+    """Data paths are stored absolute, so a run started with relative paths resumes from any
+    folder; an old last.ckpt holding them as typed accepts a given path that exists and ends
+    with the stored one (and uses it)."""
+    from training.cli import parse_args
+    from training.engine import ConfigError, effective_config
+
+    images, labels = folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rel = [os.path.relpath(images), os.path.relpath(labels)]  # d/images, d/labels
+    first = ["--image-dir", rel[0], "--label-dir", rel[1], "--out", "run", *TINY, "--epochs", "1"]
+    run = effective_config(*parse_args(first))
+    assert (run.image_dir, run.label_dir) == (str(images), str(labels))
+    _last_ckpt(tmp_path / "run", run, architecture_checked=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    there = ["--image-dir", os.path.join("..", rel[0]), "--label-dir", os.path.join("..", rel[1]),
+             "--out", "../run", *TINY, "--epochs", "2", "--resume"]
+    eff = effective_config(*parse_args(there))
+    assert (eff.image_dir, eff.label_dir, eff.epochs) == (str(images), str(labels), 2)
+    # an old run: the paths as typed in tmp_path
+    run.image_dir, run.label_dir = rel
+    _last_ckpt(tmp_path / "run", run, architecture_checked=True)
+    eff = effective_config(*parse_args(there))
+    assert (eff.image_dir, eff.label_dir) == (str(images), str(labels))
+    with pytest.raises(ConfigError, match="^--label-dir: the run in"):
+        effective_config(*parse_args([*there, "--label-dir", os.path.join("..", rel[0])]))
+    monkeypatch.chdir(tmp_path)  # from where it started, without the paths: made absolute
+    eff = effective_config(*parse_args(["--out", "run", "--resume"]))
+    assert (eff.image_dir, eff.label_dir) == (str(images), str(labels))
+
+
+def test_resume_of_a_run_with_invalid_stored_settings_says_start_a_new_run(folder, tmp_path, capsys):
+    """Old versions started fine-tune runs at 704x520 with a checkpoint's diameter (invalid): the
+    resume error names last.ckpt and the way out, not a flag the user never gave."""
+    images, labels = folder
+    out = tmp_path / "run"
+    run = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(out), width=704, height=520)
+    run.model = _demo_model()  # diameter 24 at 704x520
+    last = _last_ckpt(out, run)
+    assert main(["--out", str(out), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"cellseg-train: error: {last}: its run settings are not valid (--diameter:"), err[-1]
+    assert err[-1].endswith(f"start a new run with --init-checkpoint {last} --out NEW")
+
 
 def test_label_file_without_an_image_is_one_warning_line(folder, tmp_path, capsys):
     """A label file whose image is missing is not used: cellseg-train says so in one

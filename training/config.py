@@ -40,9 +40,10 @@ RESUME_MAY_CHANGE = ("out", "resume", "epochs", "steps_per_epoch", "batch_size",
 Every other field, the architecture included, comes from OUT/last.ckpt: the data sources, seed
 and val_fraction fix the train/val split; width/height/crop_size, max_val_images,
 tune_thresholds, select_by and the model fix what the val loss / mAP and so ``best`` mean; lr,
-weight_decay and plateau_* come back with the optimizer / scheduler state; init_checkpoint and
-backbone_weights were the start. A flag given with another value is refused
-(``training.engine.effective_config``)."""
+weight_decay and plateau_* come back with the optimizer / scheduler state. A flag given with
+another value is refused (``training.engine.effective_config``), except init_checkpoint and
+backbone_weights: they only chose the start, so given on --resume they are ignored (the stored
+values kept)."""
 
 
 @dataclass
@@ -225,7 +226,8 @@ HELP: dict[str, str] = {
                         "once into the Hugging Face cache; offline the run stops at once), 'random', or a local "
                         "weights FILE of this --backbone (timm .safetensors/.pth; every backbone weight must "
                         "match in name and shape); unused with --init-checkpoint / --resume",
-    "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from",
+    "init_checkpoint": "napari-cellseg checkpoint (or bare state_dict) to fine-tune from; the run keeps its "
+                       "architecture (a different architecture flag is refused; --diameter may be given)",
     "freeze_backbone_epochs": "keep the backbone frozen for the first N epochs (stability / memory)",
     "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
               "states, sampler position, log): the same numbers as an uninterrupted run; the run's settings "

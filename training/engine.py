@@ -61,6 +61,15 @@ def _build(config: TrainConfig, device):
 
 
 _PATH_FIELDS = ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights")
+_RESUME_IGNORES = ("init_checkpoint", "backbone_weights")
+"""Given on --resume, these are neither compared nor used: they only chose the run's start."""
+_FINE_TUNE_FREE = ("diameter", "native_scale")
+"""Model fields a fine-tuning run may set itself (``--diameter``; native_scale is derived); every
+other architecture field is the --init-checkpoint's."""
+_ARCH_CHECKED = "architecture_checked"
+"""last.ckpt key: the run was started under the fine-tune architecture rule (a given architecture
+flag that differed from --init-checkpoint's was refused). Older fine-tune runs silently took the
+checkpoint's architecture over the given flags, so their resume does not compare those flags."""
 
 
 def _shown(value) -> str:
@@ -69,12 +78,48 @@ def _shown(value) -> str:
     return "none" if value is None else str(value)
 
 
+def _abspath(value):
+    return os.path.abspath(os.path.expanduser(str(value))) if value else value
+
+
+def _stored_paths_absolute(cfg: TrainConfig, only_existing: bool = False) -> None:
+    """Path fields as absolute paths (config.json / train_config), so --resume works from any
+    folder; ``only_existing``: a relative path that does not exist from here stays as it is."""
+    for name in _PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value and not (name == "backbone_weights" and value in ("imagenet", "random")) \
+                and not (only_existing and not os.path.exists(os.path.expanduser(value))):
+            setattr(cfg, name, _abspath(value))
+
+
 def _same(name: str, a, b) -> bool:
     if name in _PATH_FIELDS and a and b:
         return os.path.realpath(os.path.expanduser(str(a))) == os.path.realpath(os.path.expanduser(str(b)))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return list(a) == list(b)
     return a == b
+
+
+def _same_stored_path(given, stored) -> bool:
+    """A run stored before paths were made absolute keeps them as typed (relative to where it was
+    started): from another folder, a given path that exists and ends with the stored one is it."""
+    if _same("image_dir", given, stored):
+        return True
+    stored_p, given_p = Path(os.path.expanduser(str(stored))), Path(_abspath(given))
+    return (not stored_p.is_absolute() and not stored_p.exists() and given_p.exists()
+            and given_p.parts[-len(stored_p.parts):] == stored_p.parts)
+
+
+def _architecture_conflict(given, mine, theirs, free=()):
+    """The first architecture flag of ``given`` ("model.NAME") whose value in ``mine`` differs from
+    ``theirs`` (both ModelConfig), as (flag, mine, theirs); None when all agree. The one rule for
+    the architecture flags of a fine-tuning start (against --init-checkpoint) and of --resume
+    (against the run's model)."""
+    for name in sorted(n[6:] for n in given if n.startswith("model.")):
+        a, b = getattr(mine, name, None), getattr(theirs, name, None)
+        if name not in free and not _same(name, a, b):
+            return "--" + name.replace("_", "-"), a, b
+    return None
 
 
 def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfig:
@@ -88,25 +133,41 @@ def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfi
     saved = obj.get("train_config")
     if not isinstance(saved, dict):  # no run settings stored: the caller's, with the run's model
         cfg.model = model
-        return cfg
+        _stored_paths_absolute(cfg)
+        return cfg.validate()
     run = TrainConfig.from_dict(saved)
     run.model = model
+    try:
+        run.validate()
+    except ConfigError as exc:  # written by an older version that did not validate the whole config
+        raise ConfigError(f"{last}: its run settings are not valid ({exc}): start a new run with "
+                          f"--init-checkpoint {last} --out NEW") from None
+    # a fine-tune run started before the architecture rule took --init-checkpoint's architecture
+    # over any given flags: repeating that first command must not be refused for them
+    old_fine_tune = bool(saved.get("init_checkpoint")) and not obj.get(_ARCH_CHECKED)
+    may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE if n not in ("out", "resume"))
+
+    def refuse(flag, mine, theirs):
+        raise ConfigError(f"{flag}: the run in {last.parent} was started with {_shown(theirs)}, got "
+                          f"{_shown(mine)}; --resume continues it as it started (only {may} may change): "
+                          f"drop {flag}, or start a new run in another --out")
+
+    conflict = None if old_fine_tune else _architecture_conflict(given, cfg.model, model)
+    if conflict:
+        refuse(*conflict)
     for name in sorted(given):
-        if name.startswith("model."):
-            mine, theirs = getattr(cfg.model, name[6:], None), getattr(model, name[6:], None)
-        elif name in RESUME_MAY_CHANGE or not hasattr(run, name):
+        if name.startswith("model.") or name in RESUME_MAY_CHANGE or name in _RESUME_IGNORES \
+                or not hasattr(run, name):
             continue
-        else:
-            mine, theirs = getattr(cfg, name), getattr(run, name)
-        if not _same(name, mine, theirs):
-            flag = "--" + name.split(".")[-1].replace("_", "-")
-            may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE if n not in ("out", "resume"))
-            raise ConfigError(f"{flag}: the run in {last.parent} was started with {_shown(theirs)}, got "
-                              f"{_shown(mine)}; --resume continues it as it started (only {may} may change): "
-                              f"drop {flag}, or start a new run in another --out")
+        mine, theirs = getattr(cfg, name), getattr(run, name)
+        if name in _PATH_FIELDS and mine and theirs and _same_stored_path(mine, theirs):
+            setattr(run, name, mine)  # the same folder, given from where it resolves
+        elif not _same(name, mine, theirs):
+            refuse("--" + name.replace("_", "-"), mine, theirs)
     for name in RESUME_MAY_CHANGE:
         setattr(run, name, getattr(cfg, name))
-    return run
+    _stored_paths_absolute(run, only_existing=True)
+    return run.validate()
 
 
 def given_fields(config: TrainConfig) -> set[str]:
@@ -125,9 +186,11 @@ def given_fields(config: TrainConfig) -> set[str]:
 def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     """A validated COPY of ``config`` with what the run derives filled in (the caller's object is
     never changed): native_scale when training at native size; on --resume the model config of
-    OUT/last.ckpt; when fine-tuning the architecture of --init-checkpoint (and its diameter
-    unless --diameter is given), at native size (width = height = 0) when that checkpoint is
-    native-scale or normalises cell size and neither --width nor --height was given.
+    OUT/last.ckpt (``_resumed_config``); when fine-tuning the architecture of --init-checkpoint
+    (a given architecture flag with another value -> ConfigError, ``_architecture_conflict``; its
+    diameter unless --diameter is given), at native size (width = height = 0) when that checkpoint
+    is native-scale or normalises cell size and neither --width nor --height was given. Path
+    fields are stored absolute (a resume works from any folder).
 
     ``given``: the names of the fields the user set (``training.cli.parse_args``); None = those
     that differ from the defaults (``given_fields``). The derived config is validated as a whole,
@@ -140,11 +203,18 @@ def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     given = given_fields(cfg) if given is None else set(given)
     last = Path(cfg.out) / "last.ckpt"
     if cfg.resume and last.is_file():  # a resumed run goes on with the settings it started with
-        cfg = _resumed_config(cfg, given, last)
-    elif cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture
+        return _resumed_config(cfg, given, last)
+    _stored_paths_absolute(cfg)
+    if cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture
         src = _checkpoint_config(cfg.init_checkpoint)
         diameter = cfg.model.diameter or float(src.get("diameter") or 0.0)
         if src:
+            conflict = _architecture_conflict(given, cfg.model, ModelConfig.from_dict(src), _FINE_TUNE_FREE)
+            if conflict:
+                flag, mine, theirs = conflict
+                raise ConfigError(f"{flag}: the --init-checkpoint {cfg.init_checkpoint} was trained with "
+                                  f"{_shown(theirs)}, got {_shown(mine)}; fine-tuning keeps its architecture "
+                                  f"(only --diameter may be given): drop {flag}")
             cfg.model = ModelConfig.from_dict(src)
         cfg.model.diameter = diameter
         if ((src.get("native_scale") or diameter) and not cfg.crop_size
@@ -340,7 +410,7 @@ def train(config: TrainConfig, samples=None, given=None):
                 row["time_s"] = round(time.perf_counter() - t_epoch, 2)
                 extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best": best,
-                         "best_by": config.select_by,
+                         "best_by": config.select_by, _ARCH_CHECKED: True,
                          "rng": rngs if world > 1 else rngs[0],
                          "sampler": {"seed": config.seed, "next_epoch": epoch + 1, "offset": 0},
                          "train_config": config.to_dict()}
