@@ -165,11 +165,29 @@ def test_predict_on_two_gloo_ranks(workdir, tmp_path):
         assert sorted(ann.rles(image_id)) == sorted(ref.rles(image_id))
 
 
+# torchrun runs this instead of `-m napari_cellseg.cli`: rank 0's CSV write takes a while, as with
+# many images (the other ranks used to exit 1 meanwhile and torchrun's agent then SIGTERMed rank 0).
+_SLOW_FLUSH = """
+import sys, time
+import napari_cellseg.batch as batch
+from napari_cellseg.cli import main
+real = batch.flush_csv
+def slow_flush_csv(*args, **kwargs):
+    time.sleep(3)
+    return real(*args, **kwargs)
+batch.flush_csv = slow_flush_csv
+sys.exit(main())
+"""
+
+
 @pytest.mark.slow
-def test_torchrun_summary_covers_every_rank(workdir, tmp_path):
+@pytest.mark.parametrize("broken", ["b_broken", "a_broken"], ids=["fails-on-rank-1", "fails-on-rank-0"])
+def test_torchrun_summary_covers_every_rank(workdir, tmp_path, broken):
     """`torchrun --nproc_per_node=2 ... cellseg predict --diameter auto`, as a user runs it: the
     size summary, the failure count and the exit status cover the images of BOTH ranks (the
-    summary used to count rank 0's images only)."""
+    summary used to count rank 0's images only), and every rank waits for rank 0's CSV write
+    (rank 1 used to exit 1 first, and torchrun killed rank 0 before the CSV was written).
+    Rank R takes items[R::2] in sorted order: a_broken is rank 0's, b_broken rank 1's."""
     import subprocess
     import sys
 
@@ -178,21 +196,24 @@ def test_torchrun_summary_covers_every_rank(workdir, tmp_path):
     for name in ("a_img", "b_img", "c_img"):
         (images / f"{name}.png").write_bytes((workdir / "images" / f"{name}.png").read_bytes())
     (images / "d_img.png").write_bytes((workdir / "images" / "a_img.png").read_bytes())
-    (images / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # rank 1's share
+    (images / f"{broken}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    script = tmp_path / "slow_flush.py"
+    script.write_text(_SLOW_FLUSH)
     out = tmp_path / "sub.csv"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "napari_cellseg.cli", "predict", "--checkpoint", str(workdir / "tiny.bin"),
+                           str(script), "predict", "--checkpoint", str(workdir / "tiny.bin"),
                            str(images), "--out", str(out), "--device", "cpu", "--diameter", "auto"],
                           env=env, capture_output=True, text=True, timeout=600)
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]  # one image failed
     summary = [line for line in err.splitlines() if "Cell size estimated at" in line]
     assert len(summary) == 1 and summary[0].endswith("(4 images)."), err[-3000:]
-    assert err.count("1 of 5 images failed") == 1 and "b_broken.png" in err
-    assert proc.stdout.count(f"wrote 4 images to {out}") == 1
+    assert err.count("1 of 5 images failed") == 1 and f"{broken}.png" in err, err[-3000:]
+    assert proc.stdout.count(f"wrote 4 images to {out}") == 1, err[-3000:]
     from napari_cellseg.annotations import read_annotations
     assert set(read_annotations(out).ids) == {"a_img", "b_img", "c_img", "d_img"}
+    assert not list(tmp_path.glob(".sub.csv.*"))  # no journal left
 
 
 def test_diameter_option_sizes_images(workdir, tmp_path, capsys):
