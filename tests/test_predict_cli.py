@@ -165,15 +165,31 @@ def test_predict_on_two_gloo_ranks(workdir, tmp_path):
         assert sorted(ann.rles(image_id)) == sorted(ref.rles(image_id))
 
 
-# torchrun runs this instead of `-m napari_cellseg.cli`: rank 0's CSV write takes a while, as with
-# many images (the other ranks used to exit 1 meanwhile and torchrun's agent then SIGTERMed rank 0).
+# torchrun runs this instead of `-m napari_cellseg.cli`: rank 0's CSV write waits until rank 1's
+# process is gone (at most 10 s), then 2 s more, as a write of many images would. The old code (rank 1
+# returned 1 right after the gather) then had rank 0 SIGTERMed by torchrun's agent, CSV not written;
+# now rank 1 waits for rank 0's status, so rank 0 writes after the 10 s.
 _SLOW_FLUSH = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 import napari_cellseg.batch as batch
 from napari_cellseg.cli import main
+pids = Path(sys.argv[sys.argv.index("--out") + 1] + ".pids")
+pids.mkdir(exist_ok=True)
+(pids / os.environ["RANK"]).write_text(str(os.getpid()))
 real = batch.flush_csv
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 def slow_flush_csv(*args, **kwargs):
-    time.sleep(3)
+    others = [int(f.read_text()) for f in pids.iterdir() if f.name != os.environ["RANK"]]
+    end = time.monotonic() + 10
+    while time.monotonic() < end and not all(gone(pid) for pid in others):
+        time.sleep(0.1)
+    time.sleep(2)
     return real(*args, **kwargs)
 batch.flush_csv = slow_flush_csv
 sys.exit(main())
@@ -213,7 +229,7 @@ def test_torchrun_summary_covers_every_rank(workdir, tmp_path, broken):
     assert proc.stdout.count(f"wrote 4 images to {out}") == 1, err[-3000:]
     from napari_cellseg.annotations import read_annotations
     assert set(read_annotations(out).ids) == {"a_img", "b_img", "c_img", "d_img"}
-    assert not list(tmp_path.glob(".sub.csv.*"))  # no journal left
+    assert not list(tmp_path.glob(".sub.csv*"))  # no journal left
 
 
 def test_diameter_option_sizes_images(workdir, tmp_path, capsys):
