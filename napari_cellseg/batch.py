@@ -296,6 +296,7 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
         raise ValueError(f"no images found in {', '.join(map(str, images))}")
     bad_names: list[str] = []
     items = expand_items(files, skipped=bad_names if rank == 0 else [])
+    own_group = False
     with output_lock(out, rank):
         mine = [it for _, it in shard(items, rank, world)]
         if resume:
@@ -313,8 +314,9 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
             from .devices import ddp_backend, resolve_device
 
             options = dataclasses.replace(options, device=_device_for_rank(options.device, rank, world))
-            if not dist.is_initialized():
+            if not dist.is_initialized():  # ours: destroyed once every rank has the run's status
                 dist.init_process_group(ddp_backend(resolve_device(options.device)))
+                own_group = True
         if options.checkpoint is None and rank == 0:
             print("cellseg predict: no --checkpoint given, using the bundled demo model", file=sys.stderr)
         pipeline = Pipeline.from_options(options)  # every check before the first file is written
@@ -325,8 +327,14 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
             print(f"cellseg predict: resuming, {len(done)} images already done", file=sys.stderr)
         if rank == 0:
             print(f"cellseg predict: object size: {described}", file=sys.stderr)
-        return _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world,
-                           bad_names, progress_factory)
+        try:
+            return _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world,
+                               bad_names, progress_factory)
+        finally:
+            if own_group:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
 
 
 def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world, bad_names,
@@ -364,12 +372,36 @@ def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world
         # (also the barrier before rank 0 reads the journals)
         failed = [f for part_failed, _ in parts for f in part_failed]
         sizes = [SimpleNamespace(scale=sc, diameter=d) for _, part_sizes in parts for sc, d in part_sizes]
-        if rank != 0:  # every rank exits with the run's status, rank 0 alone reports and writes
-            return 1 if failed else 0
+    # Rank 0 alone reports and writes the CSV; the other ranks wait for its exit status (a rank
+    # returning early with 1 makes torchrun's agent SIGTERM rank 0 while it still writes the CSV).
+    status = None
+    try:
+        if rank == 0:
+            status = 1  # (rank 0 failed while writing: every rank exits non-zero)
+            status = _report_run(pipeline, items, out, fmt, labels_dir, bad_names, failed, sizes, flushed[0])
+    finally:
+        if world > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            status = _share_status(status)
+    return status
+
+
+def _share_status(status):
+    """torchrun: rank 0's exit status -> every rank (also the barrier after rank 0's CSV write)."""
+    import torch.distributed as dist
+
+    box = [status]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _report_run(pipeline, items, out, fmt, labels_dir, bad_names, failed, sizes, keep_existing) -> int:
+    """Rank 0 at the end of a run: the size summary, the CSV from the journals, the failure count."""
     message = pipeline.size_message(sizes) if pipeline.scale == "auto" and sizes else ""
     if message:  # e.g. "Cell size estimated at 24-40 px: image resized x1-x1.67 (12 images)."
         print(f"cellseg predict: {message}", file=sys.stderr)
-    n_images = flush_csv(out, fmt, keep_existing=flushed[0])
+    n_images = flush_csv(out, fmt, keep_existing=keep_existing)
     print(f"wrote {n_images} images to {out} ({fmt} format)"
           f"{f'; label images in {labels_dir}' if labels_dir else ''}")
     if failed:

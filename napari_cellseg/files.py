@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
-           "write_label_tiff", "write_tiff", "display_path", "non_utf8_name"]
+           "write_label_tiff", "write_tiff", "display_path", "non_utf8_name", "plane_of", "resolve_ids",
+           "IdConflict"]
 
 
 def display_path(path) -> str:
@@ -70,6 +71,38 @@ def plane_of(image_id: str, files: Mapping[str, Path]):
     if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
         return path, k, info
     return None
+
+
+class IdConflict(ValueError):
+    """An image id that names both a file and a plane of a stack (:func:`resolve_ids`);
+    ``image_id`` is the id, the message one line naming both."""
+
+    def __init__(self, image_id: str, direct: Path, stack: Path, plane: int):
+        super().__init__(f"image id {image_id!r} names both {direct} and plane {plane} of {stack}; rename one")
+        self.image_id = image_id
+
+
+def resolve_ids(ids, files: Mapping[str, Path]) -> tuple[dict, list[str]]:
+    """The one rule for ground-truth / CSV ids against image files (``cellseg tune``,
+    ``cellseg-train --train-csv``): ``(found, missing)``, ``found`` maps each id, in the order
+    given, to ``(path, None, None)`` when it is a file's id (``files``: id -> file, from
+    :func:`files_by_id`), or ``(path, plane, header)`` when it names one plane of a stack
+    (:func:`plane_of`: ``stack_000`` = plane 0 of stack.tif); ``missing`` lists the ids with
+    neither. An id that is both is an :class:`IdConflict` (a ValueError). Headers of stacks only
+    (images.ImageError naming the file); whether a file's id names a whole stack is the caller's."""
+    found, missing = {}, []
+    for image_id in ids:
+        image_id = str(image_id)
+        direct, plane = files.get(image_id), plane_of(image_id, files)
+        if direct is not None and plane is not None:
+            raise IdConflict(image_id, direct, plane[0], plane[1])
+        if plane is not None:
+            found[image_id] = plane
+        elif direct is not None:
+            found[image_id] = (direct, None, None)
+        else:
+            missing.append(image_id)
+    return found, missing
 
 
 def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path]:

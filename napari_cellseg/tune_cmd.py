@@ -90,7 +90,7 @@ def run_tune(args, progress_factory=None) -> int:
     from .annotations import NO_ROWS
     from .checkpoint import resolve_checkpoint
     from .options import PredictOptions
-    from .files import files_by_id, image_shape, label_source, plane_of
+    from .files import IdConflict, files_by_id, image_shape, label_source, resolve_ids
     from .images import load_plane
     from .pipeline import Pipeline
     from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
@@ -115,22 +115,19 @@ def run_tune(args, progress_factory=None) -> int:
         raise ValueError(f"{args.gt} {NO_ROWS}: no ground truth to tune on")
     images = files_by_id([args.images], "images")
     # each ground-truth id -> (file, plane or None): a file's id, or a plane of a stack named as
-    # cellseg predict names planes (files.plane_of: stack_000 .. of stack.tif)
-    sources, shapes, missing = {}, {}, []
-    for image_id in gt.ids:
-        plane = None if image_id in images else plane_of(image_id, images)
-        if image_id in images:
-            sources[image_id] = (images[image_id], None)
-            size = image_shape(images[image_id])  # a whole stack for one id is an ImageError
-        elif plane is not None:
-            sources[image_id] = (plane[0], plane[1])
-            size = (plane[2].height, plane[2].width)
-        else:
-            missing.append(image_id)
-            continue
+    # cellseg predict names planes (files.resolve_ids: stack_000 .. of stack.tif; both is refused)
+    try:
+        found, missing = resolve_ids(gt.ids, images)
+    except IdConflict as exc:
+        raise ValueError(f"{args.gt}: {exc}") from None
+    sources, shapes = {}, {}
+    for image_id, (path, plane, header) in found.items():
+        sources[image_id] = (path, plane)
+        # a whole stack for one id is an ImageError
+        size = image_shape(path) if plane is None else (header.height, header.width)
         known = gt.shape(image_id)
         if known is not None and tuple(known) != size:
-            where = sources[image_id][0] if plane is None else f"plane {plane[1]} of {plane[0]}"
+            where = path if plane is None else f"plane {plane} of {path}"
             raise ValueError(f"{where}: image is {size[0]}x{size[1]} (HxW) but the ground "
                              f"truth for {image_id!r} is {known[0]}x{known[1]}")
         shapes[image_id] = size

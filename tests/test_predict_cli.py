@@ -165,11 +165,45 @@ def test_predict_on_two_gloo_ranks(workdir, tmp_path):
         assert sorted(ann.rles(image_id)) == sorted(ref.rles(image_id))
 
 
+# torchrun runs this instead of `-m napari_cellseg.cli`: rank 0's CSV write waits until rank 1's
+# process is gone (at most 10 s), then 2 s more, as a write of many images would. The old code (rank 1
+# returned 1 right after the gather) then had rank 0 SIGTERMed by torchrun's agent, CSV not written;
+# now rank 1 waits for rank 0's status, so rank 0 writes after the 10 s.
+_SLOW_FLUSH = """
+import os, sys, time
+from pathlib import Path
+import napari_cellseg.batch as batch
+from napari_cellseg.cli import main
+pids = Path(sys.argv[sys.argv.index("--out") + 1] + ".pids")
+pids.mkdir(exist_ok=True)
+(pids / os.environ["RANK"]).write_text(str(os.getpid()))
+real = batch.flush_csv
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+def slow_flush_csv(*args, **kwargs):
+    others = [int(f.read_text()) for f in pids.iterdir() if f.name != os.environ["RANK"]]
+    end = time.monotonic() + 10
+    while time.monotonic() < end and not all(gone(pid) for pid in others):
+        time.sleep(0.1)
+    time.sleep(2)
+    return real(*args, **kwargs)
+batch.flush_csv = slow_flush_csv
+sys.exit(main())
+"""
+
+
 @pytest.mark.slow
-def test_torchrun_summary_covers_every_rank(workdir, tmp_path):
+@pytest.mark.parametrize("broken", ["b_broken", "a_broken"], ids=["fails-on-rank-1", "fails-on-rank-0"])
+def test_torchrun_summary_covers_every_rank(workdir, tmp_path, broken):
     """`torchrun --nproc_per_node=2 ... cellseg predict --diameter auto`, as a user runs it: the
     size summary, the failure count and the exit status cover the images of BOTH ranks (the
-    summary used to count rank 0's images only)."""
+    summary used to count rank 0's images only), and every rank waits for rank 0's CSV write
+    (rank 1 used to exit 1 first, and torchrun killed rank 0 before the CSV was written).
+    Rank R takes items[R::2] in sorted order: a_broken is rank 0's, b_broken rank 1's."""
     import subprocess
     import sys
 
@@ -178,21 +212,24 @@ def test_torchrun_summary_covers_every_rank(workdir, tmp_path):
     for name in ("a_img", "b_img", "c_img"):
         (images / f"{name}.png").write_bytes((workdir / "images" / f"{name}.png").read_bytes())
     (images / "d_img.png").write_bytes((workdir / "images" / "a_img.png").read_bytes())
-    (images / "b_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # rank 1's share
+    (images / f"{broken}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    script = tmp_path / "slow_flush.py"
+    script.write_text(_SLOW_FLUSH)
     out = tmp_path / "sub.csv"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "napari_cellseg.cli", "predict", "--checkpoint", str(workdir / "tiny.bin"),
+                           str(script), "predict", "--checkpoint", str(workdir / "tiny.bin"),
                            str(images), "--out", str(out), "--device", "cpu", "--diameter", "auto"],
                           env=env, capture_output=True, text=True, timeout=600)
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]  # one image failed
     summary = [line for line in err.splitlines() if "Cell size estimated at" in line]
     assert len(summary) == 1 and summary[0].endswith("(4 images)."), err[-3000:]
-    assert err.count("1 of 5 images failed") == 1 and "b_broken.png" in err
-    assert proc.stdout.count(f"wrote 4 images to {out}") == 1
+    assert err.count("1 of 5 images failed") == 1 and f"{broken}.png" in err, err[-3000:]
+    assert proc.stdout.count(f"wrote 4 images to {out}") == 1, err[-3000:]
     from napari_cellseg.annotations import read_annotations
     assert set(read_annotations(out).ids) == {"a_img", "b_img", "c_img", "d_img"}
+    assert not list(tmp_path.glob(".sub.csv*"))  # no journal left
 
 
 def test_diameter_option_sizes_images(workdir, tmp_path, capsys):

@@ -234,3 +234,28 @@ def test_tune_takes_the_plane_ids_of_a_stack(setup, tmp_path, capsys):
     assert doc["map"] == pytest.approx(1.0) and (doc["box_conf"], doc["mask_threshold"]) == TARGET
     notes = [ln for ln in out.stderr.splitlines() if "'gone'" in ln]
     assert len(notes) == 1 and "1 of 2 ground-truth image(s) have no image" in notes[0]
+
+
+def test_tune_refuses_an_id_naming_a_file_and_a_plane(setup, tmp_path, capsys):
+    """stack_001.tif next to stack.tif: ground truth 'stack_001' names both a file and plane 1 of
+    the stack. Refused in one line, exit 2, as cellseg-train --train-csv does (files.resolve_ids);
+    tune used to take the file silently."""
+    import tifffile
+
+    from napari_cellseg.annotations import write_annotations
+
+    root, ckpt = setup
+    image = tifffile.imread(root / "images" / "img0.tif")
+    (tmp_path / "im").mkdir()
+    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]))
+    tifffile.imwrite(tmp_path / "im" / "stack_001.tif", image)
+    gt = tifffile.imread(root / "gt" / "img0.tif")
+    write_annotations(tmp_path / "gt.csv", {"stack_001": gt}, format="train")
+    out = _tune_inprocess(capsys, "--checkpoint", ckpt, "--gt", tmp_path / "gt.csv", "--images", tmp_path / "im",
+                          "--box-confs", *BOX_CONFS, "--mask-thresholds", *MASKS, "--json", "--device", "cpu")
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cellseg tune: error: {tmp_path / 'gt.csv'}: image id 'stack_001' "
+                                               f"names both {tmp_path / 'im' / 'stack_001.tif'} and plane 1 of "
+                                               f"{tmp_path / 'im' / 'stack.tif'}; rename one"), out.stderr
+    assert out.stdout == ""

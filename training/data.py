@@ -262,17 +262,6 @@ def _files(folder, what: str) -> dict[str, Path]:
         raise DataError(str(exc)) from None
 
 
-def _plane_of(image_id: str, files: dict[str, Path]):
-    """files.plane_of (``stack_000`` .. name the planes of stack.tif) with header errors as DataError."""
-    from napari_cellseg.files import plane_of
-    from napari_cellseg.images import ImageError
-
-    try:
-        return plane_of(image_id, files)
-    except ImageError as exc:
-        raise DataError(str(exc)) from None
-
-
 def _csv_row(ann, image_id) -> int:
     """Spreadsheet row (header = row 1) of the first row of ``image_id``."""
     try:
@@ -282,31 +271,29 @@ def _csv_row(ann, image_id) -> int:
 
 
 def _resolve_csv_ids(ann, csv_path, image_dir) -> dict[str, tuple[Path, int | None, object]]:
-    """Every CSV id -> ``(file, plane or None, header)``: a file whose id it is, or one plane of a
-    stack (``_plane_of``). Checked on headers only; a missing image, an id naming a whole stack or
-    both a file and a plane is a DataError naming the CSV row."""
-    from napari_cellseg.images import plane_id
+    """Every CSV id -> ``(file, plane or None, header)`` by files.resolve_ids (the rule of
+    ``cellseg tune``: a file whose id it is, or one plane of a stack, ``stack_000`` .. for
+    stack.tif). Checked on headers only; a missing image, an id naming a whole stack or both a
+    file and a plane is a DataError naming the CSV row."""
+    from napari_cellseg.files import IdConflict, resolve_ids
+    from napari_cellseg.images import ImageError, plane_id
 
-    files = _files(image_dir, "images")
-    found, missing = {}, []
-    for image_id in ann.ids:
-        image_id = str(image_id)
-        direct, plane = files.get(image_id), _plane_of(image_id, files)
-        if direct is not None and plane is not None:
-            raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image id {image_id!r} names both "
-                            f"{direct} and plane {plane[1]} of {plane[0]}; rename one")
+    try:
+        found, missing = resolve_ids(ann.ids, _files(image_dir, "images"))
+    except IdConflict as exc:
+        raise DataError(f"{csv_path}: row {_csv_row(ann, exc.image_id)}: {exc}") from None
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+    for image_id, (path, plane, info) in found.items():
         if plane is not None:
-            found[image_id] = plane
-        elif direct is not None:
-            info = _info(direct)
-            if info.planes > 1:
-                n = info.planes
-                raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image {image_id!r} is {direct}, "
-                                f"a stack of {n} planes: name its planes {plane_id(image_id, (0,), (n,))} .. "
-                                f"{plane_id(image_id, (n - 1,), (n,))} (the ids cellseg predict writes)")
-            found[image_id] = (direct, None, info)
-        else:
-            missing.append(image_id)
+            continue
+        info = _info(path)
+        if info.planes > 1:
+            n = info.planes
+            raise DataError(f"{csv_path}: row {_csv_row(ann, image_id)}: image {image_id!r} is {path}, "
+                            f"a stack of {n} planes: name its planes {plane_id(image_id, (0,), (n,))} .. "
+                            f"{plane_id(image_id, (n - 1,), (n,))} (the ids cellseg predict writes)")
+        found[image_id] = (path, None, info)
     if missing:
         raise DataError(f"{csv_path}: row {_csv_row(ann, missing[0])} (spreadsheet row incl. header): image "
                         f"{missing[0]!r} not found in {image_dir} ({len(missing)} id(s) without an image)")
