@@ -684,7 +684,7 @@ def test_napari_compat_adapter(make_napari_viewer, qtbot):
 
     from napari_cellseg._napari_compat import close_notifications, reset_undo_history, same_layer
 
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)  # a shown window, so a pop-up on it is visible
     lyr = viewer.add_labels(np.zeros((10, 10), np.int32), name="x")
     other = viewer.add_labels(np.zeros((10, 10), np.int32), name="y")
     proxy = PublicOnlyProxy(viewer)
@@ -698,4 +698,11 @@ def test_napari_compat_adapter(make_napari_viewer, qtbot):
         reset_undo_history(a)
     lyr.undo()  # nothing left to undo: the stroke stays
     assert lyr.data[5, 5] == 3
-    assert close_notifications(proxy) >= 0
+    # a pop-up on the window (made the way napari's notification manager makes one) is closed
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    toast = NapariQtNotification("covering the canvas", "info", parent=viewer.window._qt_window)
+    toast.show()
+    qtbot.waitUntil(toast.isVisible, timeout=2000)
+    assert close_notifications(proxy) == 1
+    qtbot.waitUntil(lambda: not toast.isVisible(), timeout=2000)
