@@ -5,7 +5,8 @@ taller than the screen, collapsible sections, and re-fitting napari's window to 
 from __future__ import annotations
 
 from qtpy.QtCore import QSize, Qt, QTimer
-from qtpy.QtWidgets import QApplication, QComboBox, QFrame, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QApplication, QComboBox, QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout,
+                            QWidget)
 
 DOCK_WIDTH = 360  # px: three docks stacked on the right leave >= 400 px of canvas at 1280 wide
 MIN_CANVAS = 400
@@ -85,3 +86,21 @@ def fit_window(viewer) -> tuple[int, int]:
         window.set_geometry(min(max(left, 0), max(sw - nw, 0)), min(max(top, 0), max(sh - nh, 0)),
                             nw, nh)
     return nw, nh
+
+
+def button(text: str, tip: str, slot, enabled: bool = True) -> QPushButton:
+    """A push button with its tooltip (every control has one) connected to ``slot``."""
+    btn = QPushButton(text)
+    btn.setToolTip(tip)
+    btn.setEnabled(enabled)
+    btn.clicked.connect(slot)
+    return btn
+
+
+def row_of(*items) -> QHBoxLayout:
+    """A horizontal row of ``widget`` or ``(widget, stretch)`` items."""
+    row = QHBoxLayout()
+    for item in items:
+        widget, stretch = item if isinstance(item, tuple) else (item, 0)
+        row.addWidget(widget, stretch)
+    return row

@@ -24,7 +24,7 @@ from training.config import HELP
 from . import _train_form as _form
 from . import registry
 from ._layers import spatial_shape
-from ._layout import ScrollDock
+from ._layout import ScrollDock, button, row_of
 from ._settings import load_settings, remember_checkpoint
 
 NO_LABELS = "—"
@@ -164,17 +164,11 @@ class TrainWidget(ScrollDock):
         form.addRow("Output folder", self.out[1])
         root.addWidget(box)
 
-        run = QHBoxLayout()
-        self.start_btn = QPushButton("Start training")
-        self.start_btn.setToolTip("Train in the background; the loss plot and the status follow it")
-        self.start_btn.clicked.connect(self.start)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setToolTip("Stop after the current step; files already saved stay valid")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.cancel)
-        run.addWidget(self.start_btn, 2)
-        run.addWidget(self.cancel_btn, 1)
-        root.addLayout(run)
+        self.start_btn = button("Start training", "Train in the background; the loss plot and the status follow it",
+                                self.start)
+        self.cancel_btn = button("Cancel", "Stop after the current step; files already saved stay valid", self.cancel,
+                                 enabled=False)
+        root.addLayout(row_of((self.start_btn, 2), (self.cancel_btn, 1)))
         self.progress = QProgressBar()
         self.progress.setRange(0, 1000)
         self.progress.setTextVisible(False)

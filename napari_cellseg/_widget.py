@@ -15,9 +15,8 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox,
-                            QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox,
-                            QVBoxLayout)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QProgressBar,
+                            QSpinBox, QVBoxLayout)
 from superqt import QLabeledDoubleSlider
 
 from . import _edit, registry
@@ -25,7 +24,7 @@ from ._jobs import calibrate_job, load_torch_job, predict_options, segment_job
 from ._layers import (InputError, Result, draw_labels, image_id_for_layer, image_plane,
                       post_processing_supported, result_layer_name, result_of, spatial_shape,
                       stack_planes)
-from ._layout import ScrollDock
+from ._layout import ScrollDock, button, row_of
 from ._napari_compat import reset_undo_history, same_layer, unwrap
 from ._panels import PanelActions, build_edit_box, build_export_box
 from ._settings import DIAMETER_TIP, save_settings, size_note
@@ -82,13 +81,8 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Checkpoint (.bin/.pth) written by cellseg-train, or the bundled "
                                     "demo model")
-        self.browse_btn = QPushButton("Browse…")
-        self.browse_btn.setToolTip("Choose a checkpoint file")
-        self.browse_btn.clicked.connect(self._on_browse)
-        row = QHBoxLayout()
-        row.addWidget(self.model_combo, 1)
-        row.addWidget(self.browse_btn)
-        form.addRow("Model", row)
+        self.browse_btn = button("Browse…", "Choose a checkpoint file", self._on_browse)
+        form.addRow("Model", row_of((self.model_combo, 1), self.browse_btn))
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.device_combo.setToolTip("auto = GPU if one is available, else CPU")
@@ -101,14 +95,9 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.diameter_spin.setSpecialValueText("auto")
         self.diameter_spin.setValue(0.0)
         self.diameter_spin.setToolTip(DIAMETER_TIP)
-        self.calibrate_btn = QPushButton("Calibrate")
-        self.calibrate_btn.setToolTip("Measure the cells' diameter in this image (the automatic size "
-                                      "estimate) and write it into the box, like cellpose's calibrate")
-        self.calibrate_btn.clicked.connect(self.calibrate)
-        drow = QHBoxLayout()
-        drow.addWidget(self.diameter_spin, 1)
-        drow.addWidget(self.calibrate_btn)
-        form.addRow("Cell diameter", drow)
+        self.calibrate_btn = button("Calibrate", "Measure the cells' diameter in this image (the automatic size "
+                                    "estimate) and write it into the box, like cellpose's calibrate", self.calibrate)
+        form.addRow("Cell diameter", row_of((self.diameter_spin, 1), self.calibrate_btn))
         self.channel_combo = QComboBox()
         for key, (label, _) in CHANNELS.items():
             self.channel_combo.addItem(label, key)
@@ -117,26 +106,16 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.invert_check = QCheckBox("invert")
         self.invert_check.setToolTip("Dark cells on a bright background (brightfield, histology): "
                                      "invert so the cells are bright, as the model expects")
-        crow = QHBoxLayout()
-        crow.addWidget(self.channel_combo, 1)
-        crow.addWidget(self.invert_check)
-        form.addRow("Channel", crow)
+        form.addRow("Channel", row_of((self.channel_combo, 1), self.invert_check))
         self.all_planes = QCheckBox("every plane of the stack")
         self.all_planes.setToolTip(ALL_PLANES_TIP)
         form.addRow("Planes", self.all_planes)
         root.addLayout(form)
 
-        run_row = QHBoxLayout()
-        self.segment_btn = QPushButton("Segment")
-        self.segment_btn.setToolTip(SEGMENT_TIP)
-        self.segment_btn.clicked.connect(self.segment)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setToolTip("Stop the running job; nothing changes in the layers")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.cancel)
-        run_row.addWidget(self.segment_btn, 2)
-        run_row.addWidget(self.cancel_btn, 1)
-        root.addLayout(run_row)
+        self.segment_btn = button("Segment", SEGMENT_TIP, self.segment)
+        self.cancel_btn = button("Cancel", "Stop the running job; nothing changes in the layers", self.cancel,
+                                 enabled=False)
+        root.addLayout(row_of((self.segment_btn, 2), (self.cancel_btn, 1)))
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
@@ -162,19 +141,14 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.fill_check.setToolTip("Fill holes inside each cell (cellpose does this by default)")
         self.largest_check = QCheckBox("keep largest")
         self.largest_check.setToolTip("Keep only the largest connected piece of each cell")
-        prow = QHBoxLayout()
-        prow.addWidget(self.fill_check)
-        prow.addWidget(self.largest_check)
         for c in (self.fill_check, self.largest_check):
             c.toggled.connect(self.redraw)
-        tform.addRow("Masks", prow)
+        tform.addRow("Masks", row_of(self.fill_check, self.largest_check))
         self.count_label = QLabel("")
         tform.addRow("Cells", self.count_label)
-        self.reset_btn = QPushButton("Edited by hand — Reset to model")
-        self.reset_btn.setToolTip("The sliders are locked so hand edits are not lost. This discards "
-                                  "the edits and redraws from the model output.")
+        self.reset_btn = button("Edited by hand — Reset to model", "The sliders are locked so hand edits are not "
+                                "lost. This discards the edits and redraws from the model output.", self.reset_to_model)
         self.reset_btn.setStyleSheet("QPushButton { color: #ffb000; font-weight: bold; }")
-        self.reset_btn.clicked.connect(self.reset_to_model)
         tform.addRow(self.reset_btn)
         root.addWidget(tune)
         self.tune_box = tune
