@@ -10,7 +10,7 @@ Run: ``python benchmarks/bench_data.py`` (prints items/s and ratios; must be >= 
 
 Loader part (issue 13, "feed the GPU"): a DataLoader with 2 persistent workers over 704x520
 images with 500 cells, shipping the label layers + boxes (masks are built on the device by
-``training.data.expand_masks``) against the same DataLoader shipping every instance as a
+``training.dataset.expand_masks``) against the same DataLoader shipping every instance as a
 full-size mask (the old way), same run; must be >= 3x. Then the per-epoch fixed costs: worker
 start-up (first batch of a fresh loader vs of the next epoch with persistent workers) and the
 checkpoint writes of the default model (best_model.bin; last.ckpt with the AdamW state).
@@ -104,7 +104,7 @@ def loader_rate(ds, n_items: int, workers: int = 2, batch_size: int = 2):
     of the first and the second epoch."""
     import torch
     from torch.utils.data import DataLoader
-    from training.data import EpochSampler, collate
+    from training.dataset import EpochSampler, collate
 
     sampler = EpochSampler(len(ds), seed=0)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -134,7 +134,8 @@ def loader_rate(ds, n_items: int, workers: int = 2, batch_size: int = 2):
 
 def bench_loader(n_items: int) -> bool:
     from training.augment import train_pipeline
-    from training.data import InstanceDataset, Sample, masks_to_layers
+    from training.data import Sample, masks_to_layers
+    from training.dataset import InstanceDataset
 
     yy, xx = np.mgrid[:H, :W]
     samples = []
@@ -211,7 +212,8 @@ def starter_main() -> int:
     from napari_cellseg.annotations import write_annotations
     from napari_cellseg.rle import rles_to_labels, rle_encode
     from training.augment import train_pipeline
-    from training.data import InstanceDataset, load_csv_samples
+    from training.data import load_csv_samples
+    from training.dataset import InstanceDataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

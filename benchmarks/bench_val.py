@@ -30,7 +30,7 @@ def two_pass(model, pipeline, dataset, n_map):
     """The validation before the one-pass step (the baseline): per image a train-mode forward
     of the whole model for the loss, then pipeline.predict for the Detections."""
     import torch
-    from training.data import expand_masks
+    from training.dataset import expand_masks
 
     losses, dets = [], []
     for i in range(len(dataset)):
@@ -68,7 +68,8 @@ def main() -> int:
     from training import evaluate as ev
     from training.augment import test_pipeline
     from training.config import TrainConfig
-    from training.data import InstanceDataset, array_samples
+    from training.data import array_samples
+    from training.dataset import InstanceDataset
     from training.engine import _no_resize
 
     torch.manual_seed(0)

@@ -202,7 +202,8 @@ import torch
 from training.config import TrainConfig
 from training import engine
 from training.augment import train_pipeline
-from training.data import InstanceDataset, collate, load_samples
+from training.data import load_samples
+from training.dataset import InstanceDataset, collate
 run, batch, tiny, epochs = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 rows = [r for r in csv.DictReader(open(run + "/log.csv")) if int(r["epoch"]) <= epochs]  # the resumed epoch aside
 later = rows[1:] or rows

@@ -9,10 +9,9 @@ import tifffile
 from skimage.draw import disk, ellipse
 
 from training.augment import test_pipeline as eval_pipeline, train_pipeline
-from training.data import (DataError, EpochSampler, InstanceDataset, array_samples, expand_masks, labels_to_layers,
-                           layers_to_instances, load_csv_samples, load_folder_samples, masks_to_layers,
-                           rles_to_layers,
-                           split_samples)
+from training.data import (DataError, array_samples, labels_to_layers, load_csv_samples, load_folder_samples,
+                           masks_to_layers, rles_to_layers, split_samples)
+from training.dataset import EpochSampler, InstanceDataset, expand_masks, layers_to_instances
 
 
 def synth(seed: int, shape=(128, 128), n=6):

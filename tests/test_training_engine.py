@@ -52,7 +52,8 @@ def _fp16_step(size: int, fixed: bool, monkeypatch):
     GradScaler skipped it (scale decreased) and the parameters whose gradients were not finite."""
     import napari_cellseg.model as M
     from napari_cellseg.synthetic import make_image
-    from training.data import labels_to_layers, layers_to_instances
+    from training.data import labels_to_layers
+    from training.dataset import layers_to_instances
 
     if not fixed:
         monkeypatch.setattr(M, "keep_stem_fp32", lambda body: None)
@@ -316,7 +317,8 @@ def test_a_run_whose_optimizer_never_stepped_does_not_look_healthy(folder, tmp_p
 
 
 def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
-    from training.data import EpochSampler, InstanceDataset, array_samples
+    from training.data import array_samples
+    from training.dataset import EpochSampler, InstanceDataset
     from training.augment import test_pipeline
     from training.engine import _loader
     from test_training_data import synth

@@ -59,7 +59,8 @@ def test_engine_evaluate_uses_predictor_once_per_image_and_restores_train_mode()
     from napari_cellseg.predict import Predictor
     from training.augment import test_pipeline
     from training.config import TrainConfig
-    from training.data import InstanceDataset, array_samples
+    from training.data import array_samples
+    from training.dataset import InstanceDataset
     from training.engine import evaluate
 
     torch.manual_seed(0)
@@ -108,7 +109,8 @@ def _val_case(n=3, shape=(96, 128)):
     from napari_cellseg.model import ModelConfig, build_model
     from napari_cellseg.synthetic import make_image
     from training.augment import test_pipeline
-    from training.data import InstanceDataset, array_samples
+    from training.data import array_samples
+    from training.dataset import InstanceDataset
     from training.engine import _no_resize
 
     torch.manual_seed(0)
@@ -126,7 +128,7 @@ def _two_pass(model, mc, ds, n_map, pipeline=None):
     """The validation of before the one-pass step: a train-mode forward of the whole model for
     the losses, then the val Pipeline's predict for the Detections (per image, in this order)."""
     import torch
-    from training.data import expand_masks
+    from training.dataset import expand_masks
 
     pipe = pipeline or ev.val_predictor(model, mc, "cpu")
     losses, dets = [], []
@@ -192,7 +194,7 @@ def test_val_step_batched_per_image_losses_and_tiled_images_as_the_pipeline():
     the float rounding of a batched backbone); one image: bit for bit; an image the pipeline
     tiles gets the pipeline's tiled Detections."""
     import torch
-    from training.data import expand_masks
+    from training.dataset import expand_masks
 
     model, mc, ds = _val_case()
     pipe = ev.val_predictor(model, mc, "cpu")

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
-from .data import EpochSampler, InstanceDataset, load_samples, normalize_size, split_samples
+from .data import load_samples, normalize_size, split_samples
+from .dataset import EpochSampler, InstanceDataset
 from .augment import test_pipeline, train_pipeline
 from . import evaluate as ev
 # the run's state (files, RNG, resume, checkpoint writer) and the epoch loops live in their own

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .config import ConfigError
-from .data import collate, expand_masks
+from .dataset import collate, expand_masks
 from . import evaluate as ev
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
