@@ -115,7 +115,20 @@ def main(argv=None) -> int:
             state["bar"].close()
         if not quiet:
             print(f"cellseg-train: {_interrupted(config, started) if config else 'interrupted'}", file=sys.stderr)
+        _forget_interrupt()
         return 130
+
+
+def _forget_interrupt() -> None:
+    """Make a caught Ctrl-C exit with 130 under ``python -m training`` (and torchrun) too.
+
+    CPython marks a KeyboardInterrupt that leaves code run from a *string* (``exec``/``eval`` of
+    source: dataclasses, namedtuple and typing generate methods that way during our imports) as
+    unhandled, even when a caller catches it; under ``-m`` the interpreter then ends by killing
+    itself with SIGINT (exit -2) instead of our ``return 130``. Every string ``exec`` clears that
+    mark when it starts, so running an empty one forgets it. The console script is not affected.
+    """
+    exec("")  # noqa: S102 -- constant, empty source
 
 
 def _run(config: TrainConfig, given: frozenset, quiet: bool, state: dict) -> int:
