@@ -96,7 +96,7 @@ def test_sigkill_mid_epoch_then_resume(data, tmp_path):
     assert main([*args, "--epochs", "1", "--steps-per-epoch", "2"]) == 0  # epoch 1 done, quickly
     best_before = (out / "best_model.bin").read_bytes()
     err = tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "training", *args, "--epochs", "3", "--resume", "--steps-per-epoch", "200"]
+    cmd = [sys.executable, "-m", "training", *args, "--epochs", "3", "--resume", "--steps-per-epoch", "5000"]
     with open(err, "wb") as fh:
         proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=fh)
     try:
@@ -104,7 +104,7 @@ def test_sigkill_mid_epoch_then_resume(data, tmp_path):
         while "epoch 2 train" not in err.read_text(errors="replace") and time.time() < deadline:
             assert proc.poll() is None, err.read_text(errors="replace")[-2000:]
             time.sleep(0.3)
-        time.sleep(2)  # inside epoch 2 (200 steps)
+        time.sleep(2)  # inside epoch 2 (5000 steps: minutes even on a fast machine)
         assert proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -346,9 +346,10 @@ def test_cancel_all_planes_keeps_nothing(make_napari_viewer, qtbot, tiny_checkpo
 
     def slow(self, image, scale=None, tile="auto"):
         calls.append(1)
-        for i in range(200):
+        steps = 200 if len(calls) < 2 else 6000  # plane 2 runs until cancelled (60 s at most), so
+        for i in range(steps):                   # a slow event loop cannot let plane 3 start first
             time.sleep(0.01)
-            yield {"stage": "slow", "fraction": i / 200}
+            yield {"stage": "slow", "fraction": i / steps}
         return None
 
     monkeypatch.setattr(pipeline.Pipeline, "iter_predict", slow)  # the widget runs the Pipeline
