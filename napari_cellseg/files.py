@@ -105,11 +105,12 @@ def resolve_ids(ids, files: Mapping[str, Path]) -> tuple[dict, list[str]]:
     return found, missing
 
 
-def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path]:
+def files_by_id(paths, what: str, skipped: list | None = None, warn=None) -> dict[str, Path]:
     """Image files (folders expanded) keyed by image id = file stem normalised like the CSV
     readers and ``cellseg predict`` do (annotations.normalize_id). A file whose name is not valid
-    UTF-8 is reported on stderr in one line and skipped (its display path appended to
-    ``skipped``); an empty or duplicate id is a ValueError. Only names are looked at here."""
+    UTF-8 is reported in one line (``warn("skipped: ...")`` when given, else on stderr as
+    ``cellseg: skipped: ...``) and skipped (its display path appended to ``skipped``); an empty
+    or duplicate id is a ValueError. Only names are looked at here."""
     from .annotations import normalize_id
     from .images import list_images
 
@@ -117,7 +118,10 @@ def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path
     for path in list_images(paths):
         problem = non_utf8_name(path)
         if problem:
-            print(f"cellseg: skipped: {problem}", file=sys.stderr)
+            if warn is not None:
+                warn(f"skipped: {problem}")
+            else:
+                print(f"cellseg: skipped: {problem}", file=sys.stderr)
             if skipped is not None:
                 skipped.append(display_path(path))
             continue

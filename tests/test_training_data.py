@@ -345,6 +345,29 @@ def test_orphan_label_files_are_reported_as_a_warning(tmp_path):
         load_folder_samples(images, labels)
 
 
+def test_non_utf8_file_names_are_skipped_through_the_warning_callback(tmp_path, capsys):
+    """cellseg-train printed "cellseg: skipped: ..." (the file commands' wording) on stderr, so
+    the Train widget never saw it; now it is one warning through ``warn``, in both sources."""
+    import os
+
+    from napari_cellseg.annotations import write_annotations
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    os.rename(images / "s2.tif", os.path.join(os.fsencode(images), b"bad\xff.tif"))
+    os.rename(labels / "s2.tif", os.path.join(os.fsencode(labels), b"bad\xff.tif"))
+    said = []
+    samples = load_folder_samples(images, labels, warn=said.append)
+    assert [s.image_id for s in samples] == ["s0", "s1"]
+    assert len(said) == 2 and all(m.startswith("skipped: ") and "bad\\xff.tif" in m and "UTF-8" in m
+                                  for m in said), said
+    csv = tmp_path / "train.csv"
+    write_annotations(csv, {"s0": synth(0)[1]}, format="train")
+    said.clear()
+    assert [s.image_id for s in load_csv_samples(csv, images, warn=said.append)] == ["s0"]
+    assert len(said) == 1 and "bad\\xff.tif" in said[0]
+    assert "skipped" not in capsys.readouterr().err
+
+
 def test_all_empty_labels_say_so_not_change_the_seed(tmp_path):
     """Every label image empty: 'change --seed or --val-fraction' pointed the wrong way."""
     from training.config import TrainConfig

@@ -203,7 +203,7 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
     matching label stack gives one sample per plane that carries labels (ids NAME[z]). Planes and
     channels follow images.layout (a last axis of 1-4 is channels, never planes); a colour label
     image is refused. Label files without an image are reported through ``warn`` (``_warn``)."""
-    images, labels = _files(image_dir, "images"), _files(label_dir, "label images")
+    images, labels = _files(image_dir, "images", warn), _files(label_dir, "label images", warn)
     missing = [i for i in images if i not in labels]
     if missing:
         raise DataError(f"{label_dir}: no label image for {len(missing)} image(s), e.g. {missing[0]!r} "
@@ -243,10 +243,11 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
     return samples
 
 
-def _files(folder, what: str) -> dict[str, Path]:
+def _files(folder, what: str, warn=None) -> dict[str, Path]:
     """Image files of a folder keyed by image id: files.files_by_id, the rule of ``cellseg tune`` /
     ``evaluate`` / ``to-csv`` (id = file stem by annotations.normalize_id; one id twice, e.g.
-    a.png + a.tif, is refused), as a DataError."""
+    a.png + a.tif, is refused), as a DataError. A file name that is not UTF-8 is skipped with a
+    one-line warning through ``warn`` (``_warn``)."""
     from napari_cellseg.files import files_by_id
     from napari_cellseg.images import list_images
 
@@ -256,7 +257,7 @@ def _files(folder, what: str) -> dict[str, Path]:
     if not list_images(folder):
         raise DataError(f"{folder}: no {what} ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     try:
-        return files_by_id([folder], what)
+        return files_by_id([folder], what, warn=lambda message: _warn(warn, message))
     except ValueError as exc:  # files.files_by_id: an empty or duplicate id
         raise DataError(str(exc)) from None
 
@@ -269,7 +270,7 @@ def _csv_row(ann, image_id) -> int:
         return ann.table["id"].astype(str).tolist().index(str(image_id)) + 2
 
 
-def _resolve_csv_ids(ann, csv_path, image_dir) -> dict[str, tuple[Path, int | None, object]]:
+def _resolve_csv_ids(ann, csv_path, image_dir, warn=None) -> dict[str, tuple[Path, int | None, object]]:
     """Every CSV id -> ``(file, plane or None, header)`` by files.resolve_ids (the rule of
     ``cellseg tune``: a file whose id it is, or one plane of a stack, ``stack_000`` .. for
     stack.tif). Checked on headers only; a missing image, an id naming a whole stack or both a
@@ -278,7 +279,7 @@ def _resolve_csv_ids(ann, csv_path, image_dir) -> dict[str, tuple[Path, int | No
     from napari_cellseg.images import ImageError, plane_id
 
     try:
-        found, missing = resolve_ids(ann.ids, _files(image_dir, "images"))
+        found, missing = resolve_ids(ann.ids, _files(image_dir, "images", warn))
     except IdConflict as exc:
         raise DataError(f"{csv_path}: row {_csv_row(ann, exc.image_id)}: {exc}") from None
     except ImageError as exc:
@@ -299,7 +300,7 @@ def _resolve_csv_ids(ann, csv_path, image_dir) -> dict[str, tuple[Path, int | No
     return found
 
 
-def load_csv_samples(csv_path, image_dir) -> list[Sample]:
+def load_csv_samples(csv_path, image_dir, warn=None) -> list[Sample]:
     """Kaggle train.csv (one RLE row per cell) + the folder of the images it names. Ids are
     resolved as the other commands do: file stem (files.files_by_id), or ``STEM_000`` .. for the
     planes of a stack STEM.tif (images.plane_id, the ids ``cellseg predict`` writes), one plane
@@ -308,7 +309,7 @@ def load_csv_samples(csv_path, image_dir) -> list[Sample]:
     ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
     if not ann.ids:
         raise DataError(f"{csv_path} {NO_ROWS}: no annotated cells to train on")
-    found = _resolve_csv_ids(ann, csv_path, image_dir)
+    found = _resolve_csv_ids(ann, csv_path, image_dir, warn)
     shapes = {}
     for image_id, (path, plane, info) in found.items():
         where = str(path) if plane is None else f"plane {plane} of {path}"
@@ -338,7 +339,7 @@ def array_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
 def load_samples(config, warn=None) -> list[Sample]:
     """The samples of the config's data source; ``warn`` takes one-line warnings (``_warn``)."""
     if config.train_csv:
-        samples = load_csv_samples(config.train_csv, config.images)
+        samples = load_csv_samples(config.train_csv, config.images, warn)
         source = f"{config.train_csv}: every row says 'no cell'"
     elif config.image_dir:
         samples = load_folder_samples(config.image_dir, config.label_dir, warn)
