@@ -396,3 +396,29 @@ def test_stack_image_with_a_single_label_plane_is_named_as_a_stack(tmp_path):
     with pytest.raises(DataError, match=r"labels.s0\.tif: a stack of 2 label planes but the image s0\.tif "
                                         r"has 3 planes"):
         load_folder_samples(images, labels)
+
+
+@pytest.mark.slow  # two interpreter start-ups importing albumentations
+def test_importing_the_augmentations_asks_no_server(tmp_path):
+    """albumentations asked PyPI for a newer version whenever training.augment was imported (each
+    cellseg-train start, each DataLoader worker): 2 s and a warning on an offline node. An
+    explicit NO_ALBUMENTATIONS_UPDATE from the user is still respected."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import urllib.request\n"
+             "calls = []\n"
+             "def opened(self, url, *a, **k):\n"
+             "    calls.append(getattr(url, 'full_url', url))\n"
+             "    raise OSError('no network in this test')\n"
+             "urllib.request.OpenerDirector.open = opened\n"
+             "import warnings; warnings.simplefilter('ignore')\n"
+             "import training.augment\n"
+             "print(len(calls))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "0", run.stdout + run.stderr[-2000:]
+    env["NO_ALBUMENTATIONS_UPDATE"] = "0"  # the user asked for the check: it happens
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "1", run.stdout + run.stderr[-2000:]

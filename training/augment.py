@@ -8,8 +8,14 @@ inside the model (``GeneralizedRCNNTransform``).
 
 from __future__ import annotations
 
+import os
+
 import cv2
-import albumentations as A
+
+# albumentations asks PyPI for a newer version at import (2 s timeout, a warning when offline, in
+# every training start and DataLoader worker); the user can still turn it on with =0.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A  # noqa: E402
 
 
 def train_pipeline(width: int = 704, height: int = 520, crop_size: int = 0,
