@@ -236,7 +236,7 @@ def test_resume_is_exact_and_config_is_saved_and_untouched(folder, tmp_path, cap
 
 
 def test_engine_works_on_a_copy_of_the_config(folder, tmp_path):
-    from training.engine import effective_config
+    from training.settings import effective_config
 
     images, labels = folder
     cfg = TrainConfig(image_dir=str(images), label_dir=str(labels), out=str(tmp_path / "o"), width=0, height=0)
@@ -348,7 +348,7 @@ def test_fine_tuning_a_native_scale_checkpoint_trains_at_native_size(folder, tmp
     """README: `cellseg-train --init-checkpoint demo.bin ...` without --width/--height: the derived
     config keeps the checkpoint's diameter and trains at native size (0x0), and is itself valid."""
     from training.cli import parse_args
-    from training.engine import effective_config
+    from training.settings import effective_config
 
     images, labels = folder
     start = _native_checkpoint(tmp_path / "start.bin")
@@ -465,7 +465,7 @@ def test_fine_tuning_refuses_an_architecture_flag_the_checkpoint_does_not_have(f
     silently, and the same command + --resume was then refused); equal values and --diameter
     may be given."""
     from training.cli import parse_args
-    from training.engine import effective_config
+    from training.settings import effective_config
 
     images, labels = folder
     start = _config_checkpoint(tmp_path / "demo.bin", _demo_model())
@@ -492,7 +492,8 @@ def test_resume_repeats_the_first_fine_tune_command(folder, tmp_path):
     architecture over the given flags: they are not compared on its resume; a newer run's
     resume refuses a changed one."""
     from training.cli import parse_args
-    from training.engine import ConfigError, effective_config
+    from training.config import ConfigError
+    from training.settings import effective_config
 
     images, labels = folder
     start = _config_checkpoint(tmp_path / "demo.bin", _demo_model())
@@ -522,7 +523,7 @@ def test_resume_ignores_init_checkpoint_and_backbone_weights(folder, tmp_path):
     """An old *resumed* run stored init_checkpoint = None: repeating --init-checkpoint X --resume
     is accepted (they only chose the start; the stored values are kept)."""
     from training.cli import parse_args
-    from training.engine import effective_config
+    from training.settings import effective_config
 
     images, labels = folder
     out = tmp_path / "run"
@@ -540,7 +541,8 @@ def test_resume_from_another_folder_with_relative_paths(folder, tmp_path, monkey
     folder; an old last.ckpt holding them as typed accepts a given path that exists and ends
     with the stored one (and uses it)."""
     from training.cli import parse_args
-    from training.engine import ConfigError, effective_config
+    from training.config import ConfigError
+    from training.settings import effective_config
 
     images, labels = folder
     (tmp_path / "elsewhere").mkdir()

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> tuple[TrainConfig, frozenset[str]]:
     """The TrainConfig and the names of the fields the user gave (``"model.NAME"`` for the
-    architecture): ``engine.effective_config`` derives only what was not given."""
+    architecture): ``settings.effective_config`` derives only what was not given."""
     ns = vars(build_parser().parse_args(argv))  # flags default to SUPPRESS: only the given ones
     model_kw = {k[6:]: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items() if k.startswith("model.")}
     train_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items() if not k.startswith("model.")}

@@ -41,7 +41,7 @@ Every other field, the architecture included, comes from OUT/last.ckpt: the data
 and val_fraction fix the train/val split; width/height/crop_size, max_val_images,
 tune_thresholds, select_by and the model fix what the val loss / mAP and so ``best`` mean; lr,
 weight_decay and plateau_* come back with the optimizer / scheduler state. A flag given with
-another value is refused (``training.engine.effective_config``), except init_checkpoint and
+another value is refused (``training.settings.effective_config``), except init_checkpoint and
 backbone_weights: they only chose the start, so given on --resume they are ignored (the stored
 values kept)."""
 

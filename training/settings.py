@@ -1,0 +1,201 @@
+"""Which settings a training run uses: its *effective config* (``effective_config``).
+
+A run's effective config is made of
+  * the given flags (``training.cli.parse_args`` says which were given; the Python API and the
+    widget: the fields that differ from the defaults, ``given_fields``), on top of the
+    ``TrainConfig`` defaults;
+  * on ``--resume`` (OUT/last.ckpt exists): every setting of the run as it started, from
+    last.ckpt's ``train_config`` and its model ``config`` (``_resumed_config``); only
+    ``config.RESUME_MAY_CHANGE`` (how long and on what the remaining epochs train) may change,
+    init_checkpoint and backbone_weights are ignored, any other given flag with another value is a
+    ``ConfigError`` naming both values;
+  * when fine-tuning (``--init-checkpoint``): that checkpoint's architecture (a given architecture
+    flag with another value is a ``ConfigError``; only ``--diameter`` may be given) and its
+    diameter, at native size (width = height = 0) when that checkpoint is native-scale or
+    normalises cell size and neither --width nor --height was given;
+plus what the run derives (``model.native_scale``; path fields stored absolute, so a resume works
+from any folder). ``_architecture_conflict`` is the one rule for the architecture flags, at a
+fine-tune start and on --resume. ``training.engine.train`` runs the result.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
+
+
+def _checkpoint_config(path) -> dict:
+    from napari_cellseg.checkpoint import read_checkpoint
+
+    obj = read_checkpoint(path)
+    return obj.get("config", {}) if isinstance(obj, dict) else {}
+
+
+_PATH_FIELDS = ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights")
+_RESUME_IGNORES = ("init_checkpoint", "backbone_weights")
+"""Given on --resume, these are neither compared nor used: they only chose the run's start."""
+_FINE_TUNE_FREE = ("diameter", "native_scale")
+"""Model fields a fine-tuning run may set itself (``--diameter``; native_scale is derived); every
+other architecture field is the --init-checkpoint's."""
+ARCH_CHECKED = "architecture_checked"
+"""last.ckpt key (``engine.train`` writes it True into every new last.ckpt): the run was started
+under the fine-tune architecture rule (a given architecture flag that differed from
+--init-checkpoint's was refused). Older fine-tune runs silently took the checkpoint's
+architecture over the given flags, so their resume does not compare those flags."""
+
+
+def _shown(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _abspath(value):
+    return os.path.abspath(os.path.expanduser(str(value))) if value else value
+
+
+def _stored_paths_absolute(cfg: TrainConfig, only_existing: bool = False) -> None:
+    """Path fields as absolute paths (config.json / train_config), so --resume works from any
+    folder; ``only_existing``: a relative path that does not exist from here stays as it is."""
+    for name in _PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value and not (name == "backbone_weights" and value in ("imagenet", "random")) \
+                and not (only_existing and not os.path.exists(os.path.expanduser(value))):
+            setattr(cfg, name, _abspath(value))
+
+
+def _same(name: str, a, b) -> bool:
+    if name in _PATH_FIELDS and a and b:
+        return os.path.realpath(os.path.expanduser(str(a))) == os.path.realpath(os.path.expanduser(str(b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _same_stored_path(given, stored) -> bool:
+    """A run stored before paths were made absolute keeps them as typed (relative to where it was
+    started): from another folder, a given path that exists and ends with the stored one is it."""
+    if _same("image_dir", given, stored):
+        return True
+    stored_p, given_p = Path(os.path.expanduser(str(stored))), Path(_abspath(given))
+    return (not stored_p.is_absolute() and not stored_p.exists() and given_p.exists()
+            and given_p.parts[-len(stored_p.parts):] == stored_p.parts)
+
+
+def _architecture_conflict(given, mine, theirs, free=()):
+    """The first architecture flag of ``given`` ("model.NAME") whose value in ``mine`` differs from
+    ``theirs`` (both ModelConfig), as (flag, mine, theirs); None when all agree. The one rule for
+    the architecture flags of a fine-tuning start (against --init-checkpoint) and of --resume
+    (against the run's model)."""
+    for name in sorted(n[6:] for n in given if n.startswith("model.")):
+        a, b = getattr(mine, name, None), getattr(theirs, name, None)
+        if name not in free and not _same(name, a, b):
+            return "--" + name.replace("_", "-"), a, b
+    return None
+
+
+def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfig:
+    """The run's config from ``last`` (its train_config and model), with the RESUME_MAY_CHANGE
+    fields of ``cfg``; a given field that disagrees with the run -> ConfigError naming both values."""
+    from napari_cellseg.checkpoint import read_checkpoint
+    from napari_cellseg.model import ModelConfig
+
+    obj = read_checkpoint(last)
+    model = ModelConfig.from_dict(obj.get("config") or {})
+    saved = obj.get("train_config")
+    if not isinstance(saved, dict):  # no run settings stored: the caller's, with the run's model
+        cfg.model = model
+        _stored_paths_absolute(cfg)
+        return cfg.validate()
+    run = TrainConfig.from_dict(saved)
+    run.model = model
+    try:
+        run.validate()
+    except ConfigError as exc:  # written by an older version that did not validate the whole config
+        raise ConfigError(f"{last}: its run settings are not valid ({exc}): start a new run with "
+                          f"--init-checkpoint {last} --out NEW") from None
+    # a fine-tune run started before the architecture rule took --init-checkpoint's architecture
+    # over any given flags: repeating that first command must not be refused for them
+    old_fine_tune = bool(saved.get("init_checkpoint")) and not obj.get(ARCH_CHECKED)
+    may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE if n not in ("out", "resume"))
+
+    def refuse(flag, mine, theirs):
+        raise ConfigError(f"{flag}: the run in {last.parent} was started with {_shown(theirs)}, got "
+                          f"{_shown(mine)}; --resume continues it as it started (only {may} may change): "
+                          f"drop {flag}, or start a new run in another --out")
+
+    conflict = None if old_fine_tune else _architecture_conflict(given, cfg.model, model)
+    if conflict:
+        refuse(*conflict)
+    for name in sorted(given):
+        if name.startswith("model.") or name in RESUME_MAY_CHANGE or name in _RESUME_IGNORES \
+                or not hasattr(run, name):
+            continue
+        mine, theirs = getattr(cfg, name), getattr(run, name)
+        if name in _PATH_FIELDS and mine and theirs and _same_stored_path(mine, theirs):
+            setattr(run, name, mine)  # the same folder, given from where it resolves
+        elif not _same(name, mine, theirs):
+            refuse("--" + name.replace("_", "-"), mine, theirs)
+    for name in RESUME_MAY_CHANGE:
+        setattr(run, name, getattr(cfg, name))
+    _stored_paths_absolute(run, only_existing=True)
+    return run.validate()
+
+
+def given_fields(config: TrainConfig) -> set[str]:
+    """For callers that do not say which settings they chose (the Python API, the widget): the
+    fields that differ from the defaults (``"model.NAME"`` for the architecture)."""
+    import dataclasses
+    from napari_cellseg.model import ModelConfig
+
+    d0, m0 = TrainConfig(), ModelConfig()
+    given = {f.name for f in dataclasses.fields(config)
+             if f.name != "model" and getattr(config, f.name) != getattr(d0, f.name)}
+    return given | {"model." + f.name for f in dataclasses.fields(config.model)
+                    if getattr(config.model, f.name) != getattr(m0, f.name)}
+
+
+def effective_config(config: TrainConfig, given=None) -> TrainConfig:
+    """A validated COPY of ``config`` with what the run derives filled in (the caller's object is
+    never changed): native_scale when training at native size; on --resume the model config of
+    OUT/last.ckpt (``_resumed_config``); when fine-tuning the architecture of --init-checkpoint
+    (a given architecture flag with another value -> ConfigError, ``_architecture_conflict``; its
+    diameter unless --diameter is given), at native size (width = height = 0) when that checkpoint
+    is native-scale or normalises cell size and neither --width nor --height was given. Path
+    fields are stored absolute (a resume works from any folder).
+
+    ``given``: the names of the fields the user set (``training.cli.parse_args``); None = those
+    that differ from the defaults (``given_fields``). The derived config is validated as a whole,
+    so a conflict left (e.g. an explicit --width 704 --height 520 with a checkpoint's --diameter)
+    is one ConfigError before anything is written."""
+    import copy
+    from napari_cellseg.model import ModelConfig
+
+    cfg = copy.deepcopy(config)
+    given = given_fields(cfg) if given is None else set(given)
+    last = Path(cfg.out) / "last.ckpt"
+    if cfg.resume and last.is_file():  # a resumed run goes on with the settings it started with
+        return _resumed_config(cfg, given, last)
+    _stored_paths_absolute(cfg)
+    if cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture
+        src = _checkpoint_config(cfg.init_checkpoint)
+        diameter = cfg.model.diameter or float(src.get("diameter") or 0.0)
+        if src:
+            conflict = _architecture_conflict(given, cfg.model, ModelConfig.from_dict(src), _FINE_TUNE_FREE)
+            if conflict:
+                flag, mine, theirs = conflict
+                raise ConfigError(f"{flag}: the --init-checkpoint {cfg.init_checkpoint} was trained with "
+                                  f"{_shown(theirs)}, got {_shown(mine)}; fine-tuning keeps its architecture "
+                                  f"(only --diameter may be given): drop {flag}")
+            cfg.model = ModelConfig.from_dict(src)
+        cfg.model.diameter = diameter
+        if ((src.get("native_scale") or diameter) and not cfg.crop_size
+                and not {"width", "height"} & given):  # the checkpoint was trained at native scale
+            cfg.width = cfg.height = 0
+        # what this run does: a model trained on resized images must be resized by predict too
+        cfg.model.native_scale = bool(cfg.crop_size or not (cfg.width and cfg.height))
+    elif cfg.crop_size or not (cfg.width and cfg.height):
+        cfg.model.native_scale = True  # trained on native-scale pixels: predict must not rescale either
+    return cfg.validate()
