@@ -18,7 +18,8 @@ class BackboneError(RuntimeError):
     in ``model``, which uses this class: ``napari_cellseg.model.BackboneError`` is the same)."""
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters), for one-line messages."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
@@ -39,7 +40,7 @@ def _read_weights_file(path: Path) -> dict:
     try:
         sd = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except Exception as exc:  # not a weights file, a pickle that needs code, truncated ...
-        raise BackboneError(f"{path}: not a readable weights file ({_first_line(exc)})") from None
+        raise BackboneError(f"{path}: not a readable weights file ({first_line(exc)})") from None
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise BackboneError(f"{path}: holds no weights (no name -> tensor mapping)")

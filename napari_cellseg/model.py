@@ -175,7 +175,7 @@ class ModelConfig:
 def _create_body(config: ModelConfig, backbone_weights: str | Path | None):
     import timm
 
-    from .backbone_weights import load_backbone_file
+    from .backbone_weights import first_line, load_backbone_file
 
     kwargs: dict[str, Any] = dict(features_only=True, out_indices=(0, 1, 2, 3))
     if backbone_weights is None or str(backbone_weights) == "random":
@@ -189,9 +189,8 @@ def _create_body(config: ModelConfig, backbone_weights: str | Path | None):
         try:
             return timm.create_model(config.backbone, pretrained=True, **kwargs)
         except Exception as exc:  # no network, hub unreachable, unknown tag...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BackboneError(
-                f"could not download ImageNet weights for {config.backbone!r} ({first[:200]}); pass "
+                f"could not download ImageNet weights for {config.backbone!r} ({first_line(exc)}); pass "
                 "--backbone-weights FILE (weights downloaded elsewhere) or --backbone-weights random"
             ) from None
         finally:
