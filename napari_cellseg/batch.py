@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import display_path, non_utf8_name
+from .files import check_not_inputs, display_path, label_tiff_path, non_utf8_name
 from .images import plane_id
 from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_path, journal_paths,
                       normalize_id, output_lock)
@@ -201,7 +201,7 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
     def encode(item, dets):  # on a worker thread: paste, threshold, encode, write the TIFF
         labels = pipeline.labels(dets)
         if labels_dir is not None:
-            write_label_tiff(labels_dir / f"{item.image_id}.tif", labels)
+            write_label_tiff(label_tiff_path(labels_dir, item.image_id), labels)
         return labels.shape, labels_to_rles(labels)
 
     def collect(limit: int) -> None:
@@ -296,6 +296,9 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
         raise ValueError(f"no images found in {', '.join(map(str, images))}")
     bad_names: list[str] = []
     items = expand_items(files, skipped=bad_names if rank == 0 else [])
+    if labels_dir is not None:  # never a label TIFF over an input image (--labels-dir = the image folder)
+        check_not_inputs([label_tiff_path(labels_dir, it.image_id) for it in items], files,
+                         f"--labels-dir {labels_dir}")
     own_group = False
     with output_lock(out, rank):
         mine = [it for _, it in shard(items, rank, world)]

@@ -43,6 +43,8 @@ from .files import LabelFiles as _LabelFiles  # noqa: E402
 from .files import files_by_id as _files_by_id  # noqa: E402
 from .files import image_shape as _image_shape  # noqa: E402
 from .files import label_source as _label_source  # noqa: E402
+from .files import check_not_inputs as _check_not_inputs  # noqa: E402
+from .files import label_tiff_path as _label_tiff_path  # noqa: E402
 from .files import write_label_tiff as _write_label_tiff  # noqa: E402
 
 
@@ -87,9 +89,10 @@ def _cmd_to_labels(args) -> int:
                 raise ValueError(f"no image for id {image_id!r} in {args.images}")
             shape = _image_shape(images[image_id])  # the header only: no pixels decoded
         shapes[image_id] = ann.check(image_id, shape)  # CsvError naming the file and row
+    _check_not_inputs([_label_tiff_path(args.out, i) for i in ann.ids], images.values(), f"--out {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     for image_id in _progress(ann.ids, desc="to-labels"):
-        _write_label_tiff(args.out / f"{image_id}.tif", ann.labels(image_id, shapes[image_id]))
+        _write_label_tiff(_label_tiff_path(args.out, image_id), ann.labels(image_id, shapes[image_id]))
     print(f"wrote {len(ann.ids)} label images to {args.out}")
     return 0
 

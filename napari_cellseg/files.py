@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
            "write_label_tiff", "write_tiff", "display_path", "non_utf8_name", "plane_of", "resolve_ids",
-           "IdConflict"]
+           "IdConflict", "label_tiff_path", "check_not_inputs"]
 
 
 def display_path(path) -> str:
@@ -173,6 +173,41 @@ def label_source(path_text: str):
     if path.suffix.lower() == ".csv":
         return read_annotations(path)
     return LabelFiles(files_by_id([path], "label images"))
+
+
+def label_tiff_path(folder, image_id: str) -> Path:
+    """Where a command writes the label TIFF of ``image_id``: ``<folder>/<id>.tif`` (the one rule
+    for ``cellseg predict --labels-dir`` and ``cellseg to-labels --out``)."""
+    return Path(folder) / f"{image_id}.tif"
+
+
+def check_not_inputs(targets, inputs, what: str) -> None:
+    """ValueError (one line) when an output file in ``targets`` is one of the ``inputs`` (the same
+    file, links included): an output folder that is the image folder would replace an image
+    ``<id>.tif`` with its labels. ``what`` names the output (``--labels-dir DIR``). Stats only
+    the targets that exist, and the inputs only then."""
+    import os
+
+    existing = []
+    for target in targets:
+        try:
+            existing.append((target, os.stat(target)))
+        except OSError:
+            continue
+    if not existing:
+        return
+    keys = {}
+    for source in inputs:
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue
+        keys[(st.st_dev, st.st_ino)] = source
+    for target, st in existing:
+        source = keys.get((st.st_dev, st.st_ino))
+        if source is not None:
+            raise ValueError(f"{what}: writing {display_path(target)} would overwrite the input image "
+                             f"{display_path(source)}; choose another folder")
 
 
 def write_tiff(path: Path, array) -> None:

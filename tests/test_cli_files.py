@@ -50,6 +50,25 @@ def test_round_trip_and_evaluate(tmp_path, label_dir, nuclei_label_slices):
     assert all(r["fp"] == 0 and r["fn"] == 0 for r in report["images"])
 
 
+def test_to_labels_never_overwrites_an_input_image(tmp_path, label_dir, nuclei_label_slices):
+    """to-labels --images DIR --out DIR: the label TIFF <id>.tif would replace the image <id>.tif
+    it took the size from (before: silently overwritten). Exit 2, nothing written."""
+    csv = tmp_path / "sub.csv"
+    assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: sizes from --images
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for image_id in nuclei_label_slices:
+        tifffile.imwrite(images / f"{image_id}.tif", (rng.random((256, 256)) * 60000).astype(np.uint16))
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    result = cellseg("to-labels", csv, "--out", images, "--images", images)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cellseg to-labels: error: --out {images}: ")
+    assert "overwrite the input image" in lines[0]
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
     csv = tmp_path / "sub.csv"
     assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes

@@ -96,6 +96,32 @@ def test_bad_input_exit_2_nothing_written(workdir, tmp_path, capsys, case, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sub.csv")]
 
 
+def test_labels_dir_never_overwrites_an_input_image(workdir, tmp_path, capsys):
+    """--labels-dir = the image folder: a.tif's labels would go to a.tif, the input image itself
+    (before: the image was silently replaced by its label image). Exit 2, nothing written."""
+    import tifffile
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    raw = (np.random.default_rng(1).random((96, 112)) * 60000).astype(np.uint16)
+    tifffile.imwrite(images / "a.tif", raw)
+    (images / "b.png").write_bytes((workdir / "images" / "a_img.png").read_bytes())
+    before = (images / "a.tif").read_bytes()
+    out = tmp_path / "sub.csv"
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", images, "--out", out, "--labels-dir", images,
+                    "--device", "cpu"], capsys)
+    assert rc == 2, cap.err
+    err = cap.err.strip().splitlines()[-1]
+    assert err.startswith("cellseg predict: error: --labels-dir ") and "a.tif" in err and "overwrite" in err
+    assert (images / "a.tif").read_bytes() == before and not out.exists()
+    assert sorted(p.name for p in images.iterdir()) == ["a.tif", "b.png"]
+    # a label folder beside the images is fine
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", images, "--out", out, "--labels-dir",
+                    tmp_path / "labels", "--device", "cpu"], capsys)
+    assert rc == 0, cap.err
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["a.tif", "b.tif"]
+
+
 # ---- torchrun split / merge ---------------------------------------------------------------------
 def test_shard_and_merge_restore_input_order():
     items = list("abcdefg")
