@@ -30,12 +30,14 @@ def non_utf8_name(path: Path) -> str | None:
 
 
 def read_label_image(path: Path):
-    """Read a label image file: a 2-D integer array (HxWx1 squeezed), else ImageError."""
-    from .images import ImageError, read_raw
+    """Read a label image file: a 2-D integer array, else ImageError. One plane of one channel
+    by images.layout (HxWx1, a 1xHxW stack of one plane) is that HxW plane."""
+    from .images import ImageError, layout, read_raw
 
     labels = read_raw(path)
-    if labels.ndim == 3 and labels.shape[-1] == 1:
-        labels = labels[..., 0]
+    planes, h, w, channels = layout(labels.shape, str(path))
+    if planes == 1 and channels == 1:
+        labels = labels.reshape(h, w)
     if labels.ndim != 2 or labels.dtype.kind not in "iub":
         raise ImageError(f"{path}: not a 2-D integer label image "
                          f"(shape {labels.shape}, dtype {labels.dtype})")
