@@ -295,8 +295,11 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, images))}")
     bad_names: list[str] = []
+    # an output never replaces an input: --out typed as an image or the checkpoint, or a
+    # --labels-dir that is the image folder (a.tif's labels over a.tif)
+    check_not_inputs([out], [*files, *([options.checkpoint] if options.checkpoint else [])], "--out", "file")
     items = expand_items(files, skipped=bad_names if rank == 0 else [])
-    if labels_dir is not None:  # never a label TIFF over an input image (--labels-dir = the image folder)
+    if labels_dir is not None:
         check_not_inputs([label_tiff_path(labels_dir, it.image_id) for it in items], files,
                          f"--labels-dir {labels_dir}")
     own_group = False

@@ -117,6 +117,7 @@ def _cmd_to_csv(args) -> int:
 
     skipped: list[str] = []  # names that cannot be CSV ids: reported (one line each) before any read
     files = _files_by_id(args.labels, "label images", skipped)
+    _check_not_inputs([args.out], files.values(), "--out", "file")
     with _progress(total=len(files), desc="to-csv") as bar:
         write_annotations(args.out, _LabelFiles(files, bar), format=args.format, merge=args.merge)
     print(f"wrote {len(files)} images to {args.out} ({args.format} format)")

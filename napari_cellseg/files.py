@@ -183,11 +183,12 @@ def label_tiff_path(folder, image_id: str) -> Path:
     return Path(folder) / f"{image_id}.tif"
 
 
-def check_not_inputs(targets, inputs, what: str) -> None:
+def check_not_inputs(targets, inputs, what: str, other: str = "folder") -> None:
     """ValueError (one line) when an output file in ``targets`` is one of the ``inputs`` (the same
     file, links included): an output folder that is the image folder would replace an image
-    ``<id>.tif`` with its labels. ``what`` names the output (``--labels-dir DIR``). Stats only
-    the targets that exist, and the inputs only then."""
+    ``<id>.tif`` with its labels, an ``--out`` typed as an input would replace it with a CSV.
+    ``what`` names the output (``--labels-dir DIR``), ``other`` what to choose instead. Stats
+    only the targets that exist, and the inputs only then."""
     import os
 
     existing = []
@@ -208,8 +209,8 @@ def check_not_inputs(targets, inputs, what: str) -> None:
     for target, st in existing:
         source = keys.get((st.st_dev, st.st_ino))
         if source is not None:
-            raise ValueError(f"{what}: writing {display_path(target)} would overwrite the input image "
-                             f"{display_path(source)}; choose another folder")
+            raise ValueError(f"{what}: writing {display_path(target)} would overwrite the input "
+                             f"{display_path(source)}; choose another {other}")
 
 
 def write_tiff(path: Path, array) -> None:

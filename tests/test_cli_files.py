@@ -65,8 +65,19 @@ def test_to_labels_never_overwrites_an_input_image(tmp_path, label_dir, nuclei_l
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cellseg to-labels: error: --out {images}: ")
-    assert "overwrite the input image" in lines[0]
+    assert "overwrite the input " in lines[0]
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def test_to_csv_out_never_overwrites_a_label_image(tmp_path, label_dir):
+    """to-csv LABELS --out LABELS/x.tif (a label file given as --out) was replaced by the CSV."""
+    target = sorted(label_dir.iterdir())[0]
+    before = target.read_bytes()
+    result = cellseg("to-csv", label_dir, "--out", target)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"cellseg to-csv: error: --out: writing {target} would overwrite the input {target}; choose another file"]
+    assert target.read_bytes() == before
 
 
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):

@@ -122,6 +122,26 @@ def test_labels_dir_never_overwrites_an_input_image(workdir, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["a.tif", "b.tif"]
 
 
+@pytest.mark.parametrize("target", ["image", "checkpoint"])
+def test_out_never_overwrites_an_input(workdir, tmp_path, capsys, target):
+    """--out typed as the input image or as the checkpoint (before: replaced by the CSV, the image
+    or the model lost). Exit 2, nothing changed."""
+    import shutil
+
+    image, ckpt = tmp_path / "a.png", tmp_path / "model.bin"
+    shutil.copy(workdir / "images" / "a_img.png", image)
+    shutil.copy(workdir / "tiny.bin", ckpt)
+    out = {"image": image, "checkpoint": ckpt}[target]
+    before = out.read_bytes()
+    rc, cap = _run(["--checkpoint", ckpt, image, "--out", out, "--device", "cpu"], capsys)
+    assert rc == 2, cap.err
+    err = cap.err.strip().splitlines()[-1]
+    assert err == (f"cellseg predict: error: --out: writing {out} would overwrite the input {out}; "
+                   f"choose another file")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "model.bin"]
+
+
 # ---- torchrun split / merge ---------------------------------------------------------------------
 def test_shard_and_merge_restore_input_order():
     items = list("abcdefg")
