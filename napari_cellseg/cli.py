@@ -118,9 +118,11 @@ def _cmd_to_csv(args) -> int:
     skipped: list[str] = []  # names that cannot be CSV ids: reported (one line each) before any read
     files = _files_by_id(args.labels, "label images", skipped)
     _check_not_inputs([args.out], files.values(), "--out", "file")
-    with _progress(total=len(files), desc="to-csv") as bar:
-        write_annotations(args.out, _LabelFiles(files, bar), format=args.format, merge=args.merge)
-    print(f"wrote {len(files)} images to {args.out} ({args.format} format)")
+    labels = _LabelFiles(files)  # label stacks: one id per plane (stack_000 ..), as predict names them
+    with _progress(total=len(labels), desc="to-csv") as bar:
+        labels.bar = bar
+        write_annotations(args.out, labels, format=args.format, merge=args.merge)
+    print(f"wrote {len(labels)} images to {args.out} ({args.format} format)")
     if skipped:
         print(f"cellseg to-csv: {len(skipped)} of {len(files) + len(skipped)} label images skipped "
               "(file names that are not UTF-8)", file=sys.stderr)

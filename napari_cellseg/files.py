@@ -29,17 +29,18 @@ def non_utf8_name(path: Path) -> str | None:
     return None
 
 
-def read_label_image(path: Path):
-    """Read a label image file: a 2-D integer array, else ImageError. One plane of one channel
-    by images.layout (HxWx1, a 1xHxW stack of one plane) is that HxW plane."""
-    from .images import ImageError, layout, read_raw
+def read_label_image(path: Path, plane: int | None = None):
+    """Read a label image file (``plane``: one plane of a label stack): a 2-D integer array, else
+    ImageError. One plane of one channel by images.layout (HxWx1, a 1xHxW stack) is that HxW plane."""
+    from .images import ImageError, layout, read_plane
 
-    labels = read_raw(path)
-    planes, h, w, channels = layout(labels.shape, str(path))
+    labels = read_plane(path, plane)
+    where = str(path) if plane is None else f"{path} [plane {plane}]"
+    planes, h, w, channels = layout(labels.shape, where)
     if planes == 1 and channels == 1:
         labels = labels.reshape(h, w)
     if labels.ndim != 2 or labels.dtype.kind not in "iub":
-        raise ImageError(f"{path}: not a 2-D integer label image "
+        raise ImageError(f"{where}: not a 2-D integer label image "
                          f"(shape {labels.shape}, dtype {labels.dtype})")
     return labels
 
@@ -135,13 +136,34 @@ def files_by_id(paths, what: str, skipped: list | None = None) -> dict[str, Path
 
 
 class LabelFiles(Mapping):
-    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded)."""
+    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded).
+
+    ``files``: id -> file (:func:`files_by_id`). A label stack gives one id per plane, named as
+    ``cellseg predict`` names the planes of an image stack (images.plane_id: ``nuc_000`` ..
+    for nuc.tif), so a stack's ground truth meets predict's rows; the headers are read here (an
+    unreadable one is an ImageError naming the file) and an id given twice is a ValueError."""
 
     def __init__(self, files: dict[str, Path], bar=None):
-        self.files, self.bar = files, bar
+        from .images import image_info, plane_id
+
+        self.bar = bar
+        self.files: dict[str, tuple[Path, int | None, tuple[int, int]]] = {}
+        for image_id, path in files.items():
+            info = image_info(path)
+            n = info.planes
+            for plane in range(n) if n > 1 else [None]:
+                key = image_id if plane is None else plane_id(image_id, (plane,), (n,))
+                if key in self.files:
+                    raise ValueError(f"{self._where(path, plane)}: image id {key!r} also given by "
+                                     f"{self._where(*self.files[key][:2])}")
+                self.files[key] = (path, plane, (info.height, info.width))
+
+    @staticmethod
+    def _where(path, plane) -> str:
+        return str(path) if plane is None else f"{path} [plane {plane}]"
 
     def __getitem__(self, image_id):
-        labels = read_label_image(self.files[image_id])
+        labels = read_label_image(*self.files[image_id][:2])
         if self.bar is not None:
             self.bar.update(1)
         return labels
@@ -153,12 +175,13 @@ class LabelFiles(Mapping):
         return len(self.files)
 
     def shape(self, image_id):
-        return image_shape(self.files[image_id])
+        return self.files[image_id][2]
 
     def labels(self, image_id, shape=None):
-        labels = read_label_image(self.files[image_id])
+        path, plane, _ = self.files[image_id]
+        labels = read_label_image(path, plane)
         if shape is not None and labels.shape != tuple(shape):
-            raise ValueError(f"{self.files[image_id]}: size {labels.shape[0]}x{labels.shape[1]} "
+            raise ValueError(f"{self._where(path, plane)}: size {labels.shape[0]}x{labels.shape[1]} "
                              f"(HxW) differs from the ground truth {shape[0]}x{shape[1]}")
         return labels
 

@@ -80,6 +80,34 @@ def test_to_csv_out_never_overwrites_a_label_image(tmp_path, label_dir):
     assert target.read_bytes() == before
 
 
+def test_label_stack_gives_one_id_per_plane_as_predict_names_them(tmp_path, nuclei_label_slices):
+    """A ground-truth label stack nuc.tif (Z x H x W) is nuc_000, nuc_001 .. for to-csv and evaluate,
+    the ids cellseg predict writes for the planes of the image stack nuc.tif (before: "not a 2-D
+    integer label image" / "cannot take an image size from a stack", exit 2)."""
+    planes = list(nuclei_label_slices.values())
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    tifffile.imwrite(gt / "nuc.tif", np.stack(planes).astype(np.uint16))
+    csv = tmp_path / "gt.csv"
+    result = cellseg("to-csv", gt, "--out", csv, "--format", "train")
+    assert result.returncode == 0, result.stderr
+    assert read_annotations(csv).ids == ["nuc_000", "nuc_001", "nuc_002"]
+    for k, labels in enumerate(planes):
+        assert np.array_equal(read_annotations(csv).labels(f"nuc_{k:03d}") > 0, labels > 0)
+    kaggle = tmp_path / "pred.csv"
+    assert cellseg("to-csv", gt, "--out", kaggle).returncode == 0
+    for args in (("--gt", gt, "--pred", kaggle), ("--gt", csv, "--pred", gt)):
+        result = cellseg("evaluate", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["mean_map"] == 1.0 and [r["id"] for r in report["images"]] == ["nuc_000", "nuc_001", "nuc_002"]
+    tifffile.imwrite(gt / "nuc_001.tif", planes[1].astype(np.uint16))  # the same id twice
+    result = cellseg("evaluate", "--gt", gt, "--pred", kaggle)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"cellseg evaluate: error: {gt / 'nuc_001.tif'}: image id 'nuc_001' also given by {gt / 'nuc.tif'} [plane 1]"]
+
+
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
     csv = tmp_path / "sub.csv"
     assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes
