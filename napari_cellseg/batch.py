@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .annotations import csv_format
 from .files import check_not_inputs, display_path, label_tiff_path, non_utf8_name
 from .images import plane_id
 from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_path, journal_paths,
@@ -278,11 +279,11 @@ def _device_for_rank(device: str, rank: int, world: int) -> str:
     return device or "auto"
 
 
-def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | None = None,
+def run_predict(options, images, out, fmt: str | None = "kaggle", labels_dir: Path | None = None,
                 resume: bool = False, progress_factory=None) -> int:
     """The ``cellseg predict`` command: ``options`` (PredictOptions) for the pipeline, ``images``
-    (files / folders), ``out`` (CSV). Returns the exit status; usage errors raise ValueError
-    before anything is written."""
+    (files / folders), ``out`` (CSV), ``fmt`` (None: kaggle, or with ``resume`` the format of
+    ``out``). Returns the exit status; usage errors raise ValueError before anything is written."""
     import dataclasses
 
     from .images import list_images
@@ -291,6 +292,8 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
     rank, world = dist_info()
     out = Path(out)
     check_out(out)
+    if fmt is None:  # --resume adds rows to out in its own format (annotations.csv_format)
+        fmt = csv_format(out, "kaggle", allowed=("kaggle", "starter")) if resume else "kaggle"
     files = list_images(images)
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, images))}")

@@ -108,6 +108,20 @@ def test_label_stack_gives_one_id_per_plane_as_predict_names_them(tmp_path, nucl
         f"cellseg evaluate: error: {gt / 'nuc_001.tif'}: image id 'nuc_001' also given by {gt / 'nuc.tif'} [plane 1]"]
 
 
+@pytest.mark.parametrize("fmt", ["starter", "train"])
+def test_merge_keeps_the_format_of_out(tmp_path, label_dir, nuclei_label_slices, fmt):
+    """to-csv --merge without --format adds rows in the file's own format (before: the default
+    kaggle converted a starter / train file, dropping its idx or width/height columns)."""
+    first, *rest = sorted(label_dir.iterdir())
+    csv = tmp_path / "sub.csv"
+    assert cellseg("to-csv", first, "--out", csv, "--format", fmt).returncode == 0
+    result = cellseg("to-csv", *rest, "--out", csv, "--merge")
+    assert result.returncode == 0, result.stderr
+    assert f"({fmt} format)" in result.stdout
+    ann = read_annotations(csv)
+    assert ann.format == fmt and sorted(ann.ids) == sorted(nuclei_label_slices)
+
+
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
     csv = tmp_path / "sub.csv"
     assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes

@@ -142,6 +142,24 @@ def test_out_never_overwrites_an_input(workdir, tmp_path, capsys, target):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "model.bin"]
 
 
+def test_resume_keeps_the_format_of_out(workdir, tmp_path, capsys):
+    """--resume without --format adds rows in the file's own format (before: a starter CSV was
+    silently rewritten as kaggle, its idx column gone); an explicit --format still converts."""
+    from napari_cellseg.annotations import read_annotations
+
+    out, images = tmp_path / "sub.csv", workdir / "images"
+    base = ["--checkpoint", workdir / "tiny.bin", "--out", out, "--device", "cpu"]
+    rc, cap = _run([*base, images / "a_img.png", "--format", "starter"], capsys)
+    assert rc == 0, cap.err
+    rc, cap = _run([*base, images, "--resume"], capsys)
+    assert rc == 0, cap.err
+    assert "(starter format)" in cap.out
+    ann = read_annotations(out)
+    assert ann.format == "starter" and sorted(ann.ids) == ["a_img", "b_img", "c_img"]
+    rc, cap = _run([*base, images, "--resume", "--format", "kaggle"], capsys)
+    assert rc == 0 and read_annotations(out).format == "kaggle"
+
+
 # ---- torchrun split / merge ---------------------------------------------------------------------
 def test_shard_and_merge_restore_input_order():
     items = list("abcdefg")
