@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
            "write_label_tiff", "write_tiff", "display_path", "non_utf8_name", "plane_of", "resolve_ids",
-           "IdConflict", "label_tiff_path", "check_not_inputs"]
+           "IdConflict", "label_tiff_path", "check_not_inputs", "check_label_not_image"]
 
 
 def display_path(path) -> str:
@@ -234,6 +234,21 @@ def check_not_inputs(targets, inputs, what: str, other: str = "folder") -> None:
         if source is not None:
             raise ValueError(f"{what}: writing {display_path(target)} would overwrite the input "
                              f"{display_path(source)}; choose another {other}")
+
+
+def check_label_not_image(label: Path, image: Path, image_id: str) -> None:
+    """ValueError (one line) when the label image of ``image_id`` is the image file itself: the
+    label folder given is the image folder (``--label-dir`` = ``--image-dir``, ``tune --gt`` =
+    ``--images``), so every image would be scored or trained as its own instance labels."""
+    import os
+
+    try:
+        same = os.path.samefile(label, image)
+    except OSError:
+        return
+    if same:
+        raise ValueError(f"{display_path(label)}: the label image of {image_id!r} is the image file itself "
+                         f"(the label folder is the image folder?); give the folder of the label images")
 
 
 def write_tiff(path: Path, array) -> None:

@@ -373,3 +373,16 @@ def test_stack_image_with_a_single_label_plane_is_named_as_a_stack(tmp_path):
     with pytest.raises(DataError, match=r"labels.s0\.tif: a stack of 2 label planes but the image s0\.tif "
                                         r"has 3 planes"):
         load_folder_samples(images, labels)
+
+
+def test_label_folder_that_is_the_image_folder_is_refused(tmp_path):
+    """--image-dir = --label-dir (images and masks in one folder): every image was matched with
+    itself as its label image and trained as thousands of intensity "instances", the masks as
+    images, without a word. Now one DataError naming the file, before any pixel is read."""
+    images, labels = write_folder(tmp_path / "d", n=2)
+    for f in labels.iterdir():
+        f.rename(images / f"{f.stem}_masks.tif")
+    with pytest.raises(DataError) as info:
+        load_folder_samples(images, images)
+    assert str(info.value) == (f"{images / 's0.tif'}: the label image of 's0' is the image file itself "
+                               "(the label folder is the image folder?); give the folder of the label images")

@@ -212,6 +212,13 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
     if orphans:
         _warn(warn, f"{label_dir}: {len(orphans)} label image(s) have no image in {image_dir} and are not "
                     f"used, e.g. {orphans[0]} (labels are matched by file stem)")
+    from napari_cellseg.files import check_label_not_image
+
+    for image_id, ipath in images.items():  # --label-dir = --image-dir: each image its own labels
+        try:
+            check_label_not_image(labels[image_id], ipath, image_id)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
     samples = []
     for image_id, ipath in images.items():
         samples.extend(_folder_pair(image_id, ipath, labels[image_id]))
