@@ -11,7 +11,8 @@ from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
            "write_label_tiff", "write_tiff", "display_path", "non_utf8_name", "plane_of", "resolve_ids",
-           "IdConflict", "label_tiff_path", "check_not_inputs", "check_label_not_image"]
+           "IdConflict", "label_tiff_path", "check_not_inputs", "check_label_not_image",
+           "integer_labels"]
 
 
 def display_path(path) -> str:
@@ -39,10 +40,33 @@ def read_label_image(path: Path, plane: int | None = None):
     planes, h, w, channels = layout(labels.shape, where)
     if planes == 1 and channels == 1:
         labels = labels.reshape(h, w)
-    if labels.ndim != 2 or labels.dtype.kind not in "iub":
+    if labels.ndim != 2 or labels.dtype.kind not in "iubf":
         raise ImageError(f"{where}: not a 2-D integer label image "
                          f"(shape {labels.shape}, dtype {labels.dtype})")
-    return labels
+    return integer_labels(labels, where)
+
+
+def integer_labels(labels, where: str):
+    """Instance ids as an integer array: integer / bool arrays as they are; a float array (ImageJ /
+    Fiji save 32-bit label images) when every value is a whole number in int64's range (as
+    int64), else an ImageError naming ``where``. The one rule for label images (cellseg to-csv /
+    evaluate / tune and cellseg-train)."""
+    import numpy as np
+
+    from .images import ImageError
+
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iub":
+        return labels
+    if labels.dtype.kind != "f":
+        raise ImageError(f"{where}: label image has {labels.dtype} values, not instance ids")
+    with np.errstate(invalid="ignore"):  # NaN / inf: not ids
+        bad = ~np.isfinite(labels) | (np.mod(labels, 1) != 0) | (np.abs(labels) >= 2.0**62)
+    if bad.any():
+        value = float(labels.ravel()[np.flatnonzero(bad.ravel())[0]])
+        raise ImageError(f"{where}: label image has non-integer values (e.g. {value!r}): instance ids "
+                         f"must be whole numbers")
+    return labels.astype(np.int64)
 
 
 def image_shape(path: Path) -> tuple[int, int]:

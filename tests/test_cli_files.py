@@ -122,6 +122,28 @@ def test_merge_keeps_the_format_of_out(tmp_path, label_dir, nuclei_label_slices,
     assert ann.format == fmt and sorted(ann.ids) == sorted(nuclei_label_slices)
 
 
+def test_float_label_images_with_whole_ids_are_read(tmp_path, nuclei_label_slices):
+    """A 32-bit float label TIFF (as ImageJ / Fiji save them) with whole-number ids: cellseg-train
+    took it, to-csv / evaluate refused it ("not a 2-D integer label image"). Now one rule
+    (files.integer_labels): whole numbers are ids, anything else one line naming the file."""
+    image_id, labels = next(iter(nuclei_label_slices.items()))
+    gt, csv = tmp_path / "gt", tmp_path / "gt.csv"
+    gt.mkdir()
+    tifffile.imwrite(gt / f"{image_id}.tif", labels.astype(np.float32))
+    result = cellseg("to-csv", gt, "--out", csv, "--format", "train")
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(read_annotations(csv).labels(image_id) > 0, labels > 0)
+    assert len(read_annotations(csv).rles(image_id)) == len(np.unique(labels)) - 1
+    bad = labels.astype(np.float32)
+    bad[3, 4] = 2.5
+    tifffile.imwrite(gt / f"{image_id}.tif", bad)
+    result = cellseg("evaluate", "--gt", gt, "--pred", csv)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"cellseg evaluate: error: {gt / image_id}.tif: label image has non-integer values (e.g. 2.5): "
+        "instance ids must be whole numbers"]
+
+
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
     csv = tmp_path / "sub.csv"
     assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes

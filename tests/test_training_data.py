@@ -386,3 +386,17 @@ def test_label_folder_that_is_the_image_folder_is_refused(tmp_path):
         load_folder_samples(images, images)
     assert str(info.value) == (f"{images / 's0.tif'}: the label image of 's0' is the image file itself "
                                "(the label folder is the image folder?); give the folder of the label images")
+
+
+def test_float_labels_follow_the_same_rule_as_the_file_commands():
+    """labels_to_layers (folders, napari layers) and cellseg to-csv / evaluate share one rule for
+    float label images (files.integer_labels): whole numbers are ids; NaN or 2.5 are refused."""
+    lab = np.zeros((6, 8), np.float32)
+    lab[1:3, 1:3], lab[4:, 5:] = 7, 1e6
+    layers = labels_to_layers(lab, "lab.tif")
+    assert layers.dtype == np.uint16 and sorted(np.unique(layers)) == [0, 1, 2]
+    for value in (np.nan, 2.5, np.inf):
+        bad = lab.copy()
+        bad[0, 0] = value
+        with pytest.raises(DataError, match=r"^lab.tif: label image has non-integer values \(e.g. "):
+            labels_to_layers(bad, "lab.tif")

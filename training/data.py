@@ -130,9 +130,13 @@ def labels_to_layers(labels: np.ndarray, where: str = "labels") -> np.ndarray:
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise DataError(f"{where}: label image must be 2-D, got shape {lab.shape}")
-    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        if not np.all(np.mod(lab, 1) == 0):
-            raise DataError(f"{where}: label image has non-integer values")
+    from napari_cellseg.files import integer_labels
+    from napari_cellseg.images import ImageError
+
+    try:
+        lab = integer_labels(lab, where)  # the one rule: integer ids, or floats that are whole numbers
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
     if lab.min() < 0:
         raise DataError(f"{where}: label image has negative ids")
     ids, inv = np.unique(lab, return_inverse=True)
