@@ -400,3 +400,30 @@ def test_float_labels_follow_the_same_rule_as_the_file_commands():
         bad[0, 0] = value
         with pytest.raises(DataError, match=r"^lab.tif: label image has non-integer values \(e.g. "):
             labels_to_layers(bad, "lab.tif")
+
+
+def test_binary_masks_given_as_labels_are_reported(tmp_path):
+    """A 0/255 mask PNG in --label-dir (a common mix-up with instance labels) trained each image
+    as ONE cell spread over every nucleus, without a word. Now one warning naming a file; real
+    instance labels (one of them a single cell in one piece) say nothing."""
+    import imageio.v3 as iio
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    lab = synth(1)[1]
+    one = np.where(lab == lab.max(), 1, 0)
+    tifffile.imwrite(labels / "s1.tif", one)  # a single cell in one piece: fine
+    said = []
+    load_folder_samples(images, labels, warn=said.append)
+    assert said == []
+    for k in (0, 2):
+        (labels / f"s{k}.tif").unlink()
+        iio.imwrite(labels / f"s{k}.png", ((synth(k)[1] > 0) * 255).astype(np.uint8))
+    samples = load_folder_samples(images, labels, warn=said.append)
+    assert [int(s.layers.max()) for s in samples] == [1, 1, 1]
+    from scipy import ndimage
+
+    n = ndimage.label(synth(0)[1] > 0, np.ones((3, 3)))[1]  # touching discs: one region
+    assert n >= 3
+    assert said == [f"{labels}: 2 label image(s) hold one id over many separate regions, e.g. s0.png ({n} "
+                    "regions): binary masks, not instance labels? Each cell needs its own id "
+                    "(skimage.measure.label numbers a mask); as given, each image trains as one cell"]

@@ -223,10 +223,32 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
             check_label_not_image(labels[image_id], ipath, image_id)
         except ValueError as exc:
             raise DataError(str(exc)) from None
-    samples = []
+    samples, masks = [], []
     for image_id, ipath in images.items():
-        samples.extend(_folder_pair(image_id, ipath, labels[image_id]))
+        pair = _folder_pair(image_id, ipath, labels[image_id])
+        masks.extend((labels[image_id].name, n) for s in pair if (n := _regions_of_one_id(s.layers)))
+        samples.extend(pair)
+    if masks:
+        name, n = masks[0]
+        _warn(warn, f"{label_dir}: {len(masks)} label image(s) hold one id over many separate regions, e.g. "
+                    f"{name} ({n} regions): binary masks, not instance labels? "
+                    f"Each cell needs its own id (skimage.measure.label numbers a mask); as given, each "
+                    f"image trains as one cell")
     return samples
+
+
+MASK_REGIONS = 3  # one id over this many separate regions or more: a binary mask, not instances
+
+
+def _regions_of_one_id(layers: np.ndarray) -> int:
+    """Separate regions (8-connected) of a label image that holds a single id, when there are at
+    least MASK_REGIONS of them (a binary / semantic mask given as instance labels), else 0."""
+    if layers.shape[0] != 1 or layers.max() != 1:
+        return 0
+    import cv2
+
+    n = cv2.connectedComponents((layers[0] > 0).astype(np.uint8), connectivity=8)[0] - 1
+    return n if n >= MASK_REGIONS else 0
 
 
 def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
