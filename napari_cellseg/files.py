@@ -49,24 +49,27 @@ def read_label_image(path: Path, plane: int | None = None):
 def integer_labels(labels, where: str):
     """Instance ids as an integer array: integer / bool arrays as they are; a float array (ImageJ /
     Fiji save 32-bit label images) when every value is a whole number in int64's range (as
-    int64), else an ImageError naming ``where``. The one rule for label images (cellseg to-csv /
-    evaluate / tune and cellseg-train)."""
+    int64); negative ids or anything else is an ImageError naming ``where``. The one rule for
+    label images (cellseg to-csv / evaluate / tune and cellseg-train)."""
     import numpy as np
 
     from .images import ImageError
 
     labels = np.asarray(labels)
-    if labels.dtype.kind in "iub":
-        return labels
-    if labels.dtype.kind != "f":
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):  # NaN / inf: not ids
+            bad = ~np.isfinite(labels) | (np.mod(labels, 1) != 0) | (np.abs(labels) >= 2.0**62)
+        if bad.any():
+            value = float(labels.ravel()[np.flatnonzero(bad.ravel())[0]])
+            raise ImageError(f"{where}: label image has non-integer values (e.g. {value!r}): instance ids "
+                             f"must be whole numbers")
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind not in "iub":
         raise ImageError(f"{where}: label image has {labels.dtype} values, not instance ids")
-    with np.errstate(invalid="ignore"):  # NaN / inf: not ids
-        bad = ~np.isfinite(labels) | (np.mod(labels, 1) != 0) | (np.abs(labels) >= 2.0**62)
-    if bad.any():
-        value = float(labels.ravel()[np.flatnonzero(bad.ravel())[0]])
-        raise ImageError(f"{where}: label image has non-integer values (e.g. {value!r}): instance ids "
-                         f"must be whole numbers")
-    return labels.astype(np.int64)
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+        raise ImageError(f"{where}: label image has negative ids (e.g. {int(labels.min())}): instance ids "
+                         f"are 0 (background) or positive")
+    return labels
 
 
 def image_shape(path: Path) -> tuple[int, int]:

@@ -144,6 +144,26 @@ def test_float_label_images_with_whole_ids_are_read(tmp_path, nuclei_label_slice
         "instance ids must be whole numbers"]
 
 
+def test_negative_label_ids_are_refused_by_every_command(tmp_path, nuclei_label_slices):
+    """A label image with negative ids: evaluate scored them as cells (mAP 1.0 against itself)
+    while to-csv refused it naming only the id ("image 'a': negative label -35") and cellseg-train
+    refused it too. One rule now (files.integer_labels), one line naming the file, exit 2."""
+    from training.data import DataError, labels_to_layers
+
+    image_id, labels = next(iter(nuclei_label_slices.items()))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    path = gt / f"{image_id}.tif"
+    tifffile.imwrite(path, -labels.astype(np.int16))
+    expected = f"{path}: label image has negative ids (e.g. {-int(labels.max())}): instance ids are 0 (background) or positive"
+    for command, args in (("evaluate", ("--gt", gt, "--pred", gt)), ("to-csv", (gt, "--out", tmp_path / "x.csv"))):
+        result = cellseg(command, *args)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"cellseg {command}: error: {expected}"]
+    with pytest.raises(DataError, match="label image has negative ids"):
+        labels_to_layers(-labels.astype(np.int16), str(path))
+
+
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
     csv = tmp_path / "sub.csv"
     assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes

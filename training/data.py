@@ -137,8 +137,6 @@ def labels_to_layers(labels: np.ndarray, where: str = "labels") -> np.ndarray:
         lab = integer_labels(lab, where)  # the one rule: integer ids, or floats that are whole numbers
     except ImageError as exc:
         raise DataError(str(exc)) from None
-    if lab.min() < 0:
-        raise DataError(f"{where}: label image has negative ids")
     ids, inv = np.unique(lab, return_inverse=True)
     if len(ids) - (ids[0] == 0) > 65535:
         raise DataError(f"{where}: more than 65535 instances in one image")
