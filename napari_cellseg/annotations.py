@@ -35,7 +35,7 @@ from .rle import (
 )
 
 __all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS",
-           "normalize_id", "csv_reader", "MAX_FIELD_CHARS", "NO_ROWS"]
+           "normalize_id", "csv_reader", "MAX_FIELD_CHARS", "NO_ROWS", "csv_format"]
 
 NO_ROWS = "has no rows after the header (no image)"  # "FILE has no rows...": every command's wording
 
@@ -88,6 +88,22 @@ def _detect_format(path: Path, header: list[str]) -> str:
                 raise CsvError(f"{path}: row 1 (header): missing column '{col}'")
         return "train"
     return "starter"
+
+
+def csv_format(path, default: str, allowed=FORMATS) -> str:
+    """The format to write when rows are added to an existing CSV and no format was asked for
+    (``cellseg predict --resume``, ``to-csv --merge``): the file's own (from its header row), so
+    adding rows never converts a starter file to kaggle behind the user's back; ``default`` when
+    there is no such file, its header cannot tell (the full read reports a bad file), or its
+    format is not in ``allowed``."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            header = next(csv_reader(fh), None)
+        fmt = _detect_format(path, [strip_field(h) for h in header]) if header else default
+    except (OSError, ValueError, csv.Error):  # no file, not UTF-8 (ValueError), NUL bytes, bad header
+        return default
+    return fmt if fmt in allowed else default
 
 
 def _read_rows(path: Path) -> list[list[str]]:

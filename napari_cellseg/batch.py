@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import display_path, non_utf8_name
+from .annotations import csv_format
+from .files import check_not_inputs, display_path, label_tiff_path, non_utf8_name
 from .images import plane_id
 from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_path, journal_paths,
                       normalize_id, output_lock)
@@ -201,7 +202,7 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
     def encode(item, dets):  # on a worker thread: paste, threshold, encode, write the TIFF
         labels = pipeline.labels(dets)
         if labels_dir is not None:
-            write_label_tiff(labels_dir / f"{item.image_id}.tif", labels)
+            write_label_tiff(label_tiff_path(labels_dir, item.image_id), labels)
         return labels.shape, labels_to_rles(labels)
 
     def collect(limit: int) -> None:
@@ -278,11 +279,11 @@ def _device_for_rank(device: str, rank: int, world: int) -> str:
     return device or "auto"
 
 
-def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | None = None,
+def run_predict(options, images, out, fmt: str | None = "kaggle", labels_dir: Path | None = None,
                 resume: bool = False, progress_factory=None) -> int:
     """The ``cellseg predict`` command: ``options`` (PredictOptions) for the pipeline, ``images``
-    (files / folders), ``out`` (CSV). Returns the exit status; usage errors raise ValueError
-    before anything is written."""
+    (files / folders), ``out`` (CSV), ``fmt`` (None: kaggle, or with ``resume`` the format of
+    ``out``). Returns the exit status; usage errors raise ValueError before anything is written."""
     import dataclasses
 
     from .images import list_images
@@ -291,11 +292,19 @@ def run_predict(options, images, out, fmt: str = "kaggle", labels_dir: Path | No
     rank, world = dist_info()
     out = Path(out)
     check_out(out)
+    if fmt is None:  # --resume adds rows to out in its own format (annotations.csv_format)
+        fmt = csv_format(out, "kaggle", allowed=("kaggle", "starter")) if resume else "kaggle"
     files = list_images(images)
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, images))}")
     bad_names: list[str] = []
+    # an output never replaces an input: --out typed as an image or the checkpoint, or a
+    # --labels-dir that is the image folder (a.tif's labels over a.tif)
+    check_not_inputs([out], [*files, *([options.checkpoint] if options.checkpoint else [])], "--out", "file")
     items = expand_items(files, skipped=bad_names if rank == 0 else [])
+    if labels_dir is not None:
+        check_not_inputs([label_tiff_path(labels_dir, it.image_id) for it in items], files,
+                         f"--labels-dir {labels_dir}")
     own_group = False
     with output_lock(out, rank):
         mine = [it for _, it in shard(items, rank, world)]

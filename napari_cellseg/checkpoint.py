@@ -10,7 +10,7 @@ A bare torchvision ``state_dict`` of the same architecture also loads; its confi
 from the caller (``config=``) or the defaults.
 
 Every part is validated (:func:`validate_checkpoint`) before any model is built: the config
-(every ModelConfig field in range, the backbone only from timm's local model names: no
+(the ``format`` version, then every ModelConfig field in range, the backbone only from timm's local model names: no
 ``hf-hub:``, no URL, nothing downloaded), the thresholds (``options.Thresholds``), ``info`` a
 mapping, ``state_dict`` a mapping of names to finite tensors. Problems raise
 :class:`CheckpointError` ``FILE: field: problem``.
@@ -160,12 +160,27 @@ def _check_thresholds(path: Path, raw) -> dict:
     return out
 
 
+def _check_format(path: Path, fmt) -> None:
+    """``format`` names this layout and its version: FORMAT, or absent (a hand-made dict). Unknown
+    keys of a newer writer are ignored, so a version that cannot be read that way says so by a
+    new number, which this reader refuses instead of building a model it would misread."""
+    if fmt is None or fmt == FORMAT:
+        return
+    name, _, version = str(fmt).rpartition("/")
+    if isinstance(fmt, str) and name == FORMAT.rpartition("/")[0] and version.isdecimal():
+        raise CheckpointError(f"{path}: format: {fmt!r} was written by another napari-cellseg version "
+                              f"(this one reads {FORMAT!r}); use a matching napari-cellseg")
+    raise CheckpointError(f"{path}: format: {fmt!r} is not a napari-cellseg checkpoint format "
+                          f"(expected {FORMAT!r})")
+
+
 def validate_checkpoint(path, obj: dict, config: ModelConfig | None = None):
     """Check a raw checkpoint dict (from :func:`read_checkpoint`) against the schema, building
     nothing. Returns ``(config, state_dict, thresholds, info)``; raises CheckpointError
     ``FILE: field: problem``. ``config`` is used for a bare state_dict only."""
     path = Path(path)
     if "state_dict" in obj and "config" in obj:
+        _check_format(path, obj.get("format"))
         raw = obj["config"]
         if not isinstance(raw, dict):
             raise CheckpointError(f"{path}: config: must be a mapping, got {type(raw).__name__}")

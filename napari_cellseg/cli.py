@@ -43,6 +43,8 @@ from .files import LabelFiles as _LabelFiles  # noqa: E402
 from .files import files_by_id as _files_by_id  # noqa: E402
 from .files import image_shape as _image_shape  # noqa: E402
 from .files import label_source as _label_source  # noqa: E402
+from .files import check_not_inputs as _check_not_inputs  # noqa: E402
+from .files import label_tiff_path as _label_tiff_path  # noqa: E402
 from .files import write_label_tiff as _write_label_tiff  # noqa: E402
 
 
@@ -87,9 +89,10 @@ def _cmd_to_labels(args) -> int:
                 raise ValueError(f"no image for id {image_id!r} in {args.images}")
             shape = _image_shape(images[image_id])  # the header only: no pixels decoded
         shapes[image_id] = ann.check(image_id, shape)  # CsvError naming the file and row
+    _check_not_inputs([_label_tiff_path(args.out, i) for i in ann.ids], images.values(), f"--out {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     for image_id in _progress(ann.ids, desc="to-labels"):
-        _write_label_tiff(args.out / f"{image_id}.tif", ann.labels(image_id, shapes[image_id]))
+        _write_label_tiff(_label_tiff_path(args.out, image_id), ann.labels(image_id, shapes[image_id]))
     print(f"wrote {len(ann.ids)} label images to {args.out}")
     return 0
 
@@ -101,22 +104,27 @@ def _add_to_csv(subparsers) -> None:
         description="Encode label images (file stem = image id) as one CSV row per cell.")
     p.add_argument("labels", nargs="+", help="label image files and/or folders of them")
     p.add_argument("--out", required=True, type=Path, help="CSV file to write (atomically)")
-    p.add_argument("--format", choices=("kaggle", "starter", "train"), default="kaggle",
+    p.add_argument("--format", choices=("kaggle", "starter", "train"),
                    help="kaggle: id,predicted; starter: idx,id,annotation; "
-                        "train: id,annotation,width,height (default: %(default)s)")
+                        "train: id,annotation,width,height (default: kaggle; with --merge the "
+                        "format of --out)")
     p.add_argument("--merge", action="store_true",
                    help="keep rows of other images already in --out, replace these images' rows")
     p.set_defaults(func=_cmd_to_csv)
 
 
 def _cmd_to_csv(args) -> int:
-    from .annotations import write_annotations
+    from .annotations import csv_format, write_annotations
 
     skipped: list[str] = []  # names that cannot be CSV ids: reported (one line each) before any read
     files = _files_by_id(args.labels, "label images", skipped)
-    with _progress(total=len(files), desc="to-csv") as bar:
-        write_annotations(args.out, _LabelFiles(files, bar), format=args.format, merge=args.merge)
-    print(f"wrote {len(files)} images to {args.out} ({args.format} format)")
+    _check_not_inputs([args.out], files.values(), "--out", "file")
+    fmt = args.format or (csv_format(args.out, "kaggle") if args.merge else "kaggle")
+    labels = _LabelFiles(files)  # label stacks: one id per plane (stack_000 ..), as predict names them
+    with _progress(total=len(labels), desc="to-csv") as bar:
+        labels.bar = bar
+        write_annotations(args.out, labels, format=fmt, merge=args.merge)
+    print(f"wrote {len(labels)} images to {args.out} ({fmt} format)")
     if skipped:
         print(f"cellseg to-csv: {len(skipped)} of {len(files) + len(skipped)} label images skipped "
               "(file names that are not UTF-8)", file=sys.stderr)
@@ -258,8 +266,9 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
                    help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    p.add_argument("--format", choices=("kaggle", "starter"), default="kaggle",
-                   help="kaggle: id,predicted; starter: idx,id,annotation (default: %(default)s)")
+    p.add_argument("--format", choices=("kaggle", "starter"),
+                   help="kaggle: id,predicted; starter: idx,id,annotation (default: kaggle; with "
+                        "--resume the format of --out)")
     p.add_argument("--labels-dir", type=Path, help="also write one label TIFF per image here")
     p.add_argument("--resume", action="store_true",
                    help="skip image ids already in --out (or in its journal after a crash)")

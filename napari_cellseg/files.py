@@ -11,7 +11,8 @@ from pathlib import Path
 
 __all__ = ["read_label_image", "image_shape", "files_by_id", "LabelFiles", "label_source",
            "write_label_tiff", "write_tiff", "display_path", "non_utf8_name", "plane_of", "resolve_ids",
-           "IdConflict"]
+           "IdConflict", "label_tiff_path", "check_not_inputs", "check_label_not_image",
+           "integer_labels"]
 
 
 def display_path(path) -> str:
@@ -29,16 +30,45 @@ def non_utf8_name(path: Path) -> str | None:
     return None
 
 
-def read_label_image(path: Path):
-    """Read a label image file: a 2-D integer array (HxWx1 squeezed), else ImageError."""
-    from .images import ImageError, read_raw
+def read_label_image(path: Path, plane: int | None = None):
+    """Read a label image file (``plane``: one plane of a label stack): a 2-D integer array, else
+    ImageError. One plane of one channel by images.layout (HxWx1, a 1xHxW stack) is that HxW plane."""
+    from .images import ImageError, layout, read_plane
 
-    labels = read_raw(path)
-    if labels.ndim == 3 and labels.shape[-1] == 1:
-        labels = labels[..., 0]
-    if labels.ndim != 2 or labels.dtype.kind not in "iub":
-        raise ImageError(f"{path}: not a 2-D integer label image "
+    labels = read_plane(path, plane)
+    where = str(path) if plane is None else f"{path} [plane {plane}]"
+    planes, h, w, channels = layout(labels.shape, where)
+    if planes == 1 and channels == 1:
+        labels = labels.reshape(h, w)
+    if labels.ndim != 2 or labels.dtype.kind not in "iubf":
+        raise ImageError(f"{where}: not a 2-D integer label image "
                          f"(shape {labels.shape}, dtype {labels.dtype})")
+    return integer_labels(labels, where)
+
+
+def integer_labels(labels, where: str):
+    """Instance ids as an integer array: integer / bool arrays as they are; a float array (ImageJ /
+    Fiji save 32-bit label images) when every value is a whole number in int64's range (as
+    int64); negative ids or anything else is an ImageError naming ``where``. The one rule for
+    label images (cellseg to-csv / evaluate / tune and cellseg-train)."""
+    import numpy as np
+
+    from .images import ImageError
+
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):  # NaN / inf: not ids
+            bad = ~np.isfinite(labels) | (np.mod(labels, 1) != 0) | (np.abs(labels) >= 2.0**62)
+        if bad.any():
+            value = float(labels.ravel()[np.flatnonzero(bad.ravel())[0]])
+            raise ImageError(f"{where}: label image has non-integer values (e.g. {value!r}): instance ids "
+                             f"must be whole numbers")
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind not in "iub":
+        raise ImageError(f"{where}: label image has {labels.dtype} values, not instance ids")
+    if labels.dtype.kind == "i" and labels.size and labels.min() < 0:
+        raise ImageError(f"{where}: label image has negative ids (e.g. {int(labels.min())}): instance ids "
+                         f"are 0 (background) or positive")
     return labels
 
 
@@ -137,13 +167,34 @@ def files_by_id(paths, what: str, skipped: list | None = None, warn=None) -> dic
 
 
 class LabelFiles(Mapping):
-    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded)."""
+    """Label-image files as a read-on-access mapping id -> labels (memory stays bounded).
+
+    ``files``: id -> file (:func:`files_by_id`). A label stack gives one id per plane, named as
+    ``cellseg predict`` names the planes of an image stack (images.plane_id: ``nuc_000`` ..
+    for nuc.tif), so a stack's ground truth meets predict's rows; the headers are read here (an
+    unreadable one is an ImageError naming the file) and an id given twice is a ValueError."""
 
     def __init__(self, files: dict[str, Path], bar=None):
-        self.files, self.bar = files, bar
+        from .images import image_info, plane_id
+
+        self.bar = bar
+        self.files: dict[str, tuple[Path, int | None, tuple[int, int]]] = {}
+        for image_id, path in files.items():
+            info = image_info(path)
+            n = info.planes
+            for plane in range(n) if n > 1 else [None]:
+                key = image_id if plane is None else plane_id(image_id, (plane,), (n,))
+                if key in self.files:
+                    raise ValueError(f"{self._where(path, plane)}: image id {key!r} also given by "
+                                     f"{self._where(*self.files[key][:2])}")
+                self.files[key] = (path, plane, (info.height, info.width))
+
+    @staticmethod
+    def _where(path, plane) -> str:
+        return str(path) if plane is None else f"{path} [plane {plane}]"
 
     def __getitem__(self, image_id):
-        labels = read_label_image(self.files[image_id])
+        labels = read_label_image(*self.files[image_id][:2])
         if self.bar is not None:
             self.bar.update(1)
         return labels
@@ -155,12 +206,13 @@ class LabelFiles(Mapping):
         return len(self.files)
 
     def shape(self, image_id):
-        return image_shape(self.files[image_id])
+        return self.files[image_id][2]
 
     def labels(self, image_id, shape=None):
-        labels = read_label_image(self.files[image_id])
+        path, plane, _ = self.files[image_id]
+        labels = read_label_image(path, plane)
         if shape is not None and labels.shape != tuple(shape):
-            raise ValueError(f"{self.files[image_id]}: size {labels.shape[0]}x{labels.shape[1]} "
+            raise ValueError(f"{self._where(path, plane)}: size {labels.shape[0]}x{labels.shape[1]} "
                              f"(HxW) differs from the ground truth {shape[0]}x{shape[1]}")
         return labels
 
@@ -177,6 +229,57 @@ def label_source(path_text: str):
     if path.suffix.lower() == ".csv":
         return read_annotations(path)
     return LabelFiles(files_by_id([path], "label images"))
+
+
+def label_tiff_path(folder, image_id: str) -> Path:
+    """Where a command writes the label TIFF of ``image_id``: ``<folder>/<id>.tif`` (the one rule
+    for ``cellseg predict --labels-dir`` and ``cellseg to-labels --out``)."""
+    return Path(folder) / f"{image_id}.tif"
+
+
+def check_not_inputs(targets, inputs, what: str, other: str = "folder") -> None:
+    """ValueError (one line) when an output file in ``targets`` is one of the ``inputs`` (the same
+    file, links included): an output folder that is the image folder would replace an image
+    ``<id>.tif`` with its labels, an ``--out`` typed as an input would replace it with a CSV.
+    ``what`` names the output (``--labels-dir DIR``), ``other`` what to choose instead. Stats
+    only the targets that exist, and the inputs only then."""
+    import os
+
+    existing = []
+    for target in targets:
+        try:
+            existing.append((target, os.stat(target)))
+        except OSError:
+            continue
+    if not existing:
+        return
+    keys = {}
+    for source in inputs:
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue
+        keys[(st.st_dev, st.st_ino)] = source
+    for target, st in existing:
+        source = keys.get((st.st_dev, st.st_ino))
+        if source is not None:
+            raise ValueError(f"{what}: writing {display_path(target)} would overwrite the input "
+                             f"{display_path(source)}; choose another {other}")
+
+
+def check_label_not_image(label: Path, image: Path, image_id: str) -> None:
+    """ValueError (one line) when the label image of ``image_id`` is the image file itself: the
+    label folder given is the image folder (``--label-dir`` = ``--image-dir``, ``tune --gt`` =
+    ``--images``), so every image would be scored or trained as its own instance labels."""
+    import os
+
+    try:
+        same = os.path.samefile(label, image)
+    except OSError:
+        return
+    if same:
+        raise ValueError(f"{display_path(label)}: the label image of {image_id!r} is the image file itself "
+                         f"(the label folder is the image folder?); give the folder of the label images")
 
 
 def write_tiff(path: Path, array) -> None:

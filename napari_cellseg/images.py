@@ -233,6 +233,8 @@ def to_rgb_float(array, plane: int | None = None, name: str = "image") -> np.nda
         array = array.reshape(tuple(v for v in array.shape if v != 1) or array.shape)
     layout(array.shape, name)  # refuses what is not an image (1-D, 5-D, 4-D without channels)
     is_stack = array.ndim == 4 or (array.ndim == 3 and not 1 <= array.shape[-1] <= MAX_CHANNELS)
+    if is_stack and array.shape[0] == 1:  # a stack of one plane is that plane (layout: 1 plane)
+        array, is_stack = array[0], False
     if is_stack:
         if plane is None:
             raise ImageError(

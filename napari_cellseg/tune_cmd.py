@@ -90,7 +90,8 @@ def run_tune(args, progress_factory=None) -> int:
     from .annotations import NO_ROWS
     from .checkpoint import resolve_checkpoint
     from .options import PredictOptions
-    from .files import IdConflict, files_by_id, image_shape, label_source, resolve_ids
+    from .files import (IdConflict, LabelFiles, check_label_not_image, files_by_id, image_shape,
+                        label_source, resolve_ids)
     from .images import load_plane
     from .pipeline import Pipeline
     from .tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
@@ -122,6 +123,8 @@ def run_tune(args, progress_factory=None) -> int:
         raise ValueError(f"{args.gt}: {exc}") from None
     sources, shapes = {}, {}
     for image_id, (path, plane, header) in found.items():
+        if isinstance(gt, LabelFiles):  # --gt DIR = --images DIR: each image its own ground truth
+            check_label_not_image(gt.files[image_id][0], path, image_id)
         sources[image_id] = (path, plane)
         # a whole stack for one id is an ImageError
         size = image_shape(path) if plane is None else (header.height, header.width)

@@ -174,7 +174,25 @@ BAD_CHECKPOINTS = {
     "nan diameter": (dict(config_diameter=float("nan")), "config.diameter: must be a finite number >= 0"),
     "zero std": (dict(config_image_std=[0.2, 0.0, 0.2]), "config.image_std: must be 3 finite numbers > 0"),
     "anchors": (dict(config_anchor_sizes=[16, 32]), "config.anchor_sizes: must be 5 integers"),
+    # a checkpoint of another format version was loaded as if it were version 1 (the field was never read)
+    "newer format": (dict(format="napari-cellseg/2"), "format: 'napari-cellseg/2' was written by another "
+                     "napari-cellseg version \\(this one reads 'napari-cellseg/1'\\)"),
+    "foreign format": (dict(format="detectron2/1"), "format: 'detectron2/1' is not a napari-cellseg checkpoint format"),
+    "int format": (dict(format=7), "format: 7 is not a napari-cellseg checkpoint format"),
 }
+
+
+def test_additions_of_the_same_format_version_load(tiny, tmp_path):
+    """Within format napari-cellseg/1 a newer writer's extra keys (top level, config, thresholds)
+    are ignored; no format key at all (a hand-made dict) loads too. Only another version is refused."""
+    _, config, path = tiny
+    raw = torch.load(path, weights_only=True)
+    raw.pop("format")
+    raw.update(new_top_level=1, config=dict(raw["config"], new_field=3),
+               thresholds=dict(raw["thresholds"], new_threshold=0.1))
+    torch.save(raw, tmp_path / "newer.bin")
+    _, cfg, thresholds, _ = load_checkpoint(tmp_path / "newer.bin")
+    assert cfg == config and thresholds == {"box_conf": 0.6, "mask_threshold": 0.5, "min_area": 5}
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))

@@ -50,6 +50,120 @@ def test_round_trip_and_evaluate(tmp_path, label_dir, nuclei_label_slices):
     assert all(r["fp"] == 0 and r["fn"] == 0 for r in report["images"])
 
 
+def test_to_labels_never_overwrites_an_input_image(tmp_path, label_dir, nuclei_label_slices):
+    """to-labels --images DIR --out DIR: the label TIFF <id>.tif would replace the image <id>.tif
+    it took the size from (before: silently overwritten). Exit 2, nothing written."""
+    csv = tmp_path / "sub.csv"
+    assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: sizes from --images
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for image_id in nuclei_label_slices:
+        tifffile.imwrite(images / f"{image_id}.tif", (rng.random((256, 256)) * 60000).astype(np.uint16))
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    result = cellseg("to-labels", csv, "--out", images, "--images", images)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cellseg to-labels: error: --out {images}: ")
+    assert "overwrite the input " in lines[0]
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+def test_to_csv_out_never_overwrites_a_label_image(tmp_path, label_dir):
+    """to-csv LABELS --out LABELS/x.tif (a label file given as --out) was replaced by the CSV."""
+    target = sorted(label_dir.iterdir())[0]
+    before = target.read_bytes()
+    result = cellseg("to-csv", label_dir, "--out", target)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"cellseg to-csv: error: --out: writing {target} would overwrite the input {target}; choose another file"]
+    assert target.read_bytes() == before
+
+
+def test_label_stack_gives_one_id_per_plane_as_predict_names_them(tmp_path, nuclei_label_slices):
+    """A ground-truth label stack nuc.tif (Z x H x W) is nuc_000, nuc_001 .. for to-csv and evaluate,
+    the ids cellseg predict writes for the planes of the image stack nuc.tif (before: "not a 2-D
+    integer label image" / "cannot take an image size from a stack", exit 2)."""
+    planes = list(nuclei_label_slices.values())
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    tifffile.imwrite(gt / "nuc.tif", np.stack(planes).astype(np.uint16))
+    csv = tmp_path / "gt.csv"
+    result = cellseg("to-csv", gt, "--out", csv, "--format", "train")
+    assert result.returncode == 0, result.stderr
+    assert read_annotations(csv).ids == ["nuc_000", "nuc_001", "nuc_002"]
+    for k, labels in enumerate(planes):
+        assert np.array_equal(read_annotations(csv).labels(f"nuc_{k:03d}") > 0, labels > 0)
+    kaggle = tmp_path / "pred.csv"
+    assert cellseg("to-csv", gt, "--out", kaggle).returncode == 0
+    for args in (("--gt", gt, "--pred", kaggle), ("--gt", csv, "--pred", gt)):
+        result = cellseg("evaluate", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["mean_map"] == 1.0 and [r["id"] for r in report["images"]] == ["nuc_000", "nuc_001", "nuc_002"]
+    tifffile.imwrite(gt / "nuc_001.tif", planes[1].astype(np.uint16))  # the same id twice
+    result = cellseg("evaluate", "--gt", gt, "--pred", kaggle)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"cellseg evaluate: error: {gt / 'nuc_001.tif'}: image id 'nuc_001' also given by {gt / 'nuc.tif'} [plane 1]"]
+
+
+@pytest.mark.parametrize("fmt", ["starter", "train"])
+def test_merge_keeps_the_format_of_out(tmp_path, label_dir, nuclei_label_slices, fmt):
+    """to-csv --merge without --format adds rows in the file's own format (before: the default
+    kaggle converted a starter / train file, dropping its idx or width/height columns)."""
+    first, *rest = sorted(label_dir.iterdir())
+    csv = tmp_path / "sub.csv"
+    assert cellseg("to-csv", first, "--out", csv, "--format", fmt).returncode == 0
+    result = cellseg("to-csv", *rest, "--out", csv, "--merge")
+    assert result.returncode == 0, result.stderr
+    assert f"({fmt} format)" in result.stdout
+    ann = read_annotations(csv)
+    assert ann.format == fmt and sorted(ann.ids) == sorted(nuclei_label_slices)
+
+
+def test_float_label_images_with_whole_ids_are_read(tmp_path, nuclei_label_slices):
+    """A 32-bit float label TIFF (as ImageJ / Fiji save them) with whole-number ids: cellseg-train
+    took it, to-csv / evaluate refused it ("not a 2-D integer label image"). Now one rule
+    (files.integer_labels): whole numbers are ids, anything else one line naming the file."""
+    image_id, labels = next(iter(nuclei_label_slices.items()))
+    gt, csv = tmp_path / "gt", tmp_path / "gt.csv"
+    gt.mkdir()
+    tifffile.imwrite(gt / f"{image_id}.tif", labels.astype(np.float32))
+    result = cellseg("to-csv", gt, "--out", csv, "--format", "train")
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(read_annotations(csv).labels(image_id) > 0, labels > 0)
+    assert len(read_annotations(csv).rles(image_id)) == len(np.unique(labels)) - 1
+    bad = labels.astype(np.float32)
+    bad[3, 4] = 2.5
+    tifffile.imwrite(gt / f"{image_id}.tif", bad)
+    result = cellseg("evaluate", "--gt", gt, "--pred", csv)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"cellseg evaluate: error: {gt / image_id}.tif: label image has non-integer values (e.g. 2.5): "
+        "instance ids must be whole numbers"]
+
+
+def test_negative_label_ids_are_refused_by_every_command(tmp_path, nuclei_label_slices):
+    """A label image with negative ids: evaluate scored them as cells (mAP 1.0 against itself)
+    while to-csv refused it naming only the id ("image 'a': negative label -35") and cellseg-train
+    refused it too. One rule now (files.integer_labels), one line naming the file, exit 2."""
+    from training.data import DataError, labels_to_layers
+
+    image_id, labels = next(iter(nuclei_label_slices.items()))
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    path = gt / f"{image_id}.tif"
+    tifffile.imwrite(path, -labels.astype(np.int16))
+    expected = f"{path}: label image has negative ids (e.g. {-int(labels.max())}): instance ids are 0 (background) or positive"
+    for command, args in (("evaluate", ("--gt", gt, "--pred", gt)), ("to-csv", (gt, "--out", tmp_path / "x.csv"))):
+        result = cellseg(command, *args)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"cellseg {command}: error: {expected}"]
+    with pytest.raises(DataError, match="label image has negative ids"):
+        labels_to_layers(-labels.astype(np.int16), str(path))
+
+
 def test_kaggle_sizes_from_flag_images_or_gt(tmp_path, label_dir, nuclei_label_slices):
     csv = tmp_path / "sub.csv"
     assert cellseg("to-csv", label_dir, "--out", csv).returncode == 0  # kaggle: no sizes

@@ -175,3 +175,25 @@ def test_stack_planes_read_one_at_a_time_with_the_same_rule(tmp_path, monkeypatc
         with pytest.raises(ImageError, match="plane 4 is out of range"):
             read_plane(tmp_path / name, 4)
     _check(to_rgb_float(stack[:, None], plane=1), (6, 7))
+
+
+def test_stack_of_one_plane_is_that_plane(tmp_path):
+    """A 1xHxW stack (ImageJ / tifffile write one-slice stacks so) is one plane by images.layout,
+    so every reader takes it as the HxW image (before: image_info said 1 plane but to_rgb_float
+    refused it as "a stack of 1 planes; choose one plane", so cellseg predict skipped the file and
+    to-csv / evaluate refused a 1xHxW label file)."""
+    from napari_cellseg.files import read_label_image
+    from napari_cellseg.images import image_info
+
+    raw = (np.random.default_rng(0).random((40, 56)) * 60000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "one.tif", raw[None])
+    assert read_raw(tmp_path / "one.tif").shape == (1, 40, 56) and image_info(tmp_path / "one.tif").planes == 1
+    expected = to_rgb_float(raw)
+    assert np.array_equal(load_image(tmp_path / "one.tif"), expected)
+    assert np.array_equal(to_rgb_float(raw[None]), expected)
+    assert np.array_equal(to_rgb_float(raw[None], plane=0), expected)
+    with pytest.raises(ImageError, match="plane 1 given but the image is a single plane"):
+        to_rgb_float(raw[None], plane=1)
+    labels = np.arange(40 * 56, dtype=np.uint16).reshape(40, 56) % 7
+    tifffile.imwrite(tmp_path / "labels.tif", labels[None])
+    assert np.array_equal(read_label_image(tmp_path / "labels.tif"), labels)

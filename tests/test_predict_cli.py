@@ -96,6 +96,70 @@ def test_bad_input_exit_2_nothing_written(workdir, tmp_path, capsys, case, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sub.csv")]
 
 
+def test_labels_dir_never_overwrites_an_input_image(workdir, tmp_path, capsys):
+    """--labels-dir = the image folder: a.tif's labels would go to a.tif, the input image itself
+    (before: the image was silently replaced by its label image). Exit 2, nothing written."""
+    import tifffile
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    raw = (np.random.default_rng(1).random((96, 112)) * 60000).astype(np.uint16)
+    tifffile.imwrite(images / "a.tif", raw)
+    (images / "b.png").write_bytes((workdir / "images" / "a_img.png").read_bytes())
+    before = (images / "a.tif").read_bytes()
+    out = tmp_path / "sub.csv"
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", images, "--out", out, "--labels-dir", images,
+                    "--device", "cpu"], capsys)
+    assert rc == 2, cap.err
+    err = cap.err.strip().splitlines()[-1]
+    assert err.startswith("cellseg predict: error: --labels-dir ") and "a.tif" in err and "overwrite" in err
+    assert (images / "a.tif").read_bytes() == before and not out.exists()
+    assert sorted(p.name for p in images.iterdir()) == ["a.tif", "b.png"]
+    # a label folder beside the images is fine
+    rc, cap = _run(["--checkpoint", workdir / "tiny.bin", images, "--out", out, "--labels-dir",
+                    tmp_path / "labels", "--device", "cpu"], capsys)
+    assert rc == 0, cap.err
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["a.tif", "b.tif"]
+
+
+@pytest.mark.parametrize("target", ["image", "checkpoint"])
+def test_out_never_overwrites_an_input(workdir, tmp_path, capsys, target):
+    """--out typed as the input image or as the checkpoint (before: replaced by the CSV, the image
+    or the model lost). Exit 2, nothing changed."""
+    import shutil
+
+    image, ckpt = tmp_path / "a.png", tmp_path / "model.bin"
+    shutil.copy(workdir / "images" / "a_img.png", image)
+    shutil.copy(workdir / "tiny.bin", ckpt)
+    out = {"image": image, "checkpoint": ckpt}[target]
+    before = out.read_bytes()
+    rc, cap = _run(["--checkpoint", ckpt, image, "--out", out, "--device", "cpu"], capsys)
+    assert rc == 2, cap.err
+    err = cap.err.strip().splitlines()[-1]
+    assert err == (f"cellseg predict: error: --out: writing {out} would overwrite the input {out}; "
+                   f"choose another file")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "model.bin"]
+
+
+def test_resume_keeps_the_format_of_out(workdir, tmp_path, capsys):
+    """--resume without --format adds rows in the file's own format (before: a starter CSV was
+    silently rewritten as kaggle, its idx column gone); an explicit --format still converts."""
+    from napari_cellseg.annotations import read_annotations
+
+    out, images = tmp_path / "sub.csv", workdir / "images"
+    base = ["--checkpoint", workdir / "tiny.bin", "--out", out, "--device", "cpu"]
+    rc, cap = _run([*base, images / "a_img.png", "--format", "starter"], capsys)
+    assert rc == 0, cap.err
+    rc, cap = _run([*base, images, "--resume"], capsys)
+    assert rc == 0, cap.err
+    assert "(starter format)" in cap.out
+    ann = read_annotations(out)
+    assert ann.format == "starter" and sorted(ann.ids) == ["a_img", "b_img", "c_img"]
+    rc, cap = _run([*base, images, "--resume", "--format", "kaggle"], capsys)
+    assert rc == 0 and read_annotations(out).format == "kaggle"
+
+
 # ---- torchrun split / merge ---------------------------------------------------------------------
 def test_shard_and_merge_restore_input_order():
     items = list("abcdefg")

@@ -322,3 +322,21 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path):
     _, cfg, _, info = load_checkpoint(out / "best_model.bin")
     assert info["world_size"] == 2 and cfg.backbone == "convnext_atto"
     assert proc.stderr.count("cellseg-train: done") == 1  # rank 0 alone reports
+
+
+def test_fine_tuning_never_overwrites_its_init_checkpoint(tmp_path, capsys):
+    """--init-checkpoint OUT/best_model.bin --out OUT (fine-tuning in the model's own folder, no
+    last.ckpt there): epoch 1's best_model.bin replaced the starting model. Now exit 2 first."""
+    from conftest import tiny_checkpoint
+
+    images, labels = write_folder(tmp_path / "d", n=3)
+    out = tmp_path / "model"
+    out.mkdir()
+    start = tiny_checkpoint(out / "best_model.bin")
+    before = start.read_bytes()
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out),
+                 "--init-checkpoint", str(start), "--steps-per-epoch", "1", "--epochs", "1", "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"cellseg-train: error: --out {out}: writing {start} would overwrite the input {start}; "
+                       "choose another folder")
+    assert start.read_bytes() == before and [p.name for p in out.iterdir()] == ["best_model.bin"]

@@ -422,3 +422,57 @@ def test_importing_the_augmentations_asks_no_server(tmp_path):
     env["NO_ALBUMENTATIONS_UPDATE"] = "0"  # the user asked for the check: it happens
     run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "1", run.stdout + run.stderr[-2000:]
+
+
+def test_label_folder_that_is_the_image_folder_is_refused(tmp_path):
+    """--image-dir = --label-dir (images and masks in one folder): every image was matched with
+    itself as its label image and trained as thousands of intensity "instances", the masks as
+    images, without a word. Now one DataError naming the file, before any pixel is read."""
+    images, labels = write_folder(tmp_path / "d", n=2)
+    for f in labels.iterdir():
+        f.rename(images / f"{f.stem}_masks.tif")
+    with pytest.raises(DataError) as info:
+        load_folder_samples(images, images)
+    assert str(info.value) == (f"{images / 's0.tif'}: the label image of 's0' is the image file itself "
+                               "(the label folder is the image folder?); give the folder of the label images")
+
+
+def test_float_labels_follow_the_same_rule_as_the_file_commands():
+    """labels_to_layers (folders, napari layers) and cellseg to-csv / evaluate share one rule for
+    float label images (files.integer_labels): whole numbers are ids; NaN or 2.5 are refused."""
+    lab = np.zeros((6, 8), np.float32)
+    lab[1:3, 1:3], lab[4:, 5:] = 7, 1e6
+    layers = labels_to_layers(lab, "lab.tif")
+    assert layers.dtype == np.uint16 and sorted(np.unique(layers)) == [0, 1, 2]
+    for value in (np.nan, 2.5, np.inf):
+        bad = lab.copy()
+        bad[0, 0] = value
+        with pytest.raises(DataError, match=r"^lab.tif: label image has non-integer values \(e.g. "):
+            labels_to_layers(bad, "lab.tif")
+
+
+def test_binary_masks_given_as_labels_are_reported(tmp_path):
+    """A 0/255 mask PNG in --label-dir (a common mix-up with instance labels) trained each image
+    as ONE cell spread over every nucleus, without a word. Now one warning naming a file; real
+    instance labels (one of them a single cell in one piece) say nothing."""
+    import imageio.v3 as iio
+
+    images, labels = write_folder(tmp_path / "f", n=3)
+    lab = synth(1)[1]
+    one = np.where(lab == lab.max(), 1, 0)
+    tifffile.imwrite(labels / "s1.tif", one)  # a single cell in one piece: fine
+    said = []
+    load_folder_samples(images, labels, warn=said.append)
+    assert said == []
+    for k in (0, 2):
+        (labels / f"s{k}.tif").unlink()
+        iio.imwrite(labels / f"s{k}.png", ((synth(k)[1] > 0) * 255).astype(np.uint8))
+    samples = load_folder_samples(images, labels, warn=said.append)
+    assert [int(s.layers.max()) for s in samples] == [1, 1, 1]
+    from scipy import ndimage
+
+    n = ndimage.label(synth(0)[1] > 0, np.ones((3, 3)))[1]  # touching discs: one region
+    assert n >= 3
+    assert said == [f"{labels}: 2 label image(s) hold one id over many separate regions, e.g. s0.png ({n} "
+                    "regions): binary masks, not instance labels? Each cell needs its own id "
+                    "(skimage.measure.label numbers a mask); as given, each image trains as one cell"]

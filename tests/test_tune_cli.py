@@ -259,3 +259,15 @@ def test_tune_refuses_an_id_naming_a_file_and_a_plane(setup, tmp_path, capsys):
                                                f"names both {tmp_path / 'im' / 'stack_001.tif'} and plane 1 of "
                                                f"{tmp_path / 'im' / 'stack.tif'}; rename one"), out.stderr
     assert out.stdout == ""
+
+
+def test_gt_folder_that_is_the_image_folder_is_refused(setup, capsys):
+    """tune --gt DIR --images DIR: each image was scored against itself as ground truth (its
+    intensities as cell ids) and a meaningless best pair printed. Now exit 2, one line."""
+    root, ckpt = setup
+    images = root / "images"
+    result = _tune_inprocess(capsys, "--checkpoint", ckpt, "--gt", images, "--images", images, "--grid", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"cellseg tune: error: {images / 'img0.tif'}: the label image of 'img0' is the image file itself "
+        "(the label folder is the image folder?); give the folder of the label images")

@@ -130,11 +130,13 @@ def labels_to_layers(labels: np.ndarray, where: str = "labels") -> np.ndarray:
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise DataError(f"{where}: label image must be 2-D, got shape {lab.shape}")
-    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        if not np.all(np.mod(lab, 1) == 0):
-            raise DataError(f"{where}: label image has non-integer values")
-    if lab.min() < 0:
-        raise DataError(f"{where}: label image has negative ids")
+    from napari_cellseg.files import integer_labels
+    from napari_cellseg.images import ImageError
+
+    try:
+        lab = integer_labels(lab, where)  # the one rule: integer ids, or floats that are whole numbers
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
     ids, inv = np.unique(lab, return_inverse=True)
     if len(ids) - (ids[0] == 0) > 65535:
         raise DataError(f"{where}: more than 65535 instances in one image")
@@ -212,10 +214,39 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
     if orphans:
         _warn(warn, f"{label_dir}: {len(orphans)} label image(s) have no image in {image_dir} and are not "
                     f"used, e.g. {orphans[0]} (labels are matched by file stem)")
-    samples = []
+    from napari_cellseg.files import check_label_not_image
+
+    for image_id, ipath in images.items():  # --label-dir = --image-dir: each image its own labels
+        try:
+            check_label_not_image(labels[image_id], ipath, image_id)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+    samples, masks = [], []
     for image_id, ipath in images.items():
-        samples.extend(_folder_pair(image_id, ipath, labels[image_id]))
+        pair = _folder_pair(image_id, ipath, labels[image_id])
+        masks.extend((labels[image_id].name, n) for s in pair if (n := _regions_of_one_id(s.layers)))
+        samples.extend(pair)
+    if masks:
+        name, n = masks[0]
+        _warn(warn, f"{label_dir}: {len(masks)} label image(s) hold one id over many separate regions, e.g. "
+                    f"{name} ({n} regions): binary masks, not instance labels? "
+                    f"Each cell needs its own id (skimage.measure.label numbers a mask); as given, each "
+                    f"image trains as one cell")
     return samples
+
+
+MASK_REGIONS = 3  # one id over this many separate regions or more: a binary mask, not instances
+
+
+def _regions_of_one_id(layers: np.ndarray) -> int:
+    """Separate regions (8-connected) of a label image that holds a single id, when there are at
+    least MASK_REGIONS of them (a binary / semantic mask given as instance labels), else 0."""
+    if layers.shape[0] != 1 or layers.max() != 1:
+        return 0
+    import cv2
+
+    n = cv2.connectedComponents((layers[0] > 0).astype(np.uint8), connectivity=8)[0] - 1
+    return n if n >= MASK_REGIONS else 0
 
 
 def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:

@@ -30,7 +30,7 @@ from . import evaluate as ev
 # modules; their public names stay importable from here
 from .runstate import (LOG_FIELDS, RESUME_KEYS, TIMING_FIELDS, OutputError, _cpu_copy, _Frozen,  # noqa: F401
                        _with_logged_times, _write_config, _write_log, _Writer, prepare_output, read_resume,
-                       resume_best, rng_state, seed_everything, set_rng_state)
+                       resume_best, rng_state, seed_everything, set_rng_state, check_inputs_kept)
 from .settings import ARCH_CHECKED, effective_config
 from .loops import (AMP_DTYPES, _Batches, _health_warning, _loader, _set_backbone_frozen,  # noqa: F401
                     _worker_init, evaluate, resolve_amp, train_one_epoch)
@@ -85,6 +85,9 @@ def train(config: TrainConfig, samples=None, given=None):
     ddp = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     config = effective_config(config, given)
     out = Path(config.out)
+    if not config.resume:  # fine-tuning in the model's own folder would overwrite it with epoch 1's
+        check_inputs_kept(out, [config.init_checkpoint, config.backbone_weights
+                                if config.backbone_weights not in ("imagenet", "random") else None])
     if config.resume and rank == 0:
         prepare_output(out, True)  # one line when OUT/last.ckpt is missing
     resume_obj = read_resume(out / "last.ckpt") if config.resume else None

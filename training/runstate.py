@@ -44,6 +44,18 @@ def prepare_output(out: Path, resume: bool) -> None:
         raise OutputError(f"{out}: --resume needs {out / 'last.ckpt'}, which does not exist")
 
 
+def check_inputs_kept(out: Path, inputs) -> None:
+    """The files a run writes (OUT/best_model.bin, OUT/last.ckpt) never replace a file it starts
+    from (``inputs``: --init-checkpoint, a --backbone-weights file): OutputError, before any work
+    (files.check_not_inputs: the same file, links included)."""
+    from napari_cellseg.files import check_not_inputs
+
+    try:
+        check_not_inputs([out / "best_model.bin", out / "last.ckpt"], [p for p in inputs if p], f"--out {out}")
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
+
+
 def _with_logged_times(history: list[dict], path: Path) -> list[dict]:
     """last.ckpt is written before its epoch's timings are final: take them from log.csv."""
     import csv
