@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint import missing_checkpoint
+
 
 def setup_demo(viewer, sample: str = "nuclei", checkpoint=None, image=None):
     """Open ``image`` (a file) or the packaged ``sample``, dock the widget, pre-select a model.
@@ -75,8 +77,8 @@ def run_demo(sample: str = "nuclei", checkpoint=None, image=None, run: bool = Tr
     """Open the demo; ``screenshot=PATH`` segments once, saves the window and closes instead."""
     import napari
 
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint file not found")
+    if checkpoint is not None and missing_checkpoint(checkpoint):
+        raise FileNotFoundError(missing_checkpoint(checkpoint))
     viewer = napari.Viewer(title="napari-cellseg demo")
     widget = setup_demo(viewer, sample=sample, checkpoint=checkpoint, image=image)
     if screenshot is not None:

@@ -22,6 +22,8 @@ import numpy as np
 from training.config import BACKBONE_WEIGHTS, TrainConfig
 from training.data import DataError
 
+from .checkpoint import missing_checkpoint
+
 SOURCES = ("layers", "csv", "folders")
 MIN_IMAGES_UNTILED = 4  # fewer layer images than this: cut each into 2x2 tiles
 # form field -> TrainConfig field (the widget's tooltips come from config.HELP[field])
@@ -98,8 +100,8 @@ def form_to_config(form: dict) -> TrainConfig:
     if not kwargs["out"]:
         raise DataError("choose an output folder")
     ckpt = kwargs["init_checkpoint"]
-    if ckpt and not Path(ckpt).is_file():
-        raise DataError(f"start from: {ckpt}: checkpoint file not found")
+    if ckpt and missing_checkpoint(ckpt):
+        raise DataError(f"start from: {missing_checkpoint(ckpt)}")
     for key in ("epochs", "batch_size", "crop_size", "steps_per_epoch"):
         kwargs[key] = int(kwargs[key])
     kwargs["lr"], kwargs["val_fraction"] = float(kwargs["lr"]), float(kwargs["val_fraction"])

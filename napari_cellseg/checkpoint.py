@@ -84,13 +84,27 @@ def save_checkpoint(path, model, config: ModelConfig, thresholds: dict | None = 
     atomic_torch_save(obj, path)
 
 
+def missing_checkpoint(path) -> str | None:
+    """Why ``path`` cannot be a checkpoint file (one line), or None: not found, or a folder (a
+    training run's OUT: then name the best_model.bin in it). The rule of every entry point."""
+    path = Path(path)
+    if path.is_dir():
+        inside = [f for f in ("best_model.bin", "last.ckpt") if (path / f).is_file()]
+        hint = f"; did you mean {path / inside[0]}?" if inside else ""
+        return f"{path}: is a folder, not a checkpoint file{hint}"
+    if not path.is_file():
+        return f"{path}: checkpoint file not found"
+    return None
+
+
 def read_checkpoint(path) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with clear errors; returns the raw dict."""
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    problem = missing_checkpoint(path)
+    if problem:
+        raise CheckpointError(problem)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
     with open(path, "rb") as fh:

@@ -305,3 +305,25 @@ def test_header_only_csv_is_an_empty_submission(tmp_path, label_dir, nuclei_labe
     result = cellseg("to-labels", empty, "--out", tmp_path / "decoded", "--shape", "20x30")
     assert result.returncode == 0 and "wrote 0 label images" in result.stdout
     assert "no rows after the header" in result.stderr and list((tmp_path / "decoded").iterdir()) == []
+
+
+def test_a_run_folder_given_as_checkpoint_names_the_model_inside(tmp_path):
+    """`--checkpoint runs/exp1` (the training OUT folder) said "checkpoint file not found" about a
+    folder that exists; now one line saying it is a folder and naming the best_model.bin in it,
+    for predict (CLI, exit 2) and the Train widget's start-from field (one rule)."""
+    from napari_cellseg._train_form import form_to_config
+    from training.data import DataError
+
+    run = tmp_path / "exp1"
+    run.mkdir()
+    (run / "best_model.bin").write_bytes(b"x")
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((16, 16), np.uint8))
+    result = cellseg("predict", tmp_path / "a.tif", "--checkpoint", run, "--out", tmp_path / "s.csv")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"{run}: is a folder, not a checkpoint file; did you mean {run / 'best_model.bin'}?"), result.stderr
+    assert not (tmp_path / "s.csv").exists()
+    with pytest.raises(DataError, match=r"^start from: .*exp1: is a folder, not a checkpoint file; did you mean"):
+        form_to_config({"source": "folders", "image_dir": "x", "label_dir": "y", "out": str(tmp_path / "o"),
+                        "init_checkpoint": str(run), "epochs": 1, "batch_size": 1, "crop_size": 0,
+                        "steps_per_epoch": 0})
