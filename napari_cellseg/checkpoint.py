@@ -127,6 +127,7 @@ def read_checkpoint(path) -> dict[str, Any]:
             f"{': ' + detail.group(1) if detail else ''}") from None
     except Exception as exc:  # noqa: BLE001 - RuntimeError, EOFError, BadZipFile, KeyError ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.split(". ")[0].rstrip(".")  # torch appends paragraphs of advice: keep the fact
         if isinstance(exc, (KeyError, IndexError, TypeError, AttributeError)):
             first = f"{type(exc).__name__}: {first}"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or foreign file?): {first}") from None

@@ -89,6 +89,9 @@ def test_truncated_foreign_empty_missing(tiny, tmp_path):
         with pytest.raises(CheckpointError, match=msg) as info:
             load_checkpoint(tmp_path / name)
         assert str(info.value).startswith(str(tmp_path / name)) and "\n" not in str(info.value)
+    with pytest.raises(CheckpointError) as info:  # torch's paragraph of advice is cut to its first sentence
+        load_checkpoint(cut)
+    assert "If you are seeing this error" not in str(info.value) and len(str(info.value)) < len(str(cut)) + 160
 
 
 def test_mismatched_keys_are_listed(tiny, tmp_path):
