@@ -305,3 +305,20 @@ def test_header_only_csv_is_an_empty_submission(tmp_path, label_dir, nuclei_labe
     result = cellseg("to-labels", empty, "--out", tmp_path / "decoded", "--shape", "20x30")
     assert result.returncode == 0 and "wrote 0 label images" in result.stdout
     assert "no rows after the header" in result.stderr and list((tmp_path / "decoded").iterdir()) == []
+
+
+def test_evaluate_ignores_an_unreadable_extra_prediction_file(tmp_path, nuclei_label_slices):
+    """A file of --pred whose header cannot be read and that no ground truth names is reported as
+    an extra prediction, not an abort (its error is raised only when its id is read)."""
+    labels = next(iter(nuclei_label_slices.values())).astype(np.uint16)
+    for name in ("gt", "pred"):
+        (tmp_path / name).mkdir()
+        tifffile.imwrite(tmp_path / name / "a.tif", labels)
+    (tmp_path / "pred" / "notes.tif").write_bytes(b"not a tiff at all")
+    result = cellseg("evaluate", "--gt", tmp_path / "gt", "--pred", tmp_path / "pred")
+    assert result.returncode == 0, result.stderr
+    assert "mean mAP over 1 images: 1.0000" in result.stdout
+    assert "1 predicted images are not in the ground truth (ignored)" in result.stderr
+    (tmp_path / "gt" / "notes.tif").write_bytes(b"not a tiff at all")  # read: one line, exit 2
+    result = cellseg("evaluate", "--gt", tmp_path / "gt", "--pred", tmp_path / "pred")
+    assert result.returncode == 2 and "notes.tif" in result.stderr
