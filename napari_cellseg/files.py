@@ -98,7 +98,7 @@ def plane_of(image_id: str, files: Mapping[str, Path]):
     info = image_info(path)
     tail = image_id[len(bases[0]) + 1:]
     k = int(tail) if tail.isdecimal() else -1
-    if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
+    if 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
         return path, k, info
     return None
 
