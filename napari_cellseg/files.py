@@ -250,11 +250,20 @@ def check_not_inputs(targets, inputs, what: str, other: str = "folder") -> None:
     file, links included): an output folder that is the image folder would replace an image
     ``<id>.tif`` with its labels, an ``--out`` typed as an input would replace it with a CSV.
     ``what`` names the output (``--labels-dir DIR``), ``other`` what to choose instead. Stats
-    only the targets that exist, and the inputs only then."""
+    nothing without inputs, each target's folder once (no target of a missing folder), and the
+    inputs only when a target exists."""
     import os
 
-    existing = []
+    inputs = list(inputs)
+    if not inputs:
+        return
+    existing, folders = [], {}
     for target in targets:
+        folder = os.path.dirname(os.fspath(target)) or "."
+        if folder not in folders:
+            folders[folder] = os.path.isdir(folder)
+        if not folders[folder]:
+            continue
         try:
             existing.append((target, os.stat(target)))
         except OSError:
