@@ -32,8 +32,8 @@ from typing import Iterable, Sequence
 from .annotations import csv_format
 from .files import check_not_inputs, display_path, label_tiff_path, non_utf8_name
 from .images import plane_id
-from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_path, journal_paths,
-                      normalize_id, output_lock)
+from .journal import (Journal, _rank_of, check_out, done_ids, flush_csv, journal_format, journal_path,
+                      journal_paths, normalize_id, output_lock)
 
 FLUSH_EVERY = int(os.environ.get("CELLSEG_FLUSH_EVERY", 50))  # images between atomic CSV rewrites
 
@@ -283,7 +283,8 @@ def run_predict(options, images, out, fmt: str | None = "kaggle", labels_dir: Pa
                 resume: bool = False, progress_factory=None) -> int:
     """The ``cellseg predict`` command: ``options`` (PredictOptions) for the pipeline, ``images``
     (files / folders), ``out`` (CSV), ``fmt`` (None: kaggle, or with ``resume`` the format of
-    ``out``). Returns the exit status; usage errors raise ValueError before anything is written."""
+    ``out``, else of its journals). Returns the exit status; usage errors raise ValueError
+    before anything is written."""
     import dataclasses
 
     from .images import list_images
@@ -292,8 +293,10 @@ def run_predict(options, images, out, fmt: str | None = "kaggle", labels_dir: Pa
     rank, world = dist_info()
     out = Path(out)
     check_out(out)
-    if fmt is None:  # --resume adds rows to out in its own format (annotations.csv_format)
-        fmt = csv_format(out, "kaggle", allowed=("kaggle", "starter")) if resume else "kaggle"
+    if fmt is None:  # --resume adds rows to out in its own format (annotations.csv_format), else
+        # (killed before the first flush: journals only) in the format the run was started with
+        fmt = csv_format(out, journal_format(out) or "kaggle", allowed=("kaggle", "starter")) \
+            if resume else "kaggle"
     files = list_images(images)
     if not files:
         raise ValueError(f"no images found in {', '.join(map(str, images))}")
@@ -350,7 +353,7 @@ def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world
                 progress_factory) -> int:
     from types import SimpleNamespace
 
-    journal = Journal(journal_path(out, rank))
+    journal = Journal(journal_path(out, rank), fmt)
     flushed = [resume]  # after the first flush the CSV holds this run's rows: keep them
     count = [0]
 
@@ -360,7 +363,7 @@ def _run_locked(pipeline, items, mine, out, fmt, labels_dir, resume, rank, world
             journal.close()
             flush_csv(out, fmt, keep_existing=flushed[0])
             flushed[0] = True
-            journal.__init__(journal.path)
+            journal.__init__(journal.path, journal.fmt)
 
     bar = progress_factory(total=len(mine), desc=f"predict (rank {rank})" if world > 1 else "predict") \
         if progress_factory else None

@@ -98,7 +98,8 @@ def missing_checkpoint(path) -> str | None:
 
 
 def read_checkpoint(path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with clear errors; returns the raw dict."""
+    """``torch.load(weights_only=True)`` with clear errors; returns the raw dict, whose
+    ``format`` is checked (:func:`_check_format`) when it is a full checkpoint."""
     import torch
 
     path = Path(path)
@@ -133,6 +134,8 @@ def read_checkpoint(path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or foreign file?): {first}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if "state_dict" in obj:  # a full checkpoint (not a bare state_dict): every raw reader checks it
+        _check_format(path, obj.get("format"))
     return obj
 
 
@@ -181,8 +184,7 @@ def _check_format(path: Path, fmt) -> None:
     new number, which this reader refuses instead of building a model it would misread."""
     if fmt is None or fmt == FORMAT:
         return
-    name, _, version = str(fmt).rpartition("/")
-    if isinstance(fmt, str) and name == FORMAT.rpartition("/")[0] and version.isdecimal():
+    if isinstance(fmt, str) and fmt.startswith(FORMAT.rpartition("/")[0] + "/"):
         raise CheckpointError(f"{path}: format: {fmt!r} was written by another napari-cellseg version "
                               f"(this one reads {FORMAT!r}); use a matching napari-cellseg")
     raise CheckpointError(f"{path}: format: {fmt!r} is not a napari-cellseg checkpoint format "

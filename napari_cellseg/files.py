@@ -98,7 +98,7 @@ def plane_of(image_id: str, files: Mapping[str, Path]):
     info = image_info(path)
     tail = image_id[len(bases[0]) + 1:]
     k = int(tail) if tail.isdecimal() else -1
-    if info.planes > 1 and 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
+    if 0 <= k < info.planes and plane_id(bases[0], (k,), (info.planes,)) == image_id:
         return path, k, info
     return None
 
@@ -171,23 +171,28 @@ class LabelFiles(Mapping):
 
     ``files``: id -> file (:func:`files_by_id`). A label stack gives one id per plane, named as
     ``cellseg predict`` names the planes of an image stack (images.plane_id: ``nuc_000`` ..
-    for nuc.tif), so a stack's ground truth meets predict's rows; the headers are read here (an
-    unreadable one is an ImageError naming the file) and an id given twice is a ValueError."""
+    for nuc.tif), so a stack's ground truth meets predict's rows; the headers are read here and
+    an id given twice is a ValueError. A file whose header cannot be read stays one id (its stem)
+    and its ImageError (naming the file) is raised only when that id is read, as ``cellseg
+    predict`` does (batch._n_planes): an unreadable extra file in ``--pred`` is not scored."""
 
     def __init__(self, files: dict[str, Path], bar=None):
-        from .images import image_info, plane_id
+        from .images import ImageError, image_info, plane_id
 
         self.bar = bar
-        self.files: dict[str, tuple[Path, int | None, tuple[int, int]]] = {}
+        self.files: dict[str, tuple[Path, int | None, tuple[int, int] | None]] = {}
         for image_id, path in files.items():
-            info = image_info(path)
-            n = info.planes
+            try:
+                info = image_info(path)
+            except (ImageError, OSError):
+                info = None  # raised again when this id is read (shape / labels)
+            n = info.planes if info is not None else 1
             for plane in range(n) if n > 1 else [None]:
                 key = image_id if plane is None else plane_id(image_id, (plane,), (n,))
                 if key in self.files:
                     raise ValueError(f"{self._where(path, plane)}: image id {key!r} also given by "
                                      f"{self._where(*self.files[key][:2])}")
-                self.files[key] = (path, plane, (info.height, info.width))
+                self.files[key] = (path, plane, None if info is None else (info.height, info.width))
 
     @staticmethod
     def _where(path, plane) -> str:
@@ -206,7 +211,10 @@ class LabelFiles(Mapping):
         return len(self.files)
 
     def shape(self, image_id):
-        return self.files[image_id][2]
+        path, _, shape = self.files[image_id]
+        if shape is None:  # the header could not be read: its error, naming the file
+            image_shape(path)
+        return shape
 
     def labels(self, image_id, shape=None):
         path, plane, _ = self.files[image_id]
@@ -242,11 +250,20 @@ def check_not_inputs(targets, inputs, what: str, other: str = "folder") -> None:
     file, links included): an output folder that is the image folder would replace an image
     ``<id>.tif`` with its labels, an ``--out`` typed as an input would replace it with a CSV.
     ``what`` names the output (``--labels-dir DIR``), ``other`` what to choose instead. Stats
-    only the targets that exist, and the inputs only then."""
+    nothing without inputs, each target's folder once (no target of a missing folder), and the
+    inputs only when a target exists."""
     import os
 
-    existing = []
+    inputs = list(inputs)
+    if not inputs:
+        return
+    existing, folders = [], {}
     for target in targets:
+        folder = os.path.dirname(os.fspath(target)) or "."
+        if folder not in folders:
+            folders[folder] = os.path.isdir(folder)
+        if not folders[folder]:
+            continue
         try:
             existing.append((target, os.stat(target)))
         except OSError:

@@ -259,7 +259,10 @@ def to_rgb_float(array, plane: int | None = None, name: str = "image") -> np.nda
 def plane_id(stem: str, index: tuple[int, ...], lead_shape: tuple[int, ...]) -> str:
     """Image id of one plane of a stack: ``<stem>_<plane>`` per leading axis, zero-padded to at
     least 3 digits (``cells_007``; a T x Z stack gives ``cells_002_017``). The CLI and the napari
-    export use this one rule, so their CSVs name the same plane the same way."""
+    export use this one rule, so their CSVs name the same plane the same way. A stack of one
+    plane (1xHxW: one plane by :func:`layout`) is named ``<stem>``, as a single image is."""
+    if all(n == 1 for n in lead_shape):
+        return stem
     return stem + "".join(f"_{i:0{max(3, len(str(max(n - 1, 0))))}d}" for i, n in zip(index, lead_shape))
 
 

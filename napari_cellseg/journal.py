@@ -1,6 +1,6 @@
 """Crash-safe streaming output of ``cellseg predict``: per-rank journals + atomic CSV rewrites.
 
-Each finished image is one JSON line ``{"id", "shape", "rles"}`` appended (one ``write``) to
+Each finished image is one JSON line ``{"id", "shape", "rles", "format"}`` appended (one ``write``) to
 ``.<out name>.rank<R>.journal`` beside the CSV. :func:`flush_csv` rewrites the CSV atomically as
 its rows + every journal's rows not in it yet, then removes the journals; a kill between the two
 steps only leaves rows that the next flush skips (dedup by id). A torn last journal line (kill -9
@@ -20,7 +20,7 @@ from typing import Iterator
 from .annotations import csv_reader, normalize_id  # one id rule and one CSV field limit for readers and writers
 
 __all__ = ["Journal", "journal_path", "journal_paths", "read_journal", "done_ids", "flush_csv",
-           "normalize_id", "output_lock", "lock_path", "OutputLockError", "check_out"]
+           "normalize_id", "output_lock", "lock_path", "OutputLockError", "check_out", "journal_format"]
 
 
 class OutputLockError(ValueError):
@@ -161,6 +161,17 @@ def _csv_rows(out: Path) -> Iterator[tuple[str, str]]:
             raise ValueError(f"{out}: row {reader.line_num}: {exc}") from None
 
 
+def journal_format(out: Path) -> str | None:
+    """The CSV format a run on ``out`` was started with, as its journals record it (``--resume``
+    after a kill before the first flush, when ``out`` has no header yet); None when no entry
+    records one (no journal, or one written before the format was recorded)."""
+    for j in journal_paths(out):
+        for e in read_journal(j):
+            if e.get("format") in ("kaggle", "starter"):
+                return e["format"]
+    return None
+
+
 def done_ids(out: Path) -> set[str]:
     """Ids already predicted: in the output CSV or in any rank's journal."""
     done = {image_id for image_id, _ in _csv_rows(out)} if out.exists() else set()
@@ -226,17 +237,21 @@ def _write_merged(out: Path, fmt: str, keep_existing: bool, journals, seen: set,
 
 
 class Journal:
-    """Append-only JSON-lines journal of finished images (one write per image)."""
+    """Append-only JSON-lines journal of finished images (one write per image); ``fmt``: the
+    run's CSV format, recorded in every entry (:func:`journal_format`)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, fmt: str | None = None):
+        self.path, self.fmt = path, fmt
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         size = os.fstat(self.fd).st_size
         if size and os.pread(self.fd, 1, size - 1) != b"\n":
             os.write(self.fd, b"\n")  # end a line torn by a crash: it is skipped when read
 
     def add(self, image_id: str, shape, rles: list[str]) -> None:
-        line = json.dumps({"id": normalize_id(image_id), "shape": list(shape), "rles": rles}) + "\n"
+        entry = {"id": normalize_id(image_id), "shape": list(shape), "rles": rles}
+        if self.fmt is not None:
+            entry["format"] = self.fmt
+        line = json.dumps(entry) + "\n"
         os.write(self.fd, line.encode("utf-8"))
 
     def close(self) -> None:

@@ -180,6 +180,8 @@ BAD_CHECKPOINTS = {
     # a checkpoint of another format version was loaded as if it were version 1 (the field was never read)
     "newer format": (dict(format="napari-cellseg/2"), "format: 'napari-cellseg/2' was written by another "
                      "napari-cellseg version \\(this one reads 'napari-cellseg/1'\\)"),
+    "newer dotted format": (dict(format="napari-cellseg/2.0"), "format: 'napari-cellseg/2.0' was written by "
+                            "another napari-cellseg version"),
     "foreign format": (dict(format="detectron2/1"), "format: 'detectron2/1' is not a napari-cellseg checkpoint format"),
     "int format": (dict(format=7), "format: 7 is not a napari-cellseg checkpoint format"),
 }
@@ -196,6 +198,21 @@ def test_additions_of_the_same_format_version_load(tiny, tmp_path):
     torch.save(raw, tmp_path / "newer.bin")
     _, cfg, thresholds, _ = load_checkpoint(tmp_path / "newer.bin")
     assert cfg == config and thresholds == {"box_conf": 0.6, "mask_threshold": 0.5, "min_area": 5}
+
+
+def test_raw_readers_check_the_format(tiny, tmp_path):
+    """cellseg-train --resume (runstate.read_resume) and --init-checkpoint (settings reading the
+    architecture) read raw checkpoint dicts: another format version is refused there too."""
+    from training.runstate import read_resume
+    from training.settings import _checkpoint_config
+
+    newer = _variant(tiny, tmp_path, "newer.bin", format="napari-cellseg/2")
+    with pytest.raises(CheckpointError, match="written by another napari-cellseg version"):
+        _checkpoint_config(newer)
+    last = _variant(tiny, tmp_path, "last.ckpt", format="napari-cellseg/2", optimizer={}, scheduler={},
+                    epoch=1, history=[])
+    with pytest.raises(CheckpointError, match="written by another napari-cellseg version"):
+        read_resume(last)
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))

@@ -327,3 +327,42 @@ def test_a_run_folder_given_as_checkpoint_names_the_model_inside(tmp_path):
         form_to_config({"source": "folders", "image_dir": "x", "label_dir": "y", "out": str(tmp_path / "o"),
                         "init_checkpoint": str(run), "epochs": 1, "batch_size": 1, "crop_size": 0,
                         "steps_per_epoch": 0})
+
+
+def test_evaluate_ignores_an_unreadable_extra_prediction_file(tmp_path, nuclei_label_slices):
+    """A file of --pred whose header cannot be read and that no ground truth names is reported as
+    an extra prediction, not an abort (its error is raised only when its id is read)."""
+    labels = next(iter(nuclei_label_slices.values())).astype(np.uint16)
+    for name in ("gt", "pred"):
+        (tmp_path / name).mkdir()
+        tifffile.imwrite(tmp_path / name / "a.tif", labels)
+    (tmp_path / "pred" / "notes.tif").write_bytes(b"not a tiff at all")
+    result = cellseg("evaluate", "--gt", tmp_path / "gt", "--pred", tmp_path / "pred")
+    assert result.returncode == 0, result.stderr
+    assert "mean mAP over 1 images: 1.0000" in result.stdout
+    assert "1 predicted images are not in the ground truth (ignored)" in result.stderr
+    (tmp_path / "gt" / "notes.tif").write_bytes(b"not a tiff at all")  # read: one line, exit 2
+    result = cellseg("evaluate", "--gt", tmp_path / "gt", "--pred", tmp_path / "pred")
+    assert result.returncode == 2 and "notes.tif" in result.stderr
+
+
+def test_check_not_inputs_stats_no_target_of_a_missing_folder(tmp_path, monkeypatch):
+    """cellseg predict --labels-dir NEW: one target per image; none can be an input while the
+    folder does not exist, so its targets are not stat-ed one by one (nor any, with no inputs)."""
+    import os
+
+    from napari_cellseg.files import check_not_inputs
+
+    image = tmp_path / "a.tif"
+    image.write_bytes(b"x")
+    targets = [tmp_path / "new" / f"{k}.tif" for k in range(50)]
+    calls = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: calls.append(p) or real_stat(p, *a, **k))
+    check_not_inputs(targets, [image], "--labels-dir new")
+    assert len(calls) <= 1
+    calls.clear()
+    check_not_inputs([tmp_path / f"{k}.tif" for k in range(50)], [], "--labels-dir")
+    assert calls == []
+    with pytest.raises(ValueError, match="would overwrite the input"):  # still refused
+        check_not_inputs([tmp_path / "b.tif", image], [image], "--labels-dir")

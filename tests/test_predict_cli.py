@@ -160,6 +160,33 @@ def test_resume_keeps_the_format_of_out(workdir, tmp_path, capsys):
     assert rc == 0 and read_annotations(out).format == "kaggle"
 
 
+
+def test_resume_after_a_kill_before_the_first_flush_keeps_the_run_format(workdir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Killed before the first CSV flush (only the journal exists): --resume without --format
+    takes the format the run was started with from the journal (before: kaggle)."""
+    from napari_cellseg import batch
+    from napari_cellseg.annotations import read_annotations
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    out, images = tmp_path / "sub.csv", workdir / "images"
+    base = ["--checkpoint", workdir / "tiny.bin", "--out", out, "--device", "cpu"]
+    monkeypatch.setattr(batch, "flush_csv", killed)
+    with pytest.raises(Killed):
+        main(["predict", *map(str, [*base, images / "a_img.png", "--format", "starter"])])
+    monkeypatch.undo()
+    assert not out.exists() and list(tmp_path.glob(".sub.csv.rank0.journal"))
+    rc, cap = _run([*base, images, "--resume"], capsys)
+    assert rc == 0, cap.err
+    assert "(starter format)" in cap.out
+    ann = read_annotations(out)
+    assert ann.format == "starter" and sorted(ann.ids) == ["a_img", "b_img", "c_img"]
+
 # ---- torchrun split / merge ---------------------------------------------------------------------
 def test_shard_and_merge_restore_input_order():
     items = list("abcdefg")
@@ -312,3 +339,16 @@ def test_diameter_option_sizes_images(workdir, tmp_path, capsys):
         out.unlink(missing_ok=True)
         rc, cap = _run([*base, *bad], capsys)
         assert rc == 2 and expected in cap.err and not out.exists()
+
+
+def test_journal_records_the_format_and_old_journals_stay_readable(tmp_path):
+    from napari_cellseg.journal import Journal, done_ids, journal_format, journal_path, read_journal
+
+    out = tmp_path / "sub.csv"
+    old = journal_path(out, 0)
+    old.write_text('{"id": "a", "shape": [4, 5], "rles": ["1 2"]}\n')  # written before the format was
+    assert journal_format(out) is None and [e["id"] for e in read_journal(old)] == ["a"]
+    journal = Journal(journal_path(out, 1), "starter")
+    journal.add("b", (4, 5), [])
+    journal.close()
+    assert journal_format(out) == "starter" and done_ids(out) == {"a", "b"}

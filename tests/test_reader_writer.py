@@ -227,3 +227,22 @@ def test_draw_labels_passes_post_processing_only_when_supported():
     assert draw_labels(New(), t) == ("new", 0.3, 0.4, 5, True, True)
     with pytest.raises(OptionError, match="box_conf"):
         draw_labels(New(), {**t, "box_conf": 1.5})
+
+
+def test_one_plane_stack_exports_under_the_id_predict_gives_its_file(tmp_path):
+    """A 1xHxW stack is one plane (images.layout): cellseg predict names the file's row ``one``;
+    the widget export of the same (1, H, W) layer named it ``one_000`` (one rule: images.plane_id)."""
+    import tifffile
+
+    from napari_cellseg.batch import expand_items
+    from napari_cellseg.files import LabelFiles, files_by_id
+
+    stack = _labels(5)[None]
+    tifffile.imwrite(tmp_path / "one.tif", stack.astype(np.uint16))
+    predict_ids = [item.image_id for item in expand_items([tmp_path / "one.tif"])]
+    lyr = FakeLayer(name="one cells", data=stack, metadata={"napari_cellseg": Result("one", "one", plane=(0,))})
+    assert list(labels_items(lyr)) == predict_ids == ["one"]
+    assert list(LabelFiles(files_by_id([tmp_path], "labels"))) == predict_ids
+    out = tmp_path / "one.csv"
+    export_csv(out, labels_items(lyr), "train")
+    assert read_annotations(out).ids == ["one"]

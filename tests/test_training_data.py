@@ -476,3 +476,16 @@ def test_binary_masks_given_as_labels_are_reported(tmp_path):
     assert said == [f"{labels}: 2 label image(s) hold one id over many separate regions, e.g. s0.png ({n} "
                     "regions): binary masks, not instance labels? Each cell needs its own id "
                     "(skimage.measure.label numbers a mask); as given, each image trains as one cell"]
+
+
+def test_binary_mask_warning_counts_label_files_not_planes(tmp_path):
+    """A label stack of binary masks is one label image: the warning counted its planes."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    pairs = [synth(k) for k in range(3)]
+    tifffile.imwrite(tmp_path / "images" / "z.tif", np.stack([im for im, _ in pairs]))
+    tifffile.imwrite(tmp_path / "labels" / "z.tif", np.stack([(lab > 0).astype(np.uint8) for _, lab in pairs]))
+    said = []
+    samples = load_folder_samples(tmp_path / "images", tmp_path / "labels", warn=said.append)
+    assert len(samples) == 3
+    assert len(said) == 1 and ": 1 label image(s) hold one id over many separate regions, e.g. z.tif" in said[0]

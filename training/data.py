@@ -221,13 +221,15 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
             check_label_not_image(labels[image_id], ipath, image_id)
         except ValueError as exc:
             raise DataError(str(exc)) from None
-    samples, masks = [], []
+    samples, masks = [], {}  # label file name -> regions of its first mask-like plane
     for image_id, ipath in images.items():
         pair = _folder_pair(image_id, ipath, labels[image_id])
-        masks.extend((labels[image_id].name, n) for s in pair if (n := _regions_of_one_id(s.layers)))
+        for s in pair:
+            if labels[image_id].name not in masks and (n := _regions_of_one_id(s.layers)):
+                masks[labels[image_id].name] = n
         samples.extend(pair)
     if masks:
-        name, n = masks[0]
+        name, n = next(iter(masks.items()))
         _warn(warn, f"{label_dir}: {len(masks)} label image(s) hold one id over many separate regions, e.g. "
                     f"{name} ({n} regions): binary masks, not instance labels? "
                     f"Each cell needs its own id (skimage.measure.label numbers a mask); as given, each "
