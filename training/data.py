@@ -79,6 +79,18 @@ def _read(path: Path, plane: int | None = None) -> np.ndarray:
     return array.reshape((h, w) if c == 1 else (h, w, c))
 
 
+def _read_labels(path: Path, plane: int | None = None) -> np.ndarray:
+    """One label plane by files.read_label_image (the reader of cellseg to-csv / evaluate / tune:
+    one shape and dtype rule for every command), as a DataError."""
+    from napari_cellseg.files import read_label_image
+    from napari_cellseg.images import ImageError
+
+    try:
+        return read_label_image(path, plane)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+
+
 _COLOURS = {2: "grey+alpha", 3: "RGB", 4: "RGBA"}
 
 
@@ -259,7 +271,7 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
         raise DataError(f"{ipath}: image is {iinfo.width}x{iinfo.height} (WxH) but its labels "
                         f"{lpath.name} are {linfo.width}x{linfo.height}")
     if linfo.planes == 1 and iinfo.planes == 1:
-        return [_make_sample(stem, _read(ipath), labels_to_layers(_read(lpath), str(lpath)), str(ipath))]
+        return [_make_sample(stem, _read(ipath), labels_to_layers(_read_labels(lpath), str(lpath)), str(ipath))]
     if linfo.planes == 1:
         raise DataError(f"{ipath}: image is a stack of {iinfo.planes} planes of {iinfo.width}x{iinfo.height} "
                         f"but its labels {lpath.name} are a single {linfo.width}x{linfo.height} plane: give "
@@ -269,7 +281,7 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
                         f"{iinfo.planes} planes")
     samples = []
     for z in range(linfo.planes):  # Z-stack (+ channels): one plane at a time
-        lab = _read(lpath, z)
+        lab = _read_labels(lpath, z)
         if lab.any():
             samples.append(_make_sample(f"{stem}[{z}]", _read(ipath, z),
                                         labels_to_layers(lab, f"{lpath} [plane {z}]"), f"{ipath} [plane {z}]"))
