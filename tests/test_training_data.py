@@ -115,7 +115,7 @@ def test_folder_source_stacks_and_mismatch(tmp_path):
     labs = list(labs); labs[1] = np.zeros_like(labs[1])
     tifffile.imwrite(stack_dir / "im" / "st.tif", np.stack(ims))
     tifffile.imwrite(stack_dir / "lab" / "st.tif", np.stack(labs).astype(np.uint32))
-    assert [s.image_id for s in load_folder_samples(stack_dir / "im", stack_dir / "lab")] == ["st[0]", "st[2]", "st[3]"]
+    assert [s.image_id for s in load_folder_samples(stack_dir / "im", stack_dir / "lab")] == ["st_000", "st_002", "st_003"]
     tifffile.imwrite(labels / "s1.tif", np.zeros((100, 128), np.int32))
     with pytest.raises(DataError, match="s1.tif.*128x128.*128x100"):
         load_folder_samples(images, labels)
@@ -258,7 +258,7 @@ def test_colour_coded_label_image_is_refused_not_read_as_a_stack(tmp_path):
     tifffile.imwrite(labels / "a.tif", np.stack(labs).astype(np.uint16))
     (images / "a.png").unlink(), (labels / "a.png").unlink()
     got = load_folder_samples(images, labels)
-    assert [s.image_id for s in got] == ["a[0]", "a[1]", "a[2]"]
+    assert [s.image_id for s in got] == ["a_000", "a_001", "a_002"]
     assert all(s.image.shape[:2] == (48, 64) and s.layers.shape == (1, 48, 64) for s in got)
     assert np.array_equal(got[1].layers[0] > 0, labs[1] > 0)
 
@@ -366,6 +366,23 @@ def test_non_utf8_file_names_are_skipped_through_the_warning_callback(tmp_path, 
     assert [s.image_id for s in load_csv_samples(csv, images, warn=said.append)] == ["s0"]
     assert len(said) == 1 and "bad\\xff.tif" in said[0]
     assert "skipped" not in capsys.readouterr().err
+
+
+def test_stack_planes_are_named_as_predict_names_them_and_never_twice(tmp_path):
+    """Folder mode named the planes of st.tif st[0] .. while predict, evaluate, to-csv and the
+    widget say st_000 ..; the ids are in the checkpoint's info.val_ids. Now one rule
+    (images.plane_id), and a plane id that is also another file's id is refused."""
+    ims, labs = zip(*(synth(k) for k in range(3)))
+    root = tmp_path / "d"
+    (root / "im").mkdir(parents=True)
+    (root / "lab").mkdir()
+    tifffile.imwrite(root / "im" / "st.tif", np.stack(ims))
+    tifffile.imwrite(root / "lab" / "st.tif", np.stack(labs).astype(np.uint16))
+    assert [s.image_id for s in load_folder_samples(root / "im", root / "lab")] == ["st_000", "st_001", "st_002"]
+    tifffile.imwrite(root / "im" / "st_001.tif", ims[0])
+    tifffile.imwrite(root / "lab" / "st_001.tif", labs[0])
+    with pytest.raises(DataError, match=r"image id 'st_001' is also given by .*st\.tif"):
+        load_folder_samples(root / "im", root / "lab")
 
 
 def test_all_empty_labels_say_so_not_change_the_seed(tmp_path):

@@ -417,6 +417,35 @@ def test_resume_keeps_the_runs_settings_and_refuses_changed_ones(folder, tmp_pat
     assert int(r[-1]["best"]) == (float(r[-1]["val_map"]) > float(r[0]["val_map"]))
 
 
+def test_resume_refuses_data_that_gives_another_validation_set(folder, tmp_path, capsys):
+    """--resume draws the split again from the data: an image removed (or a stack whose planes an
+    older version named NAME[z]) silently changed the validation set, and best_model.bin was then
+    chosen across two sets. Now one line naming an image that differs, exit 2, nothing touched."""
+    import shutil
+
+    from napari_cellseg.checkpoint import read_checkpoint
+
+    images, labels = folder
+    out = tmp_path / "run"
+    data = tmp_path / "data"
+    shutil.copytree(images, data / "images")
+    shutil.copytree(labels, data / "labels")
+    args = ["--image-dir", str(data / "images"), "--label-dir", str(data / "labels"), *TINY, "--no-figures",
+            "--out", str(out)]
+    assert main([*args, "--epochs", "1"]) == 0
+    val_ids = read_checkpoint(out / "last.ckpt")["info"]["val_ids"]
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    gone = sorted((data / "images").glob(f"{val_ids[0]}.*"))[0]
+    gone.unlink()
+    next((data / "labels").glob(f"{val_ids[0]}.*")).unlink()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"cellseg-train: error: {out / 'last.ckpt'}: the data gives another validation set") and \
+        "--init-checkpoint" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_resume_reads_best_with_its_criterion():
     from training.runstate import resume_best
 

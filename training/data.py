@@ -214,7 +214,8 @@ def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: st
 def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
     """images/NAME.ext + labels/NAME.tif, matched by image id (files.files_by_id: file stem by
     annotations.normalize_id; one id twice, e.g. a.png + a.tif, is refused). A Z-stack with a
-    matching label stack gives one sample per plane that carries labels (ids NAME[z]). Planes and
+    matching label stack gives one sample per plane that carries labels (ids NAME_000 .., as
+    cellseg predict names the planes: images.plane_id). Planes and
     channels follow images.layout (a last axis of 1-4 is channels, never planes); a colour label
     image is refused. Label files without an image are reported through ``warn`` (``_warn``)."""
     images, labels = _files(image_dir, "images", warn), _files(label_dir, "label images", warn)
@@ -234,9 +235,15 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
         except ValueError as exc:
             raise DataError(str(exc)) from None
     samples, masks = [], {}  # label file name -> regions of its first mask-like plane
+    source: dict[str, Path] = {}  # sample id -> image file: a plane id (st_000) may be a file's id too
     for image_id, ipath in images.items():
         pair = _folder_pair(image_id, ipath, labels[image_id])
         for s in pair:
+            if s.image_id in source:
+                raise DataError(f"{ipath}: image id {s.image_id!r} is also given by {source[s.image_id]} "
+                                f"(a plane of a stack is named like cellseg predict names it: "
+                                f"STACK_000 ..); rename one of them")
+            source[s.image_id] = ipath
             if labels[image_id].name not in masks and (n := _regions_of_one_id(s.layers)):
                 masks[labels[image_id].name] = n
         samples.extend(pair)
@@ -279,11 +286,13 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
     if linfo.planes != iinfo.planes:
         raise DataError(f"{lpath}: a stack of {linfo.planes} label planes but the image {ipath.name} has "
                         f"{iinfo.planes} planes")
+    from napari_cellseg.images import plane_id
+
     samples = []
     for z in range(linfo.planes):  # Z-stack (+ channels): one plane at a time
         lab = _read_labels(lpath, z)
         if lab.any():
-            samples.append(_make_sample(f"{stem}[{z}]", _read(ipath, z),
+            samples.append(_make_sample(plane_id(stem, (z,), (linfo.planes,)), _read(ipath, z),
                                         labels_to_layers(lab, f"{lpath} [plane {z}]"), f"{ipath} [plane {z}]"))
     return samples
 

@@ -30,7 +30,8 @@ from . import evaluate as ev
 # modules; their public names stay importable from here
 from .runstate import (LOG_FIELDS, RESUME_KEYS, TIMING_FIELDS, OutputError, _cpu_copy, _Frozen,  # noqa: F401
                        _with_logged_times, _write_config, _write_log, _Writer, prepare_output, read_resume,
-                       resume_best, rng_state, seed_everything, set_rng_state, check_inputs_kept)
+                       resume_best, rng_state, seed_everything, set_rng_state, check_inputs_kept,
+                       check_same_split)
 from .settings import ARCH_CHECKED, effective_config
 from .loops import (AMP_DTYPES, _Batches, _health_warning, _loader, _set_backbone_frozen,  # noqa: F401
                     _worker_init, evaluate, resolve_amp, train_one_epoch)
@@ -116,6 +117,8 @@ def train(config: TrainConfig, samples=None, given=None):
     train_s, val_s = split_samples(samples, config.val_fraction, config.seed)
     if config.model.diameter:
         train_s, val_s = (normalize_size(x, config.model.diameter) for x in (train_s, val_s))
+    if resume_obj is not None:
+        check_same_split(resume_obj, [s.image_id for s in val_s], out / "last.ckpt")
     if rank == 0 and not config.resume:
         prepare_output(out, False)
     if rank == 0:

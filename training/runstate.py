@@ -142,6 +142,24 @@ def read_resume(path: Path) -> dict:
     return obj
 
 
+def check_same_split(obj: dict, val_ids: list[str], path) -> None:
+    """--resume validates on the images the run validated on (last.ckpt's ``info.val_ids``): a
+    best_model.bin chosen across two validation sets would be chosen on numbers that cannot be
+    compared. The split is drawn again from the data and the seed, so data that changed (images
+    added, removed or renamed) gives another one: OutputError naming an image that differs.
+    Files without ``val_ids`` are not checked."""
+    stored = (obj.get("info") or {}).get("val_ids") if isinstance(obj.get("info"), dict) else None
+    if not isinstance(stored, list) or sorted(map(str, stored)) == sorted(val_ids):
+        return
+    gone = sorted(set(map(str, stored)) - set(val_ids))
+    new = sorted(set(val_ids) - set(map(str, stored)))
+    example = f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new"
+    raise OutputError(f"{path}: the data gives another validation set than the run's ({len(stored)} image(s); "
+                      f"{example}): --resume needs the run's data unchanged (a run whose stack planes were "
+                      f"named NAME[z], by an older napari-cellseg, cannot be resumed either); start a new run "
+                      f"with --init-checkpoint {Path(path).parent / 'best_model.bin'}")
+
+
 def resume_best(obj: dict, select_by: str):
     """last.ckpt's ``best`` if it was measured by ``select_by`` (``best_by``: "loss" = val loss,
     "map" = -val mAP), else None. Files written before ``best_by`` (whose ``best`` may be of the
