@@ -148,11 +148,14 @@ def check_same_split(obj: dict, val_ids: list[str], path) -> None:
     compared. The split is drawn again from the data and the seed, so data that changed (images
     added, removed or renamed) gives another one: OutputError naming an image that differs.
     Files without ``val_ids`` are not checked."""
-    stored = (obj.get("info") or {}).get("val_ids") if isinstance(obj.get("info"), dict) else None
-    if not isinstance(stored, list) or sorted(map(str, stored)) == sorted(val_ids):
+    info = obj.get("info")
+    stored = info.get("val_ids") if isinstance(info, dict) else None
+    if not isinstance(stored, list):
         return
-    gone = sorted(set(map(str, stored)) - set(val_ids))
-    new = sorted(set(val_ids) - set(map(str, stored)))
+    stored = [str(i) for i in stored]
+    if sorted(stored) == sorted(val_ids):
+        return
+    gone, new = sorted(set(stored) - set(val_ids)), sorted(set(val_ids) - set(stored))
     example = f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new"
     raise OutputError(f"{path}: the data gives another validation set than the run's ({len(stored)} image(s); "
                       f"{example}): --resume needs the run's data unchanged (a run whose stack planes were "
