@@ -28,11 +28,11 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", default=["nuclei", "cells"])
     args = ap.parse_args(argv)
 
-    from napari_cellseg.images import to_rgb_float
-    from napari_cellseg.metrics import average_precision, median_diameter
-    from napari_cellseg.predict import Predictor
-    from napari_cellseg.sizing import clamp_scale
-    from napari_cellseg.synthetic import make_image
+    from napari_cellseg.io.images import to_rgb_float
+    from napari_cellseg.inference.metrics import average_precision, median_diameter
+    from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.inference.sizing import clamp_scale
+    from napari_cellseg.io.synthetic import make_image
 
     pred = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     th = pred.thresholds

@@ -170,8 +170,8 @@ def bench_loader(n_items: int) -> bool:
 
 def bench_checkpoint() -> None:
     import torch
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
+    from napari_cellseg.model.checkpoint import save_checkpoint
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model
 
     config = ModelConfig()
     model = build_model(config, "random")
@@ -209,8 +209,8 @@ def main() -> int:
 def starter_main() -> int:
     import imageio.v3 as iio
     import pandas as pd
-    from napari_cellseg.annotations import write_annotations
-    from napari_cellseg.rle import rles_to_labels, rle_encode
+    from napari_cellseg.io.annotations import write_annotations
+    from napari_cellseg.io.rle import rles_to_labels, rle_encode
     from training.augment import train_pipeline
     from training.data import load_csv_samples
     from training.dataset import InstanceDataset

@@ -6,8 +6,8 @@ cells found by the bundled demo model with the image as shown vs one channel, in
 import time
 
 from skimage.data import immunohistochemistry
-from napari_cellseg.predict import Predictor
-from napari_cellseg.channels import prepare
+from napari_cellseg.inference.predictor import Predictor
+from napari_cellseg.io.channels import prepare
 img = immunohistochemistry()
 p = Predictor.from_checkpoint(None, device="cpu")
 th = p.thresholds

@@ -42,11 +42,11 @@ def main(argv=None):
 
     from dataclasses import replace
 
-    from napari_cellseg.metrics import average_precision
+    from napari_cellseg.inference.metrics import average_precision
     from napari_cellseg.options import PredictOptions
-    from napari_cellseg.pipeline import Pipeline
-    from napari_cellseg.samples import load_sample
-    from napari_cellseg.synthetic import make_image
+    from napari_cellseg.inference.pipeline import Pipeline
+    from napari_cellseg.io.samples import load_sample
+    from napari_cellseg.io.synthetic import make_image
 
     pipe = Pipeline.from_options(PredictOptions(checkpoint=args.checkpoint, device="cpu"))
     sets = {f"sample {n}": [load_sample(n)] for n in ("nuclei", "cells")}

@@ -60,9 +60,9 @@ def peak_rss_bytes() -> int:
 def setup(threads: int | None, device: str = "cpu"):
     import torch
 
-    from napari_cellseg.images import to_rgb_float
-    from napari_cellseg.model import ModelConfig, build_model
-    from napari_cellseg.synthetic import make_image
+    from napari_cellseg.io.images import to_rgb_float
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model
+    from napari_cellseg.io.synthetic import make_image
 
     if threads:
         torch.set_num_threads(threads)
@@ -104,7 +104,7 @@ def fast(predictor, image, box_conf=0.5, mask_threshold=0.5):
 
 def worker(kind: str, threads: int | None) -> None:
     """One cold call in a fresh process; print peak RSS growth as JSON."""
-    from napari_cellseg.predict import Predictor
+    from napari_cellseg.inference.predictor import Predictor
 
     model, config, image = setup(threads)
     pred = Predictor(model, config, precision="bf16" if kind == "bf16" else "fp32") if kind != "stock" else None
@@ -134,11 +134,11 @@ def throughput(model, config, image, device, n: int, batch_size: int) -> None:
 
     import imageio.v3 as iio
 
-    from napari_cellseg.batch import Item, predict_items
-    from napari_cellseg.journal import Journal
-    from napari_cellseg.network import Runner
+    from napari_cellseg.commands.predict import Item, predict_items
+    from napari_cellseg.io.journal import Journal
+    from napari_cellseg.inference.runner import Runner
     from napari_cellseg.options import PredictOptions
-    from napari_cellseg.pipeline import Pipeline
+    from napari_cellseg.inference.pipeline import Pipeline
 
     runner = Runner(model, config, device=device)
     pipe = Pipeline(runner, PredictOptions(scale=1.0, batch_size=batch_size))
@@ -183,8 +183,8 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args.worker, args.threads)
 
-    from napari_cellseg.devices import cuda_has_bf16, resolve_device
-    from napari_cellseg.predict import Predictor, cpu_has_bf16
+    from napari_cellseg.model.devices import cuda_has_bf16, resolve_device
+    from napari_cellseg.inference.predictor import Predictor, cpu_has_bf16
 
     device = resolve_device(args.device)
     model, config, image = setup(args.threads, device)

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from napari_cellseg.rle import labels_to_rles, rle_decode, rles_to_labels  # noqa: E402
+from napari_cellseg.io.rle import labels_to_rles, rle_decode, rles_to_labels  # noqa: E402
 from training.data import masks_to_layers, rles_to_layers  # noqa: E402
 
 H, W, N = 520, 704, 500

@@ -26,7 +26,7 @@ FRAME_MS = 1000 / 60  # 16.7 ms
 
 
 def make_detections(seed=0):
-    from napari_cellseg.predict import Detections
+    from napari_cellseg.inference.predictor import Detections
 
     rng = np.random.default_rng(seed)
     size = rng.uniform(10, 40, (N, 2))
@@ -43,14 +43,14 @@ def make_detections(seed=0):
 
 def main(repeats: int = 30) -> None:
     os.environ.setdefault("NAPARI_CELLSEG_CONFIG_DIR", str(Path("/tmp/bench_slider_cfg")))
-    from napari_cellseg._torch_guard import import_torch
+    from napari_cellseg.gui.torch_guard import import_torch
 
     import_torch()  # before the GL context (see _torch_guard)
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_cellseg._layers import Result
-    from napari_cellseg._widget import SegmentWidget
+    from napari_cellseg.gui.layers import Result
+    from napari_cellseg.gui.segment.widget import SegmentWidget
 
     dets = make_detections()
     t = time.perf_counter()

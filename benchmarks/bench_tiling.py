@@ -31,9 +31,9 @@ def main(argv=None):
                          "the whole-image run is not cut at 500 cells on dense images")
     args = ap.parse_args(argv)
 
-    from napari_cellseg.metrics import average_precision
-    from napari_cellseg.predict import Predictor
-    from napari_cellseg.synthetic import make_image
+    from napari_cellseg.inference.metrics import average_precision
+    from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.io.synthetic import make_image
 
     pred = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     pred.tile_size, pred.tile_overlap = args.tile, args.overlap

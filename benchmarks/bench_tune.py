@@ -29,7 +29,7 @@ H, W, N_DET, N_IMAGES = 520, 704, 300, 40
 
 
 def fake_detections(rng, n=N_DET, boxes=None):
-    from napari_cellseg.predict import Detections
+    from napari_cellseg.inference.predictor import Detections
 
     if boxes is None:
         size = rng.uniform(15, 60, (n, 2))
@@ -56,7 +56,7 @@ def make_pairs(n_images, seed=0):
 
 def fresh(pairs):
     """Same Detections without the pasted-crop cache (as right after the forward pass)."""
-    from napari_cellseg.predict import Detections
+    from napari_cellseg.inference.predictor import Detections
 
     return [(Detections(d.boxes, d.scores, d.probs, d.image_shape), g) for d, g in pairs]
 
@@ -74,8 +74,8 @@ PLAIN = _plain()
 def time_forward(n_passes):
     import torch
 
-    from napari_cellseg.model import ModelConfig, build_model
-    from napari_cellseg.predict import Predictor
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model
+    from napari_cellseg.inference.predictor import Predictor
 
     torch.manual_seed(0)
     cfg = ModelConfig(box_score_thresh=0.0, box_detections_per_img=N_DET)  # default convnext_tiny
@@ -91,8 +91,8 @@ def time_forward(n_passes):
 
 
 def main(argv=None):
-    from napari_cellseg.metrics import average_precision
-    from napari_cellseg.tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
+    from napari_cellseg.inference.metrics import average_precision
+    from napari_cellseg.inference.tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--forward", type=int, default=2, help="timed forward passes (after a warm-up)")

@@ -8,7 +8,7 @@ Model (``--model``): ``default``, the default ``ModelConfig`` (ConvNeXt-Tiny + F
 weights (``--backbone-weights random``: every image gives the 500 detections the heads can keep,
 the most mask-head work), or ``demo``, the bundled trained demo model (the demo recipe:
 convnext_atto, a realistic number of detections); either as ``training.engine`` builds it (no
-resize in the transform). Data: synthetic cell images (``napari_cellseg.synthetic``), 256x256 by
+resize in the transform). Data: synthetic cell images (``napari_cellseg.io.synthetic``), 256x256 by
 default. Both paths give the same Detections (checked here too) and the same val loss up to
 float rounding. Run: ``python benchmarks/bench_val.py [--model default|demo] [--images N]
 [--size PX] [--rounds R]``; prints seconds per validation of each path and the ratio.
@@ -63,8 +63,8 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from napari_cellseg.model import ModelConfig, build_model
-    from napari_cellseg.synthetic import make_image
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model
+    from napari_cellseg.io.synthetic import make_image
     from training import evaluate as ev
     from training.augment import test_pipeline
     from training.config import TrainConfig
@@ -74,7 +74,7 @@ def main() -> int:
 
     torch.manual_seed(0)
     if args.model == "demo":
-        from napari_cellseg.checkpoint import load_checkpoint, resolve_checkpoint
+        from napari_cellseg.model.checkpoint import load_checkpoint, resolve_checkpoint
 
         model, mc, _, _ = load_checkpoint(resolve_checkpoint(None))
     else:

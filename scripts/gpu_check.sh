@@ -65,7 +65,7 @@ echo "gpu_check: $(date -u +%FT%TZ) device $DEVICE, $N synthetic $KIND ${SIZE/ /
 "$PY" - "$WORK/data" "$N" "$KIND" $SIZE $DIAMETER <<'PY' || { echo "gpu_check: cannot make the data" >&2; exit 2; }
 import os, sys
 from concurrent.futures import ProcessPoolExecutor
-from napari_cellseg.synthetic import write_dataset
+from napari_cellseg.io.synthetic import write_dataset
 out, n, kind, h, w = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 opts = {"diameter": (float(sys.argv[6]), float(sys.argv[7])), "density": 0.3} if len(sys.argv) > 6 else {}
 jobs = max(1, min(n, len(os.sched_getaffinity(0)), 16))  # image i depends only on (seed, i): any split
@@ -130,7 +130,7 @@ torchrun_check() {
     >"$out.log" 2>&1 || { echo "FAIL exit $? ($(tail -1 "$out.log"))"; return; }
   "$PY" - "$out" <<'PY'
 import sys, torch
-from napari_cellseg.checkpoint import load_checkpoint
+from napari_cellseg.model.checkpoint import load_checkpoint
 _, _, _, info = load_checkpoint(sys.argv[1] + "/best_model.bin")
 want = "nccl" if info["device"].startswith("cuda") else "gloo"
 got = info.get("ddp_backend")  # the process group the run really used (None: it ran without DDP)
@@ -143,8 +143,8 @@ predict_check() {
   "${T[@]}" "$PY" - "$WORK/amp-auto/best_model.bin" "$WORK/data/images" "$DEVICE" <<'PY'
 import sys, time, glob
 import numpy as np, torch
-from napari_cellseg.images import to_rgb_float
-from napari_cellseg.predict import Predictor
+from napari_cellseg.io.images import to_rgb_float
+from napari_cellseg.inference.predictor import Predictor
 import tifffile
 ckpt, folder, device = sys.argv[1:]
 images = [to_rgb_float(tifffile.imread(p)) for p in sorted(glob.glob(folder + "/*.tif"))[:8]]

@@ -34,8 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from napari_cellseg.atomic import atomic_write  # noqa: E402
-from napari_cellseg.synthetic import write_dataset, write_tif  # noqa: E402
+from napari_cellseg.io.atomic import atomic_write  # noqa: E402
+from napari_cellseg.io.synthetic import write_dataset, write_tif  # noqa: E402
 
 BLOCK_TEST = (30, 38)
 BLOCK_GUARD = ((27, 29), (39, 41))
@@ -75,7 +75,7 @@ def write_gt_csv(folder: Path) -> Path:
     """train-style RLE CSV of every label image in folder/labels (id = file stem)."""
     import tifffile
 
-    from napari_cellseg.annotations import write_annotations
+    from napari_cellseg.io.annotations import write_annotations
 
     items = {p.stem: tifffile.imread(p).astype(np.int32)
              for p in sorted((folder / "labels").glob("*.tif"))}

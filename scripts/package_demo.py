@@ -28,8 +28,8 @@ DESCRIPTION = (
 def main(argv=None) -> int:
     import torch
 
-    from napari_cellseg.atomic import atomic_torch_save
-    from napari_cellseg.checkpoint import load_checkpoint, read_checkpoint
+    from napari_cellseg.io.atomic import atomic_torch_save
+    from napari_cellseg.model.checkpoint import load_checkpoint, read_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("checkpoint", type=Path)

@@ -32,8 +32,8 @@ def main(out="docs"):
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_cellseg._napari_compat import close_notifications
-    from napari_cellseg._sample import nuclei_sample
+    from napari_cellseg.gui.compat import close_notifications
+    from napari_cellseg.gui.sample import nuclei_sample
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

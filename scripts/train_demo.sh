@@ -18,7 +18,7 @@
 #                run in runs/demo5 as 20 epochs resumed to 28: docs/demo_model/phase3_log.csv)
 # The file records no commit (its info has the last phase's TrainConfig, val_map 0.573 and the tuning
 # result 0.713 on 46 images); models trained from now on carry info["code"] (package version, git
-# commit, dirty flag: napari_cellseg.checkpoint.code_version). The shipped model's held-out figures
+# commit, dirty flag: napari_cellseg.model.checkpoint.code_version). The shipped model's held-out figures
 # (README "The demo model": real nuclei 0.555, synthetic 0.691) are measured on the shipped file.
 #
 # The recipe:

@@ -105,8 +105,8 @@ def tiny_checkpoint(path, thresholds=None, seed: int = 0, **config_overrides) ->
     test module that did ``pytest.importorskip("torch")``."""
     import torch
 
-    from napari_cellseg.checkpoint import save_checkpoint
-    from napari_cellseg.model import ModelConfig, build_model
+    from napari_cellseg.model.checkpoint import save_checkpoint
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model
 
     torch.manual_seed(seed)
     config = ModelConfig(**{**TINY_MODEL, **config_overrides})

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from napari_cellseg.model import ModelConfig
+from napari_cellseg.model.maskrcnn import ModelConfig
 
 from .config import CHOICES, HELP, ConfigError, TrainConfig
 
@@ -132,7 +132,7 @@ def _forget_interrupt() -> None:
 
 
 def _run(config: TrainConfig, given: frozenset, quiet: bool, state: dict) -> int:
-    from napari_cellseg.model import BackboneError
+    from napari_cellseg.model.maskrcnn import BackboneError
     from tqdm import tqdm
 
     from .data import DataError

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from napari_cellseg.model import ConfigError as ModelConfigError
-from napari_cellseg.model import ModelConfig, check_backbone_name
+from napari_cellseg.model.maskrcnn import ConfigError as ModelConfigError
+from napari_cellseg.model.maskrcnn import ModelConfig, check_backbone_name
 
 
 class ConfigError(ValueError):

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from napari_cellseg.images import IMAGE_SUFFIXES  # one list of image suffixes
-from napari_cellseg.metrics import median_diameter
-from napari_cellseg.sizing import clamp_scale  # the 0.25-4 size-normalisation clamp, one home
+from napari_cellseg.io.images import IMAGE_SUFFIXES  # one list of image suffixes
+from napari_cellseg.inference.metrics import median_diameter
+from napari_cellseg.inference.sizing import clamp_scale  # the 0.25-4 size-normalisation clamp, one home
 
 MIN_AREA = 4  # instances smaller than this (after augmentation) are dropped as degenerate
 
@@ -56,7 +56,7 @@ class Sample:
 # ---------------------------------------------------------------- image reading / normalising
 def _info(path: Path):
     """images.image_info (the header, limits checked, images.layout's planes/channels) as a DataError."""
-    from napari_cellseg.images import ImageError, image_info
+    from napari_cellseg.io.images import ImageError, image_info
 
     try:
         return image_info(path)
@@ -67,7 +67,7 @@ def _info(path: Path):
 def _read(path: Path, plane: int | None = None) -> np.ndarray:
     """One plane of an image file (images.read_plane: only that page of a paged TIFF is decoded)
     as HxW or HxWxC by images.layout (a last axis of 1-4 is channels, never planes)."""
-    from napari_cellseg.images import ImageError, layout, read_plane
+    from napari_cellseg.io.images import ImageError, layout, read_plane
 
     try:
         array = np.asarray(read_plane(path, plane))
@@ -82,8 +82,8 @@ def _read(path: Path, plane: int | None = None) -> np.ndarray:
 def _read_labels(path: Path, plane: int | None = None) -> np.ndarray:
     """One label plane by files.read_label_image (the reader of cellseg to-csv / evaluate / tune:
     one shape and dtype rule for every command), as a DataError."""
-    from napari_cellseg.files import read_label_image
-    from napari_cellseg.images import ImageError
+    from napari_cellseg.io.files import read_label_image
+    from napari_cellseg.io.images import ImageError
 
     try:
         return read_label_image(path, plane)
@@ -105,7 +105,7 @@ def _check_label_info(path: Path, info) -> None:
 def to_float_image(array: np.ndarray) -> np.ndarray:
     """HxW / HxWx{1,3,4} array -> float32 HxWx3 in [0, 1], the normalisation the Predictor uses."""
     try:
-        from napari_cellseg.images import to_rgb_float
+        from napari_cellseg.io.images import to_rgb_float
     except ImportError:  # images.py not there yet: same rule (dtype range, grey -> RGB)
         to_rgb_float = None
     if to_rgb_float is not None:
@@ -142,8 +142,8 @@ def labels_to_layers(labels: np.ndarray, where: str = "labels") -> np.ndarray:
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise DataError(f"{where}: label image must be 2-D, got shape {lab.shape}")
-    from napari_cellseg.files import integer_labels
-    from napari_cellseg.images import ImageError
+    from napari_cellseg.io.files import integer_labels
+    from napari_cellseg.io.images import ImageError
 
     try:
         lab = integer_labels(lab, where)  # the one rule: integer ids, or floats that are whole numbers
@@ -165,7 +165,7 @@ def rles_to_layers(rles: Sequence[str], shape) -> np.ndarray:
     """Kaggle RLE strings (one per cell, possibly overlapping) -> the same layers as
     ``masks_to_layers`` of their decoded masks, without one full-size mask per cell: each cell's
     flat pixel indices come straight from its runs (rle.parse_rles validates them)."""
-    from napari_cellseg.rle import parse_rles
+    from napari_cellseg.io.rle import parse_rles
 
     h, w = shape
     starts, lengths, n_runs = parse_rles(list(rles), h * w)
@@ -227,7 +227,7 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
     if orphans:
         _warn(warn, f"{label_dir}: {len(orphans)} label image(s) have no image in {image_dir} and are not "
                     f"used, e.g. {orphans[0]} (labels are matched by file stem)")
-    from napari_cellseg.files import check_label_not_image
+    from napari_cellseg.io.files import check_label_not_image
 
     for image_id, ipath in images.items():  # --label-dir = --image-dir: each image its own labels
         try:
@@ -286,7 +286,7 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
     if linfo.planes != iinfo.planes:
         raise DataError(f"{lpath}: a stack of {linfo.planes} label planes but the image {ipath.name} has "
                         f"{iinfo.planes} planes")
-    from napari_cellseg.images import plane_id
+    from napari_cellseg.io.images import plane_id
 
     samples = []
     for z in range(linfo.planes):  # Z-stack (+ channels): one plane at a time
@@ -302,8 +302,8 @@ def _files(folder, what: str, warn=None) -> dict[str, Path]:
     ``evaluate`` / ``to-csv`` (id = file stem by annotations.normalize_id; one id twice, e.g.
     a.png + a.tif, is refused), as a DataError. A file name that is not UTF-8 is skipped with a
     one-line warning through ``warn`` (``_warn``)."""
-    from napari_cellseg.files import files_by_id
-    from napari_cellseg.images import list_images
+    from napari_cellseg.io.files import files_by_id
+    from napari_cellseg.io.images import list_images
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -329,8 +329,8 @@ def _resolve_csv_ids(ann, csv_path, image_dir, warn=None) -> dict[str, tuple[Pat
     ``cellseg tune``: a file whose id it is, or one plane of a stack, ``stack_000`` .. for
     stack.tif). Checked on headers only; a missing image, an id naming a whole stack or both a
     file and a plane is a DataError naming the CSV row."""
-    from napari_cellseg.files import IdConflict, resolve_ids
-    from napari_cellseg.images import ImageError, plane_id
+    from napari_cellseg.io.files import IdConflict, resolve_ids
+    from napari_cellseg.io.images import ImageError, plane_id
 
     try:
         found, missing = resolve_ids(ann.ids, _files(image_dir, "images", warn))
@@ -359,7 +359,7 @@ def load_csv_samples(csv_path, image_dir, warn=None) -> list[Sample]:
     resolved as the other commands do: file stem (files.files_by_id), or ``STEM_000`` .. for the
     planes of a stack STEM.tif (images.plane_id, the ids ``cellseg predict`` writes), one plane
     read at a time (images.read_plane). Every id, size and RLE is checked before any decoding."""
-    from napari_cellseg.annotations import NO_ROWS, CsvError, read_annotations
+    from napari_cellseg.io.annotations import NO_ROWS, CsvError, read_annotations
     ann = read_annotations(csv_path)  # CsvError (a ValueError) for malformed CSVs
     if not ann.ids:
         raise DataError(f"{csv_path} {NO_ROWS}: no annotated cells to train on")

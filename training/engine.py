@@ -45,8 +45,8 @@ def _no_resize(image, target=None):
 def _build(config: TrainConfig, device):
     """The network for ``config`` (already effective: see ``effective_config``). Backbone weights
     are fetched only for a run from scratch; a checkpoint load never downloads."""
-    from napari_cellseg.checkpoint import load_checkpoint
-    from napari_cellseg.model import build_model
+    from napari_cellseg.model.checkpoint import load_checkpoint
+    from napari_cellseg.model.maskrcnn import build_model
 
     from_ckpt = bool(config.init_checkpoint or config.resume)
     weights = None if from_ckpt or config.backbone_weights in (None, "", "random") else config.backbone_weights
@@ -77,8 +77,8 @@ def train(config: TrainConfig, samples=None, given=None):
     model when fine-tuning from --init-checkpoint), "warning" (one line), "done"."""
     import torch
     import torch.distributed as dist
-    from napari_cellseg.checkpoint import code_version
-    from napari_cellseg.devices import ddp_backend, resolve_device
+    from napari_cellseg.model.checkpoint import code_version
+    from napari_cellseg.model.devices import ddp_backend, resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

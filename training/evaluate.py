@@ -1,6 +1,6 @@
 """Validation helpers: the val Predictor, the one-pass validation step (losses and Detections
 from one backbone forward), the threshold choice for the best val mAP (the shared
-``napari_cellseg.tuning.sweep`` on cached Detections) and the run's figures (loss curve,
+``napari_cellseg.inference.tuning.sweep`` on cached Detections) and the run's figures (loss curve,
 augmented samples, validation overlays). No Qt here."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from napari_cellseg.options import DEFAULT_THRESHOLDS, PredictOptions, Threshold
 
 
 def val_predictor(net, model_config, device):
-    """A ``napari_cellseg.pipeline.Pipeline`` around the model being trained (``.predict(array)``
+    """A ``napari_cellseg.inference.pipeline.Pipeline`` around the model being trained (``.predict(array)``
     -> Detections), built from PredictOptions like every other prediction.
 
     The val images come out of the val pipeline at the size the network trained on, so they are
@@ -22,8 +22,8 @@ def val_predictor(net, model_config, device):
     """
     import dataclasses
 
-    from napari_cellseg.network import Runner
-    from napari_cellseg.pipeline import Pipeline
+    from napari_cellseg.inference.runner import Runner
+    from napari_cellseg.inference.pipeline import Pipeline
 
     runner = Runner(net, dataclasses.replace(model_config, native_scale=True), device=str(device))
     return Pipeline(runner, PredictOptions(device=str(device), scale=1.0))
@@ -46,7 +46,7 @@ def val_step(pipeline, arrays, targets, detect: bool = True):
     from torchvision.models.detection.image_list import ImageList
 
     from napari_cellseg.progress import drain
-    from napari_cellseg.tiling import needs_tiling
+    from napari_cellseg.inference.tiling import needs_tiling
 
     runner = pipeline.runner
     net = runner.model
@@ -75,19 +75,19 @@ def val_step(pipeline, arrays, targets, detect: bool = True):
 def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, Thresholds]:
     """Val mAP and the thresholds to store in the checkpoint.
 
-    ``detections``: one ``napari_cellseg.predict.Detections`` per val image (run once);
+    ``detections``: one ``napari_cellseg.inference.predictor.Detections`` per val image (run once);
     ``gts``: their ground-truth label images. ``tune`` picks the pair with the best mean mAP on
-    ``napari_cellseg.tuning``'s grid (ties: nearest to 0.5/0.5); otherwise 0.5/0.5. The mAP is
+    ``napari_cellseg.inference.tuning``'s grid (ties: nearest to 0.5/0.5); otherwise 0.5/0.5. The mAP is
     then measured on the same Detections at that pair (``to_labels`` + metrics.average_precision).
     """
-    from napari_cellseg.metrics import average_precision
+    from napari_cellseg.inference.metrics import average_precision
 
     detections, gts = list(detections), list(gts)
     thr = DEFAULT_THRESHOLDS  # (a Thresholds; reads like the old dict: thr["box_conf"], {**thr})
     if not detections:
         return 0.0, thr
     if tune:
-        from napari_cellseg.tuning import sweep
+        from napari_cellseg.inference.tuning import sweep
 
         best = sweep(zip(detections, gts), base=thr).best
         thr = thr.with_overrides(box_conf=best["box_conf"], mask_threshold=best["mask_threshold"])
@@ -97,7 +97,7 @@ def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, Thresh
 
 # ---------------------------------------------------------------- figures
 def _save(fig, path: Path) -> None:
-    from napari_cellseg.atomic import atomic_write
+    from napari_cellseg.io.atomic import atomic_write
 
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=80)

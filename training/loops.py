@@ -23,7 +23,7 @@ AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 def resolve_amp(mode: str, device) -> str:
     """``--amp`` -> the precision a run uses: "off", "bf16" or "fp16". auto: bf16 autocast (no
     scaler) on GPUs with bfloat16, fp16 + GradScaler on older GPUs, off elsewhere (CPU)."""
-    from napari_cellseg.devices import cuda_has_bf16
+    from napari_cellseg.model.devices import cuda_has_bf16
 
     if mode in (True, False):  # configs saved before --amp took a mode
         mode = "auto" if mode else "off"

@@ -48,7 +48,7 @@ def check_inputs_kept(out: Path, inputs) -> None:
     """The files a run writes (OUT/best_model.bin, OUT/last.ckpt) never replace a file it starts
     from (``inputs``: --init-checkpoint, a --backbone-weights file): OutputError, before any work
     (files.check_not_inputs: the same file, links included)."""
-    from napari_cellseg.files import check_not_inputs
+    from napari_cellseg.io.files import check_not_inputs
 
     try:
         check_not_inputs([out / "best_model.bin", out / "last.ckpt"], [p for p in inputs if p], f"--out {out}")
@@ -74,7 +74,7 @@ def _with_logged_times(history: list[dict], path: Path) -> list[dict]:
 
 def _write_log(history: list[dict], path: Path) -> None:
     import csv
-    from napari_cellseg.atomic import atomic_write
+    from napari_cellseg.io.atomic import atomic_write
 
     with atomic_write(path) as fh:
         w = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
@@ -85,7 +85,7 @@ def _write_log(history: list[dict], path: Path) -> None:
 
 def _write_config(cfg: TrainConfig, path: Path) -> None:
     import json
-    from napari_cellseg.atomic import atomic_write
+    from napari_cellseg.io.atomic import atomic_write
 
     with atomic_write(path) as fh:
         json.dump(cfg.to_dict(), fh, indent=1)
@@ -132,7 +132,7 @@ RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "state_dict")
 
 def read_resume(path: Path) -> dict:
     """OUT/last.ckpt, checked for everything --resume needs (one clear line otherwise)."""
-    from napari_cellseg.checkpoint import read_checkpoint
+    from napari_cellseg.model.checkpoint import read_checkpoint
 
     obj = read_checkpoint(path)
     missing = [k for k in RESUME_KEYS if k not in obj]
@@ -218,7 +218,7 @@ class _Writer:
 
     def submit(self, jobs) -> None:
         import threading
-        from napari_cellseg.checkpoint import save_checkpoint
+        from napari_cellseg.model.checkpoint import save_checkpoint
 
         self.wait()
 

@@ -27,7 +27,7 @@ from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
 
 
 def _checkpoint_config(path) -> dict:
-    from napari_cellseg.checkpoint import read_checkpoint
+    from napari_cellseg.model.checkpoint import read_checkpoint
 
     obj = read_checkpoint(path)
     return obj.get("config", {}) if isinstance(obj, dict) else {}
@@ -99,8 +99,8 @@ def _architecture_conflict(given, mine, theirs, free=()):
 def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfig:
     """The run's config from ``last`` (its train_config and model), with the RESUME_MAY_CHANGE
     fields of ``cfg``; a given field that disagrees with the run -> ConfigError naming both values."""
-    from napari_cellseg.checkpoint import read_checkpoint
-    from napari_cellseg.model import ModelConfig
+    from napari_cellseg.model.checkpoint import read_checkpoint
+    from napari_cellseg.model.maskrcnn import ModelConfig
 
     obj = read_checkpoint(last)
     model = ModelConfig.from_dict(obj.get("config") or {})
@@ -148,7 +148,7 @@ def given_fields(config: TrainConfig) -> set[str]:
     """For callers that do not say which settings they chose (the Python API, the widget): the
     fields that differ from the defaults (``"model.NAME"`` for the architecture)."""
     import dataclasses
-    from napari_cellseg.model import ModelConfig
+    from napari_cellseg.model.maskrcnn import ModelConfig
 
     d0, m0 = TrainConfig(), ModelConfig()
     given = {f.name for f in dataclasses.fields(config)
@@ -171,7 +171,7 @@ def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     so a conflict left (e.g. an explicit --width 704 --height 520 with a checkpoint's --diameter)
     is one ConfigError before anything is written."""
     import copy
-    from napari_cellseg.model import ModelConfig
+    from napari_cellseg.model.maskrcnn import ModelConfig
 
     cfg = copy.deepcopy(config)
     given = given_fields(cfg) if given is None else set(given)

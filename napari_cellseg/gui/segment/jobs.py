@@ -1,0 +1,128 @@
+"""Worker bodies of the Segment widget (run in napari thread workers; no Qt here).
+
+* :func:`load_torch_job` imports torch and the predictor off the GUI thread and reads the chosen
+  checkpoint's thresholds (without building the model), so the sliders show them before any run;
+* :func:`predict_options` turns the form into ``options.PredictOptions``;
+* :func:`segment_job` loads (or reuses) the model and runs ``pipeline.Pipeline`` plane by plane;
+* :func:`calibrate_job` measures the cells' diameter (the pipeline's "auto" size estimate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from napari_cellseg.io.channels import prepare
+
+
+def checkpoint_thresholds(checkpoint) -> dict:
+    """The thresholds stored in a checkpoint (defaults filled in), without building the model.
+
+    Raises CheckpointError / OptionError naming the file."""
+    from napari_cellseg.model.checkpoint import read_checkpoint
+    from napari_cellseg.options import Thresholds
+
+    obj = read_checkpoint(checkpoint)
+    stored = obj.get("thresholds") if "state_dict" in obj else None
+    return Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds").to_dict()
+
+
+def load_torch_job(checkpoint=None):
+    """Import torch + the predictor (slow the first time), then the checkpoint's thresholds.
+
+    Returns ``(thresholds dict or None, error message or None)``. ``_torch_guard.block_triton``
+    must have run in the GUI thread first."""
+    from napari_cellseg.gui.torch_guard import import_torch
+
+    import_torch()
+    from napari_cellseg.inference import predictor as predict  # noqa: F401  (torchvision, timm: the slow part)
+
+    if not checkpoint:
+        return None, None
+    try:
+        return checkpoint_thresholds(checkpoint), None
+    except ValueError as exc:  # CheckpointError / OptionError: one line naming the file
+        return None, str(exc)
+
+
+from napari_cellseg.progress import relay_map as relay  # noqa: E402  (the one relay loop: progress.py)
+
+
+THRESHOLD_KEYS = ("box_conf", "mask_threshold", "min_area", "fill_holes", "keep_largest")
+
+
+def predict_options(checkpoint, device, diameter=None, thresholds=None):
+    """The Segment form -> ``options.PredictOptions`` (the one option type the CLI, tune, the
+    widgets and training validation all build). ``diameter``: px, "auto" or None (the model's
+    own size); ``thresholds``: the sliders (they override the checkpoint's). Raises OptionError."""
+    from napari_cellseg.options import PredictOptions
+
+    t = dict(thresholds or {})
+    return PredictOptions(checkpoint=str(checkpoint), device=str(device), diameter=diameter,
+                          **{k: t[k] for k in THRESHOLD_KEYS if k in t})
+
+
+def _runner(options, cache):
+    """The network runner of ``options`` (checkpoint, device, precision), cached across runs."""
+    from napari_cellseg.inference.predictor import Predictor
+
+    path = Path(options.checkpoint)
+    key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, options.device,
+           options.precision)
+    runner = cache.get(key)
+    if runner is None:
+        runner = Predictor.from_checkpoint(path, device=options.device, precision=options.precision)
+        cache.clear()  # one model in memory at a time
+        cache[key] = runner
+    return runner
+
+
+def _pipeline(options, cache):
+    from napari_cellseg.inference.pipeline import Pipeline
+
+    return Pipeline(_runner(options, cache), options)
+
+
+def segment_job(options, planes: dict, cache, channel="all", invert=False):
+    """Worker body: load (or reuse) the model, run ``pipeline.Pipeline(runner, options)`` once
+    per plane, return ``({plane prefix: Detections}, thresholds dict)``. ``options``: the
+    PredictOptions of the form (:func:`predict_options`): device, size (diameter / "auto" /
+    the model's own), thresholds, tiling; the returned thresholds are the pipeline's (the
+    checkpoint's with the form's overrides).
+
+    ``planes`` maps a plane prefix (``()`` for a 2D image) to its 2D array; a plane is read only
+    when its turn comes, so a lazy (dask/zarr) stack is never loaded whole. Each plane goes
+    through ``channels.prepare(channel, invert)`` first. Progress events carry the overall
+    fraction and "plane i/n"; the worker can be cancelled between any two events.
+    """
+    yield {"stage": "loading model", "fraction": 0.0}
+    pipeline = _pipeline(options, cache)
+    out, n = {}, len(planes)
+    for i, (prefix, array) in enumerate(planes.items()):
+        where = f"plane {i + 1}/{n}: " if n > 1 else ""
+        gen = pipeline.iter_predict(prepare(np.asarray(array), channel, invert))
+        out[prefix] = yield from relay(gen, lambda e, i=i, where=where: {
+            **e, "stage": where + str(e.get("stage", "")), "fraction": (i + float(e.get("fraction", 0.0))) / n})
+    return out, pipeline.thresholds.to_dict()
+
+
+def calibrate_job(options, image, cache, channel="all", invert=False):
+    """Worker body of "Calibrate": the median cell diameter (image px) from the pipeline's
+    automatic size estimate (``options`` with ``diameter="auto"``), and the resize factor that
+    diameter gives (the same rule as typing it into the diameter box). Returns
+    ``(diameter or None, scale or None, cells found)``."""
+    from dataclasses import replace
+
+    from napari_cellseg.inference.sizing import scale_for_diameter
+
+    yield {"stage": "loading model", "fraction": 0.0}
+    pipeline = _pipeline(replace(options, diameter="auto", scale=None), cache)
+    gen = pipeline.iter_predict(prepare(np.asarray(image), channel, invert))
+    dets = yield from relay(gen, lambda e: {**e, "stage": "measuring: " + str(e.get("stage", ""))})
+    diameter = getattr(dets, "diameter", None)
+    if not diameter:
+        return None, None, 0
+    diameter = float(round(diameter))
+    n = int(pipeline.labels(dets).max())
+    return diameter, float(scale_for_diameter(pipeline.runner, diameter)), n

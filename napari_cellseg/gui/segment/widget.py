@@ -1,0 +1,520 @@
+"""The "Segment cells" dock widget (thin: reads the form, calls the core, puts results in layers).
+
+Prediction runs in a napari thread worker (``pipeline.Pipeline`` built from the form's
+``options.PredictOptions``, imported lazily so
+napari start-up never imports torch). The network output (Detections) is kept in the result
+layer's metadata; the sliders only call ``Detections.to_labels``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QProgressBar,
+                            QSpinBox, QVBoxLayout)
+from superqt import QLabeledDoubleSlider
+
+from napari_cellseg.gui.segment import edit as _edit
+from napari_cellseg.gui import registry
+from napari_cellseg.gui.segment.jobs import calibrate_job, load_torch_job, predict_options, segment_job
+from napari_cellseg.gui.layers import (InputError, Result, draw_labels, image_id_for_layer, image_plane, post_processing_supported, result_layer_name, result_of, spatial_shape, stack_planes)
+from napari_cellseg.gui.layout import ScrollDock, button, row_of
+from napari_cellseg.gui.compat import reset_undo_history, same_layer, unwrap
+from napari_cellseg.gui.segment.panels import PanelActions, build_edit_box, build_export_box
+from napari_cellseg.gui.settings import DIAMETER_TIP, save_settings, size_note
+from napari_cellseg.io.channels import CHANNELS
+from napari_cellseg.options import OptionError
+
+SEGMENT_TIP = ("Run the network once on the image (the sliders below then work without "
+               "re-running it)")
+ALL_PLANES_TIP = ("Segment all planes of a 3D/T stack in one run (progress per plane; Cancel keeps "
+                  "nothing). Unticked: only the plane shown in the viewer")
+
+
+LOADING = "Loading PyTorch in the background (first start only, a few seconds)…"
+BUSY_TIP = "Wait: PyTorch is still loading (see the status line)"
+
+
+class SegmentWidget(PanelActions, ScrollDock):
+    """Dock widget: pick image + model, Segment, tune thresholds live, edit, export CSV."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self._predictors: dict = {}
+        self._worker = None
+        self._loader = None
+        self._torch_ready = False
+        self._bound: set[int] = set()
+        self._build()
+        self.compact()
+        self._refresh_images()
+        self._refresh_models()
+        ev = self.viewer.layers.events
+        for e in (ev.inserted, ev.removed, ev.reordered):
+            e.connect(self._refresh_images)
+        self.model_combo.currentIndexChanged.connect(self._on_model_changed)
+        self._update_tune_panel()
+        registry.register(self.viewer, "segment", self)
+        self._start_torch_loader()
+
+    # ------------------------------------------------------------ UI
+    def _build(self):
+        root = QVBoxLayout(self.content)
+        hint = QLabel("① pick image and model → ② Segment → ③ tune sliders, fix cells by hand "
+                      "→ ④ Export CSV")
+        hint.setWordWrap(True)
+        root.addWidget(hint)
+
+        form = QFormLayout()
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("2D grey or RGB image layer. For a stack, the plane shown in the "
+                                    "viewer is segmented (or every plane: see Planes).")
+        self.image_combo.currentIndexChanged.connect(self._update_tune_panel)
+        form.addRow("Image", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Checkpoint (.bin/.pth) written by cellseg-train, or the bundled "
+                                    "demo model")
+        self.browse_btn = button("Browse…", "Choose a checkpoint file", self._on_browse)
+        form.addRow("Model", row_of((self.model_combo, 1), self.browse_btn))
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("auto = GPU if one is available, else CPU")
+        form.addRow("Device", self.device_combo)
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 1000.0)
+        self.diameter_spin.setDecimals(0)
+        self.diameter_spin.setSingleStep(5.0)
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setSpecialValueText("auto")
+        self.diameter_spin.setValue(0.0)
+        self.diameter_spin.setToolTip(DIAMETER_TIP)
+        self.calibrate_btn = button("Calibrate", "Measure the cells' diameter in this image (the automatic size "
+                                    "estimate) and write it into the box, like cellpose's calibrate", self.calibrate)
+        form.addRow("Cell diameter", row_of((self.diameter_spin, 1), self.calibrate_btn))
+        self.channel_combo = QComboBox()
+        for key, (label, _) in CHANNELS.items():
+            self.channel_combo.addItem(label, key)
+        self.channel_combo.setToolTip("Channel to segment (cellpose's 'chan to segment'): for RGB "
+                                      "stains pick the channel where the cells stand out")
+        self.invert_check = QCheckBox("invert")
+        self.invert_check.setToolTip("Dark cells on a bright background (brightfield, histology): "
+                                     "invert so the cells are bright, as the model expects")
+        form.addRow("Channel", row_of((self.channel_combo, 1), self.invert_check))
+        self.all_planes = QCheckBox("every plane of the stack")
+        self.all_planes.setToolTip(ALL_PLANES_TIP)
+        form.addRow("Planes", self.all_planes)
+        root.addLayout(form)
+
+        self.segment_btn = button("Segment", SEGMENT_TIP, self.segment)
+        self.cancel_btn = button("Cancel", "Stop the running job; nothing changes in the layers", self.cancel,
+                                 enabled=False)
+        root.addLayout(row_of((self.segment_btn, 2), (self.cancel_btn, 1)))
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        self.progress.setVisible(False)  # shown while a job runs
+        root.addWidget(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        root.addWidget(self.status)
+
+        tune = QGroupBox("Tune (instant, no re-run)")
+        tform = QFormLayout(tune)
+        self.box_slider = self._slider("Detections scoring below this are dropped")
+        self.mask_slider = self._slider("Pixel probability above which a pixel belongs to the cell")
+        tform.addRow("Box confidence", self.box_slider)
+        tform.addRow("Mask threshold", self.mask_slider)
+        self.area_spin = QSpinBox()
+        self.area_spin.setRange(0, 1_000_000)
+        self.area_spin.setSuffix(" px")
+        self.area_spin.setToolTip("Cells with fewer pixels are dropped")
+        self.area_spin.valueChanged.connect(self.redraw)
+        tform.addRow("Min area", self.area_spin)
+        self.fill_check = QCheckBox("fill holes")
+        self.fill_check.setToolTip("Fill holes inside each cell (cellpose does this by default)")
+        self.largest_check = QCheckBox("keep largest")
+        self.largest_check.setToolTip("Keep only the largest connected piece of each cell")
+        for c in (self.fill_check, self.largest_check):
+            c.toggled.connect(self.redraw)
+        tform.addRow("Masks", row_of(self.fill_check, self.largest_check))
+        self.count_label = QLabel("")
+        tform.addRow("Cells", self.count_label)
+        self.reset_btn = button("Edited by hand — Reset to model", "The sliders are locked so hand edits are not "
+                                "lost. This discards the edits and redraws from the model output.", self.reset_to_model)
+        self.reset_btn.setStyleSheet("QPushButton { color: #ffb000; font-weight: bold; }")
+        tform.addRow(self.reset_btn)
+        root.addWidget(tune)
+        self.tune_box = tune
+
+        self.edit_box = build_edit_box(self)
+        root.addWidget(self.edit_box)
+        self.export_box = build_export_box(self)
+        root.addWidget(self.export_box)
+        root.addStretch(1)
+
+    def _slider(self, tip):
+        s = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        s.setRange(0.0, 1.0)
+        s.setSingleStep(0.01)
+        s.setDecimals(2)
+        s.setValue(0.5)
+        s.setToolTip(tip)
+        s.valueChanged.connect(self.redraw)
+        return s
+
+    # ------------------------------------------------------------ messages
+    def _error(self, msg):
+        self.status.setText(f"⚠ {msg}")
+        show_error(msg)
+
+    def _info(self, msg, notify=False):
+        self.status.setText(msg)
+        if notify:
+            show_info(msg)
+
+    # ------------------------------------------------------------ pickers
+    def _refresh_images(self, event=None):
+        current = self.image_combo.currentText()
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        names = [lyr.name for lyr in self.viewer.layers if isinstance(lyr, Image)]
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        elif names:
+            sel = self.viewer.layers.selection.active
+            self.image_combo.setCurrentText(sel.name if isinstance(sel, Image) else names[-1])
+        self.image_combo.blockSignals(False)
+        self.image_combo.setPlaceholderText("open an image first")
+        self._update_tune_panel()
+
+    def _image_layer(self) -> Image:
+        name = self.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise InputError("no image layer: open an image (File > Open) and choose it under Image")
+        return self.viewer.layers[name]
+
+    def _result_layer(self) -> Labels | None:
+        """The result layer of the chosen image (a napari proxy when docked from the Plugins
+        menu: compare it with ``same_layer``, never ``is``)."""
+        name = self.image_combo.currentText()
+        target = result_layer_name(name) if name else None
+        if target and target in self.viewer.layers:
+            lyr = self.viewer.layers[target]
+            if isinstance(lyr, Labels) and result_of(lyr) is not None:
+                return lyr
+        return None
+
+    # ------------------------------------------------------------ torch, thresholds
+    def _start_torch_loader(self):
+        """Import torch on a worker (Segment disabled meanwhile), then show the checkpoint's
+        thresholds on the sliders before any run."""
+        from napari.qt.threading import create_worker
+
+        from napari_cellseg.gui.torch_guard import block_triton
+
+        if self._loader is not None:
+            return
+        block_triton()  # in the GUI thread, before any torch import (see _torch_guard)
+        ready = "napari_cellseg.inference.predictor" in sys.modules
+        worker = create_worker(load_torch_job, self.model_combo.currentData(), _ignore_errors=True)
+        worker.returned.connect(functools.partial(self._on_torch_ready, self.model_combo.currentData()))
+        worker.errored.connect(lambda exc: self._error(f"PyTorch could not be loaded: {exc}"))
+        self._loader = worker
+        if not ready:
+            self._info(LOADING)
+        self._set_busy()
+        worker.start()
+
+    def _on_torch_ready(self, checkpoint, value):
+        thresholds, problem = value
+        self._torch_ready, self._loader = True, None
+        try:
+            self.model_combo.currentData()
+        except RuntimeError:  # the widget was closed while PyTorch loaded
+            return
+        if checkpoint != self.model_combo.currentData():  # the model changed meanwhile
+            self._on_model_changed()
+            return
+        if self.status.text() == LOADING:
+            self._info("Ready: press Segment.")
+        if problem:
+            self._error(problem)
+        elif thresholds and self._result_layer() is None:
+            self._show_thresholds(thresholds)
+        self._set_busy()
+
+    def _on_model_changed(self, *_):
+        if self._torch_ready and self._worker is None and self._result_layer() is None:
+            self._torch_ready = False
+            self._start_torch_loader()  # torch is loaded: this only reads the thresholds
+
+    def _show_thresholds(self, thresholds: dict):
+        """Put a thresholds dict on the controls without redrawing."""
+        widgets = ((self.box_slider, "box_conf"), (self.mask_slider, "mask_threshold"),
+                   (self.area_spin, "min_area"), (self.fill_check, "fill_holes"),
+                   (self.largest_check, "keep_largest"))
+        for w, key in widgets:
+            if key not in thresholds:
+                continue
+            w.blockSignals(True)
+            if isinstance(w, QCheckBox):
+                w.setChecked(bool(thresholds[key]))
+            else:
+                w.setValue(type(w.value())(thresholds[key]))
+            w.blockSignals(False)
+
+    def _set_busy(self):
+        idle = self._worker is None and self._torch_ready
+        for b in (self.segment_btn, self.calibrate_btn):
+            b.setEnabled(idle)
+        self.segment_btn.setToolTip(SEGMENT_TIP if self._torch_ready else BUSY_TIP)
+        self.cancel_btn.setEnabled(self._worker is not None)
+
+    # ------------------------------------------------------------ segment / cancel
+    def _prepare_options(self):
+        return self.channel_combo.currentData(), self.invert_check.isChecked()
+
+    def segment(self):
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None or not self._torch_ready:
+            return
+        try:
+            layer = self._image_layer()
+            if self.all_planes.isChecked() and len(spatial_shape(layer)) > 2:
+                planes = stack_planes(layer)
+                what = f" ({len(planes)} planes)"
+            else:
+                image, plane = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+                planes = {plane: image}
+                what = f" plane {plane}" if plane else ""
+            checkpoint = self._checkpoint()
+            existing = self._result_layer()
+            if existing is not None and result_of(existing).edited:
+                raise InputError(f"{existing.name!r} has hand edits: press 'Reset to model' to discard "
+                                 "them (or rename that layer to keep them), then Segment again")
+            self._check_channel(layer)
+            diameter = float(self.diameter_spin.value()) or None  # 0 = the model's own size
+            options = predict_options(checkpoint, self.device_combo.currentText(), diameter,
+                                      self.thresholds())
+        except (InputError, OptionError) as exc:
+            self._error(str(exc))
+            return
+        save_settings({"last_checkpoint": checkpoint})
+        channel, invert = self._prepare_options()
+        worker = create_worker(segment_job, options, planes, self._predictors, channel, invert,
+                               _ignore_errors=True)  # errors are shown by _on_failed
+        worker.returned.connect(functools.partial(self._on_done, layer, checkpoint))
+        self._run(worker, f"Segmenting {layer.name}{what}…", "Segmentation")
+
+    def _run(self, worker, message, what):
+        worker.yielded.connect(self._on_progress)
+        worker.errored.connect(lambda exc: self._error(f"{what} failed: {exc}"))
+        worker.aborted.connect(lambda: self._info("Cancelled: nothing changed.", notify=True))
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._set_busy()
+        self.progress.setValue(0)
+        self.progress.setVisible(True)
+        self._info(message)
+        worker.start()
+
+    def _check_channel(self, layer):
+        channel = self.channel_combo.currentData()
+        if CHANNELS[channel][1] is not None and not getattr(layer, "rgb", False):
+            raise InputError(f"{layer.name!r} has one channel: choose channel 'all' or 'grey'")
+
+    def calibrate(self):
+        """Measure the cells' diameter on the shown plane and write it into the diameter box."""
+        from napari.qt.threading import create_worker
+
+        if self._worker is not None or not self._torch_ready:
+            return
+        try:
+            layer = self._image_layer()
+            image, _ = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+            checkpoint = self._checkpoint()
+            self._check_channel(layer)
+            options = predict_options(checkpoint, self.device_combo.currentText(), "auto",
+                                      self.thresholds())
+        except (InputError, OptionError) as exc:
+            self._error(str(exc))
+            return
+        channel, invert = self._prepare_options()
+        worker = create_worker(calibrate_job, options, image, self._predictors, channel, invert,
+                               _ignore_errors=True)
+        worker.returned.connect(functools.partial(self._on_calibrated, layer.name))
+        self._run(worker, f"Calibrating: measuring the cells in {layer.name}…", "Calibration")
+
+    def _on_calibrated(self, name, value):
+        diameter, scale, n = value
+        if not diameter:
+            self._error(f"Calibrate found no cells in {name}: type the diameter, or try another "
+                        "channel / invert")
+            return
+        self.diameter_spin.setValue(diameter)
+        self._info(f"Cell diameter measured in {name}: {diameter:.0f} px ({n} cells); written into "
+                   f"the box. At this diameter the image is resized x{round(scale, 2):g}. Press Segment.",
+                   notify=True)
+
+    def cancel(self):
+        if self._worker is not None:
+            self._info("Cancelling…")
+            self._worker.quit()
+
+    def _on_progress(self, event):
+        self.progress.setValue(int(100 * float(event.get("fraction", 0.0))))
+        self.status.setText(f"Segmenting: {event.get('stage', '')}…")
+
+    def _on_finished(self):
+        self._worker = None
+        self.progress.setVisible(False)
+        self._set_busy()
+
+    def _on_done(self, image_layer, checkpoint, value):
+        new, thresholds = value
+        self.progress.setValue(100)
+        name = result_layer_name(image_layer.name)
+        shape = spatial_shape(image_layer)
+        lyr = self.viewer.layers[name] if name in self.viewer.layers else None
+        note = ""
+        if lyr is not None and result_of(lyr) is None:
+            # not ours (e.g. ground truth opened from a CSV, or painted by hand): never overwrite
+            # it; give it another name so the result layer can take this one
+            lyr.name = kept = self._free_name(f"{name} (kept)")
+            note = f" The layer that was named {name!r} is kept as {kept!r}."
+            lyr = None
+        if lyr is not None and result_of(lyr).edited:
+            # painted on while the network ran: the hand edits win; this run is not applied
+            self._update_tune_panel()
+            self._error(f"{name!r} was edited by hand while Segment ran: your edits are kept and "
+                        "this run's result was not applied. Press 'Reset to model' to discard the "
+                        "edits, then Segment again")
+            return
+        if lyr is None or tuple(lyr.data.shape) != shape:
+            if lyr is not None:  # our own earlier result for an image of another shape
+                self.viewer.layers.remove(lyr)
+            lyr = self.viewer.add_labels(np.zeros(shape, np.int32), name=name, scale=image_layer.scale,
+                                         translate=image_layer.translate)
+        old = result_of(lyr)
+        if old is not None and old.checkpoint == str(checkpoint):
+            planes = {**old.segmented(), **new}  # other planes of the stack keep their output
+        else:  # first run, or another model: start clean
+            planes = dict(new)
+            lyr.data[...] = 0
+        try:
+            current = image_plane(image_layer, self.viewer.dims.current_step, 2)[1]
+        except InputError:
+            current = None
+        plane = current if current in planes else list(new)[-1]
+        lyr.metadata["napari_cellseg"] = Result(
+            image_id=image_id_for_layer(image_layer), image_layer=image_layer.name, plane=plane,
+            detections=planes[plane], thresholds=dict(thresholds), checkpoint=str(checkpoint),
+            planes=planes)
+        if id(unwrap(lyr)) not in self._bound:
+            self._bound.add(id(unwrap(lyr)))
+            lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
+            _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
+        self.image_combo.setCurrentText(image_layer.name)
+        self._show_thresholds(thresholds)
+        self._update_tune_panel()
+        n = self.redraw()
+        self.viewer.layers.selection.active = lyr
+        kept = sum(len(d) for d in new.values())
+        tip = " — lower Box confidence to see more" if n == 0 and kept else ""
+        where = f" ({len(new)} planes)" if len(new) > 1 else ""
+        size = size_note(new.values())
+        self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
+                   f"sliders){tip}.{' ' + size if size else ''}{note}", notify=True)
+
+    def _free_name(self, base: str) -> str:
+        names = {x.name for x in self.viewer.layers}
+        return next(c for c in (base if i == 0 else f"{base} {i + 1}" for i in range(len(names) + 1))
+                    if c not in names)
+
+    # ------------------------------------------------------------ sliders
+    def thresholds(self) -> dict:
+        return {"box_conf": float(self.box_slider.value()),
+                "mask_threshold": float(self.mask_slider.value()),
+                "min_area": int(self.area_spin.value()),
+                "fill_holes": self.fill_check.isChecked(),
+                "keep_largest": self.largest_check.isChecked()}
+
+    def redraw(self, *_):
+        """Re-derive the labels from the kept Detections (never runs the network). The status
+        line is left as it is (it reports the last run)."""
+        lyr = self._result_layer()
+        r = result_of(lyr) if lyr is not None else None
+        if r is None or r.edited:
+            return None
+        t = self.thresholds()
+        counts = {}
+        for plane, dets in r.segmented().items():
+            labels = draw_labels(dets, t)
+            target = lyr.data[plane] if plane else lyr.data
+            if isinstance(lyr.data, np.ndarray) and target.shape == labels.shape:
+                np.copyto(target, labels, casting="unsafe")  # in place: 2-3x cheaper than .data = ...
+            elif plane:
+                lyr.data[plane] = labels
+            else:
+                lyr.data = labels
+            counts[plane] = int(labels.max()) if labels.size else 0
+        lyr.refresh(extent=False)
+        reset_undo_history(lyr)  # old strokes must not replay onto a different drawing
+        _edit.forget_last_stroke(lyr)  # ...nor be given a new id there
+        r.thresholds = t
+        n = sum(counts.values())
+        if len(counts) > 1:
+            self.count_label.setText(f"{n} cells in {len(counts)} planes")
+        else:
+            self.count_label.setText(f"{n} cells")
+        return n
+
+    def _update_tune_panel(self, *_):
+        lyr = self._result_layer()
+        r = result_of(lyr) if lyr is not None else None
+        live = r is not None and not r.edited
+        for w in (self.box_slider, self.mask_slider, self.area_spin):
+            w.setEnabled(live)
+        self.reset_btn.setVisible(r is not None and r.edited)
+        post = r is None or post_processing_supported(r.detections)
+        for c in (self.fill_check, self.largest_check):
+            c.setEnabled(live and post)
+            if not post:
+                c.setToolTip("This version of the predictor has no mask post-processing")
+        self.edit_box.setEnabled(r is not None)
+        if r is None:
+            self.count_label.setText("— press Segment first")
+        elif r.edited:
+            n = sum(len(np.unique(lyr.data[p] if p else lyr.data)) - 1 for p in r.segmented())
+            self.count_label.setText(f"{n} cells (hand-edited; sliders locked)")
+        name = self.image_combo.currentText()
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        is_stack = layer is not None and len(spatial_shape(layer)) > 2
+        self.all_planes.setEnabled(is_stack)
+        self.all_planes.setToolTip(ALL_PLANES_TIP if is_stack else
+                                   "The chosen image is 2D (this applies to 3D/T stacks)")
+
+    def _on_hand_edit(self, lyr, event=None):
+        r = result_of(lyr)
+        if r is not None:
+            r.edited = True
+            if same_layer(lyr, self._result_layer()):
+                # napari emits paint before the stroke is in .data: update once it is
+                QTimer.singleShot(0, self._update_tune_panel)  # lock sliders, Reset, count
+
+    def reset_to_model(self):
+        lyr = self._result_layer()
+        if lyr is None:
+            return
+        result_of(lyr).edited = False
+        self._update_tune_panel()
+        self.redraw()
+        self._info("Hand edits discarded; labels redrawn from the model output.")
