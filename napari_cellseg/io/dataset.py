@@ -139,6 +139,8 @@ class DatasetQueue:
         self.output_csv = Path(output_csv)
         self.drafts = drafts_dir(self.output_csv)
         self._start = start  # Annotations of the start CSV, or None
+        self._order: list[str] | None = None
+        self._position: dict[str, int] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -202,11 +204,21 @@ class DatasetQueue:
         return image_id in self.items
 
     def order(self) -> list[str]:
-        """Ids, uncertainty highest first; images without an uncertainty after, by name."""
-        ranked = sorted((i for i in self.items.values() if i.uncertainty is not None),
-                        key=lambda i: (-i.uncertainty, i.id))
-        rest = sorted(i.id for i in self.items.values() if i.uncertainty is None)
-        return [i.id for i in ranked] + rest
+        """Ids, uncertainty highest first; images without an uncertainty after, by name. The
+        order stays as it is while uncertainties come in (a stable Previous/Next) until
+        :meth:`resort` (after a re-ranking)."""
+        if self._order is None:
+            ranked = sorted((i for i in self.items.values() if i.uncertainty is not None),
+                            key=lambda i: (-i.uncertainty, i.id))
+            rest = sorted(i.id for i in self.items.values() if i.uncertainty is None)
+            self._order = [i.id for i in ranked] + rest
+            self._position = {image_id: k for k, image_id in enumerate(self._order)}
+        return list(self._order)
+
+    def resort(self) -> list[str]:
+        """Order the queue again by the uncertainties known now."""
+        self._order = None
+        return self.order()
 
     def counts(self) -> dict[str, int]:
         """``{"accepted": n, "edited": n, "to do": n, "total": n}`` (accepted: in the CSV)."""
@@ -225,7 +237,7 @@ class DatasetQueue:
         """The next image to review after ``after`` in :meth:`order` (wrapping round): one that is
         not accepted (drafts first come in order too); None when every image is accepted."""
         order = self.order()
-        start = order.index(after) + 1 if after in self.items else 0
+        start = self._position[after] + 1 if after in self.items else 0
         for image_id in order[start:] + order[:start]:
             if image_id != after and self.items[image_id].status != ACCEPTED:
                 return image_id
@@ -238,7 +250,7 @@ class DatasetQueue:
             return None
         if image_id not in self.items:
             return order[0]
-        j = order.index(image_id) + step
+        j = self._position[image_id] + step
         return order[j] if 0 <= j < len(order) else None
 
     def set_prediction(self, image_id: str, cells: int, uncertainty: float | None) -> None:
@@ -283,6 +295,12 @@ class DatasetQueue:
             if labels is not None:
                 return labels, source
         return None, ""
+
+    def needs_model(self, image_id: str) -> bool:
+        """True when nothing saved gives the image's masks (no draft, not accepted, not in the
+        start CSV): the model must predict it. Names only, no file is read."""
+        item = self.items[image_id]
+        return not (item.draft or item.accepted or (self._start is not None and image_id in self._start))
 
     def _draft_path(self, image_id: str) -> Path:
         return self.drafts / f"{image_id}{DRAFT_SUFFIX}"

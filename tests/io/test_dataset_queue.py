@@ -107,7 +107,9 @@ def test_order_uncertainty_first_then_names_and_next_todo(tmp_path):
     assert q.next_todo("img2") == "img0"
     assert q.neighbour("img2", 1) == "img3" and q.neighbour("img2", -1) is None
     q.set_prediction("img1", 4, 0.95)
-    assert q.order()[0] == "img1"
+    assert q.order()[0] == "img2" and q["img1"].cells == 4  # a stable order while values come in
+    assert q.resort()[0] == "img1"
+    assert not q.needs_model("img3") and q.needs_model("img1")
 
 
 def test_bad_ranking_row_names_file_row_and_field(tmp_path):

@@ -418,10 +418,7 @@ class SegmentWidget(PanelActions, ScrollDock):
             image_id=image_id_for_layer(image_layer), image_layer=image_layer.name, plane=plane,
             detections=planes[plane], thresholds=dict(thresholds), checkpoint=str(checkpoint),
             planes=planes)
-        if id(unwrap(lyr)) not in self._bound:
-            self._bound.add(id(unwrap(lyr)))
-            lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
-            _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
+        self._bind(lyr)
         self.image_combo.setCurrentText(image_layer.name)
         self._show_thresholds(thresholds)
         self._update_tune_panel()
@@ -433,6 +430,27 @@ class SegmentWidget(PanelActions, ScrollDock):
         size = size_note(new.values())
         self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
                    f"sliders){tip}.{' ' + size if size else ''}{note}", notify=True)
+
+    def _bind(self, lyr):
+        """Edit keys and the hand-edit lock on a result layer (once per layer)."""
+        if id(unwrap(lyr)) not in self._bound:
+            self._bound.add(id(unwrap(lyr)))
+            lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
+            _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
+
+    def follow(self, image_name: str) -> None:
+        """Put the sliders, edit lock and edit keys on ``image_name`` and its result layer made
+        by another dock (the Review dataset dock shows one image at a time this way)."""
+        self._refresh_images()
+        self.image_combo.setCurrentText(image_name)
+        lyr = self._result_layer()
+        if lyr is not None:
+            self._bind(lyr)
+            if result_of(lyr).thresholds:
+                self._show_thresholds(result_of(lyr).thresholds)
+        self._update_tune_panel()
+        if lyr is not None and not result_of(lyr).edited:
+            self.count_label.setText(f"{len(np.unique(lyr.data)) - 1} cells")
 
     def _free_name(self, base: str) -> str:
         names = {x.name for x in self.viewer.layers}
