@@ -20,12 +20,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from training.config import BACKBONE_WEIGHTS, TrainConfig
-from training.data import DataError
+from training.data import MIN_IMAGES_UNTILED, DataError
 
 from napari_cellseg.model.checkpoint import missing_checkpoint
 
 SOURCES = ("layers", "csv", "folders")
-MIN_IMAGES_UNTILED = 4  # fewer layer images than this: cut each into 2x2 tiles
 # form field -> TrainConfig field (the widget's tooltips come from config.HELP[field])
 FORM_FIELDS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "device": "device",
                "crop_size": "crop_size", "steps_per_epoch": "steps_per_epoch", "out": "out",
@@ -109,13 +108,6 @@ def form_to_config(form: dict) -> TrainConfig:
     return TrainConfig(width=0, height=0, **kwargs).validate()
 
 
-def _tiles(shape: Sequence[int], n: int = 2):
-    h, w = shape[:2]
-    ys, xs = np.linspace(0, h, n + 1).astype(int), np.linspace(0, w, n + 1).astype(int)
-    return [(f"r{i}c{j}", (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])))
-            for i in range(n) for j in range(n)]
-
-
 def check_pairs(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
     """Cheap checks of (name, image, labels) pairs; DataError naming the layer."""
     if not pairs:
@@ -140,19 +132,11 @@ def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_until
     With fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
     so that the grouped train/val split can hold out part of a single image.
     """
-    from training.data import array_samples
+    from training.data import few_image_samples
 
     check_pairs(pairs)
-    ids, images, labels = [], [], []
-    tile = len(pairs) < min_untiled
-    for name, image, lab in pairs:
-        image, lab = np.asarray(image), np.asarray(lab)
-        parts = _tiles(lab.shape) if tile else [("", (slice(None), slice(None)))]
-        for suffix, sl in parts:
-            ids.append(f"{name}@{suffix}" if suffix else name)
-            images.append(image[sl])
-            labels.append(lab[sl])
-    return array_samples(images, labels, ids)
+    return few_image_samples([np.asarray(p[1]) for p in pairs], [np.asarray(p[2]) for p in pairs],
+                             [p[0] for p in pairs], min_untiled)
 
 
 def train_job(config: TrainConfig, pairs=None):
