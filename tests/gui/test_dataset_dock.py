@@ -252,3 +252,31 @@ def test_bad_folder_is_one_notification_and_nothing_changes(make_napari_viewer, 
     assert not w.open_folder(tmp_path / "missing", tmp_path / "reviewed.csv")
     assert len(errors) == 1 and "missing" in errors[0] and "not found" in errors[0]
     assert w.queue is None and len(viewer.layers) == 0
+
+
+@pytest.mark.slow
+def test_train_on_accepted_makes_a_new_current_model_and_reranks(make_napari_viewer, qtbot, tiny_model,
+                                                                 folder, tmp_path, errors):
+    out = tmp_path / "reviewed.csv"
+    viewer, w = _dock(make_napari_viewer, qtbot, tiny_model)
+    w.open_folder(folder, out)
+    for _ in range(2):  # accept cell0 and cell1 as the model drew them
+        _predicted(qtbot, w)
+        w.accept()
+    assert w.current == "cell2" and w.train_btn.isEnabled()
+    accepted = out.read_bytes()
+    w.minutes_spin.setValue(0.1)  # the budget: one epoch after the starting model's evaluation
+    w.train_on_accepted()
+    assert w._train_worker is not None and w.cancel_btn.isEnabled()
+    qtbot.waitUntil(lambda: w._train_worker is None, timeout=600_000)
+    assert errors == []
+    result = w.last_training
+    assert result.checkpoint.is_file() and result.checkpoint.parent.parent == tmp_path / "reviewed.models"
+    assert w.checkpoint() == str(result.checkpoint)  # the new model is current
+    assert "val mAP" in w.map_label.text() and "→" in w.map_label.text()
+    # the images to do are re-predicted with it in the background, then the queue re-sorted
+    qtbot.waitUntil(lambda: not w._reranking and w._worker is None, timeout=TIMEOUT)
+    assert w._preds["cell2"].checkpoint == str(result.checkpoint)
+    assert w.queue["cell2"].uncertainty is not None
+    assert out.read_bytes() == accepted  # accepted images are never overwritten
+    assert w.queue.counts()["accepted"] == 2

@@ -121,7 +121,7 @@ def build_model_box(w) -> QGroupBox:
     w.model_browse.setMaximumWidth(32)
     form.addRow("Model", row_of((w.model_combo, 1), w.model_browse))
     w.minutes_spin = QDoubleSpinBox()
-    w.minutes_spin.setRange(0.5, 600.0)
+    w.minutes_spin.setRange(0.1, 600.0)
     w.minutes_spin.setValue(5.0)
     w.minutes_spin.setSuffix(" min")
     w.minutes_spin.setToolTip("Time budget of the fine-tuning (it stops after the last epoch that fits)")
