@@ -15,6 +15,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 import tifffile  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_cellseg.gui.dataset import widget as _widget  # noqa: E402
 from napari_cellseg.gui.layers import result_of  # noqa: E402
@@ -244,6 +245,22 @@ def test_segment_sliders_and_edit_lock_work_on_the_shown_image(make_napari_viewe
     before = np.array(cells.data)
     seg.box_slider.setValue(1.0)  # locked: hand edits win
     np.testing.assert_array_equal(cells.data, before)
+
+
+def test_ranking_orders_the_queue_worst_first(make_napari_viewer, qtbot, tiny_model, folder, tmp_path):
+    ranking = tmp_path / "ranking.csv"
+    ranking.write_text("id,uncertainty,cells\ncell0,0.2,3\ncell2,0.9,4\ncell1,0.5,5\n")
+    viewer, w = _dock(make_napari_viewer, qtbot, tiny_model)
+    w.open_folder(folder, tmp_path / "reviewed.csv", ranking_csv=ranking)
+    assert w.current == "cell2" and w.table_model.ids == ["cell2", "cell1", "cell0"]
+    model = w.table_proxy
+    assert [model.index(r, 3).data() for r in range(3)] == ["0.900", "0.500", "0.200"]
+    w.table.sortByColumn(2, Qt.SortOrder.DescendingOrder)  # sortable: by cells
+    assert [model.index(r, 0).data() for r in range(3)] == ["cell1", "cell2", "cell0"]
+    w.table.doubleClicked.emit(model.index(2, 0))  # double-click opens an image
+    assert w.current == "cell0"
+    w.skip()
+    assert w.current == "cell2"  # the next to do, wrapping round the queue's order
 
 
 def test_bad_folder_is_one_notification_and_nothing_changes(make_napari_viewer, qtbot, tiny_model,

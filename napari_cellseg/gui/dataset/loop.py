@@ -151,6 +151,7 @@ class LoopActions:
 
     def _finish_rerank(self):
         self._reranking = False
+        self._from_top = True
         self.queue.resort()
         self.table_model.reset(self.queue)
         if self.current is not None:

@@ -51,6 +51,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         self._layer_names: tuple[str, str] | None = None  # (image, cells) of the shown image
         self._watched: set[int] = set()
         self._loading = False
+        self._from_top = False  # set by a re-ranking: Accept/Skip go to the most doubtful image
         self._draft_pending = False
         self._draft_timer = QTimer(self)
         self._draft_timer.setSingleShot(True)
@@ -228,7 +229,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         result = Result(image_id=image_id, image_layer=image_id, detections=dets,
                         thresholds=dict(thresholds), checkpoint=pred.checkpoint if pred else "",
                         edited=source in ("draft", "accepted"))
-        self.current = image_id
+        self.current, self._from_top = image_id, False
         self._put_layers(image_id, raw, labels, result)
         self.table_model.set_current(image_id)
         self._select_row(image_id)
@@ -370,7 +371,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         self._update_counts()
         self._info(f"Accepted {image_id}: {n} cells written to {self.queue.output_csv.name} "
                    f"({self.queue.summary()}).")
-        nxt = self.queue.next_todo(image_id)
+        nxt = self._next_todo()
         if nxt is None:
             self._info(f"Every image is accepted ({self.queue.summary()}).", notify=True)
             return
@@ -378,9 +379,18 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
 
     def skip(self):
         if self.queue is not None:
-            nxt = self.queue.next_todo(self.current)
+            nxt = self._next_todo()
             if nxt is not None:
                 self.show(nxt)
+
+    def _next_todo(self):
+        """The image to do after the shown one in the queue's order; after a re-ranking, the
+        most doubtful one (the order changed under the shown image)."""
+        if self._from_top:
+            first = self.queue.next_todo()
+            if first is not None and first != self.current:
+                return first
+        return self.queue.next_todo(self.current)
 
     def previous_image(self):
         self._step(-1)
@@ -401,7 +411,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         wanted = []
         if self.current is not None and self.queue.needs_model(self.current) and self.current not in self._preds:
             wanted.append(self.current)
-        nxt = self.queue.next_todo(self.current)
+        nxt = self._next_todo()
         if nxt is not None and self.queue.needs_model(nxt) and nxt not in self._preds:
             wanted.append(nxt)
         self._wanted = wanted
@@ -472,7 +482,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
                 lst.remove(pred.image_id)
         self.queue.set_prediction(pred.image_id, pred.cells, pred.uncertainty)
         self.table_model.changed(pred.image_id)
-        nxt = self.queue.next_todo(self.current) if self.current else None
+        nxt = self._next_todo() if self.current else None
         if pred.image_id in (self.current, nxt):
             self._preds[pred.image_id] = pred
         if pred.image_id == self.current:
