@@ -69,8 +69,7 @@ def main(out="docs"):
     print("dataset:", dock.counts_label.text(), "|", dock.image_label.text(), "|", dock.status.text())
     viewer.window.resize(1280, 800)
     _pump(app, 0.5)
-    viewer.reset_view()
-    dock.next_doubtful()  # centre again on the resized canvas
+    viewer.reset_view()  # the whole image, the doubtful cell outlined
     close_notifications(viewer)
     _pump(app, 0.5)
     path = out / "screenshot_review_dataset.png"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QLineEdit, QProgressBar,
-                            QVBoxLayout)
+                            QVBoxLayout, QWidget)
 from superqt import QCollapsible
 
 from napari_cellseg.gui.dataset.table import QueueModel, make_view
@@ -32,9 +32,13 @@ def _picker(edit, title, slot):
     return row_of((edit, 1), btn)
 
 
-def build_folder_box(w) -> QGroupBox:
-    box = QGroupBox("Dataset")
+def build_folder_box(w) -> QCollapsible:
+    """The folder, output CSV, start CSV and ranking pickers, in a section that folds away once
+    a folder is open (the queue and the image controls then fit a 1280x800 window)."""
+    section = QCollapsible("Dataset: open a folder")
+    box = QWidget()
     form = QFormLayout(box)
+    form.setContentsMargins(0, 0, 0, 0)
     w.folder_combo = QComboBox()
     w.folder_combo.setEditable(True)
     w.folder_combo.setToolTip("Folder of images to review (recent folders in the list)")
@@ -55,7 +59,10 @@ def build_folder_box(w) -> QGroupBox:
     w.open_btn = button("Open", "List the images (names only) and resume from the output CSV",
                         w._on_open_clicked)
     form.addRow(w.open_btn)
-    return box
+    section.addWidget(box)
+    section.expand(animate=False)
+    w.folder_section = section
+    return section
 
 
 def build_queue_box(w) -> QGroupBox:

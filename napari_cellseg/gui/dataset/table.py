@@ -91,8 +91,9 @@ def make_view(model: QueueModel, on_open) -> tuple[QTableView, QSortFilterProxyM
     view.verticalHeader().setDefaultSectionSize(20)
     header = view.horizontalHeader()
     header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-    for col in range(1, len(COLUMNS)):
-        header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+    for col, width in ((1, 74), (2, 40), (3, 84)):  # the id gets the rest of the dock's width
+        header.setSectionResizeMode(col, QHeaderView.ResizeMode.Fixed)
+        header.resizeSection(col, width)
     view.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     view.setTextElideMode(Qt.TextElideMode.ElideMiddle)
     view.setMinimumHeight(150)

@@ -175,6 +175,9 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
                             "start_csv": str(start_csv or ""), "ranking_csv": str(ranking_csv or "")})
             self.folder_combo.setCurrentText(str(images))
         self.out_edit.setText(str(output_csv))
+        name = Path(images).name if isinstance(images, (str, Path)) else f"{len(queue)} images"
+        self.folder_section.setText(f"Dataset: {name} → {Path(output_csv).name}")
+        self.folder_section.collapse(animate=False)
         for b in (self.prev_btn, self.skip_btn, self.next_btn, self.accept_btn, self.doubt_btn,
                   self.box_btn, self.click_btn, self.rank_btn):
             b.setEnabled(True)
