@@ -28,10 +28,13 @@ import numpy as np
 from napari_cellseg.inference.detections import Detections
 from napari_cellseg.options import Thresholds
 
-__all__ = ["Uncertainty", "score", "second_pass", "candidate_signals", "SCORE_BAND", "MASK_BAND"]
+__all__ = ["Uncertainty", "score", "second_pass", "flip_detections", "candidate_signals", "SCORE_BAND",
+           "MISS_BAND", "MASK_BAND", "NOTHING_FOUND"]
 
-SCORE_BAND = 0.35  # a candidate this far (in box score) from box_conf is no longer doubtful
+SCORE_BAND = 0.35  # a drawn cell this far (in box score) above box_conf is no longer doubtful
+MISS_BAND = 0.5  # a candidate this far below box_conf no longer counts as a cell maybe missed
 MASK_BAND = 0.25  # mask probabilities within this of the mask threshold are ambiguous
+NOTHING_FOUND = 0.9  # an image without any drawn cell: found nothing is no proof of no cell
 
 
 @dataclass
@@ -114,47 +117,53 @@ def score(detections: Detections, thresholds: Thresholds, *, labels: np.ndarray 
 
     ``labels``: the label image shown (drawn from these detections, possibly edited; default:
     drawn here); ``second``: Detections of a second pass of the same image (:func:`second_pass`).
+
+    cell = 1 - (1 - score)(1 - mask)(1 - pass); image = 1 - (1 - cells)(1 - missed), where
+    cells = the mean cell uncertainty (the second pass's cells this pass lacks count as doubtful
+    cells too) and missed = the candidates below box_conf, each weighted by its closeness to
+    it (MISS_BAND), as a share of the cells. Nothing drawn: NOTHING_FOUND, raised towards 1 by
+    the strongest candidate.
     """
     th = Thresholds.from_dict(thresholds)
     lab, rows = _cell_rows(detections, th, labels)
     sig = candidate_signals(detections, th)
     n_cells = len(rows)
     known = rows >= 0
-    s_score = np.zeros(n_cells)
-    s_mask = np.zeros(n_cells)
-    s_score[known] = sig["score"][rows[known]]
-    s_mask[known] = sig["mask"][rows[known]]
-    s_pass = np.zeros(n_cells)
-    missing_second = 0.0
+    per = {k: np.zeros(n_cells) for k in ("score", "mask", "pass")}
+    per["score"][known] = sig["score"][rows[known]]
+    per["mask"][known] = sig["mask"][rows[known]]
+    lacking, n_second = 0.0, 0
     if second is not None:
         other = second.to_labels(th)
-        s_pass = 1.0 - _best_iou(lab, other)
-        s_pass[~known] = 0.0
-        missing_second = float(np.sum(1.0 - _best_iou(other, lab)))  # its cells we lack
-    cells = 1.0 - (1.0 - s_score) * (1.0 - s_mask) * (1.0 - s_pass)
-    cells[~known] = 0.0
+        per["pass"] = np.where(known, 1.0 - _best_iou(lab, other), 0.0)
+        theirs = 1.0 - _best_iou(other, lab)  # the second pass's cells, unmatched here
+        lacking, n_second = float(theirs.sum()), len(theirs)
+    cells = 1.0 - (1.0 - per["score"]) * (1.0 - per["mask"]) * (1.0 - per["pass"])
+    cells[~known] = 0.0  # a cell no detection explains was drawn by hand
     below = detections.scores < th.box_conf
-    missed = float(np.sum(sig["score"][below]))  # candidates just below the threshold
-    if n_cells == 0 and missed == 0.0 and missing_second == 0.0:
-        return Uncertainty(0.0, np.zeros(0, np.float32))
-    expected_errors = float(cells.sum()) + missed + missing_second
-    image = expected_errors / (n_cells + missed + missing_second)
-    if n_cells == 0:  # nothing drawn: as doubtful as the strongest candidate is close to drawn
-        image = max(image, float(sig["score"][below].max(initial=0.0)))
+    near = np.clip(1.0 - (th.box_conf - detections.scores[below]) / MISS_BAND, 0.0, 1.0)
+    if n_cells == 0:  # nothing drawn: doubtful, the more so the closer a candidate came
+        strongest = float(near.max(initial=0.0))
+        return Uncertainty(NOTHING_FOUND + (1.0 - NOTHING_FOUND) * strongest, np.zeros(0, np.float32))
+    cell_part = (float(cells.sum()) + lacking) / (n_cells + n_second) if second is not None \
+        else float(cells.mean())
+    missed = float(near.sum())
+    image = 1.0 - (1.0 - cell_part) * (1.0 - missed / (n_cells + missed))
     return Uncertainty(float(np.clip(image, 0.0, 1.0)), cells.astype(np.float32))
 
 
-def second_pass(runner_or_pipeline, image) -> Detections:
+def second_pass(runner_or_pipeline, image, *, scale: float | str | None = None) -> Detections:
     """The image predicted again horizontally flipped, the boxes and masks mapped back.
 
     ``runner_or_pipeline``: a :class:`~napari_cellseg.inference.pipeline.Pipeline` (its size,
     tiling and thresholds), or a Runner / Predictor (wrapped in a default Pipeline).
-    ``image``: an array or a path, as ``Pipeline.predict`` takes it."""
+    ``image``: an array or a path, as ``Pipeline.predict`` takes it. ``scale``: the first
+    pass's (``detections.scale``: no second size search), default the pipeline's."""
     from napari_cellseg.inference.pipeline import Pipeline, as_image
 
     pipe = runner_or_pipeline if isinstance(runner_or_pipeline, Pipeline) else Pipeline(runner_or_pipeline)
     arr = as_image(image)
-    dets = pipe.predict(np.ascontiguousarray(arr[:, ::-1]))
+    dets = pipe.predict(np.ascontiguousarray(arr[:, ::-1]), scale=scale)
     return flip_detections(dets)
 
 
