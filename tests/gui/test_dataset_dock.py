@@ -85,6 +85,14 @@ def _predicted(qtbot, w, image_id=None):
     qtbot.waitUntil(lambda: target in w._preds and w._worker is None, timeout=TIMEOUT)
 
 
+def _pipeline_of(model):
+    from napari_cellseg.inference.pipeline import Pipeline
+    from napari_cellseg.inference.runner import Runner
+    from napari_cellseg.options import PredictOptions
+
+    return Pipeline(Runner.from_checkpoint(model, device="cpu"), PredictOptions(checkpoint=str(model)))
+
+
 def _paint(layer, yx, label):
     layer.brush_size = 5
     layer.paint(yx, label)  # napari's paint path: records history, fires events.paint
@@ -102,7 +110,14 @@ def test_open_paint_accept_writes_the_csv_and_moves_on(make_napari_viewer, qtbot
     cells = viewer.layers["cell0 cells"]
     assert result_of(cells).detections is not None and not result_of(cells).edited
     qtbot.waitUntil(lambda: "cell1" in w._preds, timeout=TIMEOUT)  # the next, in the background
-    assert w.queue["cell0"].uncertainty is not None
+    # the uncertainty is cellseg rank's: score() with the flipped second pass
+    from napari_cellseg.inference.uncertainty import score, second_pass
+
+    pred = w._preds["cell0"]
+    pipe = _pipeline_of(tiny_model)
+    expected = score(pred.detections, pred.thresholds,
+                     second=second_pass(pipe, pred.raw, scale=pred.detections.scale)).image
+    assert w.queue["cell0"].uncertainty == pytest.approx(expected)
 
     _paint(cells, (10, 10), 99)
     assert result_of(cells).edited  # the edit lock

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_cellseg.gui.segment.jobs import predict_options, segment_job
+from napari_cellseg.gui.segment.jobs import pipeline_for, predict_options, segment_job
 
 
 @dataclass
@@ -55,17 +55,25 @@ def image_shape(raw: np.ndarray) -> tuple[int, int]:
     return h, w
 
 
-def predict_job(image_id: str, path, checkpoint: str, device: str, cache: dict):
-    """Worker body: read, predict (progress events), score. Returns a :class:`Prediction`."""
-    from napari_cellseg.inference.uncertainty import score
+def predict_job(image_id: str, path, checkpoint: str, device: str, cache: dict, second: bool = True):
+    """Worker body: read, predict (progress events), score. Returns a :class:`Prediction`.
+
+    ``second``: score with a horizontally flipped second pass too (``uncertainty.second_pass``
+    at the first pass's scale), as ``cellseg rank`` does by default, so the dock's uncertainties
+    and a ranking.csv's are on one scale."""
+    from napari_cellseg.inference.uncertainty import score, second_pass
 
     raw = read_image(path)
     options = predict_options(checkpoint, device)
     out, thresholds = yield from segment_job(options, {(): raw}, cache)
     dets = out[()]
-    unc = score(dets, thresholds)
-    labels_max = int(len(unc.cells))
-    return Prediction(image_id, raw, dets, thresholds, float(unc.image), labels_max, str(checkpoint))
+    other = None
+    if second:
+        yield {"stage": "second pass", "fraction": 0.5}
+        other = second_pass(pipeline_for(options, cache), raw, scale=dets.scale)
+    unc = score(dets, thresholds, second=other)
+    return Prediction(image_id, raw, dets, thresholds, float(unc.image), int(len(unc.cells)),
+                      str(checkpoint))
 
 
 def doubtful_cells(prediction: Prediction | None, labels: np.ndarray) -> list[tuple[int, float]]:
@@ -97,8 +105,6 @@ def typical_diameter(labels: np.ndarray, default: float = 30.0) -> float:
 
 
 def _pipeline(checkpoint, device, cache):
-    from napari_cellseg.gui.segment.jobs import pipeline_for
-
     return pipeline_for(predict_options(checkpoint, device), cache)
 
 
