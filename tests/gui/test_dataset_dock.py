@@ -199,6 +199,8 @@ def test_box_and_click_tools_add_one_undoable_cell(make_napari_viewer, qtbot, ti
     qtbot.waitUntil(lambda: len(shapes.data) == 0, timeout=5000)  # the box is used up
     cells.undo()
     assert cells.data.max() == 0
+    draft = tmp_path / "reviewed.drafts" / "cell0.npz"  # the undo reaches the draft too
+    qtbot.waitUntil(lambda: draft.is_file() and np.load(draft)["labels"].max() == 0, timeout=5000)
 
     # click a pixel of a candidate the threshold dropped: that candidate is promoted
     yx = _pixel_of_dropped_candidate(w._preds["cell0"])
@@ -276,6 +278,16 @@ def test_ranking_orders_the_queue_worst_first(make_napari_viewer, qtbot, tiny_mo
     assert w.current == "cell0"
     w.skip()
     assert w.current == "cell2"  # the next to do, wrapping round the queue's order
+    _press(viewer, "PageDown")  # the dock's keys are bound on the viewer
+    assert w.current == "cell1"
+    _press(viewer, "PageUp")
+    assert w.current == "cell2"
+
+
+def _press(viewer, key):
+    """Run what napari runs for ``key`` on the viewer (its keymap entry)."""
+    handler = next(f for k, f in viewer.keymap.items() if str(k) == key)
+    handler(viewer)
 
 
 def test_bad_folder_is_one_notification_and_nothing_changes(make_napari_viewer, qtbot, tiny_model,
@@ -312,3 +324,16 @@ def test_train_on_accepted_makes_a_new_current_model_and_reranks(make_napari_vie
     assert w.queue["cell2"].uncertainty is not None
     assert out.read_bytes() == accepted  # accepted images are never overwritten
     assert w.queue.counts()["accepted"] == 2
+
+
+def test_cancel_training_keeps_the_model(make_napari_viewer, qtbot, tiny_model, folder, tmp_path, errors):
+    viewer, w = _dock(make_napari_viewer, qtbot, tiny_model)
+    w.open_folder(folder, tmp_path / "reviewed.csv")
+    _predicted(qtbot, w)
+    w.accept()
+    w.train_on_accepted()
+    w.cancel_training()
+    qtbot.waitUntil(lambda: w._train_worker is None, timeout=TIMEOUT)
+    assert w.checkpoint() == str(tiny_model) and not hasattr(w, "last_training")
+    assert w.train_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert errors == []

@@ -298,7 +298,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
             return
         self._watched.add(key)
         cells.events.paint.connect(self._on_paint)
-        cells.events.refresh.connect(self._on_refresh)
+        cells.events.set_data.connect(self._on_set_data)
         _edit.bind_edit_keys(cells, self.viewer, lambda msg, error: (self._error if error else self._info)(msg))
 
     def _follow_segment(self):
@@ -323,11 +323,11 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         self._draft_pending = True
         self._draft_timer.start()  # napari emits paint before the stroke is in .data
 
-    def _on_refresh(self, event=None):
+    def _on_set_data(self, event=None):
         cells = self.cells_layer()
         r = result_of(cells) if cells is not None else None
-        if not self._loading and r is not None and r.edited and self._draft_pending is False:
-            self._draft_pending = True  # undo / redo: they refresh the layer, no paint event
+        if not self._loading and r is not None and r.edited:
+            self._draft_pending = True  # undo / redo: they emit set_data, no paint event
             self._draft_timer.start()
 
     def save_draft(self) -> bool:
@@ -444,6 +444,8 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
             return
         image_id = self._next_wanted()
         if image_id is None:
+            if self._reranking:
+                self._finish_rerank()
             return
         try:
             checkpoint = self.checkpoint()
@@ -467,8 +469,6 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
 
     def _on_predict_finished(self):
         self._worker, self._predicting = None, None
-        if not self._rerank and self._reranking:
-            self._finish_rerank()
         self._kick()
 
     def _on_predicted(self, pred: Prediction):
