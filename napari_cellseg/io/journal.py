@@ -251,6 +251,11 @@ class Journal:
         entry = {"id": normalize_id(image_id), "shape": list(shape), "rles": rles}
         if self.fmt is not None:
             entry["format"] = self.fmt
+        self.add_entry(entry)
+
+    def add_entry(self, entry: dict) -> None:
+        """Append one finished item (a JSON object with a str "id"), one write: the generic form
+        of :meth:`add` (``cellseg rank`` journals its rows with it)."""
         line = json.dumps(entry) + "\n"
         os.write(self.fd, line.encode("utf-8"))
 
