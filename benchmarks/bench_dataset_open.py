@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from napari_cellseg.io.annotations import write_annotations  # noqa: E402
 from napari_cellseg.io.dataset import DatasetQueue, drafts_dir  # noqa: E402
 from napari_cellseg.io.images import image_info, list_images  # noqa: E402
+from napari_cellseg.io.ranking import write_ranking  # noqa: E402
 
 H, W = 520, 704
 
@@ -65,8 +66,9 @@ def make_dataset(root: Path, n: int, accepted: int = 600, drafts: int = 200):
         (d / f"img{i:05d}.npz").write_bytes(blob.getvalue())
     ranking = root / "ranking.csv"
     rng = np.random.default_rng(1)
-    rows = "".join(f"img{i:05d},{rng.random():.6f},{int(rng.integers(0, 300))}\n" for i in range(n))
-    ranking.write_text("id,uncertainty,cells\n" + rows)
+    write_ranking(ranking, [{"id": f"img{i:05d}", "uncertainty": float(rng.random()),
+                             "cells": int(rng.integers(0, 300)), "doubtful_cells": 0, "diameter": None,
+                             "file": ""} for i in range(n)])
     return folder, out, ranking
 
 

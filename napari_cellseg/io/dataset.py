@@ -23,20 +23,16 @@ yet by name.
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from napari_cellseg.io.annotations import CsvError, csv_reader, normalize_id, read_annotations, write_annotations
+from napari_cellseg.io.annotations import CsvError, read_annotations, write_annotations
 from napari_cellseg.io.atomic import atomic_write
-from napari_cellseg.io.rle import strip_field
 
-__all__ = ["DatasetQueue", "Item", "DatasetError", "TODO", "EDITED", "ACCEPTED", "STATUSES",
-           "read_ranking", "drafts_dir"]
+__all__ = ["DatasetQueue", "Item", "DatasetError", "TODO", "EDITED", "ACCEPTED", "STATUSES", "drafts_dir"]
 
 TODO, EDITED, ACCEPTED = "to do", "edited", "accepted"
 STATUSES = (TODO, EDITED, ACCEPTED)
@@ -70,50 +66,21 @@ def drafts_dir(output_csv) -> Path:
     return out.parent / f"{out.stem}.drafts"
 
 
-def read_ranking(path) -> dict[str, tuple[float, int | None]]:
-    """``{id: (uncertainty, cells or None)}`` from a ``cellseg rank`` CSV (columns ``id``,
-    ``uncertainty``, optional ``cells``). Raises DatasetError naming the file, row and field."""
-    path = Path(path)
+def _apply_ranking(items: dict[str, Item], path) -> None:
+    """Uncertainties (and cell counts not known from a start CSV) from a ``cellseg rank`` CSV
+    (``io.ranking.read_ranking``: the one reader of that file); ids of other images ignored."""
+    from napari_cellseg.io.ranking import read_ranking
+
     try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            rows = list(csv_reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path}: cannot read the ranking ({exc})") from None
-    if not rows:
-        raise DatasetError(f"{path}: empty file (expected a header row id,uncertainty,cells)")
-    header = [strip_field(h) for h in rows[0]]
-    for column in ("id", "uncertainty"):
-        if column not in header:
-            raise DatasetError(f"{path}: row 1 (header): missing column {column!r} "
-                               f"(found: {','.join(header)})")
-    i_id, i_unc = header.index("id"), header.index("uncertainty")
-    i_cells = header.index("cells") if "cells" in header else None
-    out: dict[str, tuple[float, int | None]] = {}
-    for n, fields in enumerate(rows[1:], start=2):
-        if not fields or (len(fields) == 1 and not strip_field(fields[0])):
-            continue
-        if len(fields) != len(header):
-            raise DatasetError(f"{path}: row {n}: {len(fields)} fields, the header has {len(header)}")
-        image_id = normalize_id(fields[i_id])
-        try:
-            value = float(strip_field(fields[i_unc]))
-            if not math.isfinite(value):
-                raise ValueError
-        except ValueError:
-            raise DatasetError(f"{path}: row {n}: uncertainty: {fields[i_unc]!r} is not a finite "
-                               "number") from None
-        cells = None
-        if i_cells is not None and strip_field(fields[i_cells]):
-            try:
-                cells = int(strip_field(fields[i_cells]))
-                if cells < 0:
-                    raise ValueError
-            except ValueError:
-                raise DatasetError(f"{path}: row {n}: cells: {fields[i_cells]!r} is not a count") from None
-        if not image_id:
-            raise DatasetError(f"{path}: row {n}: empty id")
-        out[image_id] = (value, cells)
-    return out
+        rows = read_ranking(path)
+    except (ValueError, OSError) as exc:  # RankingError names the file and row
+        raise DatasetError(f"ranking: {exc}") from None
+    for row in rows:
+        item = items.get(row["id"])
+        if item is not None:
+            item.uncertainty = float(row["uncertainty"])
+            if item.cells is None:
+                item.cells = int(row["cells"])
 
 
 def _cell_counts(ann) -> dict[str, int]:
@@ -169,12 +136,7 @@ class DatasetQueue:
                 if image_id in items:
                     items[image_id].cells = n
         if ranking_csv:
-            for image_id, (value, cells) in read_ranking(ranking_csv).items():
-                item = items.get(image_id)
-                if item is not None:
-                    item.uncertainty = value
-                    if cells is not None and item.cells is None:
-                        item.cells = cells
+            _apply_ranking(items, ranking_csv)
         queue = cls(items, out, start)
         queue._resume()
         return queue

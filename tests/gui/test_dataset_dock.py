@@ -266,7 +266,8 @@ def test_segment_sliders_and_edit_lock_work_on_the_shown_image(make_napari_viewe
 
 def test_ranking_orders_the_queue_worst_first(make_napari_viewer, qtbot, tiny_model, folder, tmp_path):
     ranking = tmp_path / "ranking.csv"
-    ranking.write_text("id,uncertainty,cells\ncell0,0.2,3\ncell2,0.9,4\ncell1,0.5,5\n")
+    ranking.write_text("id,uncertainty,cells,doubtful_cells,diameter,file\n"
+                       "cell2,0.9,4,1,,\ncell1,0.5,5,0,,\ncell0,0.2,3,0,,\n")  # as cellseg rank writes it
     viewer, w = _dock(make_napari_viewer, qtbot, tiny_model)
     w.open_folder(folder, tmp_path / "reviewed.csv", ranking_csv=ranking)
     assert w.current == "cell2" and w.table_model.ids == ["cell2", "cell1", "cell0"]

@@ -10,6 +10,7 @@ import tifffile
 from napari_cellseg.io import dataset as ds
 from napari_cellseg.io.annotations import read_annotations, write_annotations
 from napari_cellseg.io.dataset import ACCEPTED, EDITED, TODO, DatasetError, DatasetQueue
+from napari_cellseg.io.ranking import write_ranking
 
 
 def _folder(tmp_path, n=4, shape=(20, 30)):
@@ -98,7 +99,8 @@ def test_draft_of_another_size_or_corrupt_is_refused_and_kept(tmp_path):
 def test_order_uncertainty_first_then_names_and_next_todo(tmp_path):
     folder = _folder(tmp_path)
     ranking = tmp_path / "ranking.csv"
-    ranking.write_text("id,uncertainty,cells\nimg2,0.9,5\nimg0,0.1,7\nimg3,0.5,0\nother,1.0,1\n")
+    write_ranking(ranking, [_rank("img2", 0.9, 5), _rank("img0", 0.1, 7), _rank("img3", 0.5, 0),
+                            _rank("other", 1.0, 1)])
     q = DatasetQueue.open(folder, tmp_path / "out.csv", ranking_csv=ranking)
     assert q.order() == ["img2", "img3", "img0", "img1"]
     assert q["img2"].cells == 5
@@ -112,15 +114,19 @@ def test_order_uncertainty_first_then_names_and_next_todo(tmp_path):
     assert not q.needs_model("img3") and q.needs_model("img1")
 
 
-def test_bad_ranking_row_names_file_row_and_field(tmp_path):
+def _rank(image_id, uncertainty, cells):
+    return {"id": image_id, "uncertainty": uncertainty, "cells": cells, "doubtful_cells": 0,
+            "diameter": None, "file": ""}
+
+
+def test_bad_ranking_is_one_line_naming_file_and_row(tmp_path):
     folder = _folder(tmp_path)
     ranking = tmp_path / "ranking.csv"
-    ranking.write_text("id,uncertainty\nimg0,0.2\nimg1,high\n")
-    with pytest.raises(DatasetError, match=r"ranking.csv: row 3: uncertainty: 'high'"):
+    ranking.write_text("id,uncertainty,cells,doubtful_cells\nimg0,0.2,1,0\nimg1,high,1,0\n")
+    with pytest.raises(DatasetError, match=r"ranking: .*ranking.csv: row 3: uncertainty"):
         DatasetQueue.open(folder, tmp_path / "out.csv", ranking_csv=ranking)
-    ranking.write_text("name,score\n")
-    with pytest.raises(DatasetError, match="row 1 .*missing column 'id'"):
-        DatasetQueue.open(folder, tmp_path / "out.csv", ranking_csv=ranking)
+    with pytest.raises(DatasetError, match="ranking: .*missing.csv"):
+        DatasetQueue.open(folder, tmp_path / "out.csv", ranking_csv=tmp_path / "missing.csv")
 
 
 def test_start_csv_masks_for_its_ids(tmp_path):
