@@ -338,3 +338,22 @@ def test_cancel_training_keeps_the_model(make_napari_viewer, qtbot, tiny_model, 
     assert w.checkpoint() == str(tiny_model) and not hasattr(w, "last_training")
     assert w.train_btn.isEnabled() and not w.cancel_btn.isEnabled()
     assert errors == []
+
+
+@pytest.mark.slow
+def test_finetune_job_trains_in_a_worker_thread_left_in_inference_mode(tiny_model, tmp_path):
+    """A worker quit while a prediction was suspended inside ``torch.inference_mode()`` leaves
+    its pooled thread in inference mode; the next job there (Train on accepted) must still train."""
+    import torch
+
+    from napari_cellseg.gui.dataset.jobs import finetune_job
+    from napari_cellseg.progress import drain
+
+    images = [_image(i) for i in range(2)]
+    from scipy import ndimage
+
+    labels = [ndimage.label(img > 180)[0].astype(np.int32) for img in images]
+    with torch.inference_mode():  # the state such a thread is left in
+        result = drain(finetune_job(images, labels, ["a", "b"], str(tiny_model), tmp_path / "models",
+                                    0.05, "cpu"))
+    assert result.checkpoint.is_file() and result.epochs >= 1

@@ -161,4 +161,11 @@ def finetune_job(images: list, labels: list, ids: list, checkpoint: str, out_roo
         out = out.with_name(f"{out.name.split('_')[0]}_{n}")
     out.mkdir(parents=True)
     yield {"stage": "setup", "message": f"fine-tuning on {len(images)} accepted image(s) into {out}"}
-    return (yield from finetune(images, labels, checkpoint, out, minutes=minutes, device=device, ids=ids))
+    import torch
+
+    # grad on, whatever the pooled worker thread was left in: a prediction worker quit while
+    # suspended inside the runner's ``torch.inference_mode()`` leaves its thread in inference
+    # mode, and the next job on that thread would train without gradients
+    with torch.inference_mode(False), torch.enable_grad():
+        return (yield from finetune(images, labels, checkpoint, out, minutes=minutes, device=device,
+                                    ids=ids))
