@@ -285,6 +285,23 @@ def test_ranking_orders_the_queue_worst_first(make_napari_viewer, qtbot, tiny_mo
     assert w.current == "cell2"
 
 
+def test_keys_of_a_closed_dock_do_nothing(make_napari_viewer, qtbot, tiny_model, folder, tmp_path):
+    out = tmp_path / "reviewed.csv"
+    viewer, w = _dock(make_napari_viewer, qtbot, tiny_model)
+    w.open_folder(folder, out)
+    _press(viewer, "Shift+Enter")  # Accept by key: refused while the model still predicts it
+    assert not out.exists() and w.current == "cell0" and "still predicting" in w.status.text()
+    _predicted(qtbot, w)
+    _press(viewer, "Shift+Enter")
+    assert out.is_file() and w.current == "cell1"
+    out.unlink()
+    qtbot.waitUntil(lambda: w._worker is None, timeout=TIMEOUT)
+    viewer.window.remove_dock_widget(viewer.window.dock_widgets["Review dataset (napari-cellseg)"].parent())
+    assert not w.docked()
+    _press(viewer, "Shift+Enter")
+    assert not out.exists()
+
+
 def _press(viewer, key):
     """Run what napari runs for ``key`` on the viewer (its keymap entry)."""
     handler = next(f for k, f in viewer.keymap.items() if str(k) == key)

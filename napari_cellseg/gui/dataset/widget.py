@@ -52,6 +52,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         self._watched: set[int] = set()
         self._loading = False
         self._from_top = False  # set by a re-ranking: Accept/Skip go to the most doubtful image
+        self._waiting = False  # the shown image waits for the model's masks
         self._draft_pending = False
         self._draft_timer = QTimer(self)
         self._draft_timer.setSingleShot(True)
@@ -87,12 +88,18 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
                    "box": self.toggle_box_tool, "click": self.toggle_click_tool}
         for name, (key, _) in panels.KEYS.items():
             def handler(_viewer, fn=actions[name]):
-                try:
+                if self.docked():
                     fn()
-                except RuntimeError:  # the dock was closed: its Qt side is gone
-                    pass
             handler.__name__ = f"cellseg_dataset_{name}"
             self.viewer.bind_key(key, handler, overwrite=True)
+
+    def docked(self) -> bool:
+        """False once the dock was closed (napari un-parents the widget, or Qt deleted it): the
+        viewer keys bound here then do nothing."""
+        try:
+            return self.parent() is not None
+        except RuntimeError:
+            return False
 
     # ------------------------------------------------------------ opening
     def _refresh_recent(self):
@@ -232,7 +239,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         result = Result(image_id=image_id, image_layer=image_id, detections=dets,
                         thresholds=dict(thresholds), checkpoint=pred.checkpoint if pred else "",
                         edited=source in ("draft", "accepted"))
-        self.current, self._from_top = image_id, False
+        self.current, self._from_top, self._waiting = image_id, False, waiting
         self._put_layers(image_id, raw, labels, result)
         self.table_model.set_current(image_id)
         self._select_row(image_id)
@@ -357,6 +364,11 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         if cells is None:
             self._error("the cells layer was removed: open the image again (double-click it)")
             return
+        r = result_of(cells)
+        if self._waiting and (r is None or not r.edited):
+            self._info(f"{self.current}: the model is still predicting it; Accept once its masks "
+                       "are shown (or paint the cells yourself)")
+            return
         self._draft_timer.stop()
         self._draft_pending = False
         image_id = self.current
@@ -367,7 +379,6 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
             self.save_draft()  # nothing is lost: the edits stay as a draft
             self._error(str(exc))
             return
-        r = result_of(cells)
         if r is not None:
             r.edited = True  # reviewed masks: the sliders never redraw them
         self.table_model.changed(image_id)
@@ -498,6 +509,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         if r is None or r.image_id != pred.image_id or not self.queue.needs_model(pred.image_id):
             return
         r.detections, r.thresholds, r.checkpoint = pred.detections, dict(pred.thresholds), pred.checkpoint
+        self._waiting = False
         if r.edited:
             self._info(f"{pred.image_id}: predicted; your edits are kept (nothing redrawn).")
             return
