@@ -7,7 +7,9 @@ runs here; the first ``to_labels`` call (which pastes the per-box crops once, ca
 separately. Baseline in the same run: the same redraw without the cached crops (cache cleared
 each time), i.e. what a redraw would cost if every slider move re-pasted the masks.
 
-Run: ``xvfb-run -a python benchmarks/bench_slider.py`` (prints ms per redraw and ratios).
+Run: ``xvfb-run -a python benchmarks/bench_slider.py`` (prints ms per redraw and ratios);
+``--large``: 2,000 instances of 20-80 px on a 3000x3000 image (the issue's large-image case;
+the budget there is 50 ms per redraw and no single move over 200 ms).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H, W, N = 520, 704, 500
+SIZES = (10, 40)
+if "--large" in sys.argv:
+    H, W, N, SIZES = 3000, 3000, 2000, (20, 80)
 FRAME_MS = 1000 / 60  # 16.7 ms
 
 
@@ -29,7 +34,7 @@ def make_detections(seed=0):
     from napari_cellseg.inference.predictor import Detections
 
     rng = np.random.default_rng(seed)
-    size = rng.uniform(10, 40, (N, 2))
+    size = rng.uniform(*SIZES, (N, 2))
     x0 = rng.uniform(0, W - 10, N)
     y0 = rng.uniform(0, H - 10, N)
     boxes = np.stack([x0, y0, np.minimum(x0 + size[:, 0], W), np.minimum(y0 + size[:, 1], H)], 1)
@@ -71,6 +76,7 @@ def main(repeats: int = 30) -> None:
 
     values = np.linspace(0.05, 0.95, repeats)
     n_cells = []
+    worst: list = []
 
     def timed(clear_cache: bool, slider) -> tuple[float, float]:
         """median ms of (slider move -> widget.redraw, i.e. to_labels + layer update), (GL paint)"""
@@ -85,6 +91,7 @@ def main(repeats: int = 30) -> None:
             update.append(t1 - t0)
             paint.append(time.perf_counter() - t1)
             n_cells.append(int(lyr.data.max()))
+        worst.append(max(update) * 1000)
         return float(np.median(update)) * 1000, float(np.median(paint)) * 1000
 
     widget.mask_slider.setValue(0.5)
@@ -109,6 +116,7 @@ def main(repeats: int = 30) -> None:
     for what, (upd, paint) in (("Box confidence", box_ms), ("Mask threshold", mask_ms)):
         print(f"  {what} move: redraw {upd:6.1f} ms = {upd / FRAME_MS:.2f} frame "
               f"(+ canvas paint {paint:6.1f} ms)")
+    print(f"  slowest single cached move: {max(worst[:2]):6.1f} ms")
     print(f"  baseline, re-paste crops on every move: redraw {nocache_ms[0]:6.1f} ms "
           f"(cached is {nocache_ms[0] / max(mask_ms[0], 1e-9):.1f}x faster)")
     print(f"  bare canvas repaint, no data change:  {bare_ms:6.1f} ms "
@@ -123,4 +131,4 @@ def _t(fn) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    main(15 if "--large" in sys.argv else 30)
