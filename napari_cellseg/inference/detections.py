@@ -34,6 +34,7 @@ class Detections:
     scale: float = 1.0  # the object-size scale the image was predicted at
     diameter: float | None = None  # median object diameter (image px) estimated by scale="auto"
     _cache: Any = field(default=None, repr=False, compare=False)
+    _kept: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -82,22 +83,39 @@ class Detections:
         out = np.zeros(h * w, np.int32)
         if n == 0:
             return (out.reshape(h, w), np.zeros(0, np.int64)) if return_rows else out.reshape(h, w)
-        pix, owner, prob, offsets = self._crops()
-        end = offsets[n]
-        keep = prob[:end] > mask_threshold
-        idx = pix[:end][keep]
-        who = owner[:end][keep]
+        idx, ids, offsets = self._above(mask_threshold)
+        end = int(offsets[n])
         # paint lowest score first; the highest-scoring instance writes last and keeps the pixel
-        out[idx[::-1]] = who[::-1] + 1
+        # (reversed views of the cached arrays: no copy)
+        out[idx[:end][::-1]] = ids[:end][::-1]
         if fill_holes or keep_largest:
             out = postprocess(out.reshape(h, w), fill_holes, keep_largest).reshape(-1)
-        area = np.bincount(out, minlength=n + 1)
+            area = np.bincount(out, minlength=n + 1)
+        else:  # the pixels each id won, counted over the crops only (not the whole image)
+            won = out[idx[:end]] == ids[:end]
+            area = np.bincount(ids[:end][won], minlength=n + 1)
         area[0] = 0
         kept = area >= max(int(min_area), 1)
+        kept[0] = False
+        if kept[1:].all():  # ids 1..n already consecutive: nothing to renumber
+            labels = out.reshape(h, w)
+            return (labels, np.arange(n, dtype=np.int64)) if return_rows else labels
         lut = np.zeros(n + 1, np.int32)
         lut[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
         labels = lut[out].reshape(h, w)
         return (labels, np.flatnonzero(kept) - 1) if return_rows else labels
+
+    def _above(self, mask_threshold: float):
+        """The crop pixels above ``mask_threshold``: (pixel index, id = row + 1, offsets), where
+        row ``r``'s pixels are ``[offsets[r], offsets[r + 1])``. Cached for the last threshold,
+        so a Box confidence move only takes a prefix of them."""
+        key = (float(mask_threshold), id(self._crops()))
+        if self._kept is None or self._kept[0] != key:
+            pix, owner, prob, offsets = self._crops()
+            keep = prob > key[0]
+            cum = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+            self._kept = (key, pix[keep], owner[keep] + 1, cum[offsets])
+        return self._kept[1:]
 
 
 def _paste_crops(probs: np.ndarray, boxes: np.ndarray, image_shape):
