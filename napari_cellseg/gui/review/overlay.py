@@ -3,6 +3,8 @@ layers to compare, and the threshold grid of a sweep."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from napari_cellseg.inference.tuning import grid_values  # noqa: F401  (one grid rule: cellseg tune --grid and the Review sweep)
@@ -34,24 +36,47 @@ def overlay_labels(gt: np.ndarray, pred: np.ndarray, score) -> np.ndarray:
     return out
 
 
-def choose_pair(layers, pred: str | None = None, gt: str | None = None):
+RESULT, TRUTH, OTHER = "result", "truth", "other"  # what a Labels layer is, for the pickers
+_TRUTH_NAME = re.compile(r"(^|[^a-z])(gt|ground[ _-]?truth|truth|true|annotations?|manual)([^a-z]|$)",
+                         re.IGNORECASE)
+
+
+def layer_kind(name: str, metadata, is_result: bool) -> str:
+    """RESULT for a layer made by Segment cells; TRUTH for one flagged as ground truth
+    (``metadata["ground_truth"]``), opened from an annotation CSV (``metadata["source_csv"]``) or
+    named so ("gt", "ground truth", "truth", "annotation", "manual"); OTHER for the rest."""
+    meta = metadata or {}
+    if is_result:
+        return RESULT
+    if meta.get("ground_truth") or meta.get("source_csv") or _TRUTH_NAME.search(str(name)):
+        return TRUTH
+    return OTHER
+
+
+def choose_pair(layers, pred: str | None = None, gt: str | None = None, new=()):
     """Which Labels layers the Review pickers offer and select.
 
-    ``layers``: ``(name, is_model_result, image_id)`` in viewer order. Returns
-    ``(prediction names, ground-truth names, chosen prediction, chosen ground truth)``; the two
-    choices are never the same layer. Predictions: model results first, then other layers, but
-    a lone hand-made/CSV layer is taken as ground truth, not as a prediction. Ground truth: the
-    non-result layers except the prediction; ``gt`` is kept while valid, else the one whose
-    image id matches the prediction's.
+    ``layers``: ``(name, kind, image_id)`` in viewer order, kind from :func:`layer_kind`;
+    ``new``: names of result layers that just appeared (the newest becomes the prediction).
+    Returns ``(prediction names, ground-truth names, chosen prediction, chosen ground truth)``.
+    A layer is never chosen as both, nor offered in a list while chosen in the other.
+    Predictions: results, then other layers (not ground truth); a lone other layer with no
+    result is taken as ground truth. Ground truth: truth layers, then other layers; ``gt`` is
+    kept while valid, else the one whose image id matches the prediction's.
     """
-    results = [n for n, is_res, _ in layers if is_res]
-    others = [n for n, is_res, _ in layers if not is_res]
-    preds = results + (others if results or len(others) > 1 else [])
-    if pred not in preds:
-        pred = preds[0] if preds else None
-    gts = [n for n in others if n != pred]
+    results = [n for n, kind, _ in layers if kind == RESULT]
+    truths = [n for n, kind, _ in layers if kind == TRUTH]
+    others = [n for n, kind, _ in layers if kind == OTHER]
+    candidates = results + (others if results or truths or len(others) > 1 else [])
+    fresh = [n for n in new if n in results]
+    if fresh:
+        pred = fresh[-1]
+    elif pred not in candidates:
+        pred = candidates[0] if candidates else None
+    gts = [n for n in truths + others if n != pred]
     ids = {n: i for n, _, i in layers}
     if gt not in gts:  # keep the user's choice while it is valid; else the matching image id
-        match = [n for n in gts if pred in results and ids.get(pred) in (ids.get(n), n)]
-        gt = match[0] if match else (gts[0] if gts else None)
+        match = [n for n in gts if pred is not None and ids.get(pred) and ids.get(pred) in (ids.get(n), n)]
+        gt = (match or gts or [None])[0]
+    preds = [n for n in candidates if n != gt]
     return preds, gts, pred, gt
