@@ -207,25 +207,21 @@ def test_reader_ignores_other_files():
     assert get_reader("CELLS.CSV") is not None
 
 
-def test_draw_labels_passes_post_processing_only_when_supported():
-    from napari_cellseg.gui.layers import draw_labels, post_processing_supported
-    from napari_cellseg.options import OptionError
+def test_draw_labels_hands_the_thresholds_object_to_the_detections():
+    """The sliders' Thresholds travel as one object: no keyword filtering, no dict copies."""
+    from napari_cellseg.gui.layers import draw_labels
+    from napari_cellseg.options import Thresholds
 
-    class Old:
-        def to_labels(self, box_conf=0.5, mask_threshold=0.5, min_area=0):
-            return ("old", box_conf, mask_threshold, min_area)
+    seen = []
 
-    class New:
-        def to_labels(self, box_conf=0.5, mask_threshold=0.5, min_area=0, fill_holes=False,
-                      keep_largest=False):
-            return ("new", box_conf, mask_threshold, min_area, fill_holes, keep_largest)
+    class Dets:
+        def to_labels(self, thresholds):
+            seen.append(thresholds)
+            return np.zeros((2, 2), np.int32)
 
-    t = {"box_conf": 0.3, "mask_threshold": 0.4, "min_area": 5, "fill_holes": True, "keep_largest": True}
-    assert not post_processing_supported(Old()) and post_processing_supported(New())
-    assert draw_labels(Old(), t) == ("old", 0.3, 0.4, 5)
-    assert draw_labels(New(), t) == ("new", 0.3, 0.4, 5, True, True)
-    with pytest.raises(OptionError, match="box_conf"):
-        draw_labels(New(), {**t, "box_conf": 1.5})
+    t = Thresholds(box_conf=0.3, mask_threshold=0.4, min_area=5, fill_holes=True, keep_largest=True)
+    draw_labels(Dets(), t)
+    assert seen == [t] and seen[0] is t
 
 
 def test_one_plane_stack_exports_under_the_id_predict_gives_its_file(tmp_path):

@@ -73,7 +73,9 @@ class PanelActions:
         self.model_combo.clear()
         bundled = bundled_model_path()
         if bundled.is_file():
-            self.model_combo.addItem("Demo model (bundled)", str(bundled))
+            self.model_combo.addItem("Demo model", str(bundled))
+            self.model_combo.setItemData(0, f"The demo model bundled with napari-cellseg: {bundled}",
+                                         Qt.ItemDataRole.ToolTipRole)
         for p in load_settings().get("recent_checkpoints", []):
             if Path(p).is_file() and Path(p) != bundled:
                 self.model_combo.addItem(Path(p).name, p)
