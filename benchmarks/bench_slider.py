@@ -66,7 +66,12 @@ def main(repeats: int = 30) -> None:
     viewer.add_image(np.zeros((H, W), np.uint8), name="img")
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    lyr = viewer.add_labels(np.zeros((H, W), np.int32), name="img cells")
+    try:  # the result layer's dtype as Segment cells makes it (int32 before it chose one)
+        from napari_cellseg.gui.layers import label_dtype
+        dtype = label_dtype(N)
+    except ImportError:
+        dtype = np.int32
+    lyr = viewer.add_labels(np.zeros((H, W), dtype), name="img cells")
     lyr.metadata["napari_cellseg"] = Result(image_id="img", image_layer="img", detections=dets)
     widget.image_combo.setCurrentText("img")
     widget._update_tune_panel()
@@ -110,7 +115,7 @@ def main(repeats: int = 30) -> None:
     bare_ms = float(np.median(bare)) * 1000
     viewer.close()
 
-    print(f"slider redraw, {N} instances on {W}x{H} (median of {repeats} moves; frame = {FRAME_MS:.1f} ms):")
+    print(f"slider redraw, {N} instances on {W}x{H}, layer dtype {lyr.data.dtype} (median of {repeats} moves; frame = {FRAME_MS:.1f} ms):")
     print(f"  first to_labels (pastes crops once, cached): {first_ms:8.1f} ms")
     print(f"  to_labels alone:                             {to_labels_ms:8.1f} ms")
     for what, (upd, paint) in (("Box confidence", box_ms), ("Mask threshold", mask_ms)):

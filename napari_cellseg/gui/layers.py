@@ -66,6 +66,13 @@ def draw_labels(detections, thresholds, kept=None) -> np.ndarray:
     return merge_kept(kept, detections.to_labels(thresholds))
 
 
+def label_dtype(max_id: int) -> np.dtype:
+    """The dtype of a result layer whose ids reach ``max_id``: uint16 while they fit, because
+    napari draws 8/16-bit labels as they are but hashes every pixel of wider ones on the CPU
+    first (without numba about 300 ms per slider move at 3000x3000); int32 beyond."""
+    return np.dtype(np.uint16) if int(max_id) < np.iinfo(np.uint16).max else np.dtype(np.int32)
+
+
 def merge_kept(kept, labels: np.ndarray) -> np.ndarray:
     """``kept`` cells (hand-edited, their own ids) over the model's ``labels``: a model cell at
     least half covered by kept cells is dropped (it is the same cell), the rest fill the

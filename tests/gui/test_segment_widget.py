@@ -150,9 +150,10 @@ def test_segment_sliders_edit_export_roundtrip(make_napari_viewer, qtbot, tiny_c
     np.testing.assert_array_equal(lyr.data, edited)
     assert (lyr.data == 999).any()
 
-    # Segment refuses to overwrite hand edits
+    # Segment asks before touching hand edits (answered "Cancel" here: nothing runs)
     _segment(qtbot, w)
-    assert "hand edits" in errors[-1] and len(forward_calls) == 2
+    assert "hand edits are unchanged" in w.status.text() and len(forward_calls) == 2
+    np.testing.assert_array_equal(lyr.data, edited)
 
     # export, then re-open through napari's reader and compare
     out = tmp_path / "sub.csv"
@@ -837,6 +838,7 @@ def test_segment_again_keeps_the_hand_edited_cells_or_starts_over(make_napari_vi
     assert errors == []
     r = result_of(lyr)
     assert not r.edited and r.checkpoint == str(newer) and w.box_slider.isEnabled()
+    assert lyr.data.dtype == np.uint16  # napari draws 16-bit labels without hashing each pixel
     cell = int(lyr.data[45, 65])
     assert cell > 0 and np.array_equal(lyr.data == cell, hand)  # the hand cell, whole, alone
     assert len(np.unique(lyr.data)) > 3  # ...with the model's cells around it

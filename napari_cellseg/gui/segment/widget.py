@@ -23,7 +23,7 @@ from napari_cellseg.gui.segment import edit as _edit
 from napari_cellseg.gui import registry
 from napari_cellseg.gui.reader import prefer_csv_reader
 from napari_cellseg.gui.segment.jobs import calibrate_job, load_torch_job, predict_options, segment_job
-from napari_cellseg.gui.layers import (META_KEY, InputError, Result, draw_labels, hand_cells, image_id_for_layer, image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
+from napari_cellseg.gui.layers import (META_KEY, InputError, Result, draw_labels, hand_cells, image_id_for_layer, label_dtype, image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
 from napari_cellseg.gui.layout import ScrollDock, button, row_of
 from napari_cellseg.gui.compat import reset_undo_history, same_layer, unwrap
 from napari_cellseg.gui.segment.panels import PanelActions, build_edit_box, build_export_box
@@ -463,7 +463,8 @@ class SegmentWidget(PanelActions, ScrollDock):
             return
         old = result_of(lyr) if lyr is not None else None
         if lyr is None:
-            lyr = self.viewer.add_labels(np.zeros(spatial_shape(image_layer), np.int32), name=name,
+            dtype = label_dtype(max(len(d) for d in new.values()))
+            lyr = self.viewer.add_labels(np.zeros(spatial_shape(image_layer), dtype), name=name,
                                          scale=image_layer.scale, translate=image_layer.translate)
         planes, kept = dict(new), {}
         if old is not None and plan == KEEP:  # every plane keeps its hand-edited cells
@@ -474,6 +475,9 @@ class SegmentWidget(PanelActions, ScrollDock):
             planes, kept = {**old.segmented(), **new}, dict(old.kept)  # other planes keep theirs
         else:  # first run, another model, or "start over": start clean
             lyr.data[...] = 0
+        top = max(len(d) for d in planes.values()) + max((int(k.max()) for k in kept.values()), default=0)
+        if np.iinfo(lyr.data.dtype).max <= top:  # more ids than the layer's dtype holds
+            lyr.data = np.asarray(lyr.data).astype(label_dtype(top))
         try:
             current = image_plane(image_layer, self.viewer.dims.current_step, 2)[1]
         except InputError:
