@@ -82,10 +82,19 @@ def tabify_with_siblings(widget, viewer) -> bool:
         if main.dockWidgetArea(other) != main.dockWidgetArea(dock):
             continue
         main.tabifyDockWidget(other, dock)
+        for d in (other, dock):  # the tabs show the widget's name, not "(napari-cellseg)"
+            d.setWindowTitle(short_title(d.windowTitle()))
         dock.show()
         dock.raise_()
         return True
     return False
+
+
+def short_title(title: str) -> str:
+    """A dock title without napari's " (plugin name)" suffix: "Segment cells (napari-cellseg)"
+    -> "Segment cells" (the tab text; napari keeps its own name for the dock)."""
+    head, sep, tail = title.rpartition(" (")
+    return head if sep and tail.endswith(")") and head else title
 
 
 def available_screen() -> tuple[int, int]:

@@ -775,7 +775,9 @@ def test_three_docks_are_tabbed_and_segment_keeps_its_controls(make_napari_viewe
     for control in (seg.segment_btn, seg.box_slider, seg.mask_slider, seg.count_label):
         assert _visible(control), control
     seg.set_checkpoint(tiny_checkpoint)
-    for combo in (seg.image_combo, seg.model_combo, seg.device_combo):
+    titles = {dock_of(w).windowTitle() for w in docks.values()}
+    assert titles == {"Segment cells", "Review", "Train model"}  # tab texts fit
+    for combo in (seg.image_combo, seg.model_combo, seg.device_combo, seg.format_combo, seg.scope_combo):
         text_px = combo.fontMetrics().horizontalAdvance(combo.currentText())
         assert text_px + 24 <= combo.width(), (combo.currentText(), text_px, combo.width())
     canvas = viewer.screenshot(canvas_only=True, flash=False)
