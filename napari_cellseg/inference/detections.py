@@ -88,22 +88,26 @@ class Detections:
         # paint lowest score first; the highest-scoring instance writes last and keeps the pixel
         # (reversed views of the cached arrays: no copy)
         out[idx[:end][::-1]] = ids[:end][::-1]
+        won = None
         if fill_holes or keep_largest:
             out = postprocess(out.reshape(h, w), fill_holes, keep_largest).reshape(-1)
             area = np.bincount(out, minlength=n + 1)
         else:  # the pixels each id won, counted over the crops only (not the whole image)
-            won = out[idx[:end]] == ids[:end]
-            area = np.bincount(ids[:end][won], minlength=n + 1)
+            won = np.flatnonzero(out[idx[:end]] == ids[:end])
+            area = np.bincount(ids[won], minlength=n + 1)
         area[0] = 0
         kept = area >= max(int(min_area), 1)
         kept[0] = False
-        if kept[1:].all():  # ids 1..n already consecutive: nothing to renumber
-            labels = out.reshape(h, w)
-            return (labels, np.arange(n, dtype=np.int64)) if return_rows else labels
-        lut = np.zeros(n + 1, np.int32)
-        lut[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
-        labels = lut[out].reshape(h, w)
-        return (labels, np.flatnonzero(kept) - 1) if return_rows else labels
+        rows = np.flatnonzero(kept) - 1
+        if len(rows) < n:  # renumber 1..K: dropped and empty ids go
+            lut = np.zeros(n + 1, np.int32)
+            lut[kept] = np.arange(1, len(rows) + 1, dtype=np.int32)
+            if won is None:
+                out = lut[out]
+            else:  # each labelled pixel is one winning crop pixel: remap those only
+                out[idx[won]] = lut[ids[won]]
+        labels = out.reshape(h, w)
+        return (labels, rows) if return_rows else labels
 
     def _above(self, mask_threshold: float):
         """The crop pixels above ``mask_threshold``: (pixel index, id = row + 1, offsets), where
