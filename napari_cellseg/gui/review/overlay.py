@@ -20,20 +20,49 @@ def overlay_labels(gt: np.ndarray, pred: np.ndarray, score) -> np.ndarray:
 
     Predicted cells are filled (their borders left at 0 so touching cells stay apart); a missed
     GT cell is filled where no cell was predicted and always outlined on top, so a poorly placed
-    false positive over it stays visible.
+    false positive over it stays visible. Borders are skimage's ``find_boundaries`` (4-connected)
+    computed with array shifts, and ids are mapped with look-up tables: a few passes over the
+    image (3000x3000 with 2,000 cells: tens of ms instead of seconds).
     """
-    from skimage.segmentation import find_boundaries
-
-    out = np.zeros(pred.shape, np.uint8)
-    out[np.isin(pred, score.tp_pred)] = TP
-    out[np.isin(pred, score.fp_pred)] = FP
-    out[find_boundaries(pred, mode="inner")] = 0
-    fn_labels = np.where(np.isin(gt, score.fn_gt), gt, 0)
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    out = _lookup(pred, {TP: score.tp_pred, FP: score.fp_pred})
+    out[_boundaries(pred)] = 0
+    fn_labels = np.where(_lookup(gt, {1: score.fn_gt}) > 0, gt, 0)
     fn = fn_labels > 0
     out[fn & (pred == 0)] = FN
-    out[find_boundaries(fn_labels, mode="inner")] = 0
-    out[find_boundaries(fn_labels, mode="thick") & (fn | (out == 0))] = FN
+    edge = _boundaries(fn_labels)
+    out[edge & fn] = 0
+    out[edge & (fn | (out == 0))] = FN
     return out
+
+
+def _lookup(labels: np.ndarray, classes: dict) -> np.ndarray:
+    """uint8 image: ``classes[k]`` where ``labels`` is one of the ids listed under ``k``."""
+    ids = {k: np.asarray(v, np.int64).ravel() for k, v in classes.items()}
+    top = int(labels.max()) if labels.size else 0
+    if top > 50_000_000 or (labels.size and int(labels.min()) < 0):  # sparse huge ids: no table
+        out = np.zeros(labels.shape, np.uint8)
+        for k, v in ids.items():
+            out[np.isin(labels, v)] = k
+        return out
+    table = np.zeros(top + 1, np.uint8)
+    for k, v in ids.items():
+        table[v[(v >= 0) & (v <= top)]] = k
+    return table[labels]
+
+
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+    """skimage ``find_boundaries(labels, mode="thick")`` (connectivity 1): pixels whose value
+    differs from one of their 4 neighbours inside the image."""
+    b = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        d = labels[tuple(hi)] != labels[tuple(lo)]
+        b[tuple(hi)] |= d
+        b[tuple(lo)] |= d
+    return b
 
 
 RESULT, TRUTH, OTHER = "result", "truth", "other"  # what a Labels layer is, for the pickers
