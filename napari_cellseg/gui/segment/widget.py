@@ -521,8 +521,8 @@ class SegmentWidget(PanelActions, ScrollDock):
 
     @staticmethod
     def _kept_note(kept: dict) -> str:
-        n = sum(len(np.unique(k)) - 1 for k in kept.values())
-        return f" {n} hand-edited cells kept; the rest is from this model." if kept else ""
+        n = sum(len(np.unique(k[k > 0])) for k in kept.values())
+        return f" {n} hand-edited cells kept; the rest is from this model." if n else ""
 
     def _bind(self, lyr):
         if id(unwrap(lyr)) not in self._bound:
