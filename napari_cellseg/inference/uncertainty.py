@@ -132,12 +132,12 @@ def score(detections: Detections, thresholds: Thresholds, *, labels: np.ndarray 
     per = {k: np.zeros(n_cells) for k in ("score", "mask", "pass")}
     per["score"][known] = sig["score"][rows[known]]
     per["mask"][known] = sig["mask"][rows[known]]
-    lacking, n_second = 0.0, 0
+    lacking = 0.0
     if second is not None:
         other = second.to_labels(th)
         per["pass"] = np.where(known, 1.0 - _best_iou(lab, other), 0.0)
         theirs = 1.0 - _best_iou(other, lab)  # the second pass's cells, unmatched here
-        lacking, n_second = float(theirs.sum()), len(theirs)
+        lacking = float(theirs.sum())
     cells = 1.0 - (1.0 - per["score"]) * (1.0 - per["mask"]) * (1.0 - per["pass"])
     cells[~known] = 0.0  # a cell no detection explains was drawn by hand
     below = detections.scores < th.box_conf
@@ -145,8 +145,7 @@ def score(detections: Detections, thresholds: Thresholds, *, labels: np.ndarray 
     if n_cells == 0:  # nothing drawn: doubtful, the more so the closer a candidate came
         strongest = float(near.max(initial=0.0))
         return Uncertainty(NOTHING_FOUND + (1.0 - NOTHING_FOUND) * strongest, np.zeros(0, np.float32))
-    cell_part = (float(cells.sum()) + lacking) / (n_cells + n_second) if second is not None \
-        else float(cells.mean())
+    cell_part = (float(cells.sum()) + lacking) / (n_cells + lacking)
     missed = float(near.sum())
     image = 1.0 - (1.0 - cell_part) * (1.0 - missed / (n_cells + missed))
     return Uncertainty(float(np.clip(image, 0.0, 1.0)), cells.astype(np.float32))

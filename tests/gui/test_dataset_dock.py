@@ -218,9 +218,9 @@ def _pixel_of_dropped_candidate(pred):
     from napari_cellseg.inference.detections import Detections
 
     d, t = pred.detections, pred.thresholds
-    for row in np.flatnonzero(d.scores < t["box_conf"]):
+    for row in np.flatnonzero(d.scores < t.box_conf):
         one = Detections(d.boxes[row:row + 1], np.ones(1, np.float32), d.probs[row:row + 1], d.image_shape)
-        mask = one.to_labels(box_conf=0.0, mask_threshold=t["mask_threshold"], keep_largest=True) > 0
+        mask = one.to_labels(box_conf=0.0, mask_threshold=t.mask_threshold, keep_largest=True) > 0
         if mask.any():
             ys, xs = np.nonzero(mask)
             return int(ys[len(ys) // 2]), int(xs[len(xs) // 2])

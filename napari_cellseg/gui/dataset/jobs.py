@@ -30,7 +30,7 @@ class Prediction:
     image_id: str
     raw: np.ndarray  # the image as stored (shown in the viewer, fed to the box tool)
     detections: Any  # Detections (None: not predicted, masks from a CSV or a draft)
-    thresholds: dict
+    thresholds: Any  # options.Thresholds the masks were drawn with
     uncertainty: float | None
     cells: int
     checkpoint: str

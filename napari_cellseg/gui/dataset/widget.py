@@ -230,14 +230,14 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
             return False
         from_csv = source == "start CSV"
         dets = pred.detections if pred is not None and not from_csv else None
-        thresholds = pred.thresholds if pred is not None else {}
+        thresholds = pred.thresholds if pred is not None else None
         if labels is None and pred is not None:
             labels, source = draw_labels(pred.detections, pred.thresholds), "model"
         waiting = labels is None
         if waiting:
             labels = np.zeros(image_shape(raw), np.int32)
         result = Result(image_id=image_id, image_layer=image_id, detections=dets,
-                        thresholds=dict(thresholds), checkpoint=pred.checkpoint if pred else "",
+                        thresholds=thresholds, checkpoint=pred.checkpoint if pred else "",
                         edited=source in ("draft", "accepted"))
         self.current, self._from_top, self._waiting = image_id, False, waiting
         self._put_layers(image_id, raw, labels, result)
@@ -508,7 +508,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         r = result_of(cells) if cells is not None else None
         if r is None or r.image_id != pred.image_id or not self.queue.needs_model(pred.image_id):
             return
-        r.detections, r.thresholds, r.checkpoint = pred.detections, dict(pred.thresholds), pred.checkpoint
+        r.detections, r.thresholds, r.checkpoint = pred.detections, pred.thresholds, pred.checkpoint
         self._waiting = False
         if r.edited:
             self._info(f"{pred.image_id}: predicted; your edits are kept (nothing redrawn).")
