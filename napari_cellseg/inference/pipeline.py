@@ -13,8 +13,8 @@ widgets, training validation). It owns, each written once:
 * progress: generators yield ``{"stage", "fraction"}`` and return their result
   (:func:`napari_cellseg.progress.relay` maps a sub-job's events into the caller's range).
 
-Nothing below this module imports it. ``napari_cellseg.inference.predictor.Predictor`` (the documented entry
-point, above this module) wraps a runner + a Pipeline for old callers.
+Nothing below this module imports it. ``napari_cellseg.inference.predictor.Predictor`` (the documented
+entry point, above this module) is this class with a ``from_checkpoint`` / ``from_model`` constructor.
 """
 
 from __future__ import annotations
