@@ -60,7 +60,8 @@ def _resolve_precision(precision: str, device) -> str:
 
 
 def resized_size(shape, factor: float) -> tuple[int, int]:
-    """THE resize rule: the (H, W) an image of ``shape`` has after resizing by ``factor``.
+    """The inference resize rule: the (H, W) an image of ``shape`` has after resizing by ``factor``
+    (every forward, tiled or not; training's size normalisation rounds instead).
 
     ``floor(side * factor)`` (torch's rule for ``scale_factor``), but never below 1 pixel: a 1x256
     image at a small factor is still an image (the model pads it to its stride)."""

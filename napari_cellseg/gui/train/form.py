@@ -41,7 +41,7 @@ PATHS = ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "ba
 MAIN_FIELDS = ("epochs", "lr", "batch_size", "crop_size", "steps_per_epoch", "val_fraction", "device")
 LABELS = {"lr": "Learning rate", "steps_per_epoch": "Steps / epoch", "val_fraction": "Val fraction",
           "grad_clip": "Gradient clip", "amp": "Mixed precision", "max_val_images": "Max val images",
-          "freeze_backbone_epochs": "Frozen backbone epochs", "select_by": "Best model by",
+          "freeze_backbone_epochs": "Freeze backbone", "select_by": "Best model by",
           "tune_thresholds": "Tune thresholds", "figures": "Write figures"}
 #: presentation only (the ranges a spin box offers; TrainConfig.validate() is the rule)
 WIDGET_OPTIONS: dict[str, dict[str, Any]] = {
