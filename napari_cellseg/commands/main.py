@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from napari_cellseg.options import PRECISIONS, valid_diameter
+
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 
@@ -225,11 +227,8 @@ def _cmd_demo(args) -> int:
 def _diameter_arg(text: str):
     if text == "auto":
         return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
+    value = valid_diameter(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"expected a diameter in pixels > 0 or 'auto', got {text!r}")
     return value
 
@@ -263,7 +262,7 @@ def _add_predict(subparsers) -> None:
     _add_postprocess_options(p)
     _add_size_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--format", choices=("kaggle", "starter"),

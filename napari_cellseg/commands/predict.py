@@ -187,7 +187,7 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
     from types import SimpleNamespace
 
     from napari_cellseg.io.files import write_label_tiff
-    from napari_cellseg.inference.pipeline import iter_at, iter_auto_scale
+    from napari_cellseg.inference.pipeline import iter_sized
     from napari_cellseg.progress import drain
     from napari_cellseg.io.rle import labels_to_rles
 
@@ -228,11 +228,8 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
             bar.update(1)
 
     def forward(arrays):
-        if scale == "auto":
-            return drain(iter_auto_scale(runner, arrays, pipeline.thresholds, pipeline.tile_size,
-                                         pipeline.tile_overlap))
-        return drain(iter_at(runner, arrays, [float(scale)] * len(arrays), pipeline.tile_size,
-                             pipeline.tile_overlap))
+        return drain(iter_sized(runner, arrays, scale, pipeline.thresholds, pipeline.tile_size,
+                                pipeline.tile_overlap))
 
     def run(batch, post):
         try:
