@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -404,9 +405,14 @@ class _Terminated(BaseException):
 
 @contextlib.contextmanager
 def _terminate_as_exception():
+    """Outside torchrun only: there the agent's SIGTERM must end a rank at once (a rank left in
+    a collective would wait for the others); the next run takes over its lock files."""
     def handler(signum, frame):
         raise _Terminated
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread (a test calling main() from a worker): as it was

@@ -33,7 +33,7 @@ from napari_cellseg.io.rle import (MAX_PIXELS, MAX_RLE_CHARS, RleError, check_si
 
 __all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS",
            "normalize_id", "csv_reader", "MAX_FIELD_CHARS", "NO_ROWS", "csv_format", "csv_has_rows",
-           "utf16_message", "format_columns", "value_column", "EMPTY_VALUE", "refuse_replacing"]
+           "utf16_message", "detect_format", "format_columns", "value_column", "EMPTY_VALUE", "refuse_replacing"]
 
 NO_ROWS = "has no rows after the header (no image)"  # "FILE has no rows...": every command's wording
 
@@ -86,7 +86,7 @@ class CsvError(ValueError):
     """A bad annotation CSV: ``FILE: row N: problem`` (row 1 is the header)."""
 
 
-def _detect_format(path: Path, header: list[str]) -> str:
+def detect_format(path: Path, header: list[str]) -> str:
     cols = set(header)
     if len(cols) != len(header):
         seen = set()
@@ -118,7 +118,7 @@ def csv_format(path, default: str, allowed=FORMATS) -> str:
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             header = next(csv_reader(fh), None)
-        fmt = _detect_format(path, [strip_field(h) for h in header]) if header else default
+        fmt = detect_format(path, [strip_field(h) for h in header]) if header else default
     except (OSError, ValueError, csv.Error):  # no file, not UTF-8 (ValueError), NUL bytes, bad header
         return default
     return fmt if fmt in allowed else default
@@ -301,7 +301,7 @@ def read_annotations(path) -> Annotations:
     path = Path(path)
     rows = _read_rows(path)
     header = [strip_field(h) for h in rows[0]]
-    fmt = _detect_format(path, header)
+    fmt = detect_format(path, header)
     column = "predicted" if fmt == "kaggle" else "annotation"
     records, row_numbers = [], []
     for n, fields in enumerate(rows[1:], start=2):

@@ -73,7 +73,7 @@ class _CsvRows:
     RLE raise ValueError naming the file and the row (spreadsheet numbering: the header is row 1)."""
 
     def __init__(self, out: Path):
-        from napari_cellseg.io.annotations import _detect_format, utf16_message
+        from napari_cellseg.io.annotations import detect_format, utf16_message
         from napari_cellseg.io.rle import strip_field
 
         self.out = out
@@ -90,7 +90,7 @@ class _CsvRows:
             raise ValueError(f"{out}: cannot resume: not a kaggle (id,predicted), starter "
                              f"(idx,id,annotation) or train (id,annotation,width,height) CSV "
                              f"(header: {','.join(self.header)})")
-        self.format = _detect_format(out, self.header)
+        self.format = detect_format(out, self.header)
 
     def _rows(self):
         out = self.out
