@@ -180,7 +180,8 @@ def iter_sized(runner, arrays: list, scale: float | str, thresholds: Thresholds 
 def iter_batches(runner, arrays: Iterable[np.ndarray], scale: float | str = 1.0, batch_size: int = 1,
                  tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
                  thresholds: Thresholds | None = None) -> Iterator[tuple[int, Detections]]:
-    """Yield ``(index, Detections)`` for every array, ``batch_size`` images per forward."""
+    """Yield ``(index, Detections)`` for every array, up to ``batch_size`` images of one size per
+    forward (consecutive images of another size start a new batch)."""
     check_scale(scale)
     batch: list = []
 
@@ -189,6 +190,9 @@ def iter_batches(runner, arrays: Iterable[np.ndarray], scale: float | str = 1.0,
         return zip(idx, drain(iter_sized(runner, list(arrs), scale, thresholds, tile_size, tile_overlap)))
 
     for i, arr in enumerate(arrays):
+        if batch and batch[-1][1].shape[:2] != arr.shape[:2]:  # one size per forward: a smaller
+            yield from run(batch)  # image padded beside a larger one gets other detections
+            batch = []
         batch.append((i, arr))
         if len(batch) >= max(int(batch_size), 1):
             yield from run(batch)

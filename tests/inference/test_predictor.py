@@ -248,6 +248,18 @@ def test_predict_many_batches_equal_single(tiny):
         assert min_instance_iou(single.to_labels(), d.to_labels()) >= 0.98
 
 
+def test_predict_many_gives_each_size_the_detections_it_gets_alone(tiny):
+    """A smaller image padded beside a larger one in one forward got other detections; a batch
+    now holds images of one size only."""
+    model, config = tiny
+    images = [_image((96, 128), seed=0), _image((64, 80), seed=1), _image((96, 128), seed=2)]
+    pipe = Predictor(model, config).pipeline()
+    got = dict(pipe.predict_many(images, batch_size=3))
+    for k, image in enumerate(images):
+        single = pipe.predict(image)
+        assert np.array_equal(got[k].scores, single.scores) and np.array_equal(got[k].boxes, single.boxes)
+
+
 def test_precision_and_device_errors(tiny):
     model, config = tiny
     with pytest.raises(PredictError, match="fp16"):
