@@ -253,7 +253,7 @@ def test_predict_many_gives_each_size_the_detections_it_gets_alone(tiny):
     now holds images of one size only."""
     model, config = tiny
     images = [_image((96, 128), seed=0), _image((64, 80), seed=1), _image((96, 128), seed=2)]
-    pipe = Predictor(model, config).pipeline()
+    pipe = Predictor.from_model(model, config)
     got = dict(pipe.predict_many(images, batch_size=3))
     for k, image in enumerate(images):
         single = pipe.predict(image)
