@@ -373,8 +373,46 @@ def _cmd_tune(args) -> int:
     return run_tune(args, progress_factory=_progress)
 
 
+# ---- rank (the logic lives in commands/rank.py) ----------------------------------------------
+def _add_rank(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rank", help="rank images by how likely the model is wrong -> ranking CSV",
+        description="Predict every image (as cellseg predict does, plus a horizontally flipped "
+                    "second pass) and write id,uncertainty,cells,doubtful_cells,diameter,file, "
+                    "the most uncertain image first. Rows stream to the CSV (atomic rewrites); "
+                    "--resume skips ids already ranked; a bad image is reported and skipped "
+                    "(exit 1), usage errors exit 2.")
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, type=Path, help="ranking CSV to write (atomically)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
+    p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
+    p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
+    _add_postprocess_options(p)
+    _add_size_options(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
+    p.add_argument("--tile-size", type=int, metavar="PX",
+                   help="predict images larger than PX network pixels in tiles (default 1024; 0 = never)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX", help="tile overlap in network pixels")
+    p.add_argument("--second-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="also predict each image flipped and count the disagreement (default: on; "
+                        "--no-second-pass halves the time)")
+    p.add_argument("--resume", action="store_true", help="skip image ids already in --out or its journal")
+    p.set_defaults(func=_cmd_rank)
+
+
+def _cmd_rank(args) -> int:
+    from napari_cellseg.commands.rank import run_rank
+    from napari_cellseg.options import PredictOptions
+
+    return run_rank(PredictOptions.from_args(args), args.images, args.out, resume=args.resume,
+                    second=args.second_pass, progress_factory=_progress)
+
+
 # ---- entry point -----------------------------------------------------------------------------
-COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict, _add_tune]
+COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict, _add_tune, _add_rank]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -274,6 +274,19 @@ class Runner:
                                   scale=float(scale)))
         return out
 
+    def box_masks(self, images, feats, boxes) -> np.ndarray:
+        """The mask head on given boxes: ``boxes`` one (N, 4) xyxy tensor per image of
+        :meth:`prepare`'s ``images``, in network pixels -> (sum N, 28, 28) float32
+        probabilities (class 1, the cell class). Call it under ``torch.inference_mode()``."""
+        import torch
+
+        rh = self.model.roi_heads
+        sizes = [tuple(s) for s in images.image_sizes]
+        boxes = [b.to(self.device, torch.float32) for b in boxes]
+        x = rh.mask_roi_pool(feats, boxes, sizes)
+        labels = torch.ones(sum(len(b) for b in boxes), dtype=torch.int64, device=self.device)
+        return self._mask_probs(x, labels).cpu().numpy()
+
     def _mask_probs(self, x, labels):
         """Mask head + predictor for one chunk -> (n, 28, 28) float32 probabilities."""
         import torch

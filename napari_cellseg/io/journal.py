@@ -277,6 +277,11 @@ class Journal:
             entry["format"] = self.fmt
         if self.replaces:
             entry["replaces"] = True
+        self.add_entry(entry)
+
+    def add_entry(self, entry: dict) -> None:
+        """Append one finished item (a JSON object with a str "id"), one write: the generic form
+        of :meth:`add` (``cellseg rank`` journals its rows with it)."""
         self._write((json.dumps(entry) + "\n").encode("utf-8"))
 
     def close(self) -> None:

@@ -24,12 +24,11 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from training.config import BACKBONE_WEIGHTS, CHOICES, HELP, TrainConfig
-from training.data import DataError
+from training.data import MIN_IMAGES_UNTILED, DataError
 
 from napari_cellseg.model.checkpoint import missing_checkpoint
 
 SOURCES = ("layers", "csv", "folders")
-MIN_IMAGES_UNTILED = 4  # fewer layer images than this: cut each into 2x2 tiles
 #: TrainConfig fields with rows of their own (the data source pages, browse buttons, the backbone
 #: choice) or fixed by the widget: it trains at the images' native size (width = height = 0),
 #: never resumes (a fresh output folder per run), and the architecture comes from the start model
@@ -188,13 +187,6 @@ def form_to_config(form: dict) -> TrainConfig:
     return TrainConfig(**FIXED, **kwargs).validate()
 
 
-def _tiles(shape: Sequence[int], n: int = 2):
-    h, w = shape[:2]
-    ys, xs = np.linspace(0, h, n + 1).astype(int), np.linspace(0, w, n + 1).astype(int)
-    return [(f"r{i}c{j}", (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])))
-            for i in range(n) for j in range(n)]
-
-
 def check_pairs(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
     """Cheap checks of (name, image, labels) pairs; DataError naming the layer."""
     if not pairs:
@@ -219,19 +211,11 @@ def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_until
     With fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
     so that the grouped train/val split can hold out part of a single image.
     """
-    from training.data import array_samples
+    from training.data import few_image_samples
 
     check_pairs(pairs)
-    ids, images, labels = [], [], []
-    tile = len(pairs) < min_untiled
-    for name, image, lab in pairs:
-        image, lab = np.asarray(image), np.asarray(lab)
-        parts = _tiles(lab.shape) if tile else [("", (slice(None), slice(None)))]
-        for suffix, sl in parts:
-            ids.append(f"{name}@{suffix}" if suffix else name)
-            images.append(image[sl])
-            labels.append(lab[sl])
-    return array_samples(images, labels, ids)
+    return few_image_samples([np.asarray(p[1]) for p in pairs], [np.asarray(p[2]) for p in pairs],
+                             [p[0] for p in pairs], min_untiled)
 
 
 def train_job(config: TrainConfig, pairs=None):
