@@ -18,7 +18,8 @@ from typing import Sequence
 
 from napari_cellseg.io.files import display_path, non_utf8_name
 from napari_cellseg.io.images import ImageError, image_info, list_images, load_plane, plane_id
-from napari_cellseg.io.journal import Journal, check_out, journal_path, journal_paths, normalize_id, output_lock
+from napari_cellseg.io.atomic import output_lock
+from napari_cellseg.io.journal import Journal, check_out, journal_path, journal_paths, normalize_id
 from napari_cellseg.io.ranking import DOUBTFUL, flush_ranking, ranked_ids
 
 __all__ = ["run_rank", "rank_items", "rank_image", "FLUSH_EVERY"]

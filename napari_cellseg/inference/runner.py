@@ -27,13 +27,12 @@ import warnings
 import numpy as np
 
 from napari_cellseg.inference.detections import Detections
-from napari_cellseg.options import Thresholds
+from napari_cellseg.options import PRECISIONS, Thresholds, check_precision
 from napari_cellseg.progress import drain
 
 __all__ = ["Runner", "PredictError", "PRECISIONS", "MASK_CHUNK", "DEFAULT_DIAMETER", "cpu_has_bf16",
            "resized_size"]
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASK_CHUNK = 100
 DEFAULT_DIAMETER = 30.0  # reference object size of models trained without size normalisation
 
@@ -50,8 +49,7 @@ def cpu_has_bf16() -> bool:
 
 
 def _resolve_precision(precision: str, device) -> str:
-    if precision not in PRECISIONS:
-        raise PredictError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision, PredictError)
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
@@ -62,7 +60,8 @@ def _resolve_precision(precision: str, device) -> str:
 
 
 def resized_size(shape, factor: float) -> tuple[int, int]:
-    """THE resize rule: the (H, W) an image of ``shape`` has after resizing by ``factor``.
+    """The inference resize rule: the (H, W) an image of ``shape`` has after resizing by ``factor``
+    (every forward, tiled or not; training's size normalisation rounds instead).
 
     ``floor(side * factor)`` (torch's rule for ``scale_factor``), but never below 1 pixel: a 1x256
     image at a small factor is still an image (the model pads it to its stride)."""

@@ -92,7 +92,7 @@ def test_rank_writes_the_images_worst_first_and_resumes_from_a_journal(workdir, 
 
 
 def test_rank_usage_errors_are_one_line_exit_2(workdir, tmp_path):
-    from napari_cellseg.io.journal import output_lock
+    from napari_cellseg.io.atomic import output_lock
 
     r = cellseg("rank", workdir / "images", "--out", tmp_path, "--checkpoint", workdir / "tiny.bin")
     assert r.returncode == 2 and "is a folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -65,14 +65,14 @@ def predict_options(checkpoint, device, diameter=None, thresholds=None):
 
 def _runner(options, cache):
     """The network runner of ``options`` (checkpoint, device, precision), cached across runs."""
-    from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.inference.runner import Runner
 
     path = Path(options.checkpoint)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, options.device,
            options.precision)
     runner = cache.get(key)
     if runner is None:
-        runner = Predictor.from_checkpoint(path, device=options.device, precision=options.precision)
+        runner = Runner.from_checkpoint(path, device=options.device, precision=options.precision)
         cache.clear()  # one model in memory at a time
         cache[key] = runner
     return runner
