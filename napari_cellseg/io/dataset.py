@@ -8,8 +8,8 @@ folder of 10,000 images opens in well under a second. Each item has an id, a sta
 Where things are kept (nothing lives only in memory):
 
 * accepted masks: the output CSV, in TRAIN format (``id,annotation,width,height``), merged and
-  written atomically by ``annotations.write_annotations`` under predict's output lock
-  (``journal.output_lock``): a running ``cellseg predict --out`` on the same file is refused;
+  written atomically by ``annotations.write_annotations`` under the output lock every CSV writer
+  takes (``atomic.output_lock``): a running ``cellseg predict --out`` on the same file is refused;
 * drafts (edits of an image left without Accept): ``<csv stem>.drafts/<id>.npz`` beside the CSV,
   written atomically (``atomic.atomic_write``); removed when the image is accepted;
 * reopening the folder with the same output CSV resumes: accepted = the CSV's ids, edited = the
@@ -303,15 +303,19 @@ class DatasetQueue:
 
     def accept(self, image_id: str, labels) -> int:
         """Write the image's masks into the output CSV (train format; other ids' rows kept;
-        atomic; under predict's output lock), drop its draft; returns the number of cells.
-        Raises DatasetError (lock held, CSV of another format...) with nothing written."""
-        from napari_cellseg.io.journal import OutputLockError, output_lock
+        atomic; under the output lock every CSV writer takes, ``write_annotations``), drop its
+        draft; returns the number of cells. Raises DatasetError (lock held, a CSV of another
+        format...) with nothing written."""
+        from napari_cellseg.io.atomic import OutputLockError, output_lock
 
         labels = _check_labels(image_id, labels)
         try:
-            with output_lock(self.output_csv):
-                write_annotations(self.output_csv, {image_id: labels}, format="train",
-                                  merge=self.output_csv.exists())
+            # asked first without waiting: a cellseg predict run holds the lock for its whole
+            # run, and the writer's own wait would freeze the napari window meanwhile
+            with output_lock(self.output_csv, wait=0, what="writer (e.g. cellseg predict)"):
+                pass
+            write_annotations(self.output_csv, {image_id: labels}, format="train",
+                              merge=self.output_csv.exists())
         except (OutputLockError, CsvError) as exc:
             raise DatasetError(f"{image_id} not accepted: {exc}") from None
         except OSError as exc:

@@ -152,15 +152,19 @@ def test_output_csv_errors_are_one_line_and_nothing_written(tmp_path):
         DatasetQueue.open(folder, out)
 
 
-def test_accept_refused_while_predict_holds_the_output_lock(tmp_path):
-    from napari_cellseg.io.journal import output_lock
+def test_accept_refused_at_once_while_predict_holds_the_output_lock(tmp_path, monkeypatch):
+    from napari_cellseg.io import atomic
 
     folder = _folder(tmp_path)
     out = tmp_path / "out.csv"
     q = DatasetQueue.open(folder, out)
-    with output_lock(out):
-        with pytest.raises(DatasetError, match="img0 not accepted: .*another cellseg predict run"):
+    with atomic.output_lock(out):  # as cellseg predict --out holds it for its whole run
+        waits = []
+        real = atomic._acquire
+        monkeypatch.setattr(atomic, "_acquire", lambda path, wait: waits.append(wait) or real(path, wait))
+        with pytest.raises(DatasetError, match="img0 not accepted: .*is writing this file"):
             q.accept("img0", _labels())
+    assert waits == [0]  # asked without waiting (the writers' own wait would freeze napari)
     assert not out.exists() and q["img0"].status == TODO
 
 
