@@ -167,7 +167,9 @@ def test_draft_kept_when_moving_away_and_reopen_resumes(make_napari_viewer, qtbo
 
     # close napari (a new viewer) and open the same folder + CSV: it resumes
     viewer2, w2 = _dock(make_napari_viewer, qtbot, tiny_model)
-    w2.open_folder(folder, out)
+    assert w2.folder_combo.currentText() == str(folder)  # recent folders remembered, with their CSV
+    assert w2.out_edit.text() == str(out)
+    w2.open_btn.click()  # the dock's own Open
     assert {i: w2.queue[i].status for i in w2.queue.items} == {
         "cell0": "accepted", "cell1": "edited", "cell2": "to do"}
     assert w2.current == "cell1"  # the first image not accepted yet
