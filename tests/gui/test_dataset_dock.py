@@ -241,6 +241,8 @@ def test_next_doubtful_cell_centres_the_view(make_napari_viewer, qtbot, tiny_mod
     assert cells.selected_label == first and "doubtful cell" in viewer.layers
     second = w.next_doubtful()
     assert second != first or cells.data.max() == 1
+    w.next_image()  # the outline belongs to the image it was drawn on
+    assert len(viewer.layers["doubtful cell"].data) == 0
 
 
 def test_segment_sliders_and_edit_lock_work_on_the_shown_image(make_napari_viewer, qtbot, tiny_model,

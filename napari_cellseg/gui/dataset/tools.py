@@ -150,6 +150,13 @@ class ToolActions:
         self._info(f"added cell {new} ({int(np.count_nonzero(np.asarray(cells.data) == new))} px, "
                    f"{via}); Ctrl-Z undoes it.")
 
+    def _clear_doubtful(self):
+        """Drop the outline of the last doubtful cell (another image is shown)."""
+        outline = self._tool_layer(DOUBT_LAYER)
+        if outline is not None and len(outline.data):
+            outline.data = []
+        self._doubt_pos = -1
+
     # ------------------------------------------------------------ next doubtful cell
     def next_doubtful(self, *_):
         """Centre the view on the next most doubtful cell of the shown image and outline it."""

@@ -243,7 +243,7 @@ class DatasetWidget(ToolActions, LoopActions, ScrollDock):
         self._put_layers(image_id, raw, labels, result)
         self.table_model.set_current(image_id)
         self._select_row(image_id)
-        self._doubt_pos = -1
+        self._clear_doubtful()
         self._describe(source, waiting)
         self._plan_predictions()
         self._follow_segment()
