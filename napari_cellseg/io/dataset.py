@@ -16,9 +16,9 @@ Where things are kept (nothing lives only in memory):
   drafts found beside it.
 
 An optional start CSV (``cellseg predict`` output or a Kaggle train CSV) gives masks for its ids,
-shown instead of running the model; a ``ranking.csv`` from ``cellseg rank`` (``id, uncertainty,
-cells``) gives the uncertainties. The order: uncertainty highest first, then the images not ranked
-yet by name.
+shown instead of running the model; a ``ranking.csv`` from ``cellseg rank`` (read by
+``io.ranking.read_ranking``) gives the uncertainties. The order: uncertainty highest first, then the
+images not ranked yet by name.
 """
 
 from __future__ import annotations
