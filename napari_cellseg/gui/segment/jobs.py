@@ -84,6 +84,12 @@ def _pipeline(options, cache):
     return Pipeline(_runner(options, cache), options)
 
 
+def pipeline_for(options, cache):
+    """The ``Pipeline`` of ``options`` over the cached model (the Review dataset dock's box and
+    click tools use the model its predictions came from)."""
+    return _pipeline(options, cache)
+
+
 def segment_job(options, planes: dict, cache, channel="all", invert=False):
     """Worker body: load (or reuse) the model, run ``pipeline.Pipeline(runner, options)`` once
     per plane, return ``({plane prefix: Detections}, options.Thresholds)``. ``options``: the
