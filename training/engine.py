@@ -150,7 +150,7 @@ def train(config: TrainConfig, samples=None, given=None):
     train_ds = InstanceDataset(train_s, pipe, length, seed=config.seed + 7919 * rank)
     val_pipe = test_pipeline(0, 0) if config.crop_size else test_pipeline(config.width, config.height)
     val_ds = InstanceDataset(val_s, val_pipe)
-    sampler = EpochSampler(len(train_ds), config.seed, True, world, rank)
+    sampler = EpochSampler(len(train_ds), config.seed, True, world, rank, n_samples=len(train_s))
     loader = _loader(train_ds, config, sampler, device)
     gts = [ev.masks_to_labels(val_ds.raw(i)[1][0]) for i in range(len(val_ds))]
     gts = [g if g is not None else np.zeros(val_ds.raw(i)[0].shape[:2], np.int32) for i, g in enumerate(gts)]
