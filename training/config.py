@@ -37,13 +37,18 @@ CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "
 RESUME_MAY_CHANGE = ("out", "resume", "epochs", "steps_per_epoch", "batch_size", "workers", "device", "amp",
                      "figures", "grad_clip", "augment", "scale_range", "freeze_backbone_epochs")
 """TrainConfig fields a --resume may change (how long and on what the remaining epochs train).
-Every other field, the architecture included, comes from OUT/last.ckpt: the data sources, seed
-and val_fraction fix the train/val split; width/height/crop_size, max_val_images,
-tune_thresholds, select_by and the model fix what the val loss / mAP and so ``best`` mean; lr,
-weight_decay and plateau_* come back with the optimizer / scheduler state. A flag given with
-another value is refused (``training.settings.effective_config``), except init_checkpoint and
-backbone_weights: they only chose the start, so given on --resume they are ignored (the stored
-values kept)."""
+Not given, they keep the run's values too (``--out RUN --resume --epochs N`` continues the run
+as it was started). Every other field, the architecture included, comes from OUT/last.ckpt: the
+data sources, seed and val_fraction fix the train/val split; width/height/crop_size,
+max_val_images, tune_thresholds, select_by and the model fix what the val loss / mAP and so
+``best`` mean; lr, weight_decay and plateau_* come back with the optimizer / scheduler state. A
+flag given with another value is refused (``training.settings.effective_config``), except
+init_checkpoint and backbone_weights (they only chose the start: ignored, the stored values
+kept) and the data folders (RESUME_MAY_MOVE)."""
+
+RESUME_MAY_MOVE = ("train_csv", "images", "image_dir", "label_dir")
+"""Data sources a --resume may be given in a new place (the folder moved): taken when the images
+they hold have the run's ids (``training.runstate.check_same_split``)."""
 
 
 @dataclass
@@ -232,7 +237,8 @@ HELP: dict[str, str] = {
     "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
               "states, sampler position, log): the same numbers as an uninterrupted run; the run's settings "
               "(data, split, selection, model) come from last.ckpt, only "
-              + ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE[2:]) + " may change",
+              + ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE[2:]) + " may change (the "
+              "others keep the run's values); moved data: give its new place (the same image ids)",
     "device": "auto (CUDA if available), cpu, cuda, cuda:1 ...",
     "amp": "mixed precision: auto = bf16 autocast on GPUs with bfloat16, fp16 + GradScaler on older GPUs, "
            "off on CPU; or bf16, fp16, off",

@@ -84,7 +84,8 @@ def train(config: TrainConfig, samples=None, given=None):
     rank = int(os.environ.get("RANK", "0"))
     # launched by torchrun (TORCHELASTIC_RUN_ID), even as one process: a process group and DDP
     ddp = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    config = effective_config(config, given)
+    changes: list[str] = []
+    config = effective_config(config, given, changes)
     out = Path(config.out)
     if not config.resume:  # fine-tuning in the model's own folder would overwrite it with epoch 1's
         check_inputs_kept(out, [config.init_checkpoint, config.backbone_weights
@@ -106,6 +107,8 @@ def train(config: TrainConfig, samples=None, given=None):
     amp = resolve_amp(config.amp, device)
     seed_everything(config.seed + rank)
     yield {"stage": "config", "config": config.to_dict(), "amp": amp, "device": str(device)}
+    for message in changes:
+        yield {"stage": "setup", "message": message}
     # the backbone weights (an ImageNet download) come first: offline, stop before any work
     yield {"stage": "setup", "message": f"building {config.model.backbone} on {device} (amp {amp})"}
     model = _build(config, device)
@@ -118,7 +121,7 @@ def train(config: TrainConfig, samples=None, given=None):
     if config.model.diameter:
         train_s, val_s = (normalize_size(x, config.model.diameter) for x in (train_s, val_s))
     if resume_obj is not None:
-        check_same_split(resume_obj, [s.image_id for s in val_s], out / "last.ckpt")
+        check_same_split(resume_obj, [s.image_id for s in val_s], out / "last.ckpt", [s.image_id for s in train_s])
     if rank == 0 and not config.resume:
         prepare_output(out, False)
     if rank == 0:

@@ -142,25 +142,31 @@ def read_resume(path: Path) -> dict:
     return obj
 
 
-def check_same_split(obj: dict, val_ids: list[str], path) -> None:
-    """--resume validates on the images the run validated on (last.ckpt's ``info.val_ids``): a
-    best_model.bin chosen across two validation sets would be chosen on numbers that cannot be
-    compared. The split is drawn again from the data and the seed, so data that changed (images
-    added, removed or renamed) gives another one: OutputError naming an image that differs.
-    Files without ``val_ids`` are not checked."""
+def check_same_split(obj: dict, val_ids: list[str], path, train_ids: list[str] | None = None) -> None:
+    """--resume trains and validates on the images of the run (last.ckpt's ``info.val_ids`` and,
+    when it holds them all, ``info.train_ids``): a best_model.bin chosen across two validation
+    sets would be chosen on numbers that cannot be compared, and data given in a new place
+    (a moved folder) must be the run's. The split is drawn again from the data and the seed, so
+    data that changed (images added, removed or renamed) gives another one: OutputError naming
+    an image that differs. Files without ``val_ids`` are not checked."""
     info = obj.get("info")
-    stored = info.get("val_ids") if isinstance(info, dict) else None
-    if not isinstance(stored, list):
-        return
-    stored = [str(i) for i in stored]
-    if sorted(stored) == sorted(val_ids):
-        return
-    gone, new = sorted(set(stored) - set(val_ids)), sorted(set(val_ids) - set(stored))
-    example = f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new"
-    raise OutputError(f"{path}: the data gives another validation set than the run's ({len(stored)} image(s); "
-                      f"{example}): --resume needs the run's data unchanged (a run whose stack planes were "
-                      f"named NAME[z], by an older napari-cellseg, cannot be resumed either); start a new run "
-                      f"with --init-checkpoint {Path(path).parent / 'best_model.bin'}")
+    info = info if isinstance(info, dict) else {}
+    pairs = [("validation", info.get("val_ids"), val_ids)]
+    stored_train = info.get("train_ids")
+    if train_ids is not None and isinstance(stored_train, list) and info.get("n_train") == len(stored_train):
+        pairs.append(("training", stored_train, train_ids))
+    for what, stored, now in pairs:
+        if not isinstance(stored, list):
+            continue
+        stored = [str(i) for i in stored]
+        if sorted(stored) == sorted(now):
+            continue
+        gone, new = sorted(set(stored) - set(now)), sorted(set(now) - set(stored))
+        example = f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new"
+        raise OutputError(f"{path}: the data gives another {what} set than the run's ({len(stored)} image(s); "
+                          f"{example}): --resume needs the run's data unchanged (a run whose stack planes were "
+                          f"named NAME[z], by an older napari-cellseg, cannot be resumed either); start a new "
+                          f"run with --init-checkpoint {Path(path).parent / 'best_model.bin'}")
 
 
 def resume_best(obj: dict, select_by: str):
