@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from napari_cellseg.model.maskrcnn import ConfigError as ModelConfigError
-from napari_cellseg.model.maskrcnn import ModelConfig, check_backbone_name
+from napari_cellseg.model.maskrcnn import ModelConfig, check_backbone_name, check_size
 
 
 class ConfigError(ValueError):
@@ -163,6 +163,7 @@ class TrainConfig:
         widget's GUI thread, whose backbone is the default anyway. Returns self."""
         try:
             check_backbone_name(self.model.backbone)
+            check_size(self.model)  # the network's weights, counted before anything is built
         except ModelConfigError as exc:
             raise _as_flag(exc) from None
         return self
