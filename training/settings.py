@@ -102,10 +102,11 @@ def _resumed_config(cfg: TrainConfig, given: set[str], last: Path, notes: list |
     fields are taken: RESUME_MAY_CHANGE ones and moved data folders (RESUME_MAY_MOVE), each
     change said in one line appended to ``notes``; any other given field that disagrees with
     the run -> ConfigError naming both values."""
-    from napari_cellseg.model.checkpoint import read_checkpoint
     from napari_cellseg.model.maskrcnn import ModelConfig
 
-    obj = read_checkpoint(last)
+    from .runstate import read_last
+
+    obj = read_last(last)
     model = ModelConfig.from_dict(obj.get("config") or {})
     saved = obj.get("train_config")
     if not isinstance(saved, dict):  # no run settings stored: the caller's, with the run's model

@@ -35,7 +35,7 @@ def folder(tmp_path):
 
 # ---------------------------------------------------------------- AMP
 def test_amp_modes_resolve_per_device():
-    from training.engine import resolve_amp
+    from training.loops import resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("auto", cpu) == "off"  # never on CPU unless asked
@@ -143,7 +143,7 @@ def _toy_batches(n, seed=0):
 
 
 def test_train_one_epoch_counts_nonfinite_and_never_steps_on_them():
-    from training.engine import _health_warning, train_one_epoch
+    from training.loops import _health_warning, train_one_epoch
 
     model = Toy(nan_rank=0, nan_step=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -167,7 +167,7 @@ class SteepToy(Toy):
 
 
 def test_fp16_scaler_skips_are_counted_apart():
-    from training.engine import train_one_epoch
+    from training.loops import train_one_epoch
 
     model = SteepToy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -181,7 +181,7 @@ def test_fp16_scaler_skips_are_counted_apart():
 def _ddp_rank(rank, world, init_file, result_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from training.engine import train_one_epoch
+    from training.loops import train_one_epoch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -320,7 +320,7 @@ def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
     from training.data import array_samples
     from training.dataset import EpochSampler, InstanceDataset
     from training.augment import test_pipeline
-    from training.engine import _loader
+    from training.loops import _loader
     from test_training_data import synth
 
     im, lab = synth(0)
