@@ -123,7 +123,7 @@ class PredictOptions:
     """One prediction run. ``None`` means "the checkpoint's / model's own value".
 
     checkpoint: path or None (bundled demo model); device: "auto" | "cpu" | "cuda[:N]" | "mps";
-    precision: "fp32" | "bf16" | "fp16" | "auto" (fp16 on CUDA, bf16 on CPUs that have it); diameter: cell diameter in px, "auto" or None;
+    precision: "fp32" | "bf16" | "fp16" | "auto" (model.devices.auto_precision: bf16 on CUDA GPUs that have it, fp16 on older ones, fp32 on CPU); diameter: cell diameter in px, "auto" or None;
     scale: an explicit resize factor (wins over diameter); tile_size: network px, 0 = never
     tile, None = the model's default; thresholds: overrides of the checkpoint's thresholds
     (None fields keep the checkpoint's value).

@@ -13,15 +13,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from napari_cellseg.model.maskrcnn import ConfigError as ModelConfigError
-from napari_cellseg.model.maskrcnn import ModelConfig, check_backbone_name, check_size
+from napari_cellseg.model.maskrcnn import ConfigError, ModelConfig, check_backbone_name, check_size
+
+# ConfigError: the one class for a bad setting (napari_cellseg.model.maskrcnn); the message names
+# the field, as ``--flag: problem`` for training's flags
 
 
-class ConfigError(ValueError):
-    """An inconsistent training configuration; the message names the field."""
-
-
-def _as_flag(exc: ModelConfigError) -> "ConfigError":
+def _as_flag(exc: ConfigError) -> ConfigError:
     """ModelConfig's ``field: problem`` as ``--field: problem`` (every model field is a flag)."""
     field, sep, why = str(exc).partition(": ")
     return ConfigError(f"--{field.replace('_', '-')}: {why}" if sep else str(exc))
@@ -153,7 +151,7 @@ class TrainConfig:
             bad("label_dir", "--image-dir and --label-dir go together")
         try:  # the architecture flags: the same bounds a checkpoint's config is held to
             self.model.validate()  # (cheap: the backbone's form only, see check_backbone)
-        except ModelConfigError as exc:
+        except ConfigError as exc:
             raise _as_flag(exc) from None
         return self
 
@@ -164,7 +162,7 @@ class TrainConfig:
         try:
             check_backbone_name(self.model.backbone)
             check_size(self.model)  # the network's weights, counted before anything is built
-        except ModelConfigError as exc:
+        except ConfigError as exc:
             raise _as_flag(exc) from None
         return self
 
@@ -184,19 +182,28 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
-        for k, v in d.items():
+        for k, v in _stored(d).items():
             if k not in names:
                 continue
             if k == "model":
                 v = ModelConfig.from_dict(v) if isinstance(v, dict) else v
             elif isinstance(v, list):
                 v = tuple(v)
-            elif k == "amp" and isinstance(v, bool):  # configs saved when --amp was on/off
-                v = "auto" if v else "off"
-            elif k == "backbone_weights" and v is None:  # saved before the ImageNet default
-                v = "random"
             kwargs[k] = v
         return cls(**kwargs)
+
+
+def _stored(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored train_config in today's terms: ``amp`` once a switch (devices.amp_mode), and
+    ``backbone_weights`` None from before the ImageNet default (= "random")."""
+    from napari_cellseg.model.devices import amp_mode
+
+    d = dict(d)
+    if "amp" in d:
+        d["amp"] = amp_mode(d["amp"])
+    if "backbone_weights" in d and d["backbone_weights"] is None:
+        d["backbone_weights"] = "random"
+    return d
 
 
 # One line of help per field; the CLI uses these (and the widget may show them as tooltips).

@@ -249,23 +249,8 @@ def check_same_split(obj: dict, val_ids: list[str], path, train_ids: list[str] |
 
 def resume_best(obj: dict, select_by: str):
     """last.ckpt's ``best`` if it was measured by ``select_by`` (``best_by``: "loss" = val loss,
-    "map" = -val mAP), else None. Files written before ``best_by`` (whose ``best`` may be of the
-    other criterion): recomputed from their history with ``select_by`` (the run's), over the
-    epochs whose optimizer stepped."""
-    import math
-
-    if obj.get("best_by"):
-        return obj.get("best") if obj["best_by"] == select_by else None
-    key, sign = ("val_map", -1.0) if select_by == "map" else ("val_loss", 1.0)
-    values = []
-    for row in obj.get("history") or []:
-        try:
-            value, steps = sign * float(row[key]), float(row.get("optimizer_steps", 1))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(value) and steps > 0:
-            values.append(value)
-    return min(values) if values else None
+    "map" = -val mAP), else None (never compared across criteria)."""
+    return obj.get("best") if obj.get("best_by") == select_by else None
 
 
 class _Frozen:

@@ -23,7 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConfigError(ValueError):
-    """A model config value out of range: ``field: problem``."""
+    """A setting out of range, of a model config (``field: problem``) or of a training run
+    (``--flag: problem``; training.config uses this class too)."""
 
 
 # bounds of every integer field: wide enough for any sensible Mask R-CNN, small enough that a

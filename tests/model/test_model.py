@@ -211,3 +211,28 @@ def test_a_network_too_large_is_refused_before_it_is_built(monkeypatch):
         ModelConfig.from_dict({"backbone": "convnext_atto", "fpn_channels": 1024, "box_head_size": 4096,
                                "mask_head_channels": 1024})
     ModelConfig.from_dict({"backbone": "convnext_large"})  # 0.81 GiB: allowed
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_means_one_thing_per_device_for_training_and_inference(monkeypatch, has_bf16):
+    """"auto": bf16 on a CUDA GPU with bfloat16, fp16 on an older one, float32 on CPU, whether
+    training (--amp auto) or predicting (precision auto) asks; inference said fp16 on every GPU."""
+    from napari_cellseg.inference.runner import _resolve_precision
+    from napari_cellseg.model import devices
+    from training.loops import resolve_amp
+
+    monkeypatch.setattr(devices, "cuda_has_bf16", lambda device: has_bf16)
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert devices.auto_precision(gpu) == resolve_amp("auto", gpu) == _resolve_precision("auto", gpu) \
+        == ("bf16" if has_bf16 else "fp16")
+    assert devices.auto_precision(cpu) == resolve_amp("auto", cpu) == "off" and _resolve_precision("auto", cpu) == "fp32"
+    assert [devices.amp_mode(v) for v in (True, False, "bf16")] == ["auto", "off", "bf16"]
+
+
+def test_one_config_error_class():
+    from napari_cellseg.model.maskrcnn import ConfigError
+    from training.config import ConfigError as TrainConfigError, TrainConfig
+
+    assert TrainConfigError is ConfigError
+    with pytest.raises(ConfigError, match="^--epochs: must be >= 1"):
+        TrainConfig(epochs=0).validate()

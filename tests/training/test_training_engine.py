@@ -454,23 +454,6 @@ def test_resume_reads_best_with_its_criterion():
     assert resume_best({}, "loss") is None
 
 
-def test_resume_recomputes_best_of_a_file_without_best_by_from_its_history():
-    """An old bug stored best = -mAP in runs selecting by loss, without best_by: such a best
-    (-0.4 < any loss) was never beaten again, so best_model.bin never updated. Files without
-    best_by get best recomputed from their history with the run's select_by, over the epochs
-    whose optimizer stepped."""
-    from training.runstate import resume_best
-
-    history = [{"epoch": 1, "val_loss": 1.5, "val_map": 0.4, "optimizer_steps": 2},
-               {"epoch": 2, "val_loss": 1.2, "val_map": 0.3, "optimizer_steps": 2},
-               {"epoch": 3, "val_loss": 0.9, "val_map": 0.6, "optimizer_steps": 0},  # never stepped
-               {"epoch": 4, "val_loss": float("nan"), "val_map": 0.0, "optimizer_steps": 2}]
-    damaged = {"best": -0.4, "train_config": {"select_by": "loss"}, "history": history}
-    assert resume_best(damaged, "loss") == 1.2
-    assert resume_best(damaged, "map") == -0.4
-    assert resume_best({"best": 1.2, "history": history[2:3]}, "loss") is None  # no stepped epoch
-
-
 # ---------------------------------------------------------------- fine-tune start and --resume: one architecture rule
 def _config_checkpoint(path, mc, **extra):
     """A checkpoint holding only configs (effective_config reads no weights)."""
