@@ -28,8 +28,8 @@ from .data import load_samples, normalize_size, split_samples
 from .dataset import EpochSampler, InstanceDataset
 from .loops import _Batches, _health_warning, _loader, _set_backbone_frozen, evaluate, resolve_amp, train_one_epoch
 from .runstate import (LogRow, _cpu_copy, _Frozen, _with_logged_times, _write_config, _write_log, _Writer,
-                       check_inputs_kept, check_same_split, prepare_output, read_resume, resume_best, rng_state,
-                       save_failure, seed_everything, set_rng_state)
+                       check_inputs_kept, check_out_not_data, check_same_split, prepare_output, read_resume,
+                       resume_best, rng_state, save_failure, seed_everything, set_rng_state)
 from .settings import ARCH_CHECKED, effective_config
 
 
@@ -111,6 +111,7 @@ class TrainingRun:
         changes: list[str] = []
         config = self.config = effective_config(self.requested, self.given, changes)
         self.out = out = Path(config.out)
+        check_out_not_data(out, config)
         if not config.resume:  # fine-tuning in the model's own folder would overwrite it with epoch 1's
             check_inputs_kept(out, [config.init_checkpoint, config.backbone_weights
                                     if config.backbone_weights not in ("imagenet", "random") else None])

@@ -124,6 +124,18 @@ def read_last(path: Path) -> dict:
         raise OutputError(f"{exc}; --resume cannot continue from it: {way}") from None
 
 
+def check_out_not_data(out: Path, config: TrainConfig) -> None:
+    """OUT is never a data folder itself: the run's files (loss.png, log.csv, checkpoints) would
+    land among the images and labels (and the next load or --resume would take loss.png for an
+    image). A folder inside one is fine: images are not searched in subfolders."""
+    for flag, folder in (("--image-dir", config.image_dir), ("--label-dir", config.label_dir),
+                         ("--images", config.images)):
+        if folder and os.path.realpath(os.path.expanduser(str(out))) == os.path.realpath(os.path.expanduser(folder)):
+            raise OutputError(f"--out {out}: is the {flag} folder; the run's files (loss.png, log.csv, "
+                              f"checkpoints) would land among the data: choose another folder, e.g. "
+                              f"--out {Path(out) / 'run'}")
+
+
 def check_inputs_kept(out: Path, inputs) -> None:
     """The files a run writes (OUT/best_model.bin, OUT/last.ckpt) never replace a file it starts
     from (``inputs``: --init-checkpoint, a --backbone-weights file): OutputError, before any work

@@ -116,3 +116,20 @@ def test_fine_tune_on_few_cells_keeps_its_parents_thresholds(tmp_path, capsys):
     for name in ("best_model.bin", "last.ckpt"):
         thr = load_checkpoint(out / name)[2]
         assert (thr["box_conf"], thr["mask_threshold"]) == (0.83, 0.47), name
+
+
+@pytest.mark.parametrize("which", ["images", "labels"])
+def test_out_that_is_a_data_folder_is_refused_before_anything_is_written(tmp_path, capsys, which):
+    """--out = the image (or label) folder put loss.png among the images, and --resume then
+    failed on it: one line naming the flag and a folder that works, exit 2, the folder untouched."""
+    images, labels = write_folder(tmp_path / "d", n=3)
+    folder = images if which == "images" else labels
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(folder), *TINY,
+                 "--epochs", "1", "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    flag = "--image-dir" if which == "images" else "--label-dir"
+    assert err == (f"cellseg-train: error: --out {folder}: is the {flag} folder; the run's files (loss.png, "
+                   f"log.csv, checkpoints) would land among the data: choose another folder, e.g. "
+                   f"--out {folder / 'run'}")
+    assert sorted(p.name for p in folder.iterdir()) == before
