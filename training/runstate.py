@@ -118,6 +118,8 @@ def read_last(path: Path) -> dict:
     try:
         return read_checkpoint(path)
     except CheckpointError as exc:
+        if "not a readable" not in str(exc) and "is empty" not in str(exc):
+            raise  # another format version, a foreign dict ...: its own line says what to do
         best = Path(path).parent / "best_model.bin"
         way = (f"start a new run from its best model: --init-checkpoint {best} --out NEW" if best.is_file()
                else f"start the run again in another --out (or delete {path})")
