@@ -13,8 +13,8 @@ widgets, training validation). It owns, each written once:
 * progress: generators yield ``{"stage", "fraction"}`` and return their result
   (:func:`napari_cellseg.progress.relay` maps a sub-job's events into the caller's range).
 
-Nothing below this module imports it. ``napari_cellseg.inference.predictor.Predictor`` (the documented entry
-point, above this module) wraps a runner + a Pipeline for old callers.
+Nothing below this module imports it. ``napari_cellseg.inference.predictor.Predictor`` (the documented
+entry point, above this module) is this class with a ``from_checkpoint`` / ``from_model`` constructor.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import numpy as np
 from napari_cellseg.inference.detections import Detections
 from napari_cellseg.inference.metrics import median_diameter
 from napari_cellseg.inference.runner import Runner
-from napari_cellseg.options import PredictOptions, Thresholds
+from napari_cellseg.options import PredictOptions, Thresholds, tile_settings
 from napari_cellseg.progress import drain, relay
 from napari_cellseg.inference.sizing import (AUTO_PASSES, check_scale, describe_scale, next_auto_scale, resolve_scale, size_message)
 from napari_cellseg.inference.tiling import (TILE_OVERLAP, TILE_SIZE, core_keep, image_tiles, merge_detections, needs_tiling)
 
-__all__ = ["Pipeline", "as_image", "iter_tiled", "iter_at", "iter_auto_scale", "iter_batches"]
+__all__ = ["Pipeline", "as_image", "iter_tiled", "iter_at", "iter_auto_scale", "iter_sized", "iter_batches"]
 
 
 def as_image(image) -> np.ndarray:
@@ -79,8 +79,7 @@ def iter_at(runner, arrays: list, scales: list, tile_size: int | None = TILE_SIZ
     small = [i for i in range(len(arrays)) if i not in big]
     n_jobs = len(big) + (1 if small else 0)
     for k, i in enumerate(big):
-        overlap = min(int(tile_overlap), int(tile_size) - 1)
-        out[i] = yield from relay(iter_tiled(runner, arrays[i], factors[i], int(tile_size), overlap),
+        out[i] = yield from relay(iter_tiled(runner, arrays[i], factors[i], int(tile_size), int(tile_overlap)),
                                   "", k / n_jobs, 1 / n_jobs)
     if small:
         dets = yield from relay(runner.iter_forward([arrays[i] for i in small], [factors[i] for i in small]),
@@ -123,6 +122,19 @@ class _AutoSize:
         return False
 
 
+FIRST_PASS_SHARE = 0.8  # of the progress bar: the first size pass is often the only one
+
+
+def _pass_range(k: int) -> tuple[float, float]:
+    """(start, span) of auto-size pass ``k`` (from 0) on the progress bar: the first pass, often
+    the only one, gets FIRST_PASS_SHARE; each later pass half of what is left below 0.99. So the
+    bar moves with every tile and the end jumps at most 1 - FIRST_PASS_SHARE."""
+    if k == 0:
+        return 0.0, FIRST_PASS_SHARE
+    left = (0.99 - FIRST_PASS_SHARE) * 0.5 ** (k - 1)
+    return 0.99 - left, left / 2
+
+
 def iter_auto_scale(runner, arrays: list, thresholds: Thresholds | None = None,
                     tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP):
     """scale="auto" for a batch of images: predict at 1, measure the median diameter of the
@@ -142,10 +154,10 @@ def iter_auto_scale(runner, arrays: list, thresholds: Thresholds | None = None,
             groups.setdefault(round(states[i].scale, 6), []).append(i)
         for g, (scale, idx) in enumerate(groups.items()):
             where = f"size pass {k + 1} (x{scale:.2f}): "
+            start, span = _pass_range(k)
             dets = yield from relay(iter_at(runner, [arrays[i] for i in idx], [scale] * len(idx),
                                             tile_size, tile_overlap),
-                                    where, (k + g / len(groups)) / AUTO_PASSES,
-                                    1 / (AUTO_PASSES * len(groups)), cap=0.99)
+                                    where, start + span * g / len(groups), span / len(groups), cap=0.99)
             for i, d in zip(idx, dets):
                 states[i].update(d)
     for s in states:
@@ -154,22 +166,33 @@ def iter_auto_scale(runner, arrays: list, thresholds: Thresholds | None = None,
     return [s.result for s in states]
 
 
+def iter_sized(runner, arrays: list, scale: float | str, thresholds: Thresholds | None = None,
+               tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP):
+    """Generator: the arrays at ``scale``: "auto" (:func:`iter_auto_scale`, which measures with
+    ``thresholds``) or one factor for all (:func:`iter_at`). Returns one Detections per array.
+    The one place that tells the two apart (Pipeline, iter_batches and cellseg predict call it)."""
+    check_scale(scale)
+    if isinstance(scale, str):  # "auto" (check_scale refused any other string)
+        return (yield from iter_auto_scale(runner, arrays, thresholds, tile_size, tile_overlap))
+    return (yield from iter_at(runner, arrays, [float(scale)] * len(arrays), tile_size, tile_overlap))
+
+
 def iter_batches(runner, arrays: Iterable[np.ndarray], scale: float | str = 1.0, batch_size: int = 1,
                  tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
                  thresholds: Thresholds | None = None) -> Iterator[tuple[int, Detections]]:
-    """Yield ``(index, Detections)`` for every array, ``batch_size`` images per forward."""
+    """Yield ``(index, Detections)`` for every array, up to ``batch_size`` images of one size per
+    forward (consecutive images of another size start a new batch)."""
     check_scale(scale)
     batch: list = []
 
     def run(batch):
         idx, arrs = zip(*batch)
-        if scale == "auto":
-            dets = drain(iter_auto_scale(runner, list(arrs), thresholds, tile_size, tile_overlap))
-        else:
-            dets = drain(iter_at(runner, list(arrs), [float(scale)] * len(arrs), tile_size, tile_overlap))
-        return zip(idx, dets)
+        return zip(idx, drain(iter_sized(runner, list(arrs), scale, thresholds, tile_size, tile_overlap)))
 
     for i, arr in enumerate(arrays):
+        if batch and batch[-1][1].shape[:2] != arr.shape[:2]:  # one size per forward: a smaller
+            yield from run(batch)  # image padded beside a larger one gets other detections
+            batch = []
         batch.append((i, arr))
         if len(batch) >= max(int(batch_size), 1):
             yield from run(batch)
@@ -186,13 +209,7 @@ class Pipeline:
         self.runner = runner
         self.options = options = options or PredictOptions()
         self.thresholds: Thresholds = options.thresholds(runner.thresholds)
-        self.tile_size = TILE_SIZE if options.tile_size is None else int(options.tile_size)
-        self.tile_overlap = TILE_OVERLAP if options.tile_overlap is None else int(options.tile_overlap)
-        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
-            from napari_cellseg.options import OptionError
-
-            raise OptionError(f"tile_overlap must be >= 0 and < tile_size ({self.tile_size}), "
-                              f"got {self.tile_overlap}")
+        self.tile_size, self.tile_overlap = tile_settings(options.tile_size, options.tile_overlap)
         self.scale = resolve_scale(runner, options.scale, options.diameter)
         self.batch_size = options.batch_size
 
@@ -219,11 +236,8 @@ class Pipeline:
         yield {"stage": "load", "fraction": 0.0}
         arr = as_image(image)
         scale = self.scale if scale is None else scale
-        check_scale(scale)
-        size = self._tile(tile)
-        if scale == "auto":
-            return (yield from iter_auto_scale(self.runner, [arr], self.thresholds, size, self.tile_overlap))[0]
-        return (yield from iter_at(self.runner, [arr], [float(scale)], size, self.tile_overlap))[0]
+        return (yield from iter_sized(self.runner, [arr], scale, self.thresholds, self._tile(tile),
+                                      self.tile_overlap))[0]
 
     def predict(self, image, scale: float | str | None = None, tile="auto") -> Detections:
         return drain(self.iter_predict(image, scale, tile))

@@ -16,7 +16,7 @@ import numpy as np
 from napari_cellseg.io.channels import prepare
 
 
-def checkpoint_thresholds(checkpoint) -> dict:
+def checkpoint_thresholds(checkpoint):
     """The thresholds stored in a checkpoint (defaults filled in), without building the model.
 
     Raises CheckpointError / OptionError naming the file."""
@@ -25,13 +25,13 @@ def checkpoint_thresholds(checkpoint) -> dict:
 
     obj = read_checkpoint(checkpoint)
     stored = obj.get("thresholds") if "state_dict" in obj else None
-    return Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds").to_dict()
+    return Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds")
 
 
 def load_torch_job(checkpoint=None):
     """Import torch + the predictor (slow the first time), then the checkpoint's thresholds.
 
-    Returns ``(thresholds dict or None, error message or None)``. ``_torch_guard.block_triton``
+    Returns ``(options.Thresholds or None, error message or None)``. ``_torch_guard.block_triton``
     must have run in the GUI thread first."""
     from napari_cellseg.gui.torch_guard import import_torch
 
@@ -49,30 +49,30 @@ def load_torch_job(checkpoint=None):
 from napari_cellseg.progress import relay_map as relay  # noqa: E402  (the one relay loop: progress.py)
 
 
-THRESHOLD_KEYS = ("box_conf", "mask_threshold", "min_area", "fill_holes", "keep_largest")
-
-
 def predict_options(checkpoint, device, diameter=None, thresholds=None):
     """The Segment form -> ``options.PredictOptions`` (the one option type the CLI, tune, the
     widgets and training validation all build). ``diameter``: px, "auto" or None (the model's
-    own size); ``thresholds``: the sliders (they override the checkpoint's). Raises OptionError."""
+    own size); ``thresholds``: the sliders' ``options.Thresholds`` (every field overrides the
+    checkpoint's). Raises OptionError."""
+    from dataclasses import fields
+
     from napari_cellseg.options import PredictOptions
 
-    t = dict(thresholds or {})
+    overrides = {f.name: getattr(thresholds, f.name) for f in fields(thresholds)} if thresholds else {}
     return PredictOptions(checkpoint=str(checkpoint), device=str(device), diameter=diameter,
-                          **{k: t[k] for k in THRESHOLD_KEYS if k in t})
+                          **overrides)
 
 
 def _runner(options, cache):
     """The network runner of ``options`` (checkpoint, device, precision), cached across runs."""
-    from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.inference.runner import Runner
 
     path = Path(options.checkpoint)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, options.device,
            options.precision)
     runner = cache.get(key)
     if runner is None:
-        runner = Predictor.from_checkpoint(path, device=options.device, precision=options.precision)
+        runner = Runner.from_checkpoint(path, device=options.device, precision=options.precision)
         cache.clear()  # one model in memory at a time
         cache[key] = runner
     return runner
@@ -86,7 +86,7 @@ def _pipeline(options, cache):
 
 def segment_job(options, planes: dict, cache, channel="all", invert=False):
     """Worker body: load (or reuse) the model, run ``pipeline.Pipeline(runner, options)`` once
-    per plane, return ``({plane prefix: Detections}, thresholds dict)``. ``options``: the
+    per plane, return ``({plane prefix: Detections}, options.Thresholds)``. ``options``: the
     PredictOptions of the form (:func:`predict_options`): device, size (diameter / "auto" /
     the model's own), thresholds, tiling; the returned thresholds are the pipeline's (the
     checkpoint's with the form's overrides).
@@ -104,7 +104,10 @@ def segment_job(options, planes: dict, cache, channel="all", invert=False):
         gen = pipeline.iter_predict(prepare(np.asarray(array), channel, invert))
         out[prefix] = yield from relay(gen, lambda e, i=i, where=where: {
             **e, "stage": where + str(e.get("stage", "")), "fraction": (i + float(e.get("fraction", 0.0))) / n})
-    return out, pipeline.thresholds.to_dict()
+    yield {"stage": "masks", "fraction": 1.0}
+    for dets in out.values():  # paste the masks here, off the GUI thread: the first slider
+        dets.to_labels(pipeline.thresholds)  # move then costs what every other move costs
+    return out, pipeline.thresholds
 
 
 def calibrate_job(options, image, cache, channel="all", invert=False):
