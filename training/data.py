@@ -103,31 +103,11 @@ def _check_label_info(path: Path, info) -> None:
 
 
 def to_float_image(array: np.ndarray) -> np.ndarray:
-    """HxW / HxWx{1,3,4} array -> float32 HxWx3 in [0, 1], the normalisation the Predictor uses."""
-    try:
-        from napari_cellseg.io.images import to_rgb_float
-    except ImportError:  # images.py not there yet: same rule (dtype range, grey -> RGB)
-        to_rgb_float = None
-    if to_rgb_float is not None:
-        return np.asarray(to_rgb_float(array), dtype=np.float32)
-    a = np.asarray(array)
-    if a.ndim == 3 and a.shape[-1] == 4:
-        a = a[..., :3]
-    if a.dtype == np.uint8:
-        f = a.astype(np.float32) / 255.0
-    elif np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
-        f = a.astype(np.float32)
-        lo, hi = np.percentile(f, (0.1, 99.9))
-        f = np.clip((f - lo) / max(hi - lo, 1e-6), 0, 1)
-    else:
-        f = a.astype(np.float32)
-        lo, hi = float(np.nanmin(f)), float(np.nanmax(f))
-        f = np.clip((f - lo) / max(hi - lo, 1e-6), 0, 1) if (lo < 0 or hi > 1) else f
-    if f.ndim == 2:
-        f = np.repeat(f[..., None], 3, axis=2)
-    elif f.shape[-1] == 1:
-        f = np.repeat(f, 3, axis=2)
-    return f
+    """HxW / HxWx{1,3,4} array -> float32 HxWx3 in [0, 1], the normalisation the Predictor uses
+    (io.images.to_rgb_float)."""
+    from napari_cellseg.io.images import to_rgb_float
+
+    return np.asarray(to_rgb_float(array), dtype=np.float32)
 
 
 def _compact(img: np.ndarray) -> np.ndarray:

@@ -50,10 +50,11 @@ def cpu_has_bf16() -> bool:
 
 def _resolve_precision(precision: str, device) -> str:
     check_precision(precision, PredictError)
-    if precision == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "auto":  # one meaning with training's --amp auto: model.devices.auto_precision
+        from napari_cellseg.model.devices import auto_precision
+
+        mode = auto_precision(device)
+        return "fp32" if mode == "off" else mode
     if precision == "fp16" and device.type != "cuda":
         raise PredictError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
     return precision

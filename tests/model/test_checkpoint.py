@@ -301,3 +301,20 @@ def test_code_version_names_this_checkout_only(tmp_path, monkeypatch):
                          env={**os.environ, "PYTHONPATH": str(other / "site")})
     assert out.returncode == 0, out.stderr
     assert "'git_commit': None" in out.stdout and "'git_dirty': None" in out.stdout
+
+
+def test_checkpoint_naming_a_huge_backbone_is_refused_before_building(tmp_path, monkeypatch):
+    """A schema-valid checkpoint whose config names convnext_xxlarge: CheckpointError naming the
+    file, the size and the limit, without building the network (it used to take 12.5 s and 4 GB)."""
+    import torch
+
+    from napari_cellseg.model import maskrcnn
+    from napari_cellseg.model.checkpoint import CheckpointError, FORMAT, load_checkpoint
+    from napari_cellseg.model.maskrcnn import ModelConfig
+
+    path = tmp_path / "huge.bin"
+    torch.save({"format": FORMAT, "config": ModelConfig(backbone="convnext_xxlarge").to_dict(),
+                "state_dict": {"w": torch.zeros(2_000_000)}, "thresholds": {}, "info": {}}, path)
+    monkeypatch.setattr(maskrcnn, "build_backbone", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(CheckpointError, match=rf"^{path}: config\.backbone: convnext_xxlarge .*the limit is 1 GiB"):
+        load_checkpoint(path)
