@@ -376,7 +376,7 @@ def test_resolve_scale_and_diameter():
 
 
 def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
-    """Issue 14 item 6: "estimated at N px: resized xF" where typing N gives exactly xF."""
+    """"estimated at N px: resized xF" where typing N gives exactly xF."""
     from napari_cellseg.inference.pipeline import _AutoSize
     from napari_cellseg.inference.sizing import size_message
 

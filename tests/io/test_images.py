@@ -78,7 +78,7 @@ def test_list_images(tmp_path):
         list_images(tmp_path / "nope")
 
 
-# ---- issue 15: limits from the header (D3), two channels are channels (D10) ---------------------
+# ---- limits from the header, two channels are channels --------------------------------------------
 def _forbid_decoding(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("pixels were decoded")
@@ -89,7 +89,7 @@ def _forbid_decoding(monkeypatch):
 
 @pytest.mark.slow
 def test_huge_tiled_compressed_tiff_refused_from_header(tmp_path, monkeypatch):
-    """D3: a 17000x17000 tiled zlib TIFF (a few hundred KB) took 8 GiB; now the header refuses it."""
+    """A 17000x17000 tiled zlib TIFF (a few hundred KB) took 8 GiB; now the header refuses it."""
     path = tmp_path / "huge.tif"
     tile = np.zeros((1024, 1024), np.uint8)
     n = (-(-17000 // 1024)) ** 2
@@ -142,7 +142,7 @@ def test_plane_channel_and_total_limits(tmp_path, monkeypatch):
 
 
 def test_two_channels_are_grey_plus_alpha(tmp_path):
-    """D10: HxWx2 TIFF was 256 'planes' of 256x2; grey+alpha PNG 'a stack of 256 planes'."""
+    """HxWx2 TIFF was 256 'planes' of 256x2; grey+alpha PNG 'a stack of 256 planes'."""
     from napari_cellseg.io.images import image_info
 
     rng = np.random.default_rng(0)

@@ -140,7 +140,7 @@ def test_resolve_checkpoint(tmp_path):
             resolve_checkpoint(None)
 
 
-# ---- issue 15, D9: the checkpoint schema is validated before anything is built -----------------
+# ---- the checkpoint schema is validated before anything is built -----------------
 def _variant(tiny, tmp_path, name, **changes):
     """A copy of the tiny checkpoint with top-level keys (or config.KEY) replaced."""
     _, _, path = tiny
@@ -216,7 +216,7 @@ def test_raw_readers_check_the_format(tiny, tmp_path):
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_bad_contents_refused_before_building(tiny, tmp_path, monkeypatch, case):
-    """D9: one CheckpointError 'FILE: field: problem'; no model is built, nothing is fetched."""
+    """One CheckpointError 'FILE: field: problem'; no model is built, nothing is fetched."""
     import timm
 
     import napari_cellseg.model.checkpoint as ckpt_mod
@@ -253,7 +253,7 @@ def test_non_finite_weights_refused(tiny, tmp_path):
 
 
 def test_plain_text_file_is_named(tmp_path):
-    """D9: a text file 'hello' gave 'KeyError: 101'."""
+    """A text file 'hello' gave 'KeyError: 101'."""
     path = tmp_path / "hello.bin"
     path.write_text("hello")
     with pytest.raises(CheckpointError, match=r"hello.bin: not a readable PyTorch checkpoint "

@@ -146,7 +146,7 @@ def test_default_convnext_tiny_builds():
     assert model.transform.min_size == (520,) and model.transform.max_size == 704
 
 
-# ---- issue 15, D9: ModelConfig validation ------------------------------------------------------
+# ---- ModelConfig validation ------------------------------------------------------
 @pytest.mark.parametrize("field, value, problem", [
     ("fpn_channels", 0, r"fpn_channels: must be an integer in \[1, 1024\], got 0"),
     ("fpn_channels", True, "fpn_channels: must be an integer"),
