@@ -12,7 +12,8 @@ Where the channels are (:func:`image_info`, the header, before any pixel is deco
   a small FIRST axis of a 3-D image (CxYxX) or the second of a 4-D one (ZxCxYxX). An RGB TIFF's
   extra alpha sample is dropped.
 * PNG / JPEG / BMP: the file's bands; the alpha of grey+alpha (LA) and RGBA is dropped.
-* arrays (napari layer data): :func:`layout`, a last axis of 1..MAX_CHANNELS is channels.
+* arrays (napari layer data): :func:`layout`, a last axis of 1..MAX_CHANNELS, smaller than the
+  plane's sides, is channels.
 
 Files are returned in that canonical order (planes..., Y, X, channels), so every caller sees the
 channels last. Limits are checked on the header: at most ``rle.MAX_PIXELS`` (2^28) pixels per
@@ -93,6 +94,12 @@ class ImageInfo:
     channel_names: tuple[str, ...] = ()  # from ImageJ / OME metadata, when the file names them
 
 
+def _is_channel_axis(shape) -> bool:
+    """The last axis of ``shape`` is channels: 1..MAX_CHANNELS and smaller than both sides of
+    the plane (a 4x6x7 stack is 4 planes of 6x7, an 8x9x5 image 5 channels)."""
+    return 1 <= shape[-1] <= MAX_CHANNELS and shape[-1] < min(shape[-3], shape[-2])
+
+
 def layout(shape, name: str = "image") -> tuple[int, int, int, int]:
     """``(planes, height, width, channels)`` of an image array shape: the one rule for in-memory
     data and for files once read (:func:`read_raw` puts their channels last). HxW; HxWxC with C
@@ -100,7 +107,7 @@ def layout(shape, name: str = "image") -> tuple[int, int, int, int]:
     shape = tuple(int(v) for v in shape)
     if len(shape) > 3:  # hyperstacks (T, Z, 1, Y, X ...): singleton axes do not count
         shape = tuple(v for v in shape if v != 1) or shape
-    colour = len(shape) >= 3 and 1 <= shape[-1] <= MAX_CHANNELS
+    colour = len(shape) >= 3 and _is_channel_axis(shape)
     if len(shape) == 2:
         return 1, shape[0], shape[1], 1
     if len(shape) == 3:
@@ -146,7 +153,7 @@ def _generic_channels(shape: tuple[int, ...]) -> int | None:
     dims = [i for i, v in enumerate(shape) if v != 1]
     if len(dims) < 3:
         return None
-    if 1 <= shape[dims[-1]] <= MAX_CHANNELS and shape[dims[-2]] > MAX_CHANNELS:
+    if _is_channel_axis(tuple(shape[i] for i in dims)):
         return dims[-1]
     if len(dims) in (3, 4) and 2 <= shape[dims[-3]] <= SMALL_AXIS and min(shape[dims[-2]], shape[dims[-1]]) > MAX_CHANNELS:
         return dims[-3]
@@ -423,7 +430,7 @@ def to_rgb_float(array, plane: int | None = None, name: str = "image", rule=None
     if array.ndim > 3:  # the layout rule: singleton axes of hyperstacks do not count
         array = array.reshape(tuple(v for v in array.shape if v != 1) or array.shape)
     layout(array.shape, name)  # refuses what is not an image (1-D, 5-D, 4-D without channels)
-    is_stack = array.ndim == 4 or (array.ndim == 3 and not 1 <= array.shape[-1] <= MAX_CHANNELS)
+    is_stack = array.ndim == 4 or (array.ndim == 3 and not _is_channel_axis(array.shape))
     if is_stack and array.shape[0] == 1:  # a stack of one plane is that plane (layout: 1 plane)
         array, is_stack = array[0], False
     if is_stack:
