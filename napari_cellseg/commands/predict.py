@@ -116,11 +116,12 @@ def expand_items(files: Sequence[Path], skipped: list | None = None) -> list[Ite
     return items
 
 
-def load_item(item: Item):
-    """float32 HxWx3 of an item (one plane of a stack read without loading the others)."""
+def load_item(item: Item, rule=None):
+    """float32 HxWx3 of an item (one plane of a stack read without loading the others), by
+    ``rule`` (the pipeline's ImageInput: intensity, channels, invert)."""
     from napari_cellseg.io.images import load_plane
 
-    return load_plane(item.path, item.plane)
+    return load_plane(item.path, item.plane, rule=rule)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -150,13 +151,13 @@ def _threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _prefetched(items: Sequence[Item], pool, depth: int):
+def _prefetched(items: Sequence[Item], pool, depth: int, rule=None):
     """``(item, array or exception)`` in input order, decoded ``depth`` items ahead on ``pool``."""
     from collections import deque
 
     def load(item):
         try:
-            return load_item(item)
+            return load_item(item, rule)
         except (ValueError, OSError, MemoryError) as exc:
             return exc
 
@@ -229,8 +230,8 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
 
     def forward(arrays):
         if scale == "auto":
-            return drain(iter_auto_scale(runner, arrays, pipeline.thresholds, pipeline.tile_size,
-                                         pipeline.tile_overlap))
+            return drain(iter_auto_scale(runner, arrays, tile_size=pipeline.tile_size,
+                                         tile_overlap=pipeline.tile_overlap))
         return drain(iter_at(runner, arrays, [float(scale)] * len(arrays), pipeline.tile_size,
                              pipeline.tile_overlap))
 
@@ -255,7 +256,7 @@ def predict_items(pipeline, items: Sequence[Item], journal: Journal, labels_dir:
     with ThreadPoolExecutor(threads, thread_name_prefix="cellseg-load") as loader, \
             ThreadPoolExecutor(threads, thread_name_prefix="cellseg-encode") as post:
         batch: list = []
-        for item, array in _prefetched(items, loader, depth=2 * batch_size + threads):
+        for item, array in _prefetched(items, loader, depth=2 * batch_size + threads, rule=pipeline.input):
             if isinstance(array, BaseException):
                 fail(item, array)
                 continue

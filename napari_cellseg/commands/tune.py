@@ -91,7 +91,7 @@ def run_tune(args, progress_factory=None) -> int:
     from napari_cellseg.model.checkpoint import resolve_checkpoint
     from napari_cellseg.options import PredictOptions
     from napari_cellseg.io.files import (IdConflict, LabelFiles, check_label_not_image, files_by_id, image_shape, label_source, resolve_ids)
-    from napari_cellseg.io.images import load_plane
+    from napari_cellseg.io.images import read_plane
     from napari_cellseg.inference.pipeline import Pipeline
     from napari_cellseg.inference.tuning import DEFAULT_BOX_CONFS, DEFAULT_MASK_THRESHOLDS, sweep
 
@@ -151,7 +151,7 @@ def run_tune(args, progress_factory=None) -> int:
     pairs = []
     try:
         print(f"cellseg tune: object size: {pipeline.describe()}", file=sys.stderr)
-        inputs = (path if plane is None else load_plane(path, plane) for path, plane in sources.values())
+        inputs = (path if plane is None else read_plane(path, plane) for path, plane in sources.values())
         for k, dets in pipeline.predict_many(inputs):
             image_id = ids[k]
             labels = gt.labels(image_id, shapes[image_id])
