@@ -59,6 +59,7 @@ __all__ = [
     "normalise",
     "model_input",
     "channel_labels",
+    "stored_channels",
     "layout",
     "image_info",
     "ImageInfo",
@@ -267,6 +268,20 @@ def _file_layout(path: Path, plan: _Plan) -> tuple[int, int, int, int]:
     if len(lead) > 1:
         raise ImageError(f"{path}: {len(shape)}-D image (shape {shape}) is not supported")
     return (lead[0] if lead else 1), shape[-3], shape[-2], shape[-1]
+
+
+def stored_channels(path, shape) -> tuple[int | None, tuple[str, ...]]:
+    """Where the channels of an image file are in an array of ``shape`` read from it as stored
+    (napari's own reader, ``tifffile.imread``): ``(axis, names)``; ``(None, ())`` when the
+    file has no channels, cannot be read, or ``shape`` is not its stored shape. The napari
+    widget uses it to offer a CxYxX layer's channels (by their names in ImageJ / OME metadata)."""
+    try:
+        info, plan = _checked(Path(path))
+    except (ImageError, OSError):
+        return None, ()
+    if info.channels < 2 or tuple(int(v) for v in shape) != tuple(plan.stored) or plan.alpha:
+        return None, ()
+    return (plan.perm[-1] if plan.perm else len(plan.stored) - 1), info.channel_names
 
 
 def _check_total(path: Path, info: ImageInfo) -> None:
