@@ -54,12 +54,12 @@ class Sample:
 
 
 # ---------------------------------------------------------------- image reading / normalising
-def _info(path: Path):
+def _info(path: Path, labels: bool = False):
     """images.image_info (the header, limits checked, images.layout's planes/channels) as a DataError."""
     from napari_cellseg.io.images import ImageError, image_info
 
     try:
-        return image_info(path)
+        return image_info(path, labels)
     except ImageError as exc:
         raise DataError(str(exc)) from None
 
@@ -256,7 +256,7 @@ def _regions_of_one_id(layers: np.ndarray) -> int:
 
 def _folder_pair(stem: str, ipath: Path, lpath: Path, rule=None) -> list[Sample]:
     """The samples of one image file and its label file: checked on the headers, then decoded."""
-    iinfo, linfo = _info(ipath), _info(lpath)
+    iinfo, linfo = _info(ipath), _info(lpath, labels=True)
     _check_label_info(lpath, linfo)
     if (iinfo.height, iinfo.width) != (linfo.height, linfo.width):
         raise DataError(f"{ipath}: image is {iinfo.width}x{iinfo.height} (WxH) but its labels "

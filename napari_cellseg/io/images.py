@@ -84,7 +84,9 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class ImageInfo:
     """What a file header says: ``shape`` of the array the reader will return, its ``dtype`` and
-    the :func:`layout` of that shape (``planes``, ``height``, ``width``, ``channels``)."""
+    the :func:`layout` of that shape (``planes``, ``height``, ``width``, ``channels``). A label
+    file (``labels=True`` in the readers) has no channel axis but a contiguous colour sample: its
+    axes are planes, as stored."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -173,10 +175,12 @@ def _tiff_names(tif, n: int) -> tuple[str, ...]:
     return tuple(names) if len(names) == n and all(names) else ()
 
 
-def _tiff_plan(tif) -> _Plan:
+def _tiff_plan(tif, labels: bool = False) -> _Plan:
     series = tif.series[0]
     shape, axes = tuple(int(v) for v in series.shape), str(series.axes)
     dtype = str(series.dtype)
+    if labels:  # instance ids have no channels: planes as stored (a colour label is refused by its reader)
+        return _Plan(shape, dtype)
     if set(axes) & _GENERIC_AXES:  # no axes metadata: decide by shape
         c = _generic_channels(shape)
         if c is None:
@@ -198,13 +202,13 @@ def _tiff_plan(tif) -> _Plan:
                  channels_last=bool(chan))
 
 
-def _plan(path: Path) -> _Plan:
+def _plan(path: Path, labels: bool = False) -> _Plan:
     """The file's stored shape and dtype and its canonical order, without decoding pixels."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            return _tiff_plan(tif)
+            return _tiff_plan(tif, labels)
     from PIL import Image
 
     with Image.open(path) as im:  # reads the header only
@@ -219,16 +223,16 @@ def _plan(path: Path) -> _Plan:
                  channels_last=len(bands) > 1)
 
 
-def image_info(path) -> ImageInfo:
+def image_info(path, labels: bool = False) -> ImageInfo:
     """Read an image file's header (no pixel decoding) and check the size limits.
 
     Raises ImageError naming the file: unreadable header, over ``MAX_PIXELS`` pixels per plane,
     over MAX_PLANES planes or MAX_CHANNELS channels. (:func:`read_raw`, which decodes the whole
     file, also refuses over MAX_SAMPLES values; :func:`read_plane` of a paged TIFF does not.)"""
-    return _checked(path)[0]
+    return _checked(path, labels)[0]
 
 
-def _checked(path) -> tuple[ImageInfo, _Plan]:
+def _checked(path, labels: bool = False) -> tuple[ImageInfo, _Plan]:
     from napari_cellseg.io import rle
 
     path = Path(path)
@@ -237,7 +241,7 @@ def _checked(path) -> tuple[ImageInfo, _Plan]:
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image")
     try:
-        plan = _plan(path)
+        plan = _plan(path, labels)
     except Exception as exc:  # every reader fails differently; report them the same way
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{path}: cannot read image ({reason})") from None
@@ -291,12 +295,12 @@ def _check_total(path: Path, info: ImageInfo) -> None:
                          f"{MAX_SAMPLES:,} values read at once (read one plane at a time)")
 
 
-def read_raw(path) -> np.ndarray:
+def read_raw(path, labels: bool = False) -> np.ndarray:
     """Read an image file as stored (no conversion). Raises ImageError naming the file.
 
     The header is checked first (:func:`image_info`): nothing over the limits is decoded."""
     path = Path(path)
-    info, plan = _checked(path)
+    info, plan = _checked(path, labels)
     _check_total(path, info)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -316,15 +320,15 @@ def read_raw(path) -> np.ndarray:
     return array
 
 
-def read_plane(path, plane: int | None) -> np.ndarray:
+def read_plane(path, plane: int | None, labels: bool = False) -> np.ndarray:
     """One plane of an image file as stored (``plane=None``: a single-plane image), checked on
     the header first. A TIFF stack stored one page per plane reads only that page."""
     path = Path(path)
-    info, plan = _checked(path)
+    info, plan = _checked(path, labels)
     if plane is None or info.planes == 1:
         if plane not in (None, 0):
             raise ImageError(f"{path}: plane {plane} given but the image is a single plane")
-        return read_raw(path)
+        return read_raw(path, labels)
     if not 0 <= plane < info.planes:
         raise ImageError(f"{path}: plane {plane} is out of range (0..{info.planes - 1})")
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -339,7 +343,7 @@ def read_plane(path, plane: int | None) -> np.ndarray:
         except Exception as exc:  # every reader fails differently; report them the same way
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ImageError(f"{path}: cannot read plane {plane} ({reason})") from None
-    array = read_raw(path)
+    array = read_raw(path, labels)
     array = array.reshape(tuple(v for v in array.shape if v != 1)) if array.ndim > 3 else array
     return array[plane]
 

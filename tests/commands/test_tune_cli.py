@@ -222,7 +222,8 @@ def test_tune_takes_the_plane_ids_of_a_stack(setup, tmp_path, capsys):
     root, ckpt = setup
     image = tifffile.imread(root / "images" / "img0.tif")
     (tmp_path / "im").mkdir()
-    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]))  # plane 0 blank
+    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]),
+                     metadata={"axes": "ZYX"})  # plane 0 blank (axes: else 2 channels)
     gt = tifffile.imread(root / "gt" / "img0.tif")
     write_annotations(tmp_path / "gt.csv", {"stack_001": gt, "gone": gt}, format="train")
     out = _tune_inprocess(capsys, "--checkpoint", ckpt, "--gt", tmp_path / "gt.csv", "--images", tmp_path / "im",
@@ -247,7 +248,7 @@ def test_tune_refuses_an_id_naming_a_file_and_a_plane(setup, tmp_path, capsys):
     root, ckpt = setup
     image = tifffile.imread(root / "images" / "img0.tif")
     (tmp_path / "im").mkdir()
-    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]))
+    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]), metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "im" / "stack_001.tif", image)
     gt = tifffile.imread(root / "gt" / "img0.tif")
     write_annotations(tmp_path / "gt.csv", {"stack_001": gt}, format="train")
