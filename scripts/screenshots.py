@@ -3,7 +3,8 @@
     xvfb-run -a -s "-screen 0 1280x800x24" python scripts/screenshots.py [OUT_DIR]
 
 segment: the nuclei sample segmented with the bundled demo model; review: the same with the
-sample's ground truth and the Review dock; train: the Train model dock before a run.
+sample's ground truth and the Review dock; docks: Segment cells, Review and Train model docked
+together (one tab group; Segment cells raised); train: the Train model dock before a run.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def main(out="docs"):
     _wait(app, lambda: review.score is not None, 60)
     print("review:", review.summary.text())
     shot("review")
+    from napari_cellseg.gui.layout import dock_of
+
+    viewer.window.add_plugin_dock_widget("napari-cellseg", "Train model")
+    _pump(app, 0.5)
+    dock_of(seg).raise_()
+    shot("docks")
     for name in ("Segment cells", "Review"):
         viewer.window.remove_dock_widget(viewer.window.dock_widgets[f"{name} (napari-cellseg)"].parent())
     review._timer.timeout.disconnect()  # the closed Review dock must not redraw its overlay

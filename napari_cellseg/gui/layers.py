@@ -33,17 +33,19 @@ class Result:
 
     ``plane``/``detections``: the plane segmented last (``()`` for a 2D image) and its network
     output; ``planes``: every segmented plane of a stack -> its Detections (the sliders redraw all
-    of them, so the whole stack follows one pair of thresholds).
+    of them, so the whole stack follows one pair of thresholds); ``kept``: the hand-edited cells
+    a user chose to keep when segmenting again (drawn over the model's, see :func:`merge_kept`).
     """
 
     image_id: str
     image_layer: str
     plane: tuple[int, ...] = ()
     detections: Any = None  # predict.Detections (kept so sliders never re-run the network)
-    thresholds: dict = field(default_factory=dict)
+    thresholds: Any = None  # options.Thresholds the layer was drawn with
     checkpoint: str = ""
     edited: bool = False
     planes: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)  # plane -> labels of hand-edited cells kept over a re-run
 
     def segmented(self) -> dict:
         """``{plane prefix: Detections}`` of every plane that has model output."""
@@ -58,34 +60,46 @@ def result_of(layer) -> Result | None:
     return r if isinstance(r, Result) else None
 
 
-POST_PROCESSING = ("fill_holes", "keep_largest")
+def draw_labels(detections, thresholds, kept=None) -> np.ndarray:
+    """Labels from kept Detections with the widget's ``options.Thresholds`` (validated once,
+    where the sliders are read), with the hand-kept cells ``kept`` (labels) on top."""
+    return merge_kept(kept, detections.to_labels(thresholds))
 
 
-def post_processing_supported(detections=None) -> bool:
-    """Whether ``Detections.to_labels`` takes the post-processing switches (fill_holes,
-    keep_largest) - the inference side adds them; without them the switches are disabled."""
-    import inspect
-
-    to_labels = getattr(detections, "to_labels", None)
-    if to_labels is None:
-        return True  # nothing to check yet
-    try:
-        params = inspect.signature(to_labels).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(k in params for k in POST_PROCESSING) or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+def label_dtype(max_id: int) -> np.dtype:
+    """The dtype of a result layer whose ids reach ``max_id``: uint16 while they fit, because
+    napari draws 8/16-bit labels as they are but hashes every pixel of wider ones on the CPU
+    first (without numba about 300 ms per slider move at 3000x3000); int32 beyond."""
+    return np.dtype(np.uint16) if int(max_id) < np.iinfo(np.uint16).max else np.dtype(np.int32)
 
 
-def draw_labels(detections, thresholds: dict) -> np.ndarray:
-    """Labels from kept Detections with the widget's thresholds (validated by ``Thresholds``)."""
-    from napari_cellseg.options import Thresholds
+def merge_kept(kept, labels: np.ndarray) -> np.ndarray:
+    """``kept`` cells (hand-edited, their own ids) over the model's ``labels``: a model cell at
+    least half covered by kept cells is dropped (it is the same cell), the rest fill the
+    background with ids above the kept ones."""
+    if kept is None or not kept.any():
+        return labels
+    n = int(labels.max())
+    inside = kept > 0
+    covered = np.bincount(labels[inside], minlength=n + 1)
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    drop = 2 * covered >= np.maximum(area, 1)
+    drop[0] = True
+    lut = np.zeros(n + 1, np.int32)
+    lut[~drop] = np.arange(1, int((~drop).sum()) + 1, dtype=np.int32) + int(kept.max())
+    return np.where(inside, kept, lut[labels]).astype(np.int32)
 
-    t = Thresholds.from_dict(thresholds, where="widget thresholds")
-    kwargs = {"box_conf": t.box_conf, "mask_threshold": t.mask_threshold, "min_area": t.min_area}
-    if post_processing_supported(detections):
-        kwargs.update({k: getattr(t, k) for k in POST_PROCESSING if getattr(t, k)})
-    return detections.to_labels(**kwargs)
+
+def hand_cells(current: np.ndarray, drawn: np.ndarray, kept=None) -> np.ndarray:
+    """The hand-edited cells of ``current`` (labels as the user left them) against ``drawn``
+    (what the model and earlier kept cells gave): every cell with a pixel that differs, plus the
+    earlier ``kept`` cells still there. Other pixels are 0."""
+    current = np.asarray(current)
+    ids = np.unique(current[current != drawn])
+    if kept is not None:
+        ids = np.union1d(ids, np.intersect1d(np.unique(kept), np.unique(current)))
+    ids = ids[ids > 0]
+    return np.where(np.isin(current, ids), current, 0).astype(np.int32)
 
 
 def image_id_for_layer(layer) -> str:

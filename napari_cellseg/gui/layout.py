@@ -5,10 +5,10 @@ taller than the screen, collapsible sections, and re-fitting napari's window to 
 from __future__ import annotations
 
 from qtpy.QtCore import QSize, Qt, QTimer
-from qtpy.QtWidgets import (QApplication, QComboBox, QFrame, QHBoxLayout, QPushButton, QScrollArea, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import (QApplication, QComboBox, QDockWidget, QFrame, QHBoxLayout, QMainWindow, QPushButton,
+                            QScrollArea, QVBoxLayout, QWidget)
 
-DOCK_WIDTH = 360  # px: three docks stacked on the right leave >= 400 px of canvas at 1280 wide
+DOCK_WIDTH = 360  # px: the docks (tabbed on the right) leave >= 400 px of canvas at 1280 wide
 MIN_CANVAS = 400
 SANE_SIZE = (1280, 800)  # smallest window we grow a too-small one to (bounded by the screen)
 
@@ -53,6 +53,48 @@ class ScrollDock(QWidget):
             viewer = getattr(self, "viewer", None)
             if viewer is not None:
                 QTimer.singleShot(0, lambda: fit_window(viewer))
+                tabify_with_siblings(self, viewer)
+
+
+def dock_of(widget):
+    """The QDockWidget that holds ``widget`` (napari wraps each docked widget in one), or None."""
+    parent = widget.parentWidget() if widget is not None else None
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def tabify_with_siblings(widget, viewer) -> bool:
+    """Put ``widget``'s dock in one tab group with this plugin's other docks of the viewer (found
+    through the registry), so each gets the full height instead of a third of it, and raise it.
+    Plain Qt (QMainWindow.tabifyDockWidget), whichever path docked it: the Plugins menu or
+    ``add_plugin_dock_widget``. Returns whether it was tabified."""
+    from napari_cellseg.gui import registry
+
+    dock = dock_of(widget)
+    main = dock.parentWidget() if dock is not None else None
+    if not isinstance(main, QMainWindow):
+        return False
+    for role in registry.ROLES:
+        other = dock_of(registry.lookup(viewer, role))
+        if other is None or other is dock or other.isFloating() or not other.toggleViewAction().isChecked():
+            continue
+        if main.dockWidgetArea(other) != main.dockWidgetArea(dock):
+            continue
+        main.tabifyDockWidget(other, dock)
+        for d in (other, dock):  # the tabs show the widget's name, not "(napari-cellseg)"
+            d.setWindowTitle(short_title(d.windowTitle()))
+        dock.show()
+        dock.raise_()
+        return True
+    return False
+
+
+def short_title(title: str) -> str:
+    """A dock title without napari's " (plugin name)" suffix: "Segment cells (napari-cellseg)"
+    -> "Segment cells" (the tab text; napari keeps its own name for the dock)."""
+    head, sep, tail = title.rpartition(" (")
+    return head if sep and tail.endswith(")") and head else title
 
 
 def available_screen() -> tuple[int, int]:

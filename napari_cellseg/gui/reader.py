@@ -1,8 +1,35 @@
-"""napari reader contribution: an annotation / submission CSV -> one Labels layer per image id."""
+"""napari reader contribution: an annotation / submission CSV -> one Labels layer per image id.
+
+napari ships its own CSV reader (points / shapes tables), so with two readers File > Open on a
+CSV asks which one to use, every time. :func:`prefer_csv_reader` records this plugin as the
+reader for ``*.csv`` in napari's documented reader preference
+(``napari.settings.get_settings().plugins.extension2reader``, the table in Preferences >
+Plugins), once: when a widget of this plugin is first opened, unless the user already chose a
+reader for CSVs. A CSV that is not in our formats then fails with our one-line error, and napari
+offers its other readers.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+PLUGIN = "napari-cellseg"
+CSV_PATTERN = "*.csv"
+
+
+def prefer_csv_reader() -> bool:
+    """Make this plugin napari's reader for ``*.csv`` unless a choice exists. Returns whether
+    the preference was set now."""
+    try:
+        from napari.settings import get_settings
+
+        plugins = get_settings().plugins
+        if CSV_PATTERN in plugins.extension2reader:
+            return False  # the user's (or our earlier) choice stands
+        plugins.extension2reader = {**plugins.extension2reader, CSV_PATTERN: PLUGIN}
+        return True
+    except Exception:  # settings unavailable (headless, read-only config): napari asks then
+        return False
 
 
 def get_reader(path):

@@ -29,14 +29,6 @@ def register(viewer, role: str, widget) -> None:
     _REGISTRY.setdefault(viewer_key(viewer), {})[role] = weakref.ref(widget)
 
 
-def unregister(viewer, role: str, widget=None) -> None:
-    """Forget the ``role`` widget of ``viewer`` (only if it is ``widget``, when given)."""
-    entry = _REGISTRY.get(viewer_key(viewer), {})
-    ref = entry.get(role)
-    if ref is not None and (widget is None or ref() is widget):
-        del entry[role]
-
-
 def lookup(viewer, role: str):
     """The live ``role`` widget of ``viewer``, or None."""
     ref = _REGISTRY.get(viewer_key(viewer), {}).get(role)

@@ -34,6 +34,7 @@ class Detections:
     scale: float = 1.0  # the object-size scale the image was predicted at
     diameter: float | None = None  # median object diameter (image px) estimated by scale="auto"
     _cache: Any = field(default=None, repr=False, compare=False)
+    _kept: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)
@@ -82,22 +83,44 @@ class Detections:
         out = np.zeros(h * w, np.int32)
         if n == 0:
             return (out.reshape(h, w), np.zeros(0, np.int64)) if return_rows else out.reshape(h, w)
-        pix, owner, prob, offsets = self._crops()
-        end = offsets[n]
-        keep = prob[:end] > mask_threshold
-        idx = pix[:end][keep]
-        who = owner[:end][keep]
+        idx, ids, offsets = self._above(mask_threshold)
+        end = int(offsets[n])
         # paint lowest score first; the highest-scoring instance writes last and keeps the pixel
-        out[idx[::-1]] = who[::-1] + 1
+        # (reversed views of the cached arrays: no copy)
+        out[idx[:end][::-1]] = ids[:end][::-1]
+        won = None
         if fill_holes or keep_largest:
             out = postprocess(out.reshape(h, w), fill_holes, keep_largest).reshape(-1)
-        area = np.bincount(out, minlength=n + 1)
+            area = np.bincount(out, minlength=n + 1)
+        else:  # the pixels each id won, counted over the crops only (not the whole image)
+            won = np.flatnonzero(out[idx[:end]] == ids[:end])
+            area = np.bincount(ids[won], minlength=n + 1)
         area[0] = 0
         kept = area >= max(int(min_area), 1)
-        lut = np.zeros(n + 1, np.int32)
-        lut[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
-        labels = lut[out].reshape(h, w)
-        return (labels, np.flatnonzero(kept) - 1) if return_rows else labels
+        kept[0] = False
+        rows = np.flatnonzero(kept) - 1
+        if len(rows) < n:  # renumber 1..K: dropped and empty ids go
+            lut = np.zeros(n + 1, np.int32)
+            lut[kept] = np.arange(1, len(rows) + 1, dtype=np.int32)
+            if won is None:
+                out = lut[out]
+            else:  # each labelled pixel is one winning crop pixel: remap those only
+                out[idx[won]] = lut[ids[won]]
+        labels = out.reshape(h, w)
+        return (labels, rows) if return_rows else labels
+
+    def _above(self, mask_threshold: float):
+        """The crop pixels above ``mask_threshold``: (pixel index, id = row + 1, offsets), where
+        row ``r``'s pixels are ``[offsets[r], offsets[r + 1])``. Cached for the last threshold,
+        so a Box confidence move only takes a prefix of them."""
+        key = (float(mask_threshold), id(self._crops()))
+        if self._kept is None or self._kept[0] != key:
+            pix, owner, prob, offsets = self._crops()
+            keep = prob > key[0]
+            ids = owner[keep] + 1
+            counts = np.bincount(ids, minlength=len(offsets))[1:len(offsets)]
+            self._kept = (key, pix[keep], ids, np.concatenate([[0], np.cumsum(counts)]))
+        return self._kept[1:]
 
 
 def _paste_crops(probs: np.ndarray, boxes: np.ndarray, image_shape):
@@ -139,7 +162,10 @@ def _paste_crops(probs: np.ndarray, boxes: np.ndarray, image_shape):
     if not pix:
         e = np.zeros(0, np.int64)
         return e, e.astype(np.int32), e.astype(np.float32), offsets
-    return np.concatenate(pix), np.concatenate(owner), np.concatenate(prob).astype(np.float32), offsets
+    # int32 pixel indices where they fit: half the memory traffic of every slider move
+    index_type = np.int32 if h_img * w_img < 2**31 else np.int64
+    return (np.concatenate(pix).astype(index_type, copy=False), np.concatenate(owner),
+            np.concatenate(prob).astype(np.float32), offsets)
 
 
 def postprocess(labels: np.ndarray, fill_holes: bool = False, keep_largest: bool = False) -> np.ndarray:

@@ -143,6 +143,19 @@ class _AutoSize:
         return False
 
 
+FIRST_PASS_SHARE = 0.8  # of the progress bar: the first size pass is often the only one
+
+
+def _pass_range(k: int) -> tuple[float, float]:
+    """(start, span) of auto-size pass ``k`` (from 0) on the progress bar: the first pass, often
+    the only one, gets FIRST_PASS_SHARE; each later pass half of what is left below 0.99. So the
+    bar moves with every tile and the end jumps at most 1 - FIRST_PASS_SHARE."""
+    if k == 0:
+        return 0.0, FIRST_PASS_SHARE
+    left = (0.99 - FIRST_PASS_SHARE) * 0.5 ** (k - 1)
+    return 0.99 - left, left / 2
+
+
 def iter_auto_scale(runner, arrays: list, *, tile_size: int | None = TILE_SIZE,
                     tile_overlap: int = TILE_OVERLAP):
     """scale="auto" for a batch of images: predict at 1, measure the median diameter of the
@@ -164,10 +177,10 @@ def iter_auto_scale(runner, arrays: list, *, tile_size: int | None = TILE_SIZE,
             groups.setdefault(round(states[i].scale, 6), []).append(i)
         for g, (scale, idx) in enumerate(groups.items()):
             where = f"size pass {k + 1} (x{scale:.2f}): "
+            start, span = _pass_range(k)
             dets = yield from relay(iter_at(runner, [arrays[i] for i in idx], [scale] * len(idx),
                                             tile_size, tile_overlap),
-                                    where, (k + g / len(groups)) / AUTO_PASSES,
-                                    1 / (AUTO_PASSES * len(groups)), cap=0.99)
+                                    where, start + span * g / len(groups), span / len(groups), cap=0.99)
             for i, d in zip(idx, dets):
                 states[i].update(d)
     for s in states:

@@ -207,25 +207,21 @@ def test_reader_ignores_other_files():
     assert get_reader("CELLS.CSV") is not None
 
 
-def test_draw_labels_passes_post_processing_only_when_supported():
-    from napari_cellseg.gui.layers import draw_labels, post_processing_supported
-    from napari_cellseg.options import OptionError
+def test_draw_labels_hands_the_thresholds_object_to_the_detections():
+    """The sliders' Thresholds travel as one object: no keyword filtering, no dict copies."""
+    from napari_cellseg.gui.layers import draw_labels
+    from napari_cellseg.options import Thresholds
 
-    class Old:
-        def to_labels(self, box_conf=0.5, mask_threshold=0.5, min_area=0):
-            return ("old", box_conf, mask_threshold, min_area)
+    seen = []
 
-    class New:
-        def to_labels(self, box_conf=0.5, mask_threshold=0.5, min_area=0, fill_holes=False,
-                      keep_largest=False):
-            return ("new", box_conf, mask_threshold, min_area, fill_holes, keep_largest)
+    class Dets:
+        def to_labels(self, thresholds):
+            seen.append(thresholds)
+            return np.zeros((2, 2), np.int32)
 
-    t = {"box_conf": 0.3, "mask_threshold": 0.4, "min_area": 5, "fill_holes": True, "keep_largest": True}
-    assert not post_processing_supported(Old()) and post_processing_supported(New())
-    assert draw_labels(Old(), t) == ("old", 0.3, 0.4, 5)
-    assert draw_labels(New(), t) == ("new", 0.3, 0.4, 5, True, True)
-    with pytest.raises(OptionError, match="box_conf"):
-        draw_labels(New(), {**t, "box_conf": 1.5})
+    t = Thresholds(box_conf=0.3, mask_threshold=0.4, min_area=5, fill_holes=True, keep_largest=True)
+    draw_labels(Dets(), t)
+    assert seen == [t] and seen[0] is t
 
 
 def test_one_plane_stack_exports_under_the_id_predict_gives_its_file(tmp_path):
@@ -245,3 +241,33 @@ def test_one_plane_stack_exports_under_the_id_predict_gives_its_file(tmp_path):
     out = tmp_path / "one.csv"
     export_csv(out, labels_items(lyr), "train")
     assert read_annotations(out).ids == ["one"]
+
+
+def test_hand_cells_and_merge_kept():
+    """What "keep my cells" keeps: every cell the user changed (painted, grown, new), and
+    earlier kept cells; the model's cells then fill around them, never over them."""
+    from napari_cellseg.gui.layers import hand_cells, merge_kept
+
+    drawn = np.zeros((20, 20), np.int32)
+    drawn[2:6, 2:6] = 1
+    drawn[10:15, 10:15] = 2
+    current = drawn.copy()
+    current[10:15, 15:17] = 2  # cell 2 grown by hand
+    current[0:2, 17:20] = 9  # a new cell painted
+    kept = hand_cells(current, drawn)
+    assert set(np.unique(kept)) == {0, 2, 9} and (kept == 2).sum() == 25 + 10
+    assert (hand_cells(current, 0) > 0).sum() == (current > 0).sum()  # never segmented: all kept
+    model = np.zeros((20, 20), np.int32)
+    model[10:15, 10:14] = 1  # the same cell as the kept 2: dropped
+    model[2:6, 2:6] = 2  # elsewhere: kept, renumbered above the kept ids
+    merged = merge_kept(kept, model)
+    assert set(np.unique(merged)) == {0, 2, 9, 10}
+    assert np.array_equal(merged == 2, kept == 2) and (merged == 10).sum() == 16
+    assert merge_kept(None, model) is model
+
+
+def test_result_layers_are_16_bit_while_the_ids_fit():
+    from napari_cellseg.gui.layers import label_dtype
+
+    assert label_dtype(2000) == np.uint16 and label_dtype(65534) == np.uint16
+    assert label_dtype(65535) == np.int32 and label_dtype(10**6) == np.int32

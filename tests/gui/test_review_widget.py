@@ -13,6 +13,7 @@ pytest.importorskip("pytestqt")
 from napari_cellseg.gui.review import widget as _review  # noqa: E402
 from napari_cellseg.gui.layers import Result, result_of  # noqa: E402
 from napari_cellseg.inference.metrics import THRESHOLDS, evaluate_image  # noqa: E402
+from napari_cellseg.options import Thresholds  # noqa: E402
 
 TIMEOUT = 20_000
 
@@ -146,8 +147,7 @@ def test_sweep_heat_map_and_use_best(make_napari_viewer, qtbot):
     viewer.add_labels(gt, name="img truth", metadata={"image_id": "img"})
     cells = viewer.add_labels(dets.to_labels(0.5, 0.5), name="img cells")
     cells.metadata["napari_cellseg"] = Result(image_id="img", image_layer="img", detections=dets,
-                                              thresholds={"box_conf": 0.5, "mask_threshold": 0.5,
-                                                          "min_area": 0})
+                                              thresholds=Thresholds(0.5, 0.5, 0))
     seg = SegmentWidget(viewer)
     qtbot.addWidget(seg)
     viewer.window.add_dock_widget(seg)
@@ -183,13 +183,12 @@ def test_sweep_heat_map_and_use_best(make_napari_viewer, qtbot):
     seg.box_slider.setValue(0.2)
     lower = _wait_score(qtbot, w, lambda s: s.map < 1.0)
     assert lower.map == pytest.approx(evaluate_image(gt, dets.to_labels(0.2, 0.35)).map)
-    assert result_of(cells).thresholds["box_conf"] == pytest.approx(0.2)
+    assert result_of(cells).thresholds.box_conf == pytest.approx(0.2)
 
 
 def test_sweep_uses_the_layers_post_processing(make_napari_viewer, qtbot):
     """The sweep scores masks the way the layer draws them: its fill_holes / keep_largest /
     min_area, not the defaults (as `cellseg tune` does)."""
-    from napari_cellseg.options import Thresholds
     from napari_cellseg.inference.tuning import sweep
 
     dets = _fake_detections(np.random.default_rng(3))
@@ -201,7 +200,7 @@ def test_sweep_uses_the_layers_post_processing(make_napari_viewer, qtbot):
     viewer.add_labels(gt, name="img truth", metadata={"image_id": "img"})
     cells = viewer.add_labels(dets.to_labels(Thresholds.from_dict(layer_th)), name="img cells")
     cells.metadata["napari_cellseg"] = Result(image_id="img", image_layer="img", detections=dets,
-                                              thresholds=dict(layer_th))
+                                              thresholds=Thresholds.from_dict(layer_th))
     _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Review")
     w.pred_combo.setCurrentText("img cells")
     w.gt_combo.setCurrentText("img truth")
@@ -250,3 +249,79 @@ def test_plugin_menu_review_never_compares_a_layer_with_itself(make_napari_viewe
     assert viewer.layers.selection.active.name == "nuclei cells"  # not the overlay
     for i in range(w.gt_combo.count()):
         assert w.gt_combo.itemText(i) != w.pred_combo.currentText()
+
+
+def test_choose_pair_roles():
+    """Ground truth (flagged, from a CSV, or named so) is never the prediction; a new result is;
+    no layer is offered in one list while chosen in the other."""
+    from napari_cellseg.gui.review.overlay import OTHER, RESULT, TRUTH, choose_pair, layer_kind
+
+    assert layer_kind("nuclei ground truth", {}, False) == TRUTH
+    assert layer_kind("img_gt", {}, False) == TRUTH
+    assert layer_kind("img cells", {"source_csv": "train.csv"}, False) == TRUTH
+    assert layer_kind("mine", {"ground_truth": True}, False) == TRUTH
+    assert layer_kind("img cells", {}, True) == RESULT
+    assert layer_kind("paint", {}, False) == OTHER
+    assert layer_kind("gutter", {}, False) == OTHER  # "gt" inside a word is not a flag
+    layers = [("truth", TRUTH, "img"), ("img cells", RESULT, "img")]
+    for order in (layers, layers[::-1]):
+        preds, gts, pred, gt = choose_pair(order)
+        assert (pred, gt) == ("img cells", "truth") and preds == ["img cells"] and gts == ["truth"]
+    # the user's choices are kept while valid; a new result takes over the prediction
+    three = [("truth", TRUTH, "a"), ("a cells", RESULT, "a"), ("b cells", RESULT, "b")]
+    assert choose_pair(three, "b cells", "truth")[2:] == ("b cells", "truth")
+    assert choose_pair(three, "b cells", "truth", new=["a cells"])[2:] == ("a cells", "truth")
+    # a stale choice that now names a result cannot stay ground truth
+    assert choose_pair(three, None, "a cells")[2:] == ("a cells", "truth")
+    # only ground truth: no prediction; a lone hand layer is ground truth, not both
+    assert choose_pair([("truth", TRUTH, None)])[2:] == (None, "truth")
+    assert choose_pair([("paint", OTHER, None)])[2:] == (None, "paint")
+    preds, gts, pred, gt = choose_pair([("p", OTHER, None), ("q", OTHER, None)])
+    assert pred != gt and pred not in gts and gt not in preds
+
+
+def test_no_overlay_without_a_valid_pair(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    gt, pred = _hand_case()
+    viewer.add_labels(gt, name="truth")
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Review")
+    qtbot.wait(300)
+    assert [x.name for x in viewer.layers] == ["truth"]  # no "truth review"
+    viewer.add_labels(pred, name="guess", metadata={"napari_cellseg": Result("img", "img")})
+    _wait_score(qtbot, w)
+    assert "guess review" in viewer.layers and "truth review" not in viewer.layers
+    viewer.layers.remove("guess")
+    qtbot.waitUntil(lambda: "guess review" not in viewer.layers, timeout=TIMEOUT)
+    assert [x.name for x in viewer.layers] == ["truth"]
+
+
+def test_overlay_equals_the_find_boundaries_definition():
+    """The overlay (computed with shifts and look-up tables, fast on large images) is the
+    skimage find_boundaries / isin definition, cells on the image border included."""
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(5)
+    gt = np.zeros((60, 80), np.int32)
+    pred = np.zeros_like(gt)
+    for k in range(1, 25):
+        y, x = rng.integers(0, 55), rng.integers(0, 75)
+        h, w = rng.integers(4, 12, 2)
+        gt[y:y + h, x:x + w] = k
+        if k % 4:  # most cells found, a pixel or two off; every 4th missed
+            dy, dx = rng.integers(0, 2, 2)
+            pred[y + dy:y + h + dy, x + dx:x + w + dx] = 100 + k
+    gt[0, :10] = 40
+    pred[-3:, -5:] = 300
+    for iou in (0.5, 0.75):
+        score = evaluate_image(gt, pred, iou=iou)
+        want = np.zeros(pred.shape, np.uint8)
+        want[np.isin(pred, score.tp_pred)] = _review.TP
+        want[np.isin(pred, score.fp_pred)] = _review.FP
+        want[find_boundaries(pred, mode="inner")] = 0
+        fn_labels = np.where(np.isin(gt, score.fn_gt), gt, 0)
+        fn = fn_labels > 0
+        want[fn & (pred == 0)] = _review.FN
+        want[find_boundaries(fn_labels, mode="inner")] = 0
+        want[find_boundaries(fn_labels, mode="thick") & (fn | (want == 0))] = _review.FN
+        assert score.tp and score.fp and score.fn
+        np.testing.assert_array_equal(_review.overlay_labels(gt, pred, score), want)

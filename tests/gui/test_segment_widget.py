@@ -46,6 +46,10 @@ def _isolated(tmp_path, monkeypatch):
     errors = []
     monkeypatch.setattr(_widget, "show_error", errors.append)
     monkeypatch.setattr(_widget, "show_info", lambda msg: None)
+    # the two questions the widget asks (a modal dialog would block the test): a test that
+    # meets one sets the answer; unanswered, Segment stops and Reset does nothing
+    monkeypatch.setattr(_widget.SegmentWidget, "_ask_keep_edits", lambda self, name: None)
+    monkeypatch.setattr(_widget.SegmentWidget, "_confirm", lambda self, question: False)
     return errors
 
 
@@ -146,9 +150,10 @@ def test_segment_sliders_edit_export_roundtrip(make_napari_viewer, qtbot, tiny_c
     np.testing.assert_array_equal(lyr.data, edited)
     assert (lyr.data == 999).any()
 
-    # Segment refuses to overwrite hand edits
+    # Segment asks before touching hand edits (answered "Cancel" here: nothing runs)
     _segment(qtbot, w)
-    assert "hand edits" in errors[-1] and len(forward_calls) == 2
+    assert "hand edits are unchanged" in w.status.text() and len(forward_calls) == 2
+    np.testing.assert_array_equal(lyr.data, edited)
 
     # export, then re-open through napari's reader and compare
     out = tmp_path / "sub.csv"
@@ -163,6 +168,7 @@ def test_segment_sliders_edit_export_roundtrip(make_napari_viewer, qtbot, tiny_c
         np.testing.assert_array_equal(layers[0].data == new_id, lyr.data == old_id)
 
     # Reset to model: the drawing comes back from Detections, sliders work again
+    w._confirm = lambda question: True
     w.reset_to_model()
     assert w.reset_btn.isHidden() and w.box_slider.isEnabled()
     assert not (lyr.data == 999).any()
@@ -312,6 +318,7 @@ def test_new_id_for_last_stroke_forgets_strokes_when_the_data_is_replaced(make_n
     lyr.selected_label = int(lyr.data.max()) + 5
     lyr.paint(covered, lyr.selected_label, refresh=True)  # a stroke over a model cell
     qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    w._confirm = lambda question: True
     w.reset_to_model()
     drawn = lyr.data.copy()
     assert drawn[covered] > 0
@@ -482,8 +489,12 @@ def test_plugin_menu_path_locks_edits_resets_and_never_warns(make_napari_viewer,
     edited = lyr.data.copy()
     w.box_slider.setValue(1.0)
     np.testing.assert_array_equal(lyr.data, edited)
-    w.segment()
-    assert "Reset to model" in errors[-1] and not w.reset_btn.isHidden() and w._worker is None
+    w.segment()  # the question is answered "Cancel": nothing runs, nothing changes
+    assert "cancelled" in w.status.text() and not w.reset_btn.isHidden() and w._worker is None
+    w.reset_to_model()  # asked first; answered "Cancel"
+    np.testing.assert_array_equal(lyr.data, edited)
+    assert result_of(lyr).edited
+    w._confirm = lambda question: True
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         w.reset_to_model()
@@ -672,7 +683,7 @@ def test_segment_and_calibrate_run_the_pipeline_with_the_forms_options(make_napa
     assert (o.device, o.diameter, o.box_conf, o.keep_largest) == ("cpu", 20.0, pytest.approx(0.1), True)
     r = result_of(viewer.layers["img cells"])
     # the run used (and the sliders keep) the form's thresholds, not the checkpoint's
-    assert r.thresholds["box_conf"] == pytest.approx(0.1) and r.thresholds["keep_largest"] is True
+    assert r.thresholds.box_conf == pytest.approx(0.1) and r.thresholds.keep_largest is True
     assert w.box_slider.value() == pytest.approx(0.1) and w.largest_check.isChecked()
     seen.clear()
     w.calibrate()
@@ -765,3 +776,238 @@ def test_napari_compat_adapter(make_napari_viewer, qtbot):
     qtbot.waitUntil(toast.isVisible, timeout=2000)
     assert close_notifications(proxy) == 1
     qtbot.waitUntil(lambda: not toast.isVisible(), timeout=2000)
+
+
+# ---- the docks as a user meets them ----------------------------------------------------------
+def _dock_from_menu(viewer, qtbot, name):
+    """Trigger the Plugins menu's own action for ``name`` (what a user clicks)."""
+    def actions(menu):
+        for a in menu.actions():
+            if a.menu() is not None:
+                yield from actions(a.menu())
+            else:
+                yield a
+
+    action = next(a for a in actions(viewer.window.plugins_menu) if a.text().replace("&", "") == name)
+    action.trigger()
+    docks = {k: v for k, v in viewer.window.dock_widgets.items() if k.startswith(name + " (")}
+    assert len(docks) == 1, list(viewer.window.dock_widgets)
+    return next(iter(docks.values()))
+
+
+def _visible(widget) -> bool:
+    """On screen: shown, inside its scroll area's viewport, not clipped away."""
+    return widget.isVisible() and not widget.visibleRegion().isEmpty()
+
+
+@pytest.mark.parametrize("path", ["menu", "api"])
+def test_three_docks_are_tabbed_and_segment_keeps_its_controls(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                               path, tmp_path):
+    """With Segment cells, Review and Train model docked at 1280x800 (the Plugins menu's actions,
+    or add_plugin_dock_widget), the docks share one tab group: Segment cells keeps its Segment
+    button and sliders on screen, names are readable, the canvas keeps >= 400 px."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_cellseg.gui.layout import MIN_CANVAS, dock_of
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1280, 800)
+    viewer.add_image(_image(), name="img")
+    docks = {}
+    for name in ("Segment cells", "Review", "Train model"):
+        if path == "menu":
+            docks[name] = _dock_from_menu(viewer, qtbot, name)
+        else:
+            docks[name] = viewer.window.add_plugin_dock_widget("napari-cellseg", name)[1]
+        QApplication.processEvents()
+    seg = docks["Segment cells"]
+    qtbot.waitUntil(lambda: seg._torch_ready, timeout=TIMEOUT)
+    viewer.window.resize(1280, 800)
+    main = dock_of(seg).parentWidget()
+    tabbed = set(main.tabifiedDockWidgets(dock_of(seg)))
+    assert {dock_of(docks["Review"]), dock_of(docks["Train model"])} <= tabbed
+    dock_of(seg).raise_()
+    for _ in range(20):
+        QApplication.processEvents()
+    assert dock_of(seg).height() >= 500, dock_of(seg).size()
+    for control in (seg.segment_btn, seg.box_slider, seg.mask_slider, seg.count_label):
+        assert _visible(control), control
+    seg.set_checkpoint(tiny_checkpoint)
+    titles = {dock_of(w).windowTitle() for w in docks.values()}
+    assert titles == {"Segment cells", "Review", "Train model"}  # tab texts fit
+    for combo in (seg.image_combo, seg.model_combo, seg.device_combo, seg.format_combo, seg.scope_combo):
+        text_px = combo.fontMetrics().horizontalAdvance(combo.currentText())
+        assert text_px + 24 <= combo.width(), (combo.currentText(), text_px, combo.width())
+    canvas = viewer.screenshot(canvas_only=True, flash=False)
+    assert canvas.shape[1] / QApplication.primaryScreen().devicePixelRatio() >= MIN_CANVAS
+
+
+def test_image_picker_follows_the_active_and_the_new_image(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(0), name="a")
+    viewer.add_image(_image(1), name="b")
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
+    viewer.layers.selection.active = viewer.layers["a"]
+    assert w.image_combo.currentText() == "a"
+    viewer.add_image(_image(2), name="c")  # newly opened: the one to segment
+    assert w.image_combo.currentText() == "c"
+    viewer.layers.selection.active = viewer.layers["b"]
+    assert w.image_combo.currentText() == "b"
+    viewer.add_labels(np.zeros((96, 128), np.int32), name="paint")  # not an image: no change
+    assert w.image_combo.currentText() == "b"
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
+
+
+def _paint_cell(lyr, box, value):
+    y0, y1, x0, x1 = box
+    for y in range(y0, y1):
+        for x in range(x0, x1):
+            lyr.paint((y, x), value, refresh=False)
+    lyr.refresh()
+
+
+def test_segment_again_keeps_the_hand_edited_cells_or_starts_over(make_napari_viewer, qtbot,
+                                                                  tiny_checkpoint, tmp_path, errors):
+    """After hand edits, Segment (e.g. with a new model from Train model) asks: keep the
+    hand-edited cells and fill the rest from the model, start over, or cancel. Kept cells
+    survive slider moves; Reset asks first."""
+    import shutil
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint)
+    w.box_slider.setValue(0.0)
+    _segment(qtbot, w)
+    lyr = viewer.layers["img cells"]
+    lyr.brush_size = 1
+    _paint_cell(lyr, (40, 52, 60, 75), 900)  # a hand-drawn cell
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    hand = lyr.data == 900
+    assert hand.sum() == 12 * 15
+    untouched = lyr.data.copy()
+
+    asked = []
+    w._ask_keep_edits = lambda name: asked.append(name) or None
+    w.segment()
+    assert asked == ["img cells"] and w._worker is None
+    np.testing.assert_array_equal(lyr.data, untouched)  # cancelled: nothing changed
+
+    newer = tmp_path / "fine_tuned.bin"  # "a new model": another checkpoint file
+    shutil.copy(tiny_checkpoint, newer)
+    w.set_checkpoint(newer)
+    w._ask_keep_edits = lambda name: _widget.KEEP
+    _segment(qtbot, w)
+    assert errors == []
+    r = result_of(lyr)
+    assert not r.edited and r.checkpoint == str(newer) and w.box_slider.isEnabled()
+    assert lyr.data.dtype == np.uint16  # napari draws 16-bit labels without hashing each pixel
+    cell = int(lyr.data[45, 65])
+    assert cell > 0 and np.array_equal(lyr.data == cell, hand)  # the hand cell, whole, alone
+    assert len(np.unique(lyr.data)) > 3  # ...with the model's cells around it
+    assert "hand-edited cells kept" in w.status.text()
+    w.box_slider.setValue(1.0)  # sliders redraw the model's cells, never the kept one
+    assert np.array_equal(lyr.data > 0, hand)
+    w.box_slider.setValue(0.0)
+    assert np.array_equal(lyr.data == lyr.data[45, 65], hand)
+
+    lyr.paint((2, 2), 901, refresh=True)  # edit again, then start over
+    qtbot.waitUntil(lambda: not w.reset_btn.isHidden())
+    w._ask_keep_edits = lambda name: _widget.RESTART
+    _segment(qtbot, w)
+    assert not result_of(lyr).kept and not result_of(lyr).edited
+    assert 901 not in lyr.data and not np.array_equal(lyr.data == lyr.data[45, 65], hand)
+
+
+def test_removing_the_image_cancels_its_job(make_napari_viewer, qtbot, tiny_checkpoint, monkeypatch,
+                                            errors):
+    """The image layer removed while Segment runs: the job is cancelled with one message; no
+    empty layer later, no "None cells"."""
+    from napari_cellseg.inference import pipeline
+
+    def slow(self, image, scale=None, tile="auto"):
+        for i in range(2000):
+            time.sleep(0.01)
+            yield {"stage": "slow", "fraction": i / 2000}
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(pipeline.Pipeline, "iter_predict", slow)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, name="big3000")
+    w.segment()
+    qtbot.waitUntil(lambda: w.status.text().startswith("Segmenting: slow"), timeout=TIMEOUT)
+    viewer.layers.remove("big3000")
+    qtbot.waitUntil(lambda: w._worker is None, timeout=10_000)
+    qtbot.wait(200)
+    assert len(errors) == 1 and "'big3000' was removed" in errors[0] and "cancelled" in errors[0]
+    assert len(viewer.layers) == 0 and "None" not in w.status.text()
+
+
+def test_csv_opens_with_our_reader_without_asking(make_napari_viewer, qtbot, tmp_path):
+    """napari's own CSV reader competes for *.csv: once a widget of ours is open, our reader is
+    napari's documented preference for *.csv (a choice already made is left alone)."""
+    from napari.settings import get_settings
+
+    from napari_cellseg.io.annotations import write_annotations
+
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:10, 5:12] = 1
+    labels[20:25, 30:38] = 2
+    path = tmp_path / "cells.csv"
+    write_annotations(path, {"cells": labels}, format="train")
+    viewer = make_napari_viewer()
+    prefs = get_settings().plugins
+    prefs.extension2reader = {}
+    from napari.errors import MultipleReaderError
+
+    with pytest.raises(MultipleReaderError):  # today: napari would ask which reader to use
+        viewer.open(path, plugin=None)
+    try:
+        viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
+        assert prefs.extension2reader.get("*.csv") == "napari-cellseg"
+        # plugin=None is File > Open's choice: the preference, else the only reader; with two
+        # readers and no preference napari raises MultipleReaderError (the GUI asks)
+        added = viewer.open(path, plugin=None)
+        assert [a.name for a in added] == ["cells cells"]
+        np.testing.assert_array_equal(viewer.layers["cells cells"].data, labels)
+        prefs.extension2reader = {"*.csv": "napari"}  # the user's own choice stands
+        viewer.window.add_plugin_dock_widget("napari-cellseg", "Review")
+        assert prefs.extension2reader == {"*.csv": "napari"}
+    finally:
+        prefs.extension2reader = {}
+    seg = viewer.window.dock_widgets["Segment cells (napari-cellseg)"]
+    qtbot.waitUntil(lambda: seg._torch_ready, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("order", ["review first", "segment first"])
+def test_review_pairs_the_new_result_with_the_ground_truth(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                           order, errors):
+    """Review docked before or after Segment cells (Plugins menu): the ground truth (opened from
+    a CSV, so named "img cells" like the result) stays Ground truth, the new "img cells" becomes
+    the Prediction, never one layer as both, and the only overlay is the valid pair's."""
+    from napari_cellseg.gui.review.overlay import OVERLAY_KEY
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_image(), name="img")
+    gt = np.zeros((96, 128), np.int32)
+    gt[10:30, 10:30] = 1
+    gt[50:70, 60:90] = 2
+    viewer.add_labels(gt, name="img cells", metadata={"image_id": "img", "source_csv": "train.csv"})
+    names = ["Review", "Segment cells"] if order == "review first" else ["Segment cells", "Review"]
+    docks = {n: _dock_from_menu(viewer, qtbot, n) for n in names}
+    seg, rv = docks["Segment cells"], docks["Review"]
+    overlays = lambda: sorted(x.name for x in viewer.layers if x.metadata.get(OVERLAY_KEY))  # noqa: E731
+    qtbot.wait(200)
+    assert rv.gt_combo.currentText() == "img cells" and rv.pred_combo.currentText() == ""
+    assert overlays() == []  # no pair, no overlay
+    seg.set_checkpoint(tiny_checkpoint)
+    seg.box_slider.setValue(0.0)
+    _segment(qtbot, seg)
+    assert errors == []
+    qtbot.waitUntil(lambda: rv.score is not None, timeout=TIMEOUT)
+    assert rv.pred_combo.currentText() == "img cells" and result_of(viewer.layers["img cells"])
+    assert rv.gt_combo.currentText() == "img cells (kept)"
+    preds = {rv.pred_combo.itemText(i) for i in range(rv.pred_combo.count())}
+    gts = {rv.gt_combo.itemText(i) for i in range(rv.gt_combo.count())}
+    assert "img cells" not in gts and "img cells (kept)" not in preds
+    assert rv.score.n_gt == 2
+    assert overlays() == ["img cells review"]
+    viewer.layers.remove("img cells")  # the prediction goes: so does its overlay
+    qtbot.waitUntil(lambda: overlays() == [], timeout=TIMEOUT)
+    assert rv.pred_combo.currentText() == "" and rv.gt_combo.currentText() == "img cells (kept)"

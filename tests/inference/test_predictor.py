@@ -135,6 +135,26 @@ def test_crop_cache_is_reused():
     assert d._cache is cache
 
 
+def test_slider_moves_on_cached_detections_equal_a_fresh_drawing():
+    """The crops above a mask threshold are cached (a Box confidence move reuses them): any
+    sequence of slider moves draws what a fresh Detections draws, rows included."""
+    rng = np.random.default_rng(4)
+    n, h, w = 40, 70, 90
+    xy = rng.uniform(0, 60, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (n, 2))], 1)
+    probs = rng.random((n, 28, 28)).astype(np.float32)
+    scores = rng.uniform(0, 1, n)
+    d = Detections(boxes, scores, probs, (h, w))
+    for conf, thr, area in [(0.2, 0.5, 0), (0.6, 0.5, 0), (0.0, 0.5, 12), (0.6, 0.3, 0), (0.2, 0.5, 30),
+                            (0.9, 0.5, 0), (0.0, 0.9, 0)]:
+        fresh = Detections(boxes, scores, probs, (h, w))
+        got, rows = d.to_labels(conf, thr, area, return_rows=True)
+        want, want_rows = fresh.to_labels(conf, thr, area, return_rows=True)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(rows, want_rows)
+        assert got.max() == len(rows) and set(np.unique(got[got > 0])) == set(range(1, len(rows) + 1))
+
+
 def test_post_processing_fill_holes_and_keep_largest():
     """A ring (hole in the middle) with a stray fragment, and a second cell elsewhere."""
     probs = np.zeros((2, 28, 28), np.float32)

@@ -167,3 +167,36 @@ def test_real_model_tiled_path_progress_and_cancel():
     assert small.image_shape == (100, 100)
     with pytest.raises(ValueError, match="overlap"):
         type(p)(p.model, p.config, tile_size=64, tile_overlap=64)
+
+
+def test_auto_size_progress_moves_with_the_tiles():
+    """scale="auto" on a tiled image: the bar moves with every tile of the size pass and stands
+    near its end when the pass is the last (it sat at <= 25% and then jumped to 100%)."""
+    from napari_cellseg.inference.metrics import median_diameter
+    from napari_cellseg.inference.pipeline import as_image, iter_auto_scale
+    from napari_cellseg.io.synthetic import make_image
+
+    image, gt = make_image("nuclei", shape=(600, 600), seed=3)
+    fake = FakeModelPredictor(tile_size=256, tile_overlap=96)
+    arr = as_image(image)
+    # the fake's own cells at x1 are the reference size: the first pass settles there
+    fake.reference_diameter = float(median_diameter(fake.predict(image).to_labels(fake.thresholds)))
+    fake.calls.clear()
+    events = []
+    gen = iter_auto_scale(fake, [arr], tile_size=256, tile_overlap=96)
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            dets = stop.value[0]
+            break
+    assert len(fake.calls) == 16 and dets.scale == 1.0  # one pass of 16 tiles
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and max(fractions) <= 0.99
+    last_of_tile = {}
+    for e in events:
+        if e["stage"].startswith("size pass 1 (x1.00): tile "):
+            last_of_tile[int(e["stage"].split("tile ")[1].split("/")[0])] = e["fraction"]
+    steps = np.diff([0.0] + [last_of_tile[k] for k in sorted(last_of_tile)])
+    assert len(steps) == 16 and (steps > 0.02).all()  # every tile moves the bar
+    assert fractions[-1] >= 0.75  # the end of the only pass is near the end of the bar

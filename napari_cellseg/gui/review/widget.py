@@ -11,6 +11,8 @@ pick the two thresholds from measured mAP.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from napari.layers import Labels
 from napari.utils.notifications import show_error
@@ -20,12 +22,13 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, Q
 
 from napari_cellseg.gui.segment import edit as _edit
 from napari_cellseg.gui import registry
+from napari_cellseg.gui.reader import prefer_csv_reader
 from napari_cellseg.gui.layers import InputError, draw_labels, image_plane, result_of
 from napari_cellseg.gui.layout import ScrollDock
-from napari_cellseg.gui.compat import same_layer
+from napari_cellseg.gui.compat import same_layer, unwrap
 from napari_cellseg.options import Thresholds
 from napari_cellseg.gui.review.plots import draw_bars, draw_heat, figure
-from napari_cellseg.gui.review.overlay import (COLORS, FN, FP, NAMES, OVERLAY_KEY, TP, choose_pair, grid_values, overlay_labels)  # noqa: F401
+from napari_cellseg.gui.review.overlay import (COLORS, FN, FP, NAMES, OVERLAY_KEY, RESULT, TP, choose_pair, grid_values, layer_kind, overlay_labels)  # noqa: F401
 
 
 class ReviewWidget(ScrollDock):
@@ -38,6 +41,8 @@ class ReviewWidget(ScrollDock):
         self.sweep_result = None  # tuning.SweepResult of the last sweep
         self._sweep_pred = None  # the prediction layer the sweep was run for
         self._watched: list = []
+        self._named: set[int] = set()  # layers whose name events are connected
+        self._seen_results: set[str] = set()  # result layers the pickers have seen
         self._worker = None
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -46,15 +51,30 @@ class ReviewWidget(ScrollDock):
         self._build()
         self.compact()
         registry.register(self.viewer, "review", self)
+        prefer_csv_reader()  # File > Open on our CSVs without napari's "which reader?" dialog
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
-            e.connect(self._refresh_layers)
+            e.connect(self._refresh_later)
         self.viewer.dims.events.current_step.connect(self.schedule)
         self._refresh_layers()
 
     # ------------------------------------------------------------ UI
     def _build(self):
         root = QVBoxLayout(self.content)
+        root.addLayout(self._build_pair())
+        self.summary = QLabel("choose a prediction and a ground-truth Labels layer")
+        self.summary.setWordWrap(True)
+        self.summary.setTextFormat(Qt.TextFormat.RichText)
+        root.addWidget(self.summary)
+        self.bar_fig, self.bar_canvas = figure(1.7)
+        root.addWidget(self.bar_canvas)
+        root.addWidget(self._build_sweep_box())
+        root.addStretch(1)
+        self._draw_bars()
+        self._draw_heat()
+
+    def _build_pair(self) -> QFormLayout:
+        """The two layer pickers and the IoU of the overlay."""
         form = QFormLayout()
         self.pred_combo = QComboBox()
         self.pred_combo.setToolTip("Labels layer with the predicted cells (e.g. '<image> cells')")
@@ -73,14 +93,10 @@ class ReviewWidget(ScrollDock):
         form.addRow("Prediction", self.pred_combo)
         form.addRow("Ground truth", self.gt_combo)
         form.addRow("Colour at IoU >", self.iou_spin)
-        root.addLayout(form)
-        self.summary = QLabel("choose a prediction and a ground-truth Labels layer")
-        self.summary.setWordWrap(True)
-        self.summary.setTextFormat(Qt.TextFormat.RichText)
-        root.addWidget(self.summary)
-        self.bar_fig, self.bar_canvas = figure(1.7)
-        root.addWidget(self.bar_canvas)
+        return form
 
+    def _build_sweep_box(self) -> QGroupBox:
+        """Grid size, scope, Sweep / Use best, the result line and the heat map."""
         box = QGroupBox("Threshold sweep (no re-run)")
         bl = QVBoxLayout(box)
         row = QHBoxLayout()
@@ -113,10 +129,7 @@ class ReviewWidget(ScrollDock):
         bl.addWidget(self.sweep_label)
         self.heat_fig, self.heat_canvas = figure(2.6)
         bl.addWidget(self.heat_canvas)
-        root.addWidget(box)
-        root.addStretch(1)
-        self._draw_bars()
-        self._draw_heat()
+        return box
 
     # ------------------------------------------------------------ layers
     def _labels_layers(self):
@@ -124,12 +137,24 @@ class ReviewWidget(ScrollDock):
                 if isinstance(lyr, Labels) and not lyr.metadata.get(OVERLAY_KEY)]
 
     def _refresh_layers(self, *_, keep_gt=True):
-        """Fill both pickers; never the same layer in both (see ``review.choose_pair``)."""
-        layers = [(lyr.name, result_of(lyr) is not None,
+        """Fill both pickers (see ``overlay.choose_pair``): a new Segment result becomes the
+        prediction; ground truth stays ground truth; never one layer as both. Runs again once
+        the event is over, so a layer whose metadata or name is set just after it was added
+        (Segment's result, a renamed ground truth) is seen as what it is."""
+        labels = self._labels_layers()
+        for lyr in labels:  # a rename changes what the pickers hold
+            if id(unwrap(lyr)) not in self._named:
+                self._named.add(id(unwrap(lyr)))
+                lyr.events.name.connect(self._refresh_later)
+        layers = [(lyr.name, layer_kind(lyr.name, lyr.metadata, result_of(lyr) is not None),
                    result_of(lyr).image_id if result_of(lyr) is not None else lyr.metadata.get("image_id"))
-                  for lyr in self._labels_layers()]
+                  for lyr in labels]
+        results = {n for n, kind, _ in layers if kind == RESULT}
+        new = [n for n, kind, _ in layers if kind == RESULT and n not in self._seen_results]
+        self._seen_results = results
         preds, gts, pred, gt = choose_pair(layers, self.pred_combo.currentText() or None,
-                                           (self.gt_combo.currentText() or None) if keep_gt else None)
+                                           (self.gt_combo.currentText() or None) if keep_gt else None,
+                                           new)
         for combo, names, chosen in ((self.pred_combo, preds, pred), (self.gt_combo, gts, gt)):
             combo.blockSignals(True)
             combo.clear()
@@ -137,6 +162,16 @@ class ReviewWidget(ScrollDock):
             combo.setCurrentIndex(names.index(chosen) if chosen in names else -1)
             combo.blockSignals(False)
         self._on_choice()
+
+    def _refresh_later(self, *_):
+        self._refresh_layers()
+        QTimer.singleShot(0, self._refresh_if_alive)
+
+    def _refresh_if_alive(self):
+        try:
+            self._refresh_layers()
+        except RuntimeError:  # the dock was closed meanwhile
+            pass
 
     def _on_pred_picked(self, *_):
         """A new prediction choice: re-pair the ground truth (never the same layer)."""
@@ -186,11 +221,13 @@ class ReviewWidget(ScrollDock):
             score = evaluate_image(g, p, iou=round(float(self.iou_spin.value()), 2))
         except (InputError, ValueError) as exc:
             self.score = None
+            self._drop_overlays()  # no valid pair: no overlay either
             self.summary.setText(f"⚠ {exc}" if self.pred_combo.count() else
                                  "open or segment an image: needs two Labels layers")
             self._draw_bars()
             return None
         self.score = score
+        self._drop_overlays(keep=f"{pred.name} review")
         self._set_overlay(pred, overlay_labels(g, p, score), plane)
         hexes = {k: "#%02x%02x%02x" % tuple(int(255 * c) for c in v[:3]) for k, v in COLORS.items()}
         self.summary.setText(
@@ -224,6 +261,11 @@ class ReviewWidget(ScrollDock):
             data[...] = 0
         np.copyto(data[plane] if plane else data, classes)
         lyr.refresh(extent=False)
+
+    def _drop_overlays(self, keep: str | None = None):
+        """Remove the overlay layers this widget made, except ``keep``."""
+        for lyr in [x for x in self.viewer.layers if x.metadata.get(OVERLAY_KEY) and x.name != keep]:
+            self.viewer.layers.remove(lyr)
 
     def _draw_bars(self):
         draw_bars(self.bar_fig, self.score)
@@ -262,13 +304,8 @@ class ReviewWidget(ScrollDock):
             show_error(str(exc))
             return
         values = grid_values(self.grid_spin.value())
-        try:  # the layer's min_area and post-processing apply at every grid point (as in tune)
-            base = Thresholds.from_dict(result_of(pairs[0][2]).thresholds,
-                                        where=f"{pairs[0][2].name!r} thresholds")
-        except ValueError as exc:
-            self.sweep_label.setText(f"⚠ {exc}")
-            show_error(str(exc))
-            return
+        # the layer's min_area and post-processing apply at every grid point (as in tune)
+        base = result_of(pairs[0][2]).thresholds or Thresholds()
         self._sweep_pred = pairs[0][2]
 
         def job():
@@ -322,7 +359,7 @@ class ReviewWidget(ScrollDock):
             seg.box_slider.setValue(b)
             seg.mask_slider.setValue(m)  # each setValue redraws the labels
         else:  # no Segment widget docked: redraw the layer the same way it does
-            t = {**r.thresholds, "box_conf": b, "mask_threshold": m}
+            t = replace(r.thresholds or Thresholds(), box_conf=b, mask_threshold=m)
             for p, d in r.segmented().items():
                 labels = draw_labels(d, t)
                 if p:
@@ -331,5 +368,5 @@ class ReviewWidget(ScrollDock):
                     lyr.data = labels
             lyr.refresh()
             _edit.forget_last_stroke(lyr)
-            r.thresholds = {**r.thresholds, "box_conf": b, "mask_threshold": m}
+            r.thresholds = t
         self.schedule()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 
-def checkpoint_thresholds(checkpoint) -> dict:
+def checkpoint_thresholds(checkpoint):
     """The thresholds stored in a checkpoint (defaults filled in), without building the model.
 
     Raises CheckpointError / OptionError naming the file."""
@@ -23,13 +23,13 @@ def checkpoint_thresholds(checkpoint) -> dict:
 
     obj = read_checkpoint(checkpoint)
     stored = obj.get("thresholds") if "state_dict" in obj else None
-    return Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds").to_dict()
+    return Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds")
 
 
 def load_torch_job(checkpoint=None):
     """Import torch + the predictor (slow the first time), then the checkpoint's thresholds.
 
-    Returns ``(thresholds dict or None, error message or None)``. ``_torch_guard.block_triton``
+    Returns ``(options.Thresholds or None, error message or None)``. ``_torch_guard.block_triton``
     must have run in the GUI thread first."""
     from napari_cellseg.gui.torch_guard import import_torch
 
@@ -47,24 +47,23 @@ def load_torch_job(checkpoint=None):
 from napari_cellseg.progress import relay_map as relay  # noqa: E402  (the one relay loop: progress.py)
 
 
-THRESHOLD_KEYS = ("box_conf", "mask_threshold", "min_area", "fill_holes", "keep_largest")
-
-
 INPUT_KEYS = ("intensity", "channel", "channel2", "invert")
 
 
 def predict_options(checkpoint, device, diameter=None, thresholds=None, image_input=None):
     """The Segment form -> ``options.PredictOptions`` (the one option type the CLI, tune, the
     widgets and training validation all build). ``diameter``: px, "auto" or None (the model's
-    own size); ``thresholds``: the sliders (they override the checkpoint's); ``image_input``:
-    the channel picker (channel, channel2, invert: as --channel / --channel2 / --invert).
-    Raises OptionError."""
+    own size); ``thresholds``: the sliders' ``options.Thresholds`` (every field overrides the
+    checkpoint's); ``image_input``: the channel picker (channel, channel2, invert: as --channel /
+    --channel2 / --invert). Raises OptionError."""
+    from dataclasses import fields
+
     from napari_cellseg.options import PredictOptions
 
-    t, i = dict(thresholds or {}), dict(image_input or {})
+    overrides = {f.name: getattr(thresholds, f.name) for f in fields(thresholds)} if thresholds else {}
+    i = dict(image_input or {})
     return PredictOptions(checkpoint=str(checkpoint), device=str(device), diameter=diameter,
-                          **{k: t[k] for k in THRESHOLD_KEYS if k in t},
-                          **{k: i[k] for k in INPUT_KEYS if k in i})
+                          **overrides, **{k: i[k] for k in INPUT_KEYS if k in i})
 
 
 def _runner(options, cache):
@@ -90,7 +89,7 @@ def _pipeline(options, cache):
 
 def segment_job(options, planes: dict, cache):
     """Worker body: load (or reuse) the model, run ``pipeline.Pipeline(runner, options)`` once
-    per plane, return ``({plane prefix: Detections}, thresholds dict)``. ``options``: the
+    per plane, return ``({plane prefix: Detections}, options.Thresholds)``. ``options``: the
     PredictOptions of the form (:func:`predict_options`): device, size (diameter / "auto" /
     the model's own), thresholds, tiling; the returned thresholds are the pipeline's (the
     checkpoint's with the form's overrides).
@@ -109,7 +108,10 @@ def segment_job(options, planes: dict, cache):
         gen = pipeline.iter_predict(np.asarray(array))
         out[prefix] = yield from relay(gen, lambda e, i=i, where=where: {
             **e, "stage": where + str(e.get("stage", "")), "fraction": (i + float(e.get("fraction", 0.0))) / n})
-    return out, pipeline.thresholds.to_dict()
+    yield {"stage": "masks", "fraction": 1.0}
+    for dets in out.values():  # paste the masks here, off the GUI thread: the first slider
+        dets.to_labels(pipeline.thresholds)  # move then costs what every other move costs
+    return out, pipeline.thresholds
 
 
 def calibrate_job(options, image, cache):

@@ -15,6 +15,10 @@ from napari_cellseg.gui.layers import CSV_FORMATS, InputError, export_csv, expor
 from napari_cellseg.gui.settings import load_settings, remember_checkpoint, save_settings
 
 
+FORMAT_NAMES = {"kaggle": "Kaggle (id, predicted)", "starter": "Starter (idx, id, …)",
+                "train": "Training (with size)"}
+
+
 def build_edit_box(widget) -> QGroupBox:
     """Help text for napari's tools and our shortcuts, plus the two cursor-free actions."""
     edit = QGroupBox("Edit (on the cells layer)")
@@ -46,8 +50,9 @@ def build_export_box(widget) -> QGroupBox:
     exp = QGroupBox("Export")
     form = QFormLayout(exp)
     widget.format_combo = QComboBox()
-    for key, text in CSV_FORMATS.items():
-        widget.format_combo.addItem(text, key)
+    for key, text in CSV_FORMATS.items():  # short names fit the dock; the full one as tooltip
+        widget.format_combo.addItem(FORMAT_NAMES[key], key)
+        widget.format_combo.setItemData(widget.format_combo.count() - 1, text, Qt.ItemDataRole.ToolTipRole)
     widget.format_combo.setToolTip("CSV layout: Kaggle submission (id, predicted), the starter "
                                    "notebook's, or a training CSV with width/height")
     form.addRow("Format", widget.format_combo)
@@ -73,7 +78,9 @@ class PanelActions:
         self.model_combo.clear()
         bundled = bundled_model_path()
         if bundled.is_file():
-            self.model_combo.addItem("Demo model (bundled)", str(bundled))
+            self.model_combo.addItem("Demo model", str(bundled))
+            self.model_combo.setItemData(0, f"The demo model bundled with napari-cellseg: {bundled}",
+                                         Qt.ItemDataRole.ToolTipRole)
         for p in load_settings().get("recent_checkpoints", []):
             if Path(p).is_file() and Path(p) != bundled:
                 self.model_combo.addItem(Path(p).name, p)

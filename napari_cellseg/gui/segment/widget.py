@@ -15,19 +15,20 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QProgressBar,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QMessageBox, QProgressBar,
                             QSpinBox, QVBoxLayout)
 from superqt import QLabeledDoubleSlider
 
 from napari_cellseg.gui.segment import edit as _edit
 from napari_cellseg.gui import registry
+from napari_cellseg.gui.reader import prefer_csv_reader
 from napari_cellseg.gui.segment.jobs import calibrate_job, load_torch_job, predict_options, segment_job
-from napari_cellseg.gui.layers import (InputError, Result, draw_labels, image_id_for_layer, image_plane, post_processing_supported, result_layer_name, result_of, spatial_shape, stack_planes)
+from napari_cellseg.gui.layers import (META_KEY, InputError, Result, draw_labels, hand_cells, image_id_for_layer, label_dtype, image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
 from napari_cellseg.gui.layout import ScrollDock, button, row_of
 from napari_cellseg.gui.compat import reset_undo_history, same_layer, unwrap
 from napari_cellseg.gui.segment.panels import PanelActions, build_edit_box, build_export_box
 from napari_cellseg.gui.settings import DIAMETER_TIP, save_settings, size_note
-from napari_cellseg.options import OptionError
+from napari_cellseg.options import OptionError, Thresholds
 
 SEGMENT_TIP = ("Run the network once on the image (the sliders below then work without "
                "re-running it)")
@@ -35,6 +36,7 @@ ALL_PLANES_TIP = ("Segment all planes of a 3D/T stack in one run (progress per p
                   "nothing). Unticked: only the plane shown in the viewer")
 
 
+KEEP, RESTART = "keep", "restart"  # answers of SegmentWidget._ask_keep_edits
 LOADING = "Loading PyTorch in the background (first start only, a few seconds)…"
 BUSY_TIP = "Wait: PyTorch is still loading (see the status line)"
 
@@ -50,6 +52,8 @@ class SegmentWidget(PanelActions, ScrollDock):
         self._loader = None
         self._torch_ready = False
         self._bound: set[int] = set()
+        self._job_layer = None  # the image layer the running job reads
+        self._cancel_reason = ""  # why the running job was cancelled, when not by Cancel
         self._build()
         self.compact()
         self._refresh_images()
@@ -57,9 +61,12 @@ class SegmentWidget(PanelActions, ScrollDock):
         ev = self.viewer.layers.events
         for e in (ev.inserted, ev.removed, ev.reordered):
             e.connect(self._refresh_images)
+        ev.removed.connect(self._on_layer_removed)
+        self.viewer.layers.selection.events.active.connect(self._on_active_layer)
         self.model_combo.currentIndexChanged.connect(self._on_model_changed)
         self._update_tune_panel()
         registry.register(self.viewer, "segment", self)
+        prefer_csv_reader()  # File > Open on our CSVs without napari's "which reader?" dialog
         self._start_torch_loader()
 
     # ------------------------------------------------------------ UI
@@ -69,7 +76,18 @@ class SegmentWidget(PanelActions, ScrollDock):
                       "→ ④ Export CSV")
         hint.setWordWrap(True)
         root.addWidget(hint)
+        root.addLayout(self._build_inputs())
+        root.addLayout(self._build_run())
+        self.tune_box = self._build_tune_box()
+        root.addWidget(self.tune_box)
+        self.edit_box = build_edit_box(self)
+        root.addWidget(self.edit_box)
+        self.export_box = build_export_box(self)
+        root.addWidget(self.export_box)
+        root.addStretch(1)
 
+    def _build_inputs(self) -> QFormLayout:
+        """Image, model, device, cell diameter, channel, planes."""
         form = QFormLayout()
         self.image_combo = QComboBox()
         self.image_combo.setToolTip("2D grey or RGB image layer. For a stack, the plane shown in the "
@@ -111,21 +129,27 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.all_planes = QCheckBox("every plane of the stack")
         self.all_planes.setToolTip(ALL_PLANES_TIP)
         form.addRow("Planes", self.all_planes)
-        root.addLayout(form)
+        return form
 
+    def _build_run(self) -> QVBoxLayout:
+        """Segment / Cancel, the progress bar and the status line."""
+        box = QVBoxLayout()
         self.segment_btn = button("Segment", SEGMENT_TIP, self.segment)
         self.cancel_btn = button("Cancel", "Stop the running job; nothing changes in the layers", self.cancel,
                                  enabled=False)
-        root.addLayout(row_of((self.segment_btn, 2), (self.cancel_btn, 1)))
+        box.addLayout(row_of((self.segment_btn, 2), (self.cancel_btn, 1)))
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
         self.progress.setVisible(False)  # shown while a job runs
-        root.addWidget(self.progress)
+        box.addWidget(self.progress)
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        root.addWidget(self.status)
+        box.addWidget(self.status)
+        return box
 
+    def _build_tune_box(self) -> QGroupBox:
+        """The live thresholds: sliders, min area, post-processing, cell count, Reset."""
         tune = QGroupBox("Tune (instant, no re-run)")
         tform = QFormLayout(tune)
         self.box_slider = self._slider("Detections scoring below this are dropped")
@@ -146,19 +170,13 @@ class SegmentWidget(PanelActions, ScrollDock):
             c.toggled.connect(self.redraw)
         tform.addRow("Masks", row_of(self.fill_check, self.largest_check))
         self.count_label = QLabel("")
+        self.count_label.setWordWrap(True)
         tform.addRow("Cells", self.count_label)
         self.reset_btn = button("Edited by hand — Reset to model", "The sliders are locked so hand edits are not "
                                 "lost. This discards the edits and redraws from the model output.", self.reset_to_model)
         self.reset_btn.setStyleSheet("QPushButton { color: #ffb000; font-weight: bold; }")
         tform.addRow(self.reset_btn)
-        root.addWidget(tune)
-        self.tune_box = tune
-
-        self.edit_box = build_edit_box(self)
-        root.addWidget(self.edit_box)
-        self.export_box = build_export_box(self)
-        root.addWidget(self.export_box)
-        root.addStretch(1)
+        return tune
 
     def _slider(self, tip):
         s = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
@@ -183,6 +201,9 @@ class SegmentWidget(PanelActions, ScrollDock):
     # ------------------------------------------------------------ pickers
     def _refresh_images(self, event=None):
         current = self.image_combo.currentText()
+        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if isinstance(added, Image):  # a newly opened image is the one to segment
+            current = added.name
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         names = [lyr.name for lyr in self.viewer.layers if isinstance(lyr, Image)]
@@ -238,6 +259,12 @@ class SegmentWidget(PanelActions, ScrollDock):
         """The plane of a CxYxX / YxXxC layer with its channels last, for the pipeline."""
         return {(): np.moveaxis(np.asarray(layer.data), axis, -1)}
 
+    def _on_active_layer(self, event=None):
+        """The Image picker follows the image layer selected in the layer list."""
+        layer = self.viewer.layers.selection.active
+        if isinstance(layer, Image) and self.image_combo.findText(layer.name) >= 0:
+            self.image_combo.setCurrentText(layer.name)
+
     def _image_layer(self) -> Image:
         name = self.image_combo.currentText()
         if not name or name not in self.viewer.layers:
@@ -290,7 +317,7 @@ class SegmentWidget(PanelActions, ScrollDock):
             self._info("Ready: press Segment.")
         if problem:
             self._error(problem)
-        elif thresholds and self._result_layer() is None:
+        elif thresholds is not None and self._result_layer() is None:
             self._show_thresholds(thresholds)
         self._set_busy()
 
@@ -299,19 +326,17 @@ class SegmentWidget(PanelActions, ScrollDock):
             self._torch_ready = False
             self._start_torch_loader()  # torch is loaded: this only reads the thresholds
 
-    def _show_thresholds(self, thresholds: dict):
-        """Put a thresholds dict on the controls without redrawing."""
-        widgets = ((self.box_slider, "box_conf"), (self.mask_slider, "mask_threshold"),
-                   (self.area_spin, "min_area"), (self.fill_check, "fill_holes"),
-                   (self.largest_check, "keep_largest"))
-        for w, key in widgets:
-            if key not in thresholds:
-                continue
+    def _show_thresholds(self, thresholds: Thresholds):
+        """Put an ``options.Thresholds`` on the controls without redrawing."""
+        widgets = ((self.box_slider, thresholds.box_conf), (self.mask_slider, thresholds.mask_threshold),
+                   (self.area_spin, thresholds.min_area), (self.fill_check, thresholds.fill_holes),
+                   (self.largest_check, thresholds.keep_largest))
+        for w, value in widgets:
             w.blockSignals(True)
             if isinstance(w, QCheckBox):
-                w.setChecked(bool(thresholds[key]))
+                w.setChecked(value)
             else:
-                w.setValue(type(w.value())(thresholds[key]))
+                w.setValue(value)
             w.blockSignals(False)
 
     def _set_busy(self):
@@ -346,26 +371,51 @@ class SegmentWidget(PanelActions, ScrollDock):
                 planes = {plane: image}
                 what = f" plane {plane}" if plane else ""
             checkpoint = self._checkpoint()
-            existing = self._result_layer()
-            if existing is not None and result_of(existing).edited:
-                raise InputError(f"{existing.name!r} has hand edits: press 'Reset to model' to discard "
-                                 "them (or rename that layer to keep them), then Segment again")
             diameter = float(self.diameter_spin.value()) or None  # 0 = the model's own size
             options = predict_options(checkpoint, self.device_combo.currentText(), diameter,
                                       self.thresholds(), self._input_options())
         except (InputError, OptionError) as exc:
             self._error(str(exc))
             return
+        existing = self._result_layer()
+        plan = None
+        if existing is not None and result_of(existing).edited:
+            plan = self._ask_keep_edits(existing.name)
+            if plan is None:
+                self._info("Segment cancelled: your hand edits are unchanged.")
+                return
         save_settings({"last_checkpoint": checkpoint})
         worker = create_worker(segment_job, options, planes, self._predictors,
                                _ignore_errors=True)  # errors are shown by _on_failed
-        worker.returned.connect(functools.partial(self._on_done, layer, checkpoint, channel_axis=axis))
+        worker.returned.connect(functools.partial(self._on_done, layer, checkpoint, plan, channel_axis=axis))
+        self._job_layer = layer
         self._run(worker, f"Segmenting {layer.name}{what}…", "Segmentation")
+
+    def _ask_keep_edits(self, name: str) -> str | None:  # tests replace this
+        """KEEP (hand-edited cells stay, the new model fills the rest), RESTART (discard the
+        edits) or None (do not segment)."""
+        box = QMessageBox(self)
+        box.setWindowTitle("Hand edits")
+        box.setText(f"{name!r} has cells you edited by hand.")
+        box.setInformativeText("Keep them and fill the rest from this model, or start over from "
+                               "the model's output?")
+        keep = box.addButton("Keep my cells", QMessageBox.ButtonRole.AcceptRole)
+        restart = box.addButton("Start over", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        box.exec()
+        return {id(keep): KEEP, id(restart): RESTART}.get(id(box.clickedButton()))
+
+    def _confirm(self, question: str) -> bool:  # tests replace this
+        answer = QMessageBox.question(self, "napari-cellseg", question,
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel,
+                                      QMessageBox.StandardButton.Cancel)
+        return answer == QMessageBox.StandardButton.Yes
 
     def _run(self, worker, message, what):
         worker.yielded.connect(self._on_progress)
         worker.errored.connect(lambda exc: self._error(f"{what} failed: {exc}"))
-        worker.aborted.connect(lambda: self._info("Cancelled: nothing changed.", notify=True))
+        worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._set_busy()
@@ -413,71 +463,126 @@ class SegmentWidget(PanelActions, ScrollDock):
             self._info("Cancelling…")
             self._worker.quit()
 
+    def _on_aborted(self):
+        if self._cancel_reason:
+            self._error(self._cancel_reason)
+        else:
+            self._info("Cancelled: nothing changed.", notify=True)
+
+    def _on_layer_removed(self, event=None):
+        """The image a job reads was removed: cancel that job, with one message."""
+        job = self._job_layer
+        if self._worker is None or job is None or any(same_layer(x, job) for x in self.viewer.layers):
+            return
+        self._cancel_reason = (f"{job.name!r} was removed while it was being segmented: the job is "
+                               "cancelled and nothing was added.")
+        self._info("Cancelling…")
+        self._worker.quit()
+
     def _on_progress(self, event):
         self.progress.setValue(int(100 * float(event.get("fraction", 0.0))))
         self.status.setText(f"Segmenting: {event.get('stage', '')}…")
 
     def _on_finished(self):
         self._worker = None
+        self._job_layer, self._cancel_reason = None, ""
         self.progress.setVisible(False)
         self._set_busy()
 
-    def _on_done(self, image_layer, checkpoint, value, channel_axis=None):
+    def _on_done(self, image_layer, checkpoint, plan, value, channel_axis=None):
         new, thresholds = value
         self.progress.setValue(100)
+        if not any(same_layer(x, image_layer) for x in self.viewer.layers):
+            self._error(f"{image_layer.name!r} was removed while it was being segmented: nothing "
+                        "was added.")
+            return
         name = result_layer_name(image_layer.name)
         shape = spatial_shape(image_layer)
         keep = [i for i in range(len(shape)) if i != channel_axis]  # a file's channel axis: not in the result
         shape, where = tuple(shape[i] for i in keep), {k: np.asarray(getattr(image_layer, k))[keep]
                                                        for k in ("scale", "translate")}
-        lyr = self.viewer.layers[name] if name in self.viewer.layers else None
-        note = ""
-        if lyr is not None and result_of(lyr) is None:
-            # not ours (e.g. ground truth opened from a CSV, or painted by hand): never overwrite
-            # it; give it another name so the result layer can take this one
-            lyr.name = kept = self._free_name(f"{name} (kept)")
-            note = f" The layer that was named {name!r} is kept as {kept!r}."
-            lyr = None
-        if lyr is not None and result_of(lyr).edited:
+        lyr, note = self._result_target(name, shape)
+        if lyr is not None and result_of(lyr).edited and plan is None:
             # painted on while the network ran: the hand edits win; this run is not applied
             self._update_tune_panel()
             self._error(f"{name!r} was edited by hand while Segment ran: your edits are kept and "
-                        "this run's result was not applied. Press 'Reset to model' to discard the "
-                        "edits, then Segment again")
+                        "this run's result was not applied. Segment again to keep them and fill "
+                        "the rest, or press 'Reset to model'")
             return
-        if lyr is None or tuple(lyr.data.shape) != shape:
-            if lyr is not None:  # our own earlier result for an image of another shape
-                self.viewer.layers.remove(lyr)
-            lyr = self.viewer.add_labels(np.zeros(shape, np.int32), name=name, **where)
-        old = result_of(lyr)
-        if old is not None and old.checkpoint == str(checkpoint):
-            planes = {**old.segmented(), **new}  # other planes of the stack keep their output
-        else:  # first run, or another model: start clean
-            planes = dict(new)
+        old = result_of(lyr) if lyr is not None else None
+        if lyr is None:
+            dtype = label_dtype(max(len(d) for d in new.values()))
+            lyr = self.viewer.add_labels(np.zeros(shape, dtype), name=name, **where)
+        planes, kept = dict(new), {}
+        if old is not None and plan == KEEP:  # every plane keeps its hand-edited cells
+            planes = {**old.segmented(), **new}
+            kept = {p: hand_cells(lyr.data[p] if p else lyr.data, self._drawing(old, p), old.kept.get(p))
+                    for p in planes}
+        elif old is not None and plan is None and old.checkpoint == str(checkpoint):
+            planes, kept = {**old.segmented(), **new}, dict(old.kept)  # other planes keep theirs
+        else:  # first run, another model, or "start over": start clean
             lyr.data[...] = 0
+        top = max(len(d) for d in planes.values()) + max((int(k.max()) for k in kept.values()), default=0)
+        if np.iinfo(lyr.data.dtype).max <= top:  # more ids than the layer's dtype holds
+            lyr.data = np.asarray(lyr.data).astype(label_dtype(top))
         try:
             current = image_plane(image_layer, self.viewer.dims.current_step, 2)[1]
         except InputError:
             current = None
         plane = current if current in planes else list(new)[-1]
-        lyr.metadata["napari_cellseg"] = Result(
+        lyr.metadata[META_KEY] = Result(
             image_id=image_id_for_layer(image_layer), image_layer=image_layer.name, plane=plane,
-            detections=planes[plane], thresholds=dict(thresholds), checkpoint=str(checkpoint),
-            planes=planes)
-        if id(unwrap(lyr)) not in self._bound:
-            self._bound.add(id(unwrap(lyr)))
-            lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
-            _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
+            detections=planes[plane], thresholds=thresholds, checkpoint=str(checkpoint),
+            planes=planes, kept={p: k for p, k in kept.items() if k.any()})
+        self._bind(lyr)
         self.image_combo.setCurrentText(image_layer.name)
         self._show_thresholds(thresholds)
         self._update_tune_panel()
         n = self.redraw()
         self.viewer.layers.selection.active = lyr
+        self._report_run(image_layer.name, new, n, note + self._kept_note(kept))
+
+    def _result_target(self, name: str, shape) -> tuple:
+        """Our result layer ``name`` for an image of ``shape`` (None: make one) and a note. A
+        layer of that name that is not ours (ground truth, painted by hand) is never overwritten:
+        it is renamed. Our own earlier result of another shape is removed."""
+        lyr = self.viewer.layers[name] if name in self.viewer.layers else None
+        note = ""
+        if lyr is not None and result_of(lyr) is None:
+            lyr.name = kept = self._free_name(f"{name} (kept)")
+            note = f" The layer that was named {name!r} is kept as {kept!r}."
+            lyr = None
+        if lyr is not None and tuple(lyr.data.shape) != tuple(shape):
+            self.viewer.layers.remove(lyr)
+            lyr = None
+        return lyr, note
+
+    @staticmethod
+    def _drawing(result, plane):
+        """What the model (and earlier kept cells) drew on ``plane`` at the layer's thresholds;
+        zeros on a plane it never segmented (all its cells are hand-made)."""
+        dets = result.segmented().get(plane)
+        if dets is None:
+            return 0
+        return draw_labels(dets, result.thresholds or Thresholds(), result.kept.get(plane))
+
+    @staticmethod
+    def _kept_note(kept: dict) -> str:
+        n = sum(len(np.unique(k[k > 0])) for k in kept.values())
+        return f" {n} hand-edited cells kept; the rest is from this model." if n else ""
+
+    def _bind(self, lyr):
+        if id(unwrap(lyr)) not in self._bound:
+            self._bound.add(id(unwrap(lyr)))
+            lyr.events.paint.connect(functools.partial(self._on_hand_edit, lyr))
+            _edit.bind_edit_keys(lyr, self.viewer, self._edit_report)
+
+    def _report_run(self, image_name: str, new: dict, n, note: str):
         kept = sum(len(d) for d in new.values())
         tip = " — lower Box confidence to see more" if n == 0 and kept else ""
         where = f" ({len(new)} planes)" if len(new) > 1 else ""
         size = size_note(new.values())
-        self._info(f"{n} cells in {image_layer.name}{where} ({kept} candidates kept for the "
+        self._info(f"{n} cells in {image_name}{where} ({kept} candidates kept for the "
                    f"sliders){tip}.{' ' + size if size else ''}{note}", notify=True)
 
     def _free_name(self, base: str) -> str:
@@ -486,12 +591,12 @@ class SegmentWidget(PanelActions, ScrollDock):
                     if c not in names)
 
     # ------------------------------------------------------------ sliders
-    def thresholds(self) -> dict:
-        return {"box_conf": float(self.box_slider.value()),
-                "mask_threshold": float(self.mask_slider.value()),
-                "min_area": int(self.area_spin.value()),
-                "fill_holes": self.fill_check.isChecked(),
-                "keep_largest": self.largest_check.isChecked()}
+    def thresholds(self) -> Thresholds:
+        """The controls as one ``options.Thresholds`` (validated here, once)."""
+        return Thresholds(box_conf=float(self.box_slider.value()),
+                          mask_threshold=float(self.mask_slider.value()),
+                          min_area=int(self.area_spin.value()), fill_holes=self.fill_check.isChecked(),
+                          keep_largest=self.largest_check.isChecked())
 
     def redraw(self, *_):
         """Re-derive the labels from the kept Detections (never runs the network). The status
@@ -503,7 +608,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         t = self.thresholds()
         counts = {}
         for plane, dets in r.segmented().items():
-            labels = draw_labels(dets, t)
+            labels = draw_labels(dets, t, r.kept.get(plane))
             target = lyr.data[plane] if plane else lyr.data
             if isinstance(lyr.data, np.ndarray) and target.shape == labels.shape:
                 np.copyto(target, labels, casting="unsafe")  # in place: 2-3x cheaper than .data = ...
@@ -530,11 +635,8 @@ class SegmentWidget(PanelActions, ScrollDock):
         for w in (self.box_slider, self.mask_slider, self.area_spin):
             w.setEnabled(live)
         self.reset_btn.setVisible(r is not None and r.edited)
-        post = r is None or post_processing_supported(r.detections)
         for c in (self.fill_check, self.largest_check):
-            c.setEnabled(live and post)
-            if not post:
-                c.setToolTip("This version of the predictor has no mask post-processing")
+            c.setEnabled(live)
         self.edit_box.setEnabled(r is not None)
         if r is None:
             self.count_label.setText("— press Segment first")
@@ -557,10 +659,15 @@ class SegmentWidget(PanelActions, ScrollDock):
                 QTimer.singleShot(0, self._update_tune_panel)  # lock sliders, Reset, count
 
     def reset_to_model(self):
+        """Discard the hand edits (after asking: it cannot be undone) and redraw from the model."""
         lyr = self._result_layer()
         if lyr is None:
             return
-        result_of(lyr).edited = False
+        if not self._confirm(f"Discard every hand edit in {lyr.name!r} and redraw it from the "
+                             "model output? This cannot be undone."):
+            return
+        r = result_of(lyr)
+        r.edited, r.kept = False, {}
         self._update_tune_panel()
         self.redraw()
         self._info("Hand edits discarded; labels redrawn from the model output.")
