@@ -33,7 +33,11 @@ def _image(shape, seed=0):
 
 
 def stock_labels(model, image, box_conf=0.5, mask_threshold=0.5):
-    """torchvision's own forward (masks pasted full size) + starter overlap removal."""
+    """torchvision's own forward (masks pasted full size) + starter overlap removal, on the
+    image as the pipeline gives it to the network (images.py's one intensity rule)."""
+    from napari_cellseg.io.images import to_rgb_float
+
+    image = to_rgb_float(image)
     with torch.inference_mode():
         out = model([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))])[0]
     scores, masks = out["scores"].numpy(), out["masks"][:, 0].numpy() > mask_threshold
