@@ -77,7 +77,7 @@ DATA4=$WORK/demo_data4
   --n-tune-synth 20 ${REAL[@]+"${REAL[@]}"}
 cellseg-train --image-dir "$DATA4/train/images" --label-dir "$DATA4/train/labels" --out "$WORK/demo4rule" \
   --init-checkpoint "$WORK/demo_tuned.bin" --crop-size 224 --scale-range 0.7 1.45 --batch-size 2 \
-  --steps-per-epoch 50 --epochs EPOCHS4 --val-fraction 0.03 --max-val-images 8 --device cpu --seed 2025 \
+  --steps-per-epoch 50 --epochs 3 --val-fraction 0.03 --max-val-images 8 --device cpu --seed 2025 \
   --lr 1e-4 --select-by map --no-figures
 python scripts/package_demo.py "$WORK/demo4rule/best_model.bin" --out "$WORK/demo.bin"
 echo "wrote $WORK/demo.bin (the shipped napari_cellseg/models/demo.bin is unchanged)"
