@@ -36,7 +36,7 @@ def main(argv=None):
 
     pred = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     th = pred.thresholds
-    ref = pred.reference_diameter
+    ref = pred.runner.reference_diameter
     print(f"model reference diameter {ref:.0f} px; thresholds {th.box_conf:.2f} / {th.mask_threshold:.2f}")
     print(f"{'kind':7} {'diam':>5} {'mAP x1':>7} {'oracle':>7} {'auto':>7} {'est/true':>9} "
           f"{'passes':>6} {'time auto/x1':>12}")
@@ -58,15 +58,15 @@ def main(argv=None):
                 det1, t1 = run(image, 1.0)
                 det_o, _ = run(image, clamp_scale(ref / true))
                 calls = []
-                orig = pred._forward
+                orig = pred.runner._forward
 
                 def counted(*a, **k):
                     calls.append(1)
                     return (yield from orig(*a, **k))
 
-                pred._forward = counted
+                pred.runner._forward = counted
                 det_a, ta = run(image, "auto")
-                del pred._forward
+                del pred.runner._forward
                 for key, det in (("x1", det1), ("oracle", det_o), ("auto", det_a)):
                     lab[key] = average_precision(gt, det.to_labels(th))
                 rows.append((lab["x1"], lab["oracle"], lab["auto"], (det_a.diameter or 0) / true, len(calls), ta / t1))

@@ -107,7 +107,7 @@ def worker(kind: str, threads: int | None) -> None:
     from napari_cellseg.inference.predictor import Predictor
 
     model, config, image = setup(threads)
-    pred = Predictor(model, config, precision="bf16" if kind == "bf16" else "fp32") if kind != "stock" else None
+    pred = Predictor.from_model(model, config, precision="bf16" if kind == "bf16" else "fp32") if kind != "stock" else None
     import gc
 
     gc.collect()
@@ -184,17 +184,18 @@ def main(argv=None) -> None:
         return worker(args.worker, args.threads)
 
     from napari_cellseg.model.devices import cuda_has_bf16, resolve_device
-    from napari_cellseg.inference.predictor import Predictor, cpu_has_bf16
+    from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.inference.runner import cpu_has_bf16
 
     device = resolve_device(args.device)
     model, config, image = setup(args.threads, device)
-    pred = Predictor(model, config, device=device)
+    pred = Predictor.from_model(model, config, device=device)
     cuda = device.type == "cuda"
     precisions = ["fp32"] + (["bf16"] if (cuda_has_bf16(device) if cuda else cpu_has_bf16()) else []) \
         + (["fp16"] if cuda else [])
     preds = {"fp32": pred}
     for name in precisions[1:]:
-        preds[name] = Predictor(model, config, device=device, precision=name)
+        preds[name] = Predictor.from_model(model, config, device=device, precision=name)
     print(f"device: {device}, threads: {__import__('torch').get_num_threads()}")
     ref = stock(model, image)  # warm-up
     for p in preds.values():

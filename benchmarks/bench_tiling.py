@@ -37,7 +37,7 @@ def main(argv=None):
 
     pred = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     pred.tile_size, pred.tile_overlap = args.tile, args.overlap
-    net = pred.model
+    net = pred.runner.model
     net.roi_heads.detections_per_img = max(net.roi_heads.detections_per_img, args.max_detections)
     for key in ("_pre_nms_top_n", "_post_nms_top_n"):
         caps = getattr(net.rpn, key)

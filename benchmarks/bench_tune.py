@@ -79,7 +79,7 @@ def time_forward(n_passes):
 
     torch.manual_seed(0)
     cfg = ModelConfig(box_score_thresh=0.0, box_detections_per_img=N_DET)  # default convnext_tiny
-    predictor = Predictor(build_model(cfg), cfg, device="cpu")
+    predictor = Predictor.from_model(build_model(cfg), cfg, device="cpu")
     image = np.random.default_rng(0).uniform(0, 1, (H, W, 3)).astype(np.float32)
     dets = predictor.predict(image)  # warm-up
     times = []

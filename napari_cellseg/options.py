@@ -1,16 +1,20 @@
 """Options as data: ``Thresholds`` (how raw detections become labels), ``ImageInput`` (which
 channels of an image the model sees and how their intensities are scaled) and ``PredictOptions``
-(everything a prediction run needs besides the images).
+(everything a prediction run needs besides the images), and the range rules they are held to.
 
-The one home of the threshold defaults and of every range check on prediction options. The
-CLI (``cellseg predict`` / ``tune``), both napari widgets and training validation build these
-objects; nothing else validates or defaults the same fields again. numpy/stdlib only.
+The home of the threshold defaults and of each range rule on prediction options: a scale
+(:func:`valid_scale`), a diameter (:func:`valid_diameter`), a value in [0, 1]
+(:func:`unit_value`), the precision names (:data:`PRECISIONS`), the tile size and overlap
+(:func:`tile_settings`, with their defaults). The CLI (``cellseg predict`` / ``tune``), both
+napari widgets and training validation build these objects; the modules that take a number
+from elsewhere (``sizing`` for a typed diameter, ``runner`` for a precision, the pipeline for a
+tile size) call these same functions, so no rule is written twice. Stdlib only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 
@@ -19,26 +23,69 @@ class OptionError(ValueError):
 
 
 SCALE_RANGE = (0.05, 20.0)  # any explicit scale / diameter-derived factor (sizing.py uses it too)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # inference autocast; "auto": model.devices says per device
+TILE_SIZE = 1024  # network px: larger images run in overlapping tiles (0 = never tile)
+TILE_OVERLAP = 128  # network px; >= the largest expected object
+MIN_TILE = 64
 
 
-def valid_scale(value) -> float | None:
-    """``value`` as a finite float within SCALE_RANGE, else None: the one scale rule
-    (PredictOptions.scale here, sizing.check_scale and scale_for_diameter)."""
+def _finite(value) -> float | None:
+    """``value`` as a finite float (not a bool), else None."""
     if isinstance(value, bool):
         return None
     try:
         v = float(value)
     except (TypeError, ValueError):
         return None
-    return v if math.isfinite(v) and SCALE_RANGE[0] <= v <= SCALE_RANGE[1] else None
+    return v if math.isfinite(v) else None
+
+
+def valid_scale(value) -> float | None:
+    """``value`` as a finite float within SCALE_RANGE, else None: the scale rule
+    (PredictOptions.scale here, sizing.check_scale and scale_for_diameter)."""
+    v = _finite(value)
+    return v if v is not None and SCALE_RANGE[0] <= v <= SCALE_RANGE[1] else None
+
+
+def valid_diameter(value) -> float | None:
+    """``value`` as a finite number of pixels > 0, else None: the diameter rule (PredictOptions,
+    sizing.scale_for_diameter, the CLI's --diameter)."""
+    v = _finite(value)
+    return v if v is not None and v > 0 else None
+
+
+def unit_value(value) -> float | None:
+    """``value`` as a finite float in [0, 1], else None (thresholds, ModelConfig's score / IoU fields)."""
+    v = _finite(value)
+    return v if v is not None and 0.0 <= v <= 1.0 else None
+
+
+def check_precision(value, error: type[ValueError] = OptionError) -> str:
+    """``value`` if it is one of PRECISIONS, else ``error`` naming them."""
+    if value not in PRECISIONS:
+        raise error(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def tile_settings(tile_size=None, tile_overlap=None) -> tuple[int, int]:
+    """The tiling rule: ``(tile_size, tile_overlap)`` in network px, None = the defaults.
+    tile_size: 0 (never tile) or MIN_TILE..16384; tile_overlap: 0 <= overlap < tile_size / 2 (so
+    the tile steps by more than half a tile); the default overlap, TILE_OVERLAP, is lowered below
+    half of a smaller tile. OptionError naming the field otherwise."""
+    tile = TILE_SIZE if tile_size is None else _count("tile_size", tile_size, 0, 16384)
+    if 0 < tile < MIN_TILE:
+        raise OptionError(f"tile_size must be 0 (never tile) or at least {MIN_TILE}, got {tile_size!r}")
+    if tile_overlap is None:
+        return tile, min(TILE_OVERLAP, (tile - 1) // 2) if tile else TILE_OVERLAP
+    overlap = _count("tile_overlap", tile_overlap, 0, 16384)
+    if tile and overlap >= tile / 2:
+        raise OptionError(f"tile_overlap must be < tile_size / 2 ({tile / 2:g}), got {overlap}")
+    return tile, overlap
 
 
 def _unit(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+    v = unit_value(value)
+    if v is None:
         raise OptionError(f"{name} must be a number in [0, 1], got {value!r}")
     return v
 
@@ -98,8 +145,8 @@ class Thresholds:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    # read-only mapping protocol: ``th["box_conf"]``, ``dict(th)``, ``{**th}`` keep working for
-    # code written against the old threshold dicts
+    # read-only mapping protocol: ``th["box_conf"]``, ``dict(th)``, ``{**th}`` (the training log
+    # rows, checkpoint thresholds and the widgets' layer metadata read them so)
     def keys(self):
         return [f.name for f in fields(self)]
 
@@ -117,6 +164,7 @@ class Thresholds:
 
 
 DEFAULT_THRESHOLDS = Thresholds()
+THRESHOLD_FIELDS = tuple(f.name for f in fields(Thresholds))  # PredictOptions has an override for each
 
 INTENSITIES = ("percentile", "raw")
 MAX_CHANNEL = 64  # the highest channel number accepted (io.images reads up to MAX_CHANNELS)
@@ -193,9 +241,10 @@ class PredictOptions:
     """One prediction run. ``None`` means "the checkpoint's / model's own value".
 
     checkpoint: path or None (bundled demo model); device: "auto" | "cpu" | "cuda[:N]" | "mps";
-    precision: "fp32" | "bf16" | "fp16" | "auto" (fp16 on CUDA, bf16 on CPUs that have it); diameter: cell diameter in px, "auto" or None;
-    scale: an explicit resize factor (wins over diameter); tile_size: network px, 0 = never
-    tile, None = the model's default; thresholds: overrides of the checkpoint's thresholds
+    precision: one of PRECISIONS ("auto": fp16 on CUDA, bf16 on CPUs that have it, see
+    model.devices); diameter: cell diameter in px, "auto" or None; scale: an explicit resize
+    factor (wins over diameter); tile_size / tile_overlap: network px, 0 = never tile, None = the
+    defaults (:func:`tile_settings`); thresholds: overrides of the checkpoint's thresholds
     (None fields keep the checkpoint's value); intensity / channel / channel2 / invert:
     overrides of the checkpoint's :class:`ImageInput` (None keeps the value it was trained with).
     """
@@ -217,20 +266,14 @@ class PredictOptions:
     channel: int | None = None
     channel2: int | None = None
     invert: bool | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16", "auto"):
-            raise OptionError(f"precision must be fp32, bf16, fp16 or auto, got {self.precision!r}")
+        check_precision(self.precision)
         if not isinstance(self.device, str) or not self.device:
             raise OptionError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         if self.diameter is not None and self.diameter != "auto":
-            try:
-                d = float(self.diameter)
-            except (TypeError, ValueError):
-                raise OptionError(f"diameter must be a number of pixels > 0 or 'auto', "
-                                  f"got {self.diameter!r}") from None
-            if not math.isfinite(d) or d <= 0:
+            d = valid_diameter(self.diameter)
+            if d is None:
                 raise OptionError(f"diameter must be a number of pixels > 0 or 'auto', got {self.diameter!r}")
             object.__setattr__(self, "diameter", d)
         if self.scale is not None:
@@ -239,16 +282,10 @@ class PredictOptions:
                 raise OptionError(f"scale must be a number in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}], "
                                   f"got {self.scale!r}")
             object.__setattr__(self, "scale", s)
-        if self.tile_size is not None:
-            t = _count("tile_size", self.tile_size, 0, 16384)
-            if 0 < t < 64:
-                raise OptionError(f"tile_size must be 0 (never tile) or at least 64, got {self.tile_size!r}")
-            object.__setattr__(self, "tile_size", t)
-        if self.tile_overlap is not None:
-            o = _count("tile_overlap", self.tile_overlap, 0, 16384)
-            if self.tile_size and o >= self.tile_size // 2:
-                raise OptionError(f"tile_overlap must be < tile_size / 2 ({self.tile_size // 2}), got {o}")
-            object.__setattr__(self, "tile_overlap", o)
+        if self.tile_size is not None or self.tile_overlap is not None:
+            tile, overlap = tile_settings(self.tile_size, self.tile_overlap)  # checked against each other
+            object.__setattr__(self, "tile_size", None if self.tile_size is None else tile)
+            object.__setattr__(self, "tile_overlap", None if self.tile_overlap is None else overlap)
         object.__setattr__(self, "batch_size", _count("batch_size", self.batch_size, 1, 1024))
         # the threshold and input overrides are checked by building them once
         self.thresholds(DEFAULT_THRESHOLDS)
@@ -258,7 +295,7 @@ class PredictOptions:
     def from_args(cls, args) -> "PredictOptions":
         """From command-line flags (an argparse Namespace of ``cellseg predict`` / ``tune``):
         every field whose attribute exists; the ranges are checked here, once."""
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         values = {k: getattr(args, k) for k in known if getattr(args, k, None) is not None}
         if "checkpoint" in values:
             values["checkpoint"] = str(values["checkpoint"])
@@ -271,6 +308,4 @@ class PredictOptions:
 
     def thresholds(self, base: Thresholds | Mapping | None = None) -> Thresholds:
         """The effective thresholds: ``base`` (the checkpoint's) with these overrides applied."""
-        return Thresholds.from_dict(base).with_overrides(
-            box_conf=self.box_conf, mask_threshold=self.mask_threshold, min_area=self.min_area,
-            fill_holes=self.fill_holes, keep_largest=self.keep_largest)
+        return Thresholds.from_dict(base).with_overrides(**{k: getattr(self, k) for k in THRESHOLD_FIELDS})

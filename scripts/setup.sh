@@ -17,5 +17,13 @@ if command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
   fi
 fi
+# torch first, at the build this machine has cached: the package asks only for ranges
+# (torch>=2.4, torchvision>=0.19), and with these already installed pip keeps them instead of
+# fetching another build. Override with TORCH_PINS="torch==X torchvision==Y" (or "" to let pip choose).
+TORCH_PINS="${TORCH_PINS-torch==2.14.1 torchvision==0.29.1}"
+if [ -n "$TORCH_PINS" ]; then
+  # shellcheck disable=SC2086  # one word per requirement
+  python3 -m pip install -q --disable-pip-version-check $TORCH_PINS
+fi
 # PyQt6: napari-cellseg pins no Qt binding; the "qt" extra brings the supported one
 python3 -m pip install -q --disable-pip-version-check -e ".[test,qt]"

@@ -376,6 +376,37 @@ def array_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
             for i, im, lab in zip(ids, images, labels)]
 
 
+MIN_IMAGES_UNTILED = 4  # fewer images than this: cut each into 2x2 tiles (see few_image_samples)
+
+
+def _tiles(shape: Sequence[int], n: int = 2):
+    h, w = shape[:2]
+    ys, xs = np.linspace(0, h, n + 1).astype(int), np.linspace(0, w, n + 1).astype(int)
+    return [(f"r{i}c{j}", (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])))
+            for i in range(n) for j in range(n)]
+
+
+def few_image_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                      ids: Sequence[str] | None = None, min_untiled: int = MIN_IMAGES_UNTILED,
+                      rule=None) -> list[Sample]:
+    """:func:`array_samples` (images by ``rule``, the run's ``TrainConfig.image_input()``), but
+    with fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
+    so that the grouped train/val split can hold out part of a single image (the napari Train
+    widget, ``training.finetune``)."""
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} label images")
+    ids = list(ids) if ids is not None else [f"image{i}" for i in range(len(images))]
+    tile = len(images) < min_untiled
+    out_ids, out_images, out_labels = [], [], []
+    for name, image, lab in zip(ids, images, labels):
+        image, lab = np.asarray(image), np.asarray(lab)
+        for suffix, sl in (_tiles(lab.shape) if tile else [("", (slice(None), slice(None)))]):
+            out_ids.append(f"{name}@{suffix}" if suffix else str(name))
+            out_images.append(image[sl])
+            out_labels.append(lab[sl])
+    return array_samples(out_images, out_labels, out_ids, rule)
+
+
 def load_samples(config, warn=None) -> list[Sample]:
     """The samples of the config's data source, its images by ``config.image_input()`` (the one
     input rule: intensity, channels, invert); ``warn`` takes one-line warnings (``_warn``)."""

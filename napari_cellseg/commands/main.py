@@ -11,9 +11,14 @@ CheckpointError, ...) raised by a command becomes one line on stderr,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
+
+from napari_cellseg.options import PRECISIONS, valid_diameter
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -46,6 +51,9 @@ from napari_cellseg.io.files import label_source as _label_source  # noqa: E402
 from napari_cellseg.io.files import check_not_inputs as _check_not_inputs  # noqa: E402
 from napari_cellseg.io.files import label_tiff_path as _label_tiff_path  # noqa: E402
 from napari_cellseg.io.files import write_label_tiff as _write_label_tiff  # noqa: E402
+from napari_cellseg.io.files import refuse_existing_files  # noqa: E402
+
+
 
 
 def _safe_id(image_id: str) -> str:
@@ -68,6 +76,8 @@ def _add_to_labels(subparsers) -> None:
                       help="image size (height x width) when the CSV has no width/height")
     size.add_argument("--images", metavar="DIR",
                       help="folder of the original images (file stem = image id) for the sizes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace label files that exist in --out (without it: exit 2, naming one)")
     p.set_defaults(func=_cmd_to_labels)
 
 
@@ -89,7 +99,10 @@ def _cmd_to_labels(args) -> int:
                 raise ValueError(f"no image for id {image_id!r} in {args.images}")
             shape = _image_shape(images[image_id])  # the header only: no pixels decoded
         shapes[image_id] = ann.check(image_id, shape)  # CsvError naming the file and row
-    _check_not_inputs([_label_tiff_path(args.out, i) for i in ann.ids], images.values(), f"--out {args.out}")
+    targets = [_label_tiff_path(args.out, i) for i in ann.ids]
+    _check_not_inputs(targets, images.values(), f"--out {args.out}")
+    if not args.overwrite:  # label files may be ground truth; the folder may be the image folder
+        refuse_existing_files(targets, f"--out {args.out}", "--overwrite to replace them")
     args.out.mkdir(parents=True, exist_ok=True)
     for image_id in _progress(ann.ids, desc="to-labels"):
         _write_label_tiff(_label_tiff_path(args.out, image_id), ann.labels(image_id, shapes[image_id]))
@@ -110,21 +123,31 @@ def _add_to_csv(subparsers) -> None:
                         "format of --out)")
     p.add_argument("--merge", action="store_true",
                    help="keep rows of other images already in --out, replace these images' rows")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds rows (without it or --merge: exit 2)")
     p.set_defaults(func=_cmd_to_csv)
 
 
 def _cmd_to_csv(args) -> int:
-    from napari_cellseg.io.annotations import csv_format, write_annotations
+    from napari_cellseg.io.annotations import csv_format, refuse_replacing, write_annotations
 
     skipped: list[str] = []  # names that cannot be CSV ids: reported (one line each) before any read
     files = _files_by_id(args.labels, "label images", skipped)
     _check_not_inputs([args.out], files.values(), "--out", "file")
     fmt = args.format or (csv_format(args.out, "kaggle") if args.merge else "kaggle")
+    if not (args.merge or args.overwrite):  # (checked again under the lock, before the write)
+        refuse_replacing(args.out, "--merge to replace only these images' rows, or --overwrite")
     labels = _LabelFiles(files)  # label stacks: one id per plane (stack_000 ..), as predict names them
     with _progress(total=len(labels), desc="to-csv") as bar:
         labels.bar = bar
-        write_annotations(args.out, labels, format=fmt, merge=args.merge)
+        write_annotations(args.out, labels, format=fmt, merge=args.merge, overwrite=args.overwrite)
     print(f"wrote {len(labels)} images to {args.out} ({fmt} format)")
+    if labels.intensity_like:  # a folder of raw images given as labels: every grey value a "cell"
+        image_id, share = next(iter(labels.intensity_like.items()))
+        print(f"cellseg to-csv: warning: {len(labels.intensity_like)} of {len(labels)} files look like raw "
+              f"images, not label images (e.g. {labels.files[image_id][0]}: the id changes between "
+              f"{share:.0%} of neighbouring pixels; in a label image each cell is one id): every grey "
+              f"value became a cell; give the label images", file=sys.stderr)
     if skipped:
         print(f"cellseg to-csv: {len(skipped)} of {len(files) + len(skipped)} label images skipped "
               "(file names that are not UTF-8)", file=sys.stderr)
@@ -151,35 +174,53 @@ def _add_evaluate(subparsers) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _predicted(pred, image_id, shape):
+    """One image's prediction: each row of a CSV its own mask (metrics.MaskSet: a duplicate or an
+    overlapping row is a prediction of its own), a label image as it is."""
+    from napari_cellseg.inference.metrics import MaskSet
+    from napari_cellseg.io.annotations import Annotations
+
+    if isinstance(pred, Annotations):
+        pred.check(image_id, shape)  # sizes and RLEs, naming the row
+        return MaskSet.from_rles(pred.rles(image_id), shape)
+    return pred.labels(image_id, shape)
+
+
 def _cmd_evaluate(args) -> int:
     import numpy as np
 
-    from napari_cellseg.inference.metrics import evaluate_image
-
+    from napari_cellseg.inference.metrics import MaskSet, evaluate_image
     from napari_cellseg.io.annotations import NO_ROWS
 
     gt, pred = _label_source(args.gt), _label_source(args.pred)
     if not gt.ids:
         raise ValueError(f"{args.gt} {NO_ROWS}: no ground truth to score against")
-    results, missing = [], []
+    results, missing, overlapping = [], [], {}
     for image_id in _progress(gt.ids, desc="evaluate"):
         gt_labels = gt.labels(image_id, gt.shape(image_id) or args.shape)
         if image_id in pred:
-            pred_labels = pred.labels(image_id, gt_labels.shape)
+            predicted = _predicted(pred, image_id, gt_labels.shape)
+            if isinstance(predicted, MaskSet) and predicted.overlapping():
+                overlapping[image_id] = predicted.overlapping()
         else:
             missing.append(image_id)
-            pred_labels = np.zeros_like(gt_labels)
-        score = evaluate_image(gt_labels, pred_labels, iou=args.iou)
+            predicted = np.zeros_like(gt_labels)
+        score = evaluate_image(gt_labels, predicted, iou=args.iou)
         results.append({"id": image_id, **score.to_dict()})
     extra = [i for i in pred.ids if i not in gt]
     mean = float(np.mean([r["map"] for r in results]))
     if not pred.ids:  # a valid empty submission (every image failed in `cellseg predict`)
         print(f"cellseg evaluate: note: {args.pred} {NO_ROWS}: every image scored as an empty "
               "prediction", file=sys.stderr)
+    if overlapping:
+        first = next(iter(overlapping))
+        print(f"cellseg evaluate: note: {sum(overlapping.values())} predicted masks overlap another mask "
+              f"in {len(overlapping)} images (e.g. {first!r}); each is scored as its own prediction "
+              f"(the competition refused submissions with overlapping masks)", file=sys.stderr)
     if args.json:
         json.dump({"mean_map": mean, "n_images": len(results), "iou": args.iou,
                    "images": results, "missing_predictions": missing,
-                   "extra_predictions": extra}, sys.stdout, indent=1)
+                   "extra_predictions": extra, "overlapping_masks": overlapping}, sys.stdout, indent=1)
         print()
         return 0
     width = max(8, *(len(r["id"]) for r in results))
@@ -225,11 +266,8 @@ def _cmd_demo(args) -> int:
 def _diameter_arg(text: str):
     if text == "auto":
         return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
+    value = valid_diameter(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"expected a diameter in pixels > 0 or 'auto', got {text!r}")
     return value
 
@@ -264,7 +302,7 @@ def _add_predict(subparsers) -> None:
     _add_size_options(p)
     _add_input_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--format", choices=("kaggle", "starter"),
@@ -272,7 +310,11 @@ def _add_predict(subparsers) -> None:
                         "--resume the format of --out)")
     p.add_argument("--labels-dir", type=Path, help="also write one label TIFF per image here")
     p.add_argument("--resume", action="store_true",
-                   help="skip image ids already in --out (or in its journal after a crash)")
+                   help="skip image ids already in --out (or in its journal after a crash); the rows "
+                        "of --out are kept except those of images predicted again")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds rows and existing label TIFFs in --labels-dir "
+                        "(without it the run stops, naming the file)")
     p.add_argument("--tile-size", type=int, metavar="PX",
                    help="predict images larger than PX network pixels in overlapping tiles "
                         "(default 1024; 0 = never tile; smaller = less memory)")
@@ -310,7 +352,8 @@ def _cmd_predict(args) -> int:
     from napari_cellseg.options import PredictOptions
 
     return run_predict(PredictOptions.from_args(args), args.images, args.out, fmt=args.format,
-                       labels_dir=args.labels_dir, resume=args.resume, progress_factory=_progress)
+                       labels_dir=args.labels_dir, resume=args.resume, progress_factory=_progress,
+                       overwrite=args.overwrite)
 
 
 # ---- tune (the logic lives in tune_cmd.py) --------------------------------------------------
@@ -349,8 +392,46 @@ def _cmd_tune(args) -> int:
     return run_tune(args, progress_factory=_progress)
 
 
+# ---- rank (the logic lives in commands/rank.py) ----------------------------------------------
+def _add_rank(subparsers) -> None:
+    p = subparsers.add_parser(
+        "rank", help="rank images by how likely the model is wrong -> ranking CSV",
+        description="Predict every image (as cellseg predict does, plus a horizontally flipped "
+                    "second pass) and write id,uncertainty,cells,doubtful_cells,diameter,file, "
+                    "the most uncertain image first. Rows stream to the CSV (atomic rewrites); "
+                    "--resume skips ids already ranked; a bad image is reported and skipped "
+                    "(exit 1), usage errors exit 2.")
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, type=Path, help="ranking CSV to write (atomically)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
+    p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
+    p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
+    _add_postprocess_options(p)
+    _add_size_options(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
+                   help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
+    p.add_argument("--tile-size", type=int, metavar="PX",
+                   help="predict images larger than PX network pixels in tiles (default 1024; 0 = never)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX", help="tile overlap in network pixels")
+    p.add_argument("--second-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="also predict each image flipped and count the disagreement (default: on; "
+                        "--no-second-pass halves the time)")
+    p.add_argument("--resume", action="store_true", help="skip image ids already in --out or its journal")
+    p.set_defaults(func=_cmd_rank)
+
+
+def _cmd_rank(args) -> int:
+    from napari_cellseg.commands.rank import run_rank
+    from napari_cellseg.options import PredictOptions
+
+    return run_rank(PredictOptions.from_args(args), args.images, args.out, resume=args.resume,
+                    second=args.second_pass, progress_factory=_progress)
+
+
 # ---- entry point -----------------------------------------------------------------------------
-COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict, _add_tune]
+COMMANDS = [_add_to_labels, _add_to_csv, _add_evaluate, _add_demo, _add_predict, _add_tune, _add_rank]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,6 +454,32 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(message.split())
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler, torchrun's agent, ``kill``) as an exception: the ``finally`` blocks
+    run, so the output lock, temp files and journals are closed or removed as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    """Outside torchrun only: there the agent's SIGTERM must end a rank at once (a rank left in
+    a collective would wait for the others); the next run takes over its lock files."""
+    def handler(signum, frame):
+        raise _Terminated
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a test calling main() from a worker): as it was
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -383,13 +490,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _terminate_as_exception():
+            return int(args.func(args) or 0)
     except (ValueError, OSError) as exc:
         print(f"cellseg {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cellseg {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"cellseg {args.command}: terminated (SIGTERM); rerun with --resume where the command "
+              f"has it", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

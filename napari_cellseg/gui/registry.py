@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-ROLES = ("segment", "review", "train")
+ROLES = ("segment", "review", "train", "dataset")
 _REGISTRY: "weakref.WeakKeyDictionary[Any, dict[str, weakref.ref]]" = weakref.WeakKeyDictionary()
 
 

@@ -1,8 +1,14 @@
 """The Kaggle Sartorius metric: mean over IoU thresholds 0.50:0.05:0.95 of TP / (TP + FP + FN).
 
-A predicted instance is a hit at threshold t when its IoU with a ground-truth instance is > t
-(for t >= 0.5 a match is necessarily one-to-one). An image where both ground truth and
-prediction are empty scores 1.0.
+A predicted instance is a hit at threshold t when its IoU with a ground-truth instance is > t.
+Each ground-truth instance is matched at most once: a second prediction of the same cell (a
+duplicate, or any mask overlapping the first) is a false positive. For t >= 0.5 a prediction can
+match at most one ground-truth instance (they do not overlap), so TP is the number of
+ground-truth instances with a hit. An image where both ground truth and prediction are empty
+scores 1.0.
+
+The prediction is a label image, or a :class:`MaskSet` (one mask per CSV row, masks may
+overlap: ``cellseg evaluate`` scores each row as one prediction, as the competition did).
 
 IoUs are sparse: only pairs of instances that share at least one pixel are counted
 (:func:`overlaps`), from the pixels where both label images are non-zero, in chunks. Memory
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["THRESHOLDS", "ImageScore", "Overlaps", "overlaps", "iou_matrix", "evaluate_image",
-           "average_precision", "median_diameter"]
+           "average_precision", "median_diameter", "MaskSet", "mask_overlaps"]
 
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 _CHUNK = 2**22  # pixels per step: bounds the temporary arrays (~100 MiB) whatever the image size
@@ -113,6 +119,57 @@ def overlaps(gt, pred) -> Overlaps:
     return Overlaps(gt_ids, pred_ids, gt_area, pred_area, gi, pi, inter, inter / np.maximum(union, 1))
 
 
+@dataclass
+class MaskSet:
+    """Predicted masks of one image that may overlap (one per CSV row): ``pixels`` (flat C-order
+    indices of every mask's pixels, concatenated), ``mask_of_pixel`` (which mask, 0-based),
+    ``n`` masks, image ``shape``."""
+
+    pixels: np.ndarray
+    mask_of_pixel: np.ndarray
+    n: int
+    shape: tuple
+
+    @classmethod
+    def from_rles(cls, rles, shape) -> "MaskSet":
+        """From Kaggle RLE strings (validated against ``shape``; io.rle.RleError otherwise)."""
+        from napari_cellseg.io.rle import parse_rles
+
+        rles = list(rles)
+        h, w = int(shape[0]), int(shape[1])
+        starts, lengths, n_runs = parse_rles(rles, h * w)
+        run_of_pixel = np.repeat(np.arange(len(lengths)), lengths)
+        offset = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        pixels = starts[run_of_pixel] + offset
+        mask_of_pixel = np.repeat(np.arange(len(rles)), n_runs)[run_of_pixel]
+        return cls(pixels.astype(np.int64), mask_of_pixel, len(rles), (h, w))
+
+    def overlapping(self) -> int:
+        """How many masks share at least one pixel with another mask."""
+        if not self.n:
+            return 0
+        cover = np.bincount(self.pixels, minlength=self.shape[0] * self.shape[1])
+        return int(len(np.unique(self.mask_of_pixel[cover[self.pixels] > 1])))
+
+
+def mask_overlaps(gt, masks: MaskSet) -> Overlaps:
+    """:func:`overlaps` of a label image and a :class:`MaskSet`: every mask is its own instance
+    (ids 1..n in row order), overlapping masks included."""
+    gt = _check(gt, np.zeros(masks.shape, np.uint8))[0]
+    g = gt.ravel()
+    gt_ids, gt_area = _ids_and_areas(g)
+    n = max(masks.n, 1)
+    pred_area = np.bincount(masks.mask_of_pixel, minlength=masks.n).astype(np.int64)
+    values = g[masks.pixels]
+    inside = values != 0
+    key = np.searchsorted(gt_ids, values[inside]).astype(np.int64) * n + masks.mask_of_pixel[inside]
+    key, inter = np.unique(key, return_counts=True)
+    gi, pi = key // n, key % n
+    union = gt_area[gi] + pred_area[pi] - inter
+    return Overlaps(gt_ids, np.arange(1, masks.n + 1), gt_area, pred_area, gi, pi, inter.astype(np.int64),
+                    inter / np.maximum(union, 1))
+
+
 def iou_matrix(gt, pred) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IoU of every ground-truth instance with every predicted one (dense: small images only;
     :func:`overlaps` is the sparse form that the metric uses).
@@ -160,21 +217,25 @@ class ImageScore:
 
 
 def evaluate_image(gt, pred, iou: float = 0.5) -> ImageScore:
-    """Score one image: mAP, per-threshold values and TP/FP/FN instance ids at ``iou``."""
+    """Score one image: mAP, per-threshold values and TP/FP/FN instance ids at ``iou``.
+    ``pred``: a label image or a :class:`MaskSet` (masks that may overlap, each one prediction)."""
     if not 0.5 <= iou < 1.0:
         raise ValueError(f"iou threshold must be in [0.5, 1), got {iou}")
-    ov = overlaps(gt, pred)
+    ov = mask_overlaps(gt, pred) if isinstance(pred, MaskSet) else overlaps(gt, pred)
     gt_ids, pred_ids = ov.gt_ids, ov.pred_ids
     ng, npred = len(gt_ids), len(pred_ids)
-    best_for_pred = ov.best_for_pred()
+    best_for_gt = ov.best_for_gt()
     per_threshold = {}
     for t in THRESHOLDS:
         if ng == 0 and npred == 0:
             per_threshold[float(t)] = 1.0
             continue
-        tp = int(np.count_nonzero(best_for_pred > t))  # IoU > 0.5 matches are one-to-one
+        tp = int(np.count_nonzero(best_for_gt > t))  # each ground-truth cell matched once
         per_threshold[float(t)] = tp / (ng + npred - tp)
-    hit = ov.iou > iou
+    hit = np.flatnonzero(ov.iou > iou)
+    hit = hit[np.lexsort((ov.pred_index[hit], -ov.iou[hit]))]  # best IoU first, then row order
+    _, first = np.unique(ov.gt_index[hit], return_index=True)
+    hit = hit[first]  # one prediction per ground-truth cell: the others are false positives
     pred_hit = np.zeros(npred, bool)
     pred_hit[ov.pred_index[hit]] = True
     gt_hit = np.zeros(ng, bool)

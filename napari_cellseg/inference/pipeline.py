@@ -17,8 +17,8 @@ widgets, training validation). It owns, each written once:
 * progress: generators yield ``{"stage", "fraction"}`` and return their result
   (:func:`napari_cellseg.progress.relay` maps a sub-job's events into the caller's range).
 
-Nothing below this module imports it. ``napari_cellseg.inference.predictor.Predictor`` (the documented entry
-point, above this module) wraps a runner + a Pipeline for old callers.
+Nothing below this module imports it. ``napari_cellseg.inference.predictor.Predictor`` (the documented
+entry point, above this module) is this class with a ``from_checkpoint`` / ``from_model`` constructor.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ import numpy as np
 from napari_cellseg.inference.detections import Detections
 from napari_cellseg.inference.metrics import median_diameter
 from napari_cellseg.inference.runner import Runner
-from napari_cellseg.options import ImageInput, OptionError, PredictOptions, Thresholds
+from napari_cellseg.options import ImageInput, OptionError, PredictOptions, Thresholds, tile_settings
 from napari_cellseg.progress import drain, relay
 from napari_cellseg.inference.sizing import (AUTO_PASSES, check_scale, describe_scale, next_auto_scale, resolve_scale, size_message, size_thresholds)
 from napari_cellseg.inference.tiling import (TILE_OVERLAP, TILE_SIZE, core_keep, image_tiles, merge_detections, needs_tiling)
 
-__all__ = ["Pipeline", "as_image", "checkpoint_input", "iter_tiled", "iter_at", "iter_auto_scale",
+__all__ = ["Pipeline", "as_image", "checkpoint_input", "iter_tiled", "iter_at", "iter_auto_scale", "iter_sized",
            "iter_batches"]
 
 
@@ -99,8 +99,7 @@ def iter_at(runner, arrays: list, scales: list, tile_size: int | None = TILE_SIZ
     small = [i for i in range(len(arrays)) if i not in big]
     n_jobs = len(big) + (1 if small else 0)
     for k, i in enumerate(big):
-        overlap = min(int(tile_overlap), int(tile_size) - 1)
-        out[i] = yield from relay(iter_tiled(runner, arrays[i], factors[i], int(tile_size), overlap),
+        out[i] = yield from relay(iter_tiled(runner, arrays[i], factors[i], int(tile_size), int(tile_overlap)),
                                   "", k / n_jobs, 1 / n_jobs)
     if small:
         dets = yield from relay(runner.iter_forward([arrays[i] for i in small], [factors[i] for i in small]),
@@ -189,22 +188,34 @@ def iter_auto_scale(runner, arrays: list, *, tile_size: int | None = TILE_SIZE,
     return [s.result for s in states]
 
 
+def iter_sized(runner, arrays: list, scale: float | str, *, tile_size: int | None = TILE_SIZE,
+               tile_overlap: int = TILE_OVERLAP):
+    """Generator: the arrays at ``scale``: "auto" (:func:`iter_auto_scale`, which measures with
+    the model's own thresholds) or one factor for all (:func:`iter_at`). Returns one Detections
+    per array. The one place that tells the two apart (Pipeline, iter_batches and cellseg predict
+    call it)."""
+    check_scale(scale)
+    if isinstance(scale, str):  # "auto" (check_scale refused any other string)
+        return (yield from iter_auto_scale(runner, arrays, tile_size=tile_size, tile_overlap=tile_overlap))
+    return (yield from iter_at(runner, arrays, [float(scale)] * len(arrays), tile_size, tile_overlap))
+
+
 def iter_batches(runner, arrays: Iterable[np.ndarray], scale: float | str = 1.0, batch_size: int = 1,
                  tile_size: int | None = TILE_SIZE,
                  tile_overlap: int = TILE_OVERLAP) -> Iterator[tuple[int, Detections]]:
-    """Yield ``(index, Detections)`` for every array, ``batch_size`` images per forward."""
+    """Yield ``(index, Detections)`` for every array, up to ``batch_size`` images of one size per
+    forward (consecutive images of another size start a new batch)."""
     check_scale(scale)
     batch: list = []
 
     def run(batch):
         idx, arrs = zip(*batch)
-        if scale == "auto":
-            dets = drain(iter_auto_scale(runner, list(arrs), tile_size=tile_size, tile_overlap=tile_overlap))
-        else:
-            dets = drain(iter_at(runner, list(arrs), [float(scale)] * len(arrs), tile_size, tile_overlap))
-        return zip(idx, dets)
+        return zip(idx, drain(iter_sized(runner, list(arrs), scale, tile_size=tile_size, tile_overlap=tile_overlap)))
 
     for i, arr in enumerate(arrays):
+        if batch and batch[-1][1].shape[:2] != arr.shape[:2]:  # one size per forward: a smaller
+            yield from run(batch)  # image padded beside a larger one gets other detections
+            batch = []
         batch.append((i, arr))
         if len(batch) >= max(int(batch_size), 1):
             yield from run(batch)
@@ -221,13 +232,7 @@ class Pipeline:
         self.runner = runner
         self.options = options = options or PredictOptions()
         self.thresholds: Thresholds = options.thresholds(runner.thresholds)
-        self.tile_size = TILE_SIZE if options.tile_size is None else int(options.tile_size)
-        self.tile_overlap = TILE_OVERLAP if options.tile_overlap is None else int(options.tile_overlap)
-        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size:
-            from napari_cellseg.options import OptionError
-
-            raise OptionError(f"tile_overlap must be >= 0 and < tile_size ({self.tile_size}), "
-                              f"got {self.tile_overlap}")
+        self.tile_size, self.tile_overlap = tile_settings(options.tile_size, options.tile_overlap)
         self.scale = resolve_scale(runner, options.scale, options.diameter)
         self.batch_size = options.batch_size
         self.input: ImageInput = options.image_input(checkpoint_input(runner))
@@ -260,11 +265,8 @@ class Pipeline:
         yield {"stage": "load", "fraction": 0.0}
         arr = self.as_image(image)
         scale = self.scale if scale is None else scale
-        check_scale(scale)
-        size = self._tile(tile)
-        if scale == "auto":
-            return (yield from iter_auto_scale(self.runner, [arr], tile_size=size, tile_overlap=self.tile_overlap))[0]
-        return (yield from iter_at(self.runner, [arr], [float(scale)], size, self.tile_overlap))[0]
+        return (yield from iter_sized(self.runner, [arr], scale, tile_size=self._tile(tile),
+                                      tile_overlap=self.tile_overlap))[0]
 
     def predict(self, image, scale: float | str | None = None, tile="auto") -> Detections:
         return drain(self.iter_predict(image, scale, tile))

@@ -27,13 +27,12 @@ import warnings
 import numpy as np
 
 from napari_cellseg.inference.detections import Detections
-from napari_cellseg.options import Thresholds
+from napari_cellseg.options import PRECISIONS, Thresholds, check_precision
 from napari_cellseg.progress import drain
 
 __all__ = ["Runner", "PredictError", "PRECISIONS", "MASK_CHUNK", "DEFAULT_DIAMETER", "cpu_has_bf16",
            "resized_size"]
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASK_CHUNK = 100
 DEFAULT_DIAMETER = 30.0  # reference object size of models trained without size normalisation
 
@@ -50,8 +49,7 @@ def cpu_has_bf16() -> bool:
 
 
 def _resolve_precision(precision: str, device) -> str:
-    if precision not in PRECISIONS:
-        raise PredictError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision, PredictError)
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
@@ -62,7 +60,8 @@ def _resolve_precision(precision: str, device) -> str:
 
 
 def resized_size(shape, factor: float) -> tuple[int, int]:
-    """THE resize rule: the (H, W) an image of ``shape`` has after resizing by ``factor``.
+    """The inference resize rule: the (H, W) an image of ``shape`` has after resizing by ``factor``
+    (every forward, tiled or not; training's size normalisation rounds instead).
 
     ``floor(side * factor)`` (torch's rule for ``scale_factor``), but never below 1 pixel: a 1x256
     image at a small factor is still an image (the model pads it to its stride)."""
@@ -274,6 +273,19 @@ class Runner:
                                   orig_sizes[i], labels=glabels[n0:n0 + n],
                                   scale=float(scale)))
         return out
+
+    def box_masks(self, images, feats, boxes) -> np.ndarray:
+        """The mask head on given boxes: ``boxes`` one (N, 4) xyxy tensor per image of
+        :meth:`prepare`'s ``images``, in network pixels -> (sum N, 28, 28) float32
+        probabilities (class 1, the cell class). Call it under ``torch.inference_mode()``."""
+        import torch
+
+        rh = self.model.roi_heads
+        sizes = [tuple(s) for s in images.image_sizes]
+        boxes = [b.to(self.device, torch.float32) for b in boxes]
+        x = rh.mask_roi_pool(feats, boxes, sizes)
+        labels = torch.ones(sum(len(b) for b in boxes), dtype=torch.int64, device=self.device)
+        return self._mask_probs(x, labels).cpu().numpy()
 
     def _mask_probs(self, x, labels):
         """Mask head + predictor for one chunk -> (n, 28, 28) float32 probabilities."""

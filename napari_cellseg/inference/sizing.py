@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from napari_cellseg.inference.runner import DEFAULT_DIAMETER, PredictError
-from napari_cellseg.options import SCALE_RANGE, Thresholds, valid_scale  # the one scale range (PredictOptions checks it too)
+from napari_cellseg.options import SCALE_RANGE, Thresholds, valid_diameter, valid_scale  # PredictOptions uses them too
 
 __all__ = ["AUTO_PASSES", "AUTO_SCALE_RANGE", "SCALE_RANGE", "DEFAULT_DIAMETER", "check_scale",
            "clamp_scale", "scale_for_diameter", "diameter_for_scale", "resolve_scale",
@@ -58,7 +58,7 @@ def clamp_scale(scale: float) -> float:
 def scale_for_diameter(predictor, diameter: float) -> float:
     """The factor that brings objects of ``diameter`` image px to the model's size."""
     reference = predictor.reference_diameter
-    if not (np.isfinite(diameter) and diameter > 0):
+    if valid_diameter(diameter) is None:
         raise PredictError(f"diameter must be a positive number of pixels, got {diameter}")
     scale = reference / float(diameter)
     if valid_scale(scale) is None:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from napari_cellseg.options import TILE_OVERLAP, TILE_SIZE  # defaults: with options.tile_settings
+
 __all__ = ["TILE_SIZE", "TILE_OVERLAP", "Tile", "tile_grid", "axis_tiles", "core_keep",
            "merge_detections", "needs_tiling", "image_tiles"]
 
-TILE_SIZE = 1024  # network pixels
-TILE_OVERLAP = 128  # network pixels; >= the largest expected object
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ from typing import Mapping
 
 import numpy as np
 
-from napari_cellseg.io.atomic import atomic_write
+from napari_cellseg.io.atomic import atomic_write, output_lock
 from napari_cellseg.io.rle import (MAX_PIXELS, MAX_RLE_CHARS, RleError, check_size, labels_to_rles, parse_rles, rles_to_labels, strip_field)
 
 __all__ = ["CsvError", "Annotations", "read_annotations", "write_annotations", "FORMATS",
-           "normalize_id", "csv_reader", "MAX_FIELD_CHARS", "NO_ROWS", "csv_format"]
+           "normalize_id", "csv_reader", "MAX_FIELD_CHARS", "NO_ROWS", "csv_format", "csv_has_rows",
+           "utf16_message", "detect_format", "format_columns", "value_column", "EMPTY_VALUE", "refuse_replacing"]
 
 NO_ROWS = "has no rows after the header (no image)"  # "FILE has no rows...": every command's wording
 
@@ -43,8 +44,28 @@ _COLUMNS = {
     "train": ["id", "annotation", "width", "height"],
 }
 _EMPTY = {"kaggle": "", "starter": "-1", "train": ""}
+EMPTY_VALUE = _EMPTY  # the value of the one row of an image without cells, per format
+
+
+def format_columns(fmt: str) -> list[str]:
+    """The columns a new CSV of format ``fmt`` gets (extra columns of an existing file are kept)."""
+    return list(_COLUMNS[fmt])
+
+
+def value_column(fmt: str) -> str:
+    """The column that holds the RLE in format ``fmt``."""
+    return "predicted" if fmt == "kaggle" else "annotation"
+
+
+def refuse_replacing(path, how: str = "--overwrite to replace it") -> None:
+    """ValueError (one line) when the CSV ``path`` holds data rows: they may be hand corrections
+    exported from napari, so a new output never replaces them unless asked (``how``)."""
+    if csv_has_rows(path):
+        raise ValueError(f"{path}: the file already holds rows (they may be hand corrections); "
+                         f"nothing written; pass {how}, or choose another file")
 MAX_CSV_BYTES = 2**31  # 2 GiB: refused before reading (the Kaggle train.csv is ~0.1 GiB)
 MAX_FIELD_CHARS = MAX_RLE_CHARS + 64  # csv's per-field limit: any RLE an allowed image can need
+LOCK_WAIT = 30.0  # seconds a CSV write waits for another writer of the same file (a merge takes ~1 s)
 
 
 def normalize_id(image_id: str) -> str:
@@ -65,7 +86,7 @@ class CsvError(ValueError):
     """A bad annotation CSV: ``FILE: row N: problem`` (row 1 is the header)."""
 
 
-def _detect_format(path: Path, header: list[str]) -> str:
+def detect_format(path: Path, header: list[str]) -> str:
     cols = set(header)
     if len(cols) != len(header):
         seen = set()
@@ -97,10 +118,36 @@ def csv_format(path, default: str, allowed=FORMATS) -> str:
     try:
         with open(path, encoding="utf-8-sig", newline="") as fh:
             header = next(csv_reader(fh), None)
-        fmt = _detect_format(path, [strip_field(h) for h in header]) if header else default
+        fmt = detect_format(path, [strip_field(h) for h in header]) if header else default
     except (OSError, ValueError, csv.Error):  # no file, not UTF-8 (ValueError), NUL bytes, bad header
         return default
     return fmt if fmt in allowed else default
+
+
+def utf16_message(path, head: bytes) -> str | None:
+    """The one line for a CSV saved as UTF-16 (Excel's "Unicode text", Windows tools): a byte-order
+    mark, or NUL bytes at every other place of ASCII text; None for anything else. ``head``: the
+    first bytes of the file (a few KiB are plenty)."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        kind = "a UTF-16 byte-order mark"
+    else:
+        sample = head[:512]
+        even, odd = sample[0::2], sample[1::2]
+        if len(sample) < 4 or not (even.count(0) == len(even) or odd.count(0) == len(odd)):
+            return None
+        kind = "NUL bytes between the letters"
+    return f"{path}: the CSV is UTF-16 text ({kind}), not UTF-8; re-save it as UTF-8 (CSV UTF-8 in Excel)"
+
+
+def csv_has_rows(path) -> bool:
+    """True when ``path`` is a file with at least one line after its header (data rows an output
+    must not replace unless asked); a missing or header-only file has none."""
+    try:
+        with open(path, "rb") as fh:
+            lines = (line for line in fh if line.strip())
+            return next(lines, None) is not None and next(lines, None) is not None
+    except (FileNotFoundError, IsADirectoryError):
+        return False
 
 
 def _read_rows(path: Path) -> list[list[str]]:
@@ -114,6 +161,9 @@ def _read_rows(path: Path) -> list[list[str]]:
     data = path.read_bytes()
     if not data.strip():
         raise CsvError(f"{path}: empty file (expected a CSV header row)")
+    utf16 = utf16_message(path, data[:4096])
+    if utf16:
+        raise CsvError(utf16)
     nul = data.find(b"\x00")
     if nul >= 0:
         row = data.count(b"\n", 0, nul) + 1
@@ -251,7 +301,7 @@ def read_annotations(path) -> Annotations:
     path = Path(path)
     rows = _read_rows(path)
     header = [strip_field(h) for h in rows[0]]
-    fmt = _detect_format(path, header)
+    fmt = detect_format(path, header)
     column = "predicted" if fmt == "kaggle" else "annotation"
     records, row_numbers = [], []
     for n, fields in enumerate(rows[1:], start=2):
@@ -336,12 +386,13 @@ def _old_rows(path: Path, fmt: str, replaced) -> tuple[list[dict], list[str]]:
 
 
 def write_annotations(path, items: Mapping[str, np.ndarray], format: str = "kaggle",
-                      merge: bool = False) -> Path:
-    """Write label images as one CSV row per cell (atomic).
+                      merge: bool = False, overwrite: bool = True) -> Path:
+    """Write label images as one CSV row per cell (atomic, under the file's output_lock).
 
     ``items`` maps image id -> 2-D integer label image. An image with no cell gets one row
     with an empty prediction (kaggle, train) or ``-1`` (starter). ``merge=True`` keeps the rows
-    of other images already in ``path`` and replaces the rows of these ids.
+    of other images already in ``path`` (and their extra columns) and replaces the rows of these
+    ids. ``overwrite=False`` (without ``merge``) refuses to replace a file that holds rows.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown CSV format {format!r} (choose from {', '.join(FORMATS)})")
@@ -359,15 +410,19 @@ def write_annotations(path, items: Mapping[str, np.ndarray], format: str = "kagg
         h, w = labels.shape
         rles = labels_to_rles(labels) or [""]
         new_rows.extend({"id": image_id, "value": r, "height": h, "width": w} for r in rles)
-    old_rows, extra = _old_rows(path, format, set(given)) if merge else ([], [])
-    columns = _COLUMNS[format] + extra
-    value_column = "predicted" if format == "kaggle" else "annotation"
-    with atomic_write(path, "w") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(columns)
-        for idx, row in enumerate(old_rows + new_rows):
-            row = dict(row, idx=idx)
-            row[value_column] = row.pop("value") or _EMPTY[format]
-            writer.writerow([row.get(c, "") for c in columns])
+    with output_lock(path, wait=LOCK_WAIT, what="writer (cellseg predict, to-csv or a napari export)"):
+        # under the lock: the rows kept are the ones in the file now, not before another writer
+        if not merge and not overwrite:
+            refuse_replacing(path, "--merge to replace only these images' rows, or --overwrite")
+        old_rows, extra = _old_rows(path, format, set(given)) if merge else ([], [])
+        columns = _COLUMNS[format] + extra
+        value_column = "predicted" if format == "kaggle" else "annotation"
+        with atomic_write(path, "w") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(columns)
+            for idx, row in enumerate(old_rows + new_rows):
+                row = dict(row, idx=idx)
+                row[value_column] = row.pop("value") or _EMPTY[format]
+                writer.writerow([row.get(c, "") for c in columns])
     return path
 

@@ -28,7 +28,6 @@ smaller than ``min_size`` pixels are dropped.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -383,18 +382,3 @@ def write_dataset(out_dir, n: int, kind: str = "mixed", seed: int = 0, shape=(25
         names.append(name)
     return names
 
-
-def _outline_png(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray) -> None:
-    """Debug helper: save the image with label outlines (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from skimage.segmentation import find_boundaries
-
-    x = image.astype(np.float32)
-    lo, hi = np.percentile(x, [0.5, 99.8])
-    x = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.dstack([x] * 3)
-    rgb[find_boundaries(labels)] = (1.0, 0.2, 0.2)
-    plt.imsave(path, np.concatenate([np.dstack([x] * 3), rgb], axis=1))

@@ -1,6 +1,9 @@
-"""The one home of the device rules: which torch device a name means, which precision/AMP mode
-runs on it, and which torch.distributed backend a run uses. Used by prediction, the CLI,
-the widgets and training alike. torch is imported inside the functions."""
+"""Device rules: which torch device a name means (:func:`resolve_device`), whether a CUDA device
+has bfloat16 (:func:`cuda_has_bf16`), and which torch.distributed backend a run uses
+(:func:`ddp_backend`). Used by prediction, the CLI, the widgets and training alike. What
+"auto" precision picks is decided where it is used: ``inference.runner`` for prediction
+(``--precision``), ``training.loops.resolve_amp`` for training (``--amp``). torch is imported
+inside the functions."""
 
 from __future__ import annotations
 

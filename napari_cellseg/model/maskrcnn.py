@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_cellseg.model.backbone_weights import BackboneError
+from napari_cellseg.options import unit_value
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,9 +117,9 @@ class ModelConfig:
             setattr(self, name, int(v))
         for name in _UNIT_FIELDS:
             v = getattr(self, name)
-            if not _finite(v) or not 0.0 <= float(v) <= 1.0:
+            if unit_value(v) is None:
                 raise ConfigError(f"{name}: must be a number in [0, 1], got {v!r}")
-            setattr(self, name, float(v))
+            setattr(self, name, unit_value(v))
         anchors = self.anchor_sizes
         if (not isinstance(anchors, (list, tuple)) or len(anchors) != _N_LEVELS
                 or not all(_is_int(a) and 1 <= a <= 16384 for a in anchors)):

@@ -332,7 +332,7 @@ def test_diameter_option_sizes_images(workdir, tmp_path, capsys):
     rc, cap = _run([*base, "--diameter", "auto"], capsys)
     assert rc == 0, cap.err
     assert "object size: estimated per image" in cap.err and read_annotations(out).ids == ["a_img"]
-    rc, cap = _run([*base, "--diameter", "15"], capsys)  # tiny model: reference 30 px -> x2
+    rc, cap = _run([*base, "--diameter", "15", "--overwrite"], capsys)  # tiny model: reference 30 px -> x2
     assert rc == 0 and "object size: scale 2\n" in cap.err
     for bad, expected in ((["--diameter", "0"], "--diameter: expected a diameter in pixels > 0"),
                           (["--diameter", "10", "--scale", "2"], "not allowed with argument")):

@@ -62,7 +62,8 @@ def _copy(env, folder: Path, *names) -> Path:
 
 # ---- D1: an exclusive lock on --out and its journals ------------------------------------------
 def test_second_writer_exits_2_at_once_and_keeps_the_first_runs_journal(env, tmp_path):
-    from napari_cellseg.io.journal import Journal, journal_path, output_lock
+    from napari_cellseg.io.atomic import output_lock
+    from napari_cellseg.io.journal import Journal, journal_path
 
     out = tmp_path / "sub.csv"
     with output_lock(out):  # "the first run", still writing
@@ -83,7 +84,7 @@ def test_second_writer_exits_2_at_once_and_keeps_the_first_runs_journal(env, tmp
 
 
 def test_output_lock_is_exclusive_and_cleans_up(tmp_path):
-    from napari_cellseg.io.journal import OutputLockError, output_lock
+    from napari_cellseg.io.atomic import OutputLockError, output_lock
 
     out = tmp_path / "sub.csv"
     with output_lock(out):
@@ -210,7 +211,7 @@ def test_checkpoint_with_a_text_diameter_leaves_no_journal(env, tmp_path):
     assert not out.exists() and _leftovers(tmp_path, "sub.csv") == []
 
 
-# ---- a fresh run where every image fails replaces the old CSV (header only), leaves no journal -
+# ---- a fresh run with --overwrite where every image fails replaces the old CSV (header only) --
 def test_fresh_run_with_every_image_failing_replaces_the_old_csv(env, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
@@ -221,6 +222,10 @@ def test_fresh_run_with_every_image_failing_replaces_the_old_csv(env, tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert out.read_bytes() == old and _leftovers(tmp_path, "stale.csv") == []  # --resume: rows stay
     proc = cellseg("--checkpoint", env / "tiny.bin", bad, "--out", out, "--device", "cpu")
+    assert proc.returncode == 2  # a fresh run never replaces rows unless asked
+    assert str(out) in _one_error_line(proc) and "--overwrite" in _one_error_line(proc)
+    assert out.read_bytes() == old and _leftovers(tmp_path, "stale.csv") == []
+    proc = cellseg("--checkpoint", env / "tiny.bin", bad, "--out", out, "--device", "cpu", "--overwrite")
     assert proc.returncode == 1, proc.stderr
     assert "wrote 0 images" in proc.stdout
     assert out.read_text() == "id,predicted\n"  # header only: no row of the earlier run survives

@@ -164,7 +164,8 @@ def _no_temp_mistaken(folder: Path, target: str):
     from napari_cellseg.io.images import list_images
 
     leftovers = [p.name for p in folder.iterdir() if p.name != target and target in p.name]
-    assert all(n.startswith(f".{target}.") and n.endswith(".tmp") for n in leftovers), leftovers
+    # (a kill -9 leaves the writer's lock file: no flock is held, the next writer takes it over)
+    assert all(n.startswith(f".{target}.") and n.endswith((".tmp", ".lock")) for n in leftovers), leftovers
     assert not [p for p in list_images(folder) if p.name.startswith(".")]
 
 

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     save_checkpoint(ckpt, model, cfg, thresholds={"box_conf": 0.3, "mask_threshold": 0.4, "min_area": 0})
     (root / "images").mkdir()
     (root / "gt").mkdir()
-    predictor = Predictor(model, cfg, device="cpu")
+    predictor = Predictor.from_model(model, cfg, device="cpu")
     for i, kind in enumerate(["nuclei", "cells"]):
         image, _ = make_image(kind, shape=(96, 128), seed=i)
         tifffile.imwrite(root / "images" / f"img{i}.tif", image)

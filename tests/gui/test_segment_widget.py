@@ -60,16 +60,16 @@ def errors(_isolated):
 
 @pytest.fixture
 def forward_calls(monkeypatch):
-    from napari_cellseg.inference import predictor as predict
+    from napari_cellseg.inference.runner import Runner
 
     calls = []
-    orig = predict.Predictor._forward
+    orig = Runner._forward
 
     def counted(self, *a, **k):
         calls.append(1)
         return (yield from orig(self, *a, **k))
 
-    monkeypatch.setattr(predict.Predictor, "_forward", counted)
+    monkeypatch.setattr(Runner, "_forward", counted)
     return calls
 
 

@@ -4,6 +4,8 @@ Cancel stops a run, bad input gives a notification and writes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from napari_cellseg.gui.train import form as _form  # noqa: E402
-from training.config import ConfigError  # noqa: E402
+from training.config import ConfigError, TrainConfig  # noqa: E402
 from training.data import DataError  # noqa: E402
 
 TIMEOUT = 240_000
@@ -94,7 +96,7 @@ def test_form_defaults_are_train_configs_and_backbone_choice(tmp_path):
 
     d = TrainConfig()
     for key in ("epochs", "lr", "batch_size", "crop_size", "steps_per_epoch", "val_fraction", "device"):
-        assert _form.FORM_DEFAULTS[key] == getattr(d, key), key
+        assert _form.form_defaults()[key] == getattr(d, key), key
     assert _form.backbone_weights("imagenet") == "imagenet"
     assert _form.backbone_weights("random") == "random"
     assert _form.default_backbone_choice() == d.backbone_weights == "imagenet"  # like the seed
@@ -105,6 +107,37 @@ def test_form_defaults_are_train_configs_and_backbone_choice(tmp_path):
         _form.backbone_weights("file", str(tmp_path / "none.pth"))
     c = _form.form_to_config({"out": str(tmp_path / "r"), "backbone_weights": "imagenet"})
     assert c.backbone_weights == "imagenet"
+
+
+@dataclasses.dataclass
+class _ConfigWithWarmup(TrainConfig):
+    """TrainConfig with one field more, as a future version would add it."""
+
+    warmup_epochs: int = 3
+
+
+def test_form_fields_are_generated_from_train_config(monkeypatch, tmp_path):
+    """Every TrainConfig field is a form row (tooltip = the CLI's help, choices = the CLI's)
+    unless it has a row of its own or is fixed; a new field appears with no widget code."""
+    from training.config import CHOICES, HELP
+
+    fields = {f.name: f for f in _form.form_fields()}
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(fields) == sorted(n for n in names if n not in _form.NOT_IN_FORM)
+    assert [n for n in fields][:len(_form.MAIN_FIELDS)] == list(_form.MAIN_FIELDS)
+    for name, f in fields.items():
+        assert f.default == getattr(TrainConfig(), name) and f.tooltip == HELP[name], name
+        if name in CHOICES:
+            assert f.options["choices"] == list(CHOICES[name]), name
+    c = _form.form_to_config({"out": str(tmp_path / "r"), "amp": "off", "seed": 7, "scale_range": [0.5, 2.0],
+                              "augment": False})
+    assert (c.amp, c.seed, c.scale_range, c.augment) == ("off", 7, (0.5, 2.0), False)
+    monkeypatch.setattr(_form, "TrainConfig", _ConfigWithWarmup)
+    monkeypatch.setitem(HELP, "warmup_epochs", "epochs of linear lr warm-up")
+    new = {f.name: f for f in _form.form_fields()}["warmup_epochs"]
+    assert (new.annotation, new.default, new.label, new.advanced) == (int, 3, "Warmup epochs", True)
+    c = _form.form_to_config({"out": str(tmp_path / "r"), "warmup_epochs": 5})
+    assert isinstance(c, _ConfigWithWarmup) and c.warmup_epochs == 5
 
 
 def test_tracker_shows_epoch_zero_and_time_per_epoch():
@@ -164,11 +197,11 @@ def docked(make_napari_viewer, tiny_checkpoint, notes, tmp_path):
     _, seg = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
     _, train = viewer.window.add_plugin_dock_widget("napari-cellseg", "Train model")
     train.start_from[0].setText(str(tiny_checkpoint))
-    train.epochs.setValue(1)
-    train.steps.setValue(2)
-    train.crop_size.setValue(64)
-    train.batch_size.setValue(1)
-    train.device.setCurrentText("cpu")
+    train.fields["epochs"].value = 1
+    train.fields["steps_per_epoch"].value = 2
+    train.fields["crop_size"].value = 64
+    train.fields["batch_size"].value = 1
+    train.fields["device"].value = "cpu"
     train.out[0].setText(str(tmp_path / "run"))
     return viewer, seg, train
 
@@ -204,6 +237,48 @@ def test_start_from_defaults_to_segment_widgets_checkpoint(docked, tiny_checkpoi
     viewer, seg, _ = docked
     seg.set_checkpoint(tiny_checkpoint)
     assert TrainWidget(viewer).start_from[0].text() == str(tiny_checkpoint.resolve())
+
+
+def test_new_config_field_appears_in_the_form(make_napari_viewer, notes, monkeypatch, tmp_path):
+    """A field added to TrainConfig is in the dock's Settings (advanced part), with the CLI's
+    help as its tooltip, and reaches the config: no widget code names it."""
+    from training.config import HELP
+
+    monkeypatch.setattr(_form, "TrainConfig", _ConfigWithWarmup)
+    monkeypatch.setitem(HELP, "warmup_epochs", "epochs of linear lr warm-up")
+    viewer = make_napari_viewer()
+    _, train = viewer.window.add_plugin_dock_widget("napari-cellseg", "Train model")
+    w = train.fields["warmup_epochs"]
+    assert w.value == 3 and w.tooltip == "epochs of linear lr warm-up" and w.label == "Warmup epochs"
+    assert w.native.parent() is not None and train.advanced.isAncestorOf(w.native)
+    w.value = 5
+    train.start_from[0].setText("")
+    train.backbone_combo.setCurrentIndex(train.backbone_combo.findData("random"))
+    train.out[0].setText(str(tmp_path / "run"))
+    config = train.read_config()
+    assert isinstance(config, _ConfigWithWarmup) and config.warmup_epochs == 5
+    assert config.backbone_weights == "random" and (config.width, config.height) == (0, 0)
+
+
+def test_form_remembers_the_last_values(docked, notes, tmp_path):
+    """Start remembers the Settings (even when the data is not ready); the next form opens
+    with them; a remembered value the form no longer takes leaves that field's default."""
+    from napari_cellseg.gui.settings import save_settings
+    from napari_cellseg.gui.train.widget import REMEMBERED, TrainWidget
+
+    viewer, _, train = docked
+    train.fields["lr"].value = 3e-4
+    train.fields["amp"].value = "off"
+    train.fields["scale_range"].value = (0.5, 2.0)
+    viewer.layers["synth cells"].data = np.zeros((128, 128), np.int32)  # no cells: Start refuses
+    train.start_btn.click()
+    assert train._worker is None and "empty" in notes["error"][-1]
+    again = TrainWidget(viewer)
+    assert again.fields["lr"].value == pytest.approx(3e-4) and again.fields["amp"].value == "off"
+    assert again.fields["scale_range"].value == (0.5, 2.0) and again.fields["epochs"].value == 1
+    save_settings({REMEMBERED: {"amp": "nonsense", "lr": 2e-4, "gone": 1}})
+    third = TrainWidget(viewer)
+    assert third.fields["amp"].value == TrainConfig().amp and third.fields["lr"].value == pytest.approx(2e-4)
 
 
 @pytest.mark.slow
@@ -242,7 +317,7 @@ def test_start_loads_pytorch_off_the_gui_thread(docked, qtbot, notes, monkeypatc
 
     monkeypatch.setattr(_torch_guard, "import_torch", spy)
     _, _, train = docked
-    train.steps.setValue(500)
+    train.fields["steps_per_epoch"].value = 500
     train.start_btn.click()
     assert train.status.text().startswith(("Starting", "Loading"))
     qtbot.waitUntil(lambda: bool(seen), timeout=TIMEOUT)
@@ -256,8 +331,8 @@ def test_start_loads_pytorch_off_the_gui_thread(docked, qtbot, notes, monkeypatc
 def test_cancel_stops_a_running_job(docked, qtbot, notes, tmp_path):
     _, seg, train = docked
     before = seg.model_combo.currentData()
-    train.epochs.setValue(3)
-    train.steps.setValue(500)
+    train.fields["epochs"].value = 3
+    train.fields["steps_per_epoch"].value = 500
     train.start_btn.click()
     qtbot.waitUntil(lambda: train.tracker is not None and len(train.tracker.steps) >= 1, timeout=TIMEOUT)
     train.cancel_btn.click()

@@ -134,3 +134,21 @@ def test_overlaps_best_iou_and_odd_ids():
     assert np.allclose(ov.best_for_pred(), [1 / 3, 2 / 3])
     assert np.allclose(ov.best_for_gt(), [1 / 3, 2 / 3])
     assert np.allclose(ov.dense(), [[1 / 3, 0], [1 / 4, 2 / 3]])
+
+
+def test_duplicate_and_overlapping_masks_are_predictions_of_their_own():
+    """Scored as a label image, a duplicate mask vanished (the earlier row won); as a MaskSet each
+    mask is one prediction: a duplicate is a false positive."""
+    from napari_cellseg.inference.metrics import MaskSet
+    from napari_cellseg.io.rle import labels_to_rles
+
+    gt = np.zeros((20, 30), np.int32)
+    gt[2:8, 2:8], gt[10:18, 10:20] = 1, 2
+    rles = labels_to_rles(gt)
+    once, twice = MaskSet.from_rles(rles, gt.shape), MaskSet.from_rles(rles + rles[:1], gt.shape)
+    assert once.overlapping() == 0 and twice.overlapping() == 2
+    assert evaluate_image(gt, once).map == 1.0
+    score = evaluate_image(gt, twice)
+    assert (score.n_pred, score.tp, score.fp, score.fn) == (3, 2, 1, 0)
+    assert score.map == pytest.approx(2 / 3)
+    assert evaluate_image(gt, gt).map == 1.0  # a label image as before

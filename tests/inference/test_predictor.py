@@ -12,6 +12,7 @@ from napari_cellseg.model.maskrcnn import ModelConfig, build_model  # noqa: E402
 from napari_cellseg.model.devices import DeviceError  # noqa: E402
 from napari_cellseg.options import Thresholds  # noqa: E402
 from napari_cellseg.inference.predictor import Detections, Predictor, PredictError, drain  # noqa: E402
+from napari_cellseg.inference.runner import Runner  # noqa: E402
 
 TINY = dict(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
             min_size=128, max_size=192, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=300,
@@ -63,7 +64,7 @@ def test_to_labels_matches_stock_torchvision(tiny, shape):
     model, config = tiny
     image = _image(shape)
     ref, out = stock_labels(model, image, 0.5, 0.5)
-    dets = Predictor(model, config).predict(image)
+    dets = Predictor.from_model(model, config).predict(image)
     assert len(dets) == len(out["scores"]) > 50
     np.testing.assert_allclose(dets.boxes, out["boxes"].numpy(), atol=1e-3)
     np.testing.assert_allclose(dets.scores, out["scores"].numpy(), atol=1e-5)
@@ -76,7 +77,7 @@ def test_to_labels_matches_stock_torchvision(tiny, shape):
 def test_mask_threshold_and_box_conf_match_stock(tiny):
     model, config = tiny
     image = _image((128, 160), seed=3)
-    dets = Predictor(model, config).predict(image)
+    dets = Predictor.from_model(model, config).predict(image)
     conf = float(np.median(dets.scores))
     ref, _ = stock_labels(model, image, conf, 0.7)
     labels = dets.to_labels(conf, 0.7)
@@ -200,7 +201,7 @@ def test_post_processing_leaves_other_cells_pixels():
 # ---- Predictor --------------------------------------------------------------------------------
 def test_iter_predict_progress_and_result(tiny):
     model, config = tiny
-    gen = Predictor(model, config, mask_chunk=16).iter_predict(_image((64, 80)))
+    gen = Predictor(Runner(model, config, mask_chunk=16)).iter_predict(_image((64, 80)))
     events = []
     try:
         while True:
@@ -218,7 +219,7 @@ def test_iter_predict_progress_and_result(tiny):
 
 def test_cancel_between_stages(tiny):
     model, config = tiny
-    gen = Predictor(model, config).iter_predict(_image((64, 80)))
+    gen = Predictor.from_model(model, config).iter_predict(_image((64, 80)))
     assert next(gen)["stage"] == "load" and next(gen)["stage"] == "backbone"
     gen.close()  # what a napari worker.quit() amounts to: no further stage runs
     with pytest.raises(StopIteration):
@@ -228,7 +229,7 @@ def test_cancel_between_stages(tiny):
 def test_scale_maps_boxes_to_original_pixels(tiny):
     model, config = tiny
     image = _image((128, 160), seed=2)
-    pred = Predictor(model, config)
+    pred = Predictor.from_model(model, config)
     full, half = pred.predict(image), pred.predict(image, scale=0.5)
     assert half.image_shape == full.image_shape == (128, 160)
     assert half.boxes[:, [0, 2]].max() <= 160 and half.boxes[:, [1, 3]].max() <= 128
@@ -242,7 +243,7 @@ def test_scale_maps_boxes_to_original_pixels(tiny):
 def test_predict_many_batches_equal_single(tiny):
     model, config = tiny
     images = [_image((96, 128), seed=s) for s in range(3)]
-    pred = Predictor(model, config)
+    pred = Predictor.from_model(model, config)
     got = list(pred.predict_many(images, batch_size=2))
     assert [i for i, _ in got] == [0, 1, 2]
     for (_, d), image in zip(got, images):
@@ -251,15 +252,27 @@ def test_predict_many_batches_equal_single(tiny):
         assert min_instance_iou(single.to_labels(), d.to_labels()) >= 0.98
 
 
+def test_predict_many_gives_each_size_the_detections_it_gets_alone(tiny):
+    """A smaller image padded beside a larger one in one forward got other detections; a batch
+    now holds images of one size only."""
+    model, config = tiny
+    images = [_image((96, 128), seed=0), _image((64, 80), seed=1), _image((96, 128), seed=2)]
+    pipe = Predictor.from_model(model, config)
+    got = dict(pipe.predict_many(images, batch_size=3))
+    for k, image in enumerate(images):
+        single = pipe.predict(image)
+        assert np.array_equal(got[k].scores, single.scores) and np.array_equal(got[k].boxes, single.boxes)
+
+
 def test_precision_and_device_errors(tiny):
     model, config = tiny
     with pytest.raises(PredictError, match="fp16"):
-        Predictor(model, config, device="cpu", precision="fp16")
+        Predictor.from_model(model, config, device="cpu", precision="fp16")
     with pytest.raises(PredictError, match="precision"):
-        Predictor(model, config, precision="int8")
+        Predictor.from_model(model, config, precision="int8")
     with pytest.raises(DeviceError):
-        Predictor(model, config, device="nonsense")
-    assert Predictor(model, config, device="cpu", precision="auto").precision in ("fp32", "bf16")
+        Predictor.from_model(model, config, device="nonsense")
+    assert Predictor.from_model(model, config, device="cpu", precision="auto").runner.precision in ("fp32", "bf16")
 
 
 def test_from_checkpoint_keeps_thresholds(tiny, tmp_path):
@@ -268,11 +281,9 @@ def test_from_checkpoint_keeps_thresholds(tiny, tmp_path):
     save_checkpoint(path, model, config, thresholds={"box_conf": 0.6, "mask_threshold": 0.4, "min_area": 3})
     pred = Predictor.from_checkpoint(path, device="cpu")
     assert pred.thresholds == Thresholds(box_conf=0.6, mask_threshold=0.4, min_area=3)
-    assert dict(pred.thresholds) == {**Thresholds().to_dict(), "box_conf": 0.6, "mask_threshold": 0.4,
-                                     "min_area": 3}  # old dict readers keep working
-    assert pred.config == config
+    assert pred.runner.config == config
     image = _image((64, 80))
-    np.testing.assert_allclose(pred.predict(image).scores, Predictor(model, config).predict(image).scores,
+    np.testing.assert_allclose(pred.predict(image).scores, Predictor.from_model(model, config).predict(image).scores,
                                atol=1e-5)
     with pytest.raises(CheckpointError):
         Predictor.from_checkpoint(tmp_path / "missing.bin", device="cpu")
@@ -283,7 +294,7 @@ def test_thresholds_changed_by_assignment_and_validated(tiny):
     from napari_cellseg.options import OptionError
 
     model, config = tiny
-    pred = Predictor(model, config, thresholds={"box_conf": 0.6})
+    pred = Runner(model, config, thresholds={"box_conf": 0.6})
     with pytest.raises(TypeError):
         pred.thresholds["box_conf"] = 0.3
     pred.thresholds = pred.thresholds.with_overrides(box_conf=0.3)
@@ -302,7 +313,7 @@ def test_drain_returns_generator_value():
     assert drain(job()) == 42
 
 
-class _SizedPredictor(Predictor):
+class _SizedRunner(Runner):
     """Finds square objects of SIZE image px, but only when they look 15..80 px to the network."""
 
     SIZE = 8.0
@@ -328,41 +339,44 @@ class _SizedPredictor(Predictor):
 
 
 def test_auto_scale_estimates_size_and_predicts_at_the_model_size():
-    pred = _SizedPredictor()
     image = np.zeros((96, 96, 3), np.float32)
-    pred.SIZE = 20.0  # found at scale 1: square 20 px = 22.6 px disk-equivalent -> x1.77
-    det = pred.predict(image, scale="auto")
-    assert pred.calls[0] == 1.0 and len(pred.calls) == 2
+    run = _SizedRunner()
+    run.SIZE = 20.0  # found at scale 1: square 20 px = 22.6 px disk-equivalent -> x1.77
+    det = Predictor(run).predict(image)  # a model trained with a diameter: "auto" by default
+    assert run.calls[0] == 1.0 and len(run.calls) == 2
     assert abs(det.diameter - 2 * 20 / np.sqrt(np.pi)) < 0.5
     assert det.scale == pytest.approx(40 / det.diameter, rel=1e-3) and len(det) == 4
-    pred = _SizedPredictor()
-    pred.SIZE = 8.0  # too small to be seen at scale 1: retried larger, then refined
-    det = pred.predict(image, scale="auto")
-    assert pred.calls[:2] == [1.0, 2.5] and len(pred.calls) == 3 and len(det) > 4
+    run = _SizedRunner()
+    run.SIZE = 8.0  # too small to be seen at scale 1: retried larger, then refined
+    det = Predictor(run).predict(image, scale="auto")
+    assert run.calls[:2] == [1.0, 2.5] and len(run.calls) == 3 and len(det) > 4
     assert det.scale == pytest.approx(40 / det.diameter, rel=0.2) and det.scale > 3
-    pred = _SizedPredictor()
-    pred.WINDOW = (15, 25)  # seen at 2.5x, lost again at the refined 3.5x: the 2.5x result is kept
-    det = pred.predict(image, scale="auto")
+    run = _SizedRunner()
+    run.WINDOW = (15, 25)  # seen at 2.5x, lost again at the refined 3.5x: the 2.5x result is kept
+    det = Predictor(run).predict(image, scale="auto")
     # (the next factor comes from the rounded diameter, 11 px: what typing 11 gives)
-    assert pred.calls == [1.0, 2.5, pytest.approx(40 / 11)] and det.scale == 2.5 and len(det) > 4
-    pred = _SizedPredictor()
-    pred.SIZE = 2.0  # never seen: every retry, then the first (empty) result
-    det = pred.predict(image, scale="auto")
-    assert pred.calls == [1.0, 2.5, 0.4] and len(det) == 0 and det.diameter is None
+    assert run.calls == [1.0, 2.5, pytest.approx(40 / 11)] and det.scale == 2.5 and len(det) > 4
+    run = _SizedRunner()
+    run.SIZE = 2.0  # never seen: every retry, then the first (empty) result
+    det = Predictor(run).predict(image, scale="auto")
+    assert run.calls == [1.0, 2.5, 0.4] and len(det) == 0 and det.diameter is None
 
 
 def test_resolve_scale_and_diameter():
-    plain = Predictor(torch.nn.Identity(), ModelConfig())
-    sized = Predictor(torch.nn.Identity(), ModelConfig(diameter=40.0))
-    assert plain.resolve_scale() == 1.0 and sized.resolve_scale() == "auto"
-    assert sized.resolve_scale(diameter=20) == 2.0 and plain.resolve_scale(diameter=60) == 0.5
-    assert sized.resolve_scale(scale=1.5, diameter=20) == 1.5
-    assert sized.resolve_scale(diameter="auto") == "auto"
+    from napari_cellseg.inference.sizing import resolve_scale
+
+    plain = Runner(torch.nn.Identity(), ModelConfig())
+    sized = Runner(torch.nn.Identity(), ModelConfig(diameter=40.0))
+    assert resolve_scale(plain) == 1.0 and resolve_scale(sized) == "auto"
+    assert Predictor(plain).scale == 1.0 and Predictor(sized).scale == "auto"  # the pipeline's default
+    assert resolve_scale(sized, diameter=20) == 2.0 and resolve_scale(plain, diameter=60) == 0.5
+    assert resolve_scale(sized, scale=1.5, diameter=20) == 1.5
+    assert resolve_scale(sized, diameter="auto") == "auto"
     with pytest.raises(PredictError, match="diameter 1 px would resize the image x40"):
-        sized.resolve_scale(diameter=1)
+        resolve_scale(sized, diameter=1)
     for bad in (dict(diameter=0), dict(diameter=-3), dict(scale=0), dict(scale="big")):
         with pytest.raises(PredictError):
-            sized.resolve_scale(**bad)
+            resolve_scale(sized, **bad)
 
 
 def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
@@ -370,7 +384,9 @@ def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
     from napari_cellseg.inference.pipeline import _AutoSize
     from napari_cellseg.inference.sizing import size_message
 
-    sized = Predictor(torch.nn.Identity(), ModelConfig(diameter=40.0, native_scale=True))
+    from napari_cellseg.inference.sizing import resolve_scale
+
+    sized = Runner(torch.nn.Identity(), ModelConfig(diameter=40.0, native_scale=True))
 
     def auto_result(measured_px_at_each_pass):
         """Drive one image's auto size with fake measurements -> (Detections, message)."""
@@ -386,7 +402,7 @@ def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
 
     for measured in (24, 43, 12, 90):
         dets, message = auto_result([measured] * 4)
-        typed = sized.resolve_scale(diameter=dets.diameter)
+        typed = resolve_scale(sized, diameter=dets.diameter)
         assert typed == pytest.approx(dets.scale), (measured, message)
         assert f"estimated at {dets.diameter:.0f} px" in message
         factor = message.split("resized x")[1].rstrip(".")
@@ -446,7 +462,7 @@ def test_auto_size_batched_over_images_equals_one_by_one(tiny):
     from napari_cellseg.inference.pipeline import iter_auto_scale
 
     model, config = tiny
-    pred = Predictor(model, config)
+    pred = Runner(model, config)
     arrays = [_image((96, 128), seed=s) for s in (5, 6, 7)]
     together = drain(iter_auto_scale(pred, arrays))
     for array, d in zip(arrays, together):

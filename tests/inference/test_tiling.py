@@ -8,6 +8,8 @@ the real tiled path end to end (boxes global, progress per tile, cancel between 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,7 @@ def test_tiled_equals_whole_with_a_deterministic_model():
 def _tiny_predictor(tile_size, overlap):
     from napari_cellseg.model.maskrcnn import ModelConfig, build_model
     from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.options import PredictOptions
 
     torch.manual_seed(0)
     config = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32,
@@ -130,7 +133,7 @@ def _tiny_predictor(tile_size, overlap):
     model = build_model(config)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[1] = 4.0
-    return Predictor(model, config, tile_size=tile_size, tile_overlap=overlap)
+    return Predictor.from_model(model, config, options=PredictOptions(tile_size=tile_size, tile_overlap=overlap))
 
 
 def test_real_model_tiled_path_progress_and_cancel():
@@ -166,7 +169,7 @@ def test_real_model_tiled_path_progress_and_cancel():
     small = drain(p.iter_predict(image[:100, :100]))
     assert small.image_shape == (100, 100)
     with pytest.raises(ValueError, match="overlap"):
-        type(p)(p.model, p.config, tile_size=64, tile_overlap=64)
+        type(p)(p.runner, replace(p.options, tile_size=64, tile_overlap=64))
 
 
 def test_auto_size_progress_moves_with_the_tiles():

@@ -66,3 +66,34 @@ def test_empty_cases():
         sweep_image(empty, np.zeros((16, 16), np.int32), [0.5], [0.5])
     with pytest.raises(ValueError, match="no images"):
         sweep([], [0.5], [0.5])
+
+
+def test_tune_is_a_library_call_returning_a_result(tmp_path):
+    """cellseg tune's work without the CLI: PredictOptions + paths in, a TuneResult out."""
+    import tifffile
+
+    from conftest import tiny_checkpoint
+    from napari_cellseg.inference.pipeline import Pipeline
+    from napari_cellseg.inference.tuning import TuneResult, tune
+    from napari_cellseg.io.synthetic import make_image
+    from napari_cellseg.options import PredictOptions
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.bin", thresholds={"box_conf": 0.3, "mask_threshold": 0.4,
+                                                              "min_area": 0})
+    options = PredictOptions(checkpoint=ckpt, device="cpu")
+    images, gt = tmp_path / "images", tmp_path / "gt"
+    images.mkdir()
+    gt.mkdir()
+    pipe = Pipeline.from_options(options)
+    image, _ = make_image("nuclei", shape=(96, 128), seed=0)
+    tifffile.imwrite(images / "img0.tif", image)
+    truth = pipe.predict(images / "img0.tif").to_labels(0.5, 0.4)
+    assert truth.max() > 2, "the tiny model must find some cells at the target pair"
+    tifffile.imwrite(gt / "img0.tif", truth.astype(np.uint16))
+    notes: list[str] = []
+    found = tune(options, gt, images, box_confs=[0.3, 0.5], mask_thresholds=[0.4, 0.6], note=notes.append)
+    assert isinstance(found, TuneResult) and not found.written
+    assert (found.best["box_conf"], found.best["mask_threshold"]) == (0.5, 0.4)
+    assert found.best["map"] == pytest.approx(1.0) and found.best["min_area"] == 0
+    assert found.to_dict()["n_images"] == 1 and len(found.to_dict()["table"]) == 4
+    assert any(n.startswith("object size:") for n in notes)

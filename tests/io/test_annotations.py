@@ -218,3 +218,47 @@ def test_rows_in_file_order(tmp_path):
     path = tmp_path / "s.csv"
     path.write_text("idx,id,annotation\n0,a,1 1\n1, b ,-1\n2,a,3 1\n")
     assert list(read_annotations(path).rows()) == [("a", "1 1"), ("b", ""), ("a", "3 1")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_csv_is_named_as_utf16(tmp_path, encoding):
+    """With or without a byte-order mark, a UTF-16 CSV was "a binary file"."""
+    path = tmp_path / "sub.csv"
+    path.write_text("id,predicted\na,1 2\n", encoding=encoding)
+    with pytest.raises(CsvError, match="UTF-16 text.*re-save it as UTF-8"):
+        read_annotations(path)
+
+
+def test_utf16_csv_at_predict_resume_is_named(tmp_path):
+    from napari_cellseg.io.journal import done_ids
+
+    path = tmp_path / "sub.csv"
+    path.write_text("id,predicted\na,1 2\n", encoding="utf-16")
+    with pytest.raises(ValueError, match="UTF-16"):
+        done_ids(path)
+
+
+def test_write_without_merge_or_overwrite_keeps_rows(tmp_path, small_labels):
+    path = tmp_path / "sub.csv"
+    path.write_text("id,predicted\nhand,1 2\n")
+    with pytest.raises(ValueError, match="already holds rows"):
+        write_annotations(path, {"a": small_labels}, overwrite=False)
+    assert path.read_text() == "id,predicted\nhand,1 2\n"
+    write_annotations(path, {"a": small_labels}, merge=True, overwrite=False)
+    assert read_annotations(path).ids == ["hand", "a"]
+
+
+def test_write_waits_for_the_output_lock(tmp_path, small_labels):
+    """The napari export and to-csv take the lock cellseg predict holds for its whole run."""
+    from napari_cellseg.io import annotations
+    from napari_cellseg.io.atomic import OutputLockError, output_lock
+
+    path = tmp_path / "sub.csv"
+    old_wait, annotations.LOCK_WAIT = annotations.LOCK_WAIT, 0.1
+    try:
+        with output_lock(path):
+            with pytest.raises(OutputLockError, match="sub.csv"):
+                write_annotations(path, {"a": small_labels})
+    finally:
+        annotations.LOCK_WAIT = old_wait
+    assert not path.exists()

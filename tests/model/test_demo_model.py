@@ -50,7 +50,7 @@ def test_shipped_small_and_weights_only():
 def test_segments_the_packaged_samples(predictor, name):
     image, gt = load_sample(name)
     t = predictor.thresholds
-    det = predictor.predict(image, scale=predictor.resolve_scale())  # the model's default: auto size
+    det = predictor.predict(image)  # the model's default size: auto (trained with --diameter)
     labels = det.to_labels(t)  # the checkpoint's thresholds with the default post-processing
     score = average_precision(gt, labels)
     assert score >= MIN_MAP[name], f"{name}: mAP {score:.3f} < {MIN_MAP[name]}"

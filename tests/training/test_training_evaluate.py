@@ -95,7 +95,7 @@ def test_engine_evaluate_uses_predictor_once_per_image_and_restores_train_mode()
     assert model.training  # back in train mode for the next epoch
     # same inference as the Segment widget's Predictor (native scale: the size trained on)
     mc_native = ModelConfig.from_dict({**mc.to_dict(), "native_scale": True})
-    ref = Predictor(model, mc_native).predict(ds.raw(0)[0])
+    ref = Predictor.from_model(model, mc_native).predict(ds.raw(0)[0], scale=1.0)
     np.testing.assert_allclose(dets[0].scores, ref.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(dets[0].to_labels(0.5, 0.5), ref.to_labels(0.5, 0.5))
     model.train()

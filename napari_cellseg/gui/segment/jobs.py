@@ -68,14 +68,14 @@ def predict_options(checkpoint, device, diameter=None, thresholds=None, image_in
 
 def _runner(options, cache):
     """The network runner of ``options`` (checkpoint, device, precision), cached across runs."""
-    from napari_cellseg.inference.predictor import Predictor
+    from napari_cellseg.inference.runner import Runner
 
     path = Path(options.checkpoint)
     key = (str(path.resolve()), path.stat().st_mtime_ns if path.exists() else 0, options.device,
            options.precision)
     runner = cache.get(key)
     if runner is None:
-        runner = Predictor.from_checkpoint(path, device=options.device, precision=options.precision)
+        runner = Runner.from_checkpoint(path, device=options.device, precision=options.precision)
         cache.clear()  # one model in memory at a time
         cache[key] = runner
     return runner
@@ -85,6 +85,12 @@ def _pipeline(options, cache):
     from napari_cellseg.inference.pipeline import Pipeline
 
     return Pipeline(_runner(options, cache), options)
+
+
+def pipeline_for(options, cache):
+    """The ``Pipeline`` of ``options`` over the cached model (the Review dataset dock's box and
+    click tools use the model its predictions came from)."""
+    return _pipeline(options, cache)
 
 
 def segment_job(options, planes: dict, cache):

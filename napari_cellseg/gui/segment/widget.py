@@ -585,6 +585,20 @@ class SegmentWidget(PanelActions, ScrollDock):
         self._info(f"{n} cells in {image_name}{where} ({kept} candidates kept for the "
                    f"sliders){tip}.{' ' + size if size else ''}{note}", notify=True)
 
+    def follow(self, image_name: str) -> None:
+        """Put the sliders, edit lock and edit keys on ``image_name`` and its result layer made
+        by another dock (the Review dataset dock shows one image at a time this way)."""
+        self._refresh_images()
+        self.image_combo.setCurrentText(image_name)
+        lyr = self._result_layer()
+        if lyr is not None:
+            self._bind(lyr)
+            if result_of(lyr).thresholds is not None:
+                self._show_thresholds(result_of(lyr).thresholds)
+        self._update_tune_panel()
+        if lyr is not None and not result_of(lyr).edited:
+            self.count_label.setText(f"{len(np.unique(lyr.data)) - 1} cells")
+
     def _free_name(self, base: str) -> str:
         names = {x.name for x in self.viewer.layers}
         return next(c for c in (base if i == 0 else f"{base} {i + 1}" for i in range(len(names) + 1))

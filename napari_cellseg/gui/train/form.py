@@ -1,8 +1,10 @@
 """Plain logic behind the napari "Train model" widget (no Qt, no napari, no torch at import).
 It uses the headless ``training`` package's public modules (config, data, engine).
 
-* :data:`FORM_DEFAULTS` comes from :class:`TrainConfig` (one table of defaults, shared with the CLI);
-* :func:`form_to_config` maps the form's values 1:1 onto a :class:`TrainConfig`;
+* :func:`form_fields` lists the Settings form, generated from :class:`TrainConfig`'s fields (their
+  types, defaults and ``config.HELP`` / ``config.CHOICES``: the metadata the CLI flags come from),
+  so a new TrainConfig field appears in the form and the CLI with no widget code;
+* :func:`form_to_config` maps the form's values 1:1 onto a validated :class:`TrainConfig`;
 * :func:`layer_samples` turns (image, labels) layer pairs into training samples; with fewer than
   four images, each is cut into 2x2 tiles so a validation tile can be held out of one image;
 * :func:`train_job` is the worker body: samples -> ``engine.train`` events; when it fails before
@@ -12,45 +14,104 @@ It uses the headless ``training`` package's public modules (config, data, engine
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
+import typing
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from training.config import BACKBONE_WEIGHTS, TrainConfig
-from training.data import DataError
+from training.config import BACKBONE_WEIGHTS, CHOICES, HELP, TrainConfig
+from training.data import MIN_IMAGES_UNTILED, DataError
 
 from napari_cellseg.model.checkpoint import missing_checkpoint
 
 SOURCES = ("layers", "csv", "folders")
-MIN_IMAGES_UNTILED = 4  # fewer layer images than this: cut each into 2x2 tiles
-# form field -> TrainConfig field (the widget's tooltips come from config.HELP[field])
-FORM_FIELDS = {"epochs": "epochs", "lr": "lr", "batch_size": "batch_size", "device": "device",
-               "crop_size": "crop_size", "steps_per_epoch": "steps_per_epoch", "out": "out",
-               "init_checkpoint": "init_checkpoint", "val_fraction": "val_fraction",
-               "train_csv": "train_csv", "images": "images", "image_dir": "image_dir",
-               "label_dir": "label_dir", "backbone_weights": "backbone_weights"}
-_DEFAULT = TrainConfig()
-#: the form's defaults: TrainConfig's (None paths shown as "")
-FORM_DEFAULTS = {"source": "layers",
-                 **{key: ("" if getattr(_DEFAULT, f) is None else getattr(_DEFAULT, f))
-                    for key, f in FORM_FIELDS.items() if key != "out"}}
+#: TrainConfig fields with rows of their own (the data source pages, browse buttons, the backbone
+#: choice) or fixed by the widget: it trains at the images' native size (width = height = 0),
+#: never resumes (a fresh output folder per run), and the architecture comes from the start model
+OWN_ROWS = ("train_csv", "images", "image_dir", "label_dir", "out", "init_checkpoint", "backbone_weights")
+FIXED = {"width": 0, "height": 0, "resume": False}
+NOT_IN_FORM = (*OWN_ROWS, *FIXED, "model")
+PATHS = ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights")
+#: shown first, in this order; every other generated field goes under "Advanced"
+MAIN_FIELDS = ("epochs", "lr", "batch_size", "crop_size", "steps_per_epoch", "val_fraction", "device")
+LABELS = {"lr": "Learning rate", "steps_per_epoch": "Steps / epoch", "val_fraction": "Val fraction",
+          "grad_clip": "Gradient clip", "amp": "Mixed precision", "max_val_images": "Max val images",
+          "freeze_backbone_epochs": "Freeze backbone", "select_by": "Best model by",
+          "tune_thresholds": "Tune thresholds", "figures": "Write figures"}
+#: presentation only (the ranges a spin box offers; TrainConfig.validate() is the rule)
+WIDGET_OPTIONS: dict[str, dict[str, Any]] = {
+    "epochs": dict(min=1, max=10_000), "lr": dict(min=1e-6, max=1.0, step=1e-6),
+    "batch_size": dict(min=1, max=64), "crop_size": dict(min=0, max=4096, step=32),
+    "steps_per_epoch": dict(min=0, max=100_000), "val_fraction": dict(min=0.05, max=0.9, step=0.05),
+    "weight_decay": dict(min=0.0, max=1.0, step=1e-5), "plateau_factor": dict(min=0.01, max=0.99, step=0.05),
+    "device": dict(widget_type="ComboBox", choices=["auto", "cpu", "cuda"]),
+    "scale_range": dict(options=dict(min=0.05, max=20.0, step=0.05)),
+}
 #: backbone initialisation choices (used only when not starting from a checkpoint)
 BACKBONE_CHOICES = {"imagenet": "ImageNet weights (timm)", "random": "random (slow to learn)",
                     "file": "weights file…"}
 
 
+class FormField(NamedTuple):
+    """One generated form row: what ``magicgui.widgets.create_widget`` needs."""
+
+    name: str
+    annotation: Any
+    default: Any
+    label: str
+    tooltip: str
+    options: dict
+    advanced: bool
+
+
+def _generic_options(annotation, default) -> dict:
+    """Spin-box ranges for a field without WIDGET_OPTIONS (magicgui's own are 0..999, 2 decimals)."""
+    if annotation is int:
+        return dict(min=min(int(default), 0), max=2**31 - 1)
+    if annotation is float:
+        step = 10.0 ** (math.floor(math.log10(abs(default))) - 1) if default else 0.01
+        return dict(min=min(float(default), 0.0), max=1e6, step=step)
+    return {}
+
+
+def form_fields() -> list[FormField]:
+    """Every TrainConfig field except NOT_IN_FORM: MAIN_FIELDS first, the rest (advanced) in
+    the dataclass's order. Label, tooltip (config.HELP) and choices (config.CHOICES) as the CLI."""
+    hints = typing.get_type_hints(TrainConfig)
+    default = TrainConfig()
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_IN_FORM]
+    order = [n for n in MAIN_FIELDS if n in fields] + [n for n in fields if n not in MAIN_FIELDS]
+    out = []
+    for name in order:
+        value = getattr(default, name)
+        options = dict(WIDGET_OPTIONS.get(name) or _generic_options(hints[name], value))
+        if name in CHOICES:
+            options = dict(choices=list(CHOICES[name]))
+        out.append(FormField(name, hints[name], value, LABELS.get(name, name.replace("_", " ").capitalize()),
+                             HELP.get(name, ""), options, name not in MAIN_FIELDS))
+    return out
+
+
+def form_defaults() -> dict:
+    """The form's defaults: TrainConfig's (None paths shown as "")."""
+    default = TrainConfig()
+    return {"source": "layers", **{f.name: f.default for f in form_fields()},
+            **{k: ("" if getattr(default, k) is None else getattr(default, k)) for k in OWN_ROWS if k != "out"}}
+
+
 def default_backbone_choice() -> str:
     """TrainConfig's default backbone_weights as a form choice."""
-    w = _DEFAULT.backbone_weights
+    w = TrainConfig().backbone_weights
     return w if w in BACKBONE_WEIGHTS else "file"
 
 
 def default_backbone_weights() -> str:
     """TrainConfig's default (used as is when a starting checkpoint makes it irrelevant)."""
-    return _DEFAULT.backbone_weights
+    return TrainConfig().backbone_weights
 
 
 def backbone_weights(choice: str, path: str = "") -> str:
@@ -72,23 +133,29 @@ def default_out_dir(home: str | Path | None = None, now: _dt.datetime | None = N
     return Path(home or Path.home()) / "cellseg-runs" / stamp
 
 
-def form_to_config(form: dict) -> TrainConfig:
-    """Form values -> validated TrainConfig. Only the chosen source's paths are used.
+def _coerce(annotation, value):
+    """A widget's value as the field's type (spin boxes give int/float already; JSON lists)."""
+    if isinstance(value, str):
+        return value.strip()
+    if annotation is int and not isinstance(value, bool):
+        return int(value)
+    if annotation is float:
+        return float(value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
 
-    Images are always used at their native pixel size (width = height = 0), like the Segment
-    widget shows them; ``crop_size`` > 0 trains on random crops. Raises ``ConfigError`` /
-    ``DataError`` with a one-line message naming the field.
-    """
-    values = {**FORM_DEFAULTS, **form}
-    source = values["source"]
+
+def remembered(values: dict) -> dict:
+    """The generated fields of ``values`` as plain JSON values (what the widget remembers)."""
+    return {f.name: list(values[f.name]) if isinstance(values[f.name], tuple) else values[f.name]
+            for f in form_fields() if f.name in values}
+
+
+def _source_paths(kwargs: dict, source: str) -> None:
+    """Only the chosen source's paths are used; DataError when they are missing."""
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r} (one of {', '.join(SOURCES)})")
-    kwargs = {}
-    for key, field in FORM_FIELDS.items():
-        v = values.get(key)
-        kwargs[field] = v.strip() if isinstance(v, str) else v
-    for key in ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights"):
-        kwargs[key] = kwargs[key] or None
     if source != "csv":
         kwargs["train_csv"] = kwargs["images"] = None
     if source != "folders":
@@ -97,23 +164,27 @@ def form_to_config(form: dict) -> TrainConfig:
         raise DataError("CSV source: choose the annotation CSV and the folder with its images")
     if source == "folders" and not (kwargs["image_dir"] and kwargs["label_dir"]):
         raise DataError("folder source: choose the image folder and the label folder")
+
+
+def form_to_config(form: dict) -> TrainConfig:
+    """Form values -> validated TrainConfig: every generated field 1:1, the own rows' paths
+    (only the chosen source's), FIXED (native size, no resume).
+
+    Raises ``ConfigError`` / ``DataError`` with a one-line message naming the field.
+    """
+    values = {**form_defaults(), **form}
+    kwargs = {f.name: _coerce(f.annotation, values[f.name]) for f in form_fields()}
+    for key in OWN_ROWS:
+        v = values.get(key)
+        kwargs[key] = (v.strip() if isinstance(v, str) else v) or (None if key in PATHS else v)
+    _source_paths(kwargs, values["source"])
     if not kwargs["out"]:
         raise DataError("choose an output folder")
     ckpt = kwargs["init_checkpoint"]
     if ckpt and missing_checkpoint(ckpt):
         raise DataError(f"start from: {missing_checkpoint(ckpt)}")
-    for key in ("epochs", "batch_size", "crop_size", "steps_per_epoch"):
-        kwargs[key] = int(kwargs[key])
-    kwargs["lr"], kwargs["val_fraction"] = float(kwargs["lr"]), float(kwargs["val_fraction"])
     kwargs["out"] = str(Path(kwargs["out"]).expanduser())
-    return TrainConfig(width=0, height=0, **kwargs).validate()
-
-
-def _tiles(shape: Sequence[int], n: int = 2):
-    h, w = shape[:2]
-    ys, xs = np.linspace(0, h, n + 1).astype(int), np.linspace(0, w, n + 1).astype(int)
-    return [(f"r{i}c{j}", (slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])))
-            for i in range(n) for j in range(n)]
+    return TrainConfig(**FIXED, **kwargs).validate()
 
 
 def check_pairs(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
@@ -141,19 +212,11 @@ def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_until
     With fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
     so that the grouped train/val split can hold out part of a single image.
     """
-    from training.data import array_samples
+    from training.data import few_image_samples
 
     check_pairs(pairs)
-    ids, images, labels = [], [], []
-    tile = len(pairs) < min_untiled
-    for name, image, lab in pairs:
-        image, lab = np.asarray(image), np.asarray(lab)
-        parts = _tiles(lab.shape) if tile else [("", (slice(None), slice(None)))]
-        for suffix, sl in parts:
-            ids.append(f"{name}@{suffix}" if suffix else name)
-            images.append(image[sl])
-            labels.append(lab[sl])
-    return array_samples(images, labels, ids, rule)
+    return few_image_samples([np.asarray(p[1]) for p in pairs], [np.asarray(p[2]) for p in pairs],
+                             [p[0] for p in pairs], min_untiled, rule)
 
 
 def train_job(config: TrainConfig, pairs=None):

@@ -1,6 +1,10 @@
 """The "Train model" dock widget (thin: reads the form, builds a TrainConfig, runs the engine in a
 napari thread worker, draws the loss curves, hands best_model.bin to the Segment widget).
 
+The Settings form is generated with magicgui from TrainConfig's fields (``form.form_fields``:
+types, defaults, help and choices, the metadata the CLI flags come from); the values of the last
+started run are remembered in settings.json.
+
 Everything that is not Qt lives in :mod:`napari_cellseg.gui.train.form` (form -> TrainConfig,
 layers -> samples, the worker body, progress bookkeeping); the ``training`` package stays headless.
 Torch is imported only when Start is pressed. The Segment widget is found through
@@ -15,23 +19,25 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                            QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QProgressBar,
-                            QPushButton, QSpinBox, QStackedWidget, QTableWidget, QTableWidgetItem,
-                            QVBoxLayout, QWidget)
+from magicgui.widgets import Container, create_widget
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+                            QHeaderView, QLabel, QLineEdit, QProgressBar, QPushButton, QStackedWidget,
+                            QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from superqt import QCollapsible
 from training.config import HELP
 
 from napari_cellseg.gui.train import form as _form
 from napari_cellseg.gui import registry
 from napari_cellseg.gui.layers import spatial_shape
 from napari_cellseg.gui.layout import ScrollDock, button, row_of
-from napari_cellseg.gui.settings import load_settings, remember_checkpoint
+from napari_cellseg.gui.settings import load_settings, remember_checkpoint, save_settings
 
 NO_LABELS = "—"
 SOURCE_TITLES = {"layers": "Open images + their cells layers", "csv": "Annotation CSV + image folder",
                  "folders": "Image folder + label folder"}
 
 
+REMEMBERED = "train_settings"  # settings.json key: the Settings form's last used values
 EMPTY_PLOT = "no data yet: press Start training\n(loss curves appear after the first steps)"
 
 
@@ -71,7 +77,14 @@ class TrainWidget(ScrollDock):
         hint = QLabel("Fine-tune on your corrected cells, then segment again with the new model.")
         hint.setWordWrap(True)
         root.addWidget(hint)
+        root.addWidget(self._build_data())
+        root.addWidget(self._build_settings())
+        self._build_run(root)
+        self._build_plot(root)
+        root.addStretch(1)
 
+    def _build_data(self) -> QGroupBox:
+        """The data source: open layers (image + cells pairs), a CSV + images, or two folders."""
         data = QGroupBox("Training data")
         dl = QVBoxLayout(data)
         self.source_combo = QComboBox()
@@ -108,14 +121,51 @@ class TrainWidget(ScrollDock):
                 form.addRow(label, row)
             self.pages.addWidget(page)
         dl.addWidget(self.pages)
-        root.addWidget(data)
+        return data
 
+    def _build_settings(self) -> QGroupBox:
+        """Start model, backbone, the fields generated from TrainConfig, the output folder."""
         box = QGroupBox("Settings")
         form = QFormLayout(box)
         self.start_from = self._path_row("init_checkpoint", file_filter="Checkpoints (*.bin *.pth *.pt *.ckpt)",
                                          placeholder="empty = random weights (slow to learn)")
         form.addRow("Start from", self.start_from[1])
-        d = _form.FORM_DEFAULTS
+        self._build_backbone(form)
+        main, advanced = self._build_fields()
+        form.addRow(main.native)
+        self.advanced = QCollapsible("Advanced")
+        self.advanced.setToolTip("The other training settings (as cellseg-train's flags)")
+        self.advanced.addWidget(advanced.native)
+        form.addRow(self.advanced)
+        self.out = self._path_row("out", folder=True)
+        self.out[0].setText(str(_form.default_out_dir()))
+        form.addRow("Output folder", self.out[1])
+        return box
+
+    def _build_fields(self):
+        """One magicgui widget per TrainConfig field of the form (``self.fields[name]``), the
+        main ones and the advanced ones in two containers; remembered values restored."""
+        main, advanced = Container(name="settings"), Container(name="advanced")
+        self.fields = {}
+        for f in _form.form_fields():
+            w = create_widget(value=f.default, annotation=f.annotation, name=f.name, label=f.label,
+                              options=dict(f.options))
+            w.tooltip = f.tooltip
+            (advanced if f.advanced else main).append(w)
+            self.fields[f.name] = w
+        for c in (main, advanced):
+            c.margins = (0, 0, 0, 0)
+        saved = load_settings().get(REMEMBERED)
+        for name, value in (saved.items() if isinstance(saved, dict) else ()):
+            if name in self.fields:
+                try:
+                    self.fields[name].value = tuple(value) if isinstance(value, list) else value
+                except (ValueError, TypeError):  # a value this form no longer takes: the default
+                    pass
+        return main, advanced
+
+    def _build_backbone(self, form: QFormLayout):
+        """Backbone initialisation (imagenet / random / a file), used without a start model."""
         self.backbone_combo = QComboBox()
         for key, text in _form.BACKBONE_CHOICES.items():
             self.backbone_combo.addItem(text, key)
@@ -128,42 +178,14 @@ class TrainWidget(ScrollDock):
         form.addRow("Backbone", self.backbone_combo)
         form.addRow("", self.backbone_file[1])
         self.backbone_combo.setCurrentIndex(self.backbone_combo.findData(_form.default_backbone_choice()))
-        if d.get("backbone_weights") and _form.default_backbone_choice() == "file":
-            self.backbone_file[0].setText(str(d["backbone_weights"]))
+        if _form.default_backbone_choice() == "file":
+            self.backbone_file[0].setText(_form.default_backbone_weights())
         # a starting checkpoint brings its own backbone weights
         self.start_from[0].textChanged.connect(
             lambda text: self.backbone_combo.setEnabled(not text.strip()))
-        self.epochs = _tip(self._spin(1, 10_000, d["epochs"]), "epochs")
-        form.addRow("Epochs", self.epochs)
-        self.lr = _tip(QDoubleSpinBox(), "lr")
-        self.lr.setDecimals(6)
-        self.lr.setRange(1e-6, 1.0)
-        self.lr.setSingleStep(1e-5)
-        self.lr.setValue(d["lr"])
-        form.addRow("Learning rate", self.lr)
-        self.batch_size = _tip(self._spin(1, 64, d["batch_size"]), "batch_size")
-        form.addRow("Batch size", self.batch_size)
-        self.crop_size = _tip(self._spin(0, 4096, d["crop_size"]), "crop_size")
-        self.crop_size.setSingleStep(32)
-        self.crop_size.setSpecialValueText("whole images")
-        self.crop_size.setSuffix(" px")
-        form.addRow("Crop size", self.crop_size)
-        self.steps = _tip(self._spin(0, 100_000, d["steps_per_epoch"]), "steps_per_epoch")
-        self.steps.setSpecialValueText("one pass")
-        form.addRow("Steps / epoch", self.steps)
-        self.val_fraction = _tip(QDoubleSpinBox(), "val_fraction")
-        self.val_fraction.setRange(0.05, 0.9)
-        self.val_fraction.setSingleStep(0.05)
-        self.val_fraction.setValue(d["val_fraction"])
-        form.addRow("Val fraction", self.val_fraction)
-        self.device = _tip(QComboBox(), "device")
-        self.device.addItems(["auto", "cpu", "cuda"])
-        form.addRow("Device", self.device)
-        self.out = self._path_row("out", folder=True)
-        self.out[0].setText(str(_form.default_out_dir()))
-        form.addRow("Output folder", self.out[1])
-        root.addWidget(box)
 
+    def _build_run(self, root: QVBoxLayout):
+        """Start / Cancel, the progress bar and the status line."""
         self.start_btn = button("Start training", "Train in the background; the loss plot and the status follow it",
                                 self.start)
         self.cancel_btn = button("Cancel", "Stop after the current step; files already saved stay valid", self.cancel,
@@ -179,8 +201,6 @@ class TrainWidget(ScrollDock):
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.status.setToolTip("Progress of the run (select to copy)")
         root.addWidget(self.status)
-        self._build_plot(root)
-        root.addStretch(1)
 
     def _build_plot(self, root):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -216,12 +236,6 @@ class TrainWidget(ScrollDock):
         for axis in (self.ax.xaxis, self.ax.yaxis):
             axis.set_visible(not empty)
         self.canvas.draw_idle()
-
-    def _spin(self, lo, hi, value):
-        s = QSpinBox()
-        s.setRange(lo, hi)
-        s.setValue(value)
-        return s
 
     def _path_row(self, field, folder=False, file_filter="All files (*)", placeholder=""):
         edit = _tip(QLineEdit(), field)
@@ -301,15 +315,21 @@ class TrainWidget(ScrollDock):
 
     # ------------------------------------------------------------ form
     def form_values(self) -> dict:
-        return {"source": self.source_combo.currentData(), "epochs": self.epochs.value(),
-                "lr": self.lr.value(), "batch_size": self.batch_size.value(),
-                "device": self.device.currentText(), "crop_size": self.crop_size.value(),
-                "steps_per_epoch": self.steps.value(), "val_fraction": self.val_fraction.value(),
+        return {"source": self.source_combo.currentData(), **{n: w.value for n, w in self.fields.items()},
                 "out": self.out[0].text(), "init_checkpoint": self.start_from[0].text(),
                 "train_csv": self.train_csv[0].text(), "images": self.csv_images[0].text(),
                 "image_dir": self.image_dir[0].text(), "label_dir": self.label_dir[0].text(),
                 "backbone_choice": self.backbone_combo.currentData(),
                 "backbone_file": self.backbone_file[0].text()}
+
+    def read_config(self):
+        """The form as a validated TrainConfig (ConfigError / DataError: one line naming the field)."""
+        values = self.form_values()
+        choice, path = values.pop("backbone_choice"), values.pop("backbone_file")
+        # only used without a starting checkpoint (which brings its own backbone weights)
+        values["backbone_weights"] = (_form.default_backbone_weights() if values["init_checkpoint"].strip()
+                                      else _form.backbone_weights(choice, path))
+        return _form.form_to_config(values)
 
     # ------------------------------------------------------------ run
     def start(self):
@@ -318,12 +338,8 @@ class TrainWidget(ScrollDock):
         if self._worker is not None:
             return
         try:
-            values = self.form_values()
-            choice, path = values.pop("backbone_choice"), values.pop("backbone_file")
-            # only used without a starting checkpoint (which brings its own backbone weights)
-            values["backbone_weights"] = (_form.default_backbone_weights() if values["init_checkpoint"].strip()
-                                          else _form.backbone_weights(choice, path))
-            config = _form.form_to_config(values)
+            config = self.read_config()
+            save_settings({REMEMBERED: _form.remembered(self.form_values())})  # the next form opens with them
             pairs = self.layer_pairs() if self.source_combo.currentData() == "layers" else None
             if (Path(config.out) / "last.ckpt").exists():
                 raise ValueError(f"{config.out}: already holds a run; choose another output folder")
