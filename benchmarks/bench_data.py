@@ -186,7 +186,7 @@ def bench_checkpoint() -> None:
         save_checkpoint(Path(tmp) / "last.ckpt", model, config, extra={"optimizer": opt.state_dict()})
         t2 = time.perf_counter()
         size = (Path(tmp) / "last.ckpt").stat().st_size / 1e6
-    from training.engine import _cpu_copy
+    from training.runstate import _cpu_copy
 
     t3 = time.perf_counter()
     snap = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, _cpu_copy(opt.state_dict()))

@@ -1,5 +1,5 @@
 """Validation time per epoch (issue 13, "make the per-epoch fixed costs small"): the one-pass
-validation (``training.engine.evaluate`` -> ``training.evaluate.val_step``: one backbone forward
+validation (``training.loops.evaluate`` -> ``training.evaluate.val_step``: one backbone forward
 per val image, the heads in train mode for the losses and in eval mode for the Detections)
 against the old two-pass path measured in the same run (a train-mode forward of the whole model
 under no_grad for the loss, then the val Pipeline's ``predict`` for the Detections).
@@ -48,7 +48,7 @@ def two_pass(model, pipeline, dataset, n_map):
 def one_pass(model, dataset, config):
     import torch
     from napari_cellseg.progress import drain
-    from training.engine import evaluate
+    from training.loops import evaluate
 
     loss, _, dets = drain(evaluate(model, dataset, torch.device("cpu"), 1, config, None))
     return loss, dets

@@ -241,8 +241,8 @@ class PredictOptions:
     """One prediction run. ``None`` means "the checkpoint's / model's own value".
 
     checkpoint: path or None (bundled demo model); device: "auto" | "cpu" | "cuda[:N]" | "mps";
-    precision: one of PRECISIONS ("auto": fp16 on CUDA, bf16 on CPUs that have it, see
-    model.devices); diameter: cell diameter in px, "auto" or None; scale: an explicit resize
+    precision: one of PRECISIONS ("auto": model.devices.auto_precision: bf16 on CUDA GPUs that
+    have it, fp16 on older ones, fp32 on CPU); diameter: cell diameter in px, "auto" or None; scale: an explicit resize
     factor (wins over diameter); tile_size / tile_overlap: network px, 0 = never tile, None = the
     defaults (:func:`tile_settings`); thresholds: overrides of the checkpoint's thresholds
     (None fields keep the checkpoint's value); intensity / channel / channel2 / invert:

@@ -201,7 +201,9 @@ speed_check() {  # end-to-end train images/s (amp-auto, epochs after the first) 
 import csv, json, math, sys, time
 import torch
 from training.config import TrainConfig
-from training import engine
+from training.engine import build_run_model
+from training.loops import resolve_amp, train_one_epoch
+from training.runstate import seed_everything
 from training.augment import train_pipeline
 from training.data import load_samples
 from training.dataset import InstanceDataset, collate
@@ -212,16 +214,16 @@ e2e = sum(int(r["steps"]) for r in later) * batch / sum(float(r["train_s"]) for 
 cfg = TrainConfig.from_dict(json.load(open(run + "/config.json")))
 cfg.resume, cfg.init_checkpoint, cfg.out = False, None, run + "-speed"
 device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else cfg.device)
-amp = engine.resolve_amp(cfg.amp, device)
-engine.seed_everything(cfg.seed)  # the training's cudnn settings (deterministic, no benchmark): a fair bound
-model = engine._build(cfg, device)
+amp = resolve_amp(cfg.amp, device)
+seed_everything(cfg.seed)  # the training's cudnn settings (deterministic, no benchmark): a fair bound
+model = build_run_model(cfg, device)
 samples = load_samples(cfg)
 ds = InstanceDataset(samples, train_pipeline(cfg.width, cfg.height, cfg.crop_size, tuple(cfg.scale_range), cfg.augment))
 one = collate([ds[(1, i)] for i in range(batch)])
 n = 12
 opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
 scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-gen = engine.train_one_epoch(model, [one] * (n + 2), opt, scaler, device, 1, cfg, amp)
+gen = train_one_epoch(model, [one] * (n + 2), opt, scaler, device, 1, cfg, amp)
 for k, _ in enumerate(gen):
     if k == 1:  # after 2 warm-up steps
         if device.type == "cuda":

@@ -84,10 +84,6 @@ def parse_args(argv=None) -> tuple[TrainConfig, frozenset[str]]:
     return TrainConfig(**train_kw, model=ModelConfig(**model_kw)), frozenset(ns)
 
 
-def config_from_args(argv=None) -> TrainConfig:
-    return parse_args(argv)[0]
-
-
 def _interrupted(config: TrainConfig, started: float) -> str:
     """What a Ctrl-C leaves: the --resume hint only when OUT/last.ckpt holds an epoch of this
     run (or the run being resumed)."""
@@ -131,12 +127,24 @@ def _forget_interrupt() -> None:
     exec("")  # noqa: S102 -- constant, empty source
 
 
+def _done_line(summary: dict) -> str:
+    """"done; best model: OUT/best_model.bin" only when that file exists; otherwise what does."""
+    best = summary["best_model"]
+    if os.path.isfile(best):
+        return f"done; best model: {best}"
+    out = summary["out"]
+    kept = [name for name in ("last.ckpt", "log.csv") if os.path.isfile(os.path.join(out, name))]
+    return (f"done; {best} does not exist (no epoch that updated the weights had a finite validation "
+            f"score, or the file was removed); {out} holds {', '.join(kept) or 'no checkpoint'}")
+
+
 def _run(config: TrainConfig, given: frozenset, quiet: bool, state: dict) -> int:
     from napari_cellseg.model.maskrcnn import BackboneError
     from tqdm import tqdm
 
     from .data import DataError
-    from .engine import OutputError, train
+    from .engine import train
+    from .runstate import OutputError, SaveError
 
     healthy = True
     try:
@@ -185,7 +193,7 @@ def _run(config: TrainConfig, given: frozenset, quiet: bool, state: dict) -> int
                 elif stage == "done":
                     healthy = ev.get("healthy", True)
                     if healthy:
-                        print(f"cellseg-train: done; best model: {ev['best_model']}", file=sys.stderr)
+                        print(f"cellseg-train: {_done_line(ev)}", file=sys.stderr)
         finally:  # Ctrl-C in this loop: the engine's pending checkpoint writes finish before the message
             gen.close()
     except (ConfigError, DataError, OutputError, BackboneError, ValueError, FileNotFoundError) as exc:
@@ -194,6 +202,12 @@ def _run(config: TrainConfig, given: frozenset, quiet: bool, state: dict) -> int
             state["bar"] = None
         print(f"cellseg-train: error: {exc}", file=sys.stderr)
         return 2
+    except SaveError as exc:  # a full disk while saving: the earlier files are kept
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+        print(f"cellseg-train: error: {exc}", file=sys.stderr)
+        return 1
     if not healthy:
         print("cellseg-train: error: the optimizer never stepped, the weights did not change (see log.csv)",
               file=sys.stderr)

@@ -13,16 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from napari_cellseg.model.maskrcnn import ConfigError as ModelConfigError
-from napari_cellseg.model.maskrcnn import ModelConfig, check_backbone_name
+from napari_cellseg.model.maskrcnn import ConfigError, ModelConfig, check_backbone_name, check_size
 from napari_cellseg.options import INTENSITIES, ImageInput, OptionError
 
+# ConfigError: the one class for a bad setting (napari_cellseg.model.maskrcnn); the message names
+# the field, as ``--flag: problem`` for training's flags
 
-class ConfigError(ValueError):
-    """An inconsistent training configuration; the message names the field."""
 
-
-def _as_flag(exc: ModelConfigError) -> "ConfigError":
+def _as_flag(exc: ConfigError) -> ConfigError:
     """ModelConfig's ``field: problem`` as ``--field: problem`` (every model field is a flag)."""
     field, sep, why = str(exc).partition(": ")
     return ConfigError(f"--{field.replace('_', '-')}: {why}" if sep else str(exc))
@@ -38,13 +36,18 @@ CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "
 RESUME_MAY_CHANGE = ("out", "resume", "epochs", "steps_per_epoch", "batch_size", "workers", "device", "amp",
                      "figures", "grad_clip", "augment", "scale_range", "freeze_backbone_epochs")
 """TrainConfig fields a --resume may change (how long and on what the remaining epochs train).
-Every other field, the architecture included, comes from OUT/last.ckpt: the data sources, seed
-and val_fraction fix the train/val split; width/height/crop_size, max_val_images,
-tune_thresholds, select_by and the model fix what the val loss / mAP and so ``best`` mean; lr,
-weight_decay and plateau_* come back with the optimizer / scheduler state. A flag given with
-another value is refused (``training.settings.effective_config``), except init_checkpoint and
-backbone_weights: they only chose the start, so given on --resume they are ignored (the stored
-values kept)."""
+Not given, they keep the run's values too (``--out RUN --resume --epochs N`` continues the run
+as it was started). Every other field, the architecture included, comes from OUT/last.ckpt: the
+data sources, seed and val_fraction fix the train/val split; width/height/crop_size,
+max_val_images, tune_thresholds, select_by and the model fix what the val loss / mAP and so
+``best`` mean; lr, weight_decay and plateau_* come back with the optimizer / scheduler state. A
+flag given with another value is refused (``training.settings.effective_config``), except
+init_checkpoint and backbone_weights (they only chose the start: ignored, the stored values
+kept) and the data folders (RESUME_MAY_MOVE)."""
+
+RESUME_MAY_MOVE = ("train_csv", "images", "image_dir", "label_dir")
+"""Data sources a --resume may be given in a new place (the folder moved): taken when the images
+they hold have the run's ids (``training.runstate.check_same_split``)."""
 
 
 @dataclass
@@ -160,7 +163,7 @@ class TrainConfig:
             bad(field, why)
         try:  # the architecture flags: the same bounds a checkpoint's config is held to
             self.model.validate()  # (cheap: the backbone's form only, see check_backbone)
-        except ModelConfigError as exc:
+        except ConfigError as exc:
             raise _as_flag(exc) from None
         return self
 
@@ -175,7 +178,8 @@ class TrainConfig:
         widget's GUI thread, whose backbone is the default anyway. Returns self."""
         try:
             check_backbone_name(self.model.backbone)
-        except ModelConfigError as exc:
+            check_size(self.model)  # the network's weights, counted before anything is built
+        except ConfigError as exc:
             raise _as_flag(exc) from None
         return self
 
@@ -195,19 +199,28 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
-        for k, v in d.items():
+        for k, v in _stored(d).items():
             if k not in names:
                 continue
             if k == "model":
                 v = ModelConfig.from_dict(v) if isinstance(v, dict) else v
             elif isinstance(v, list):
                 v = tuple(v)
-            elif k == "amp" and isinstance(v, bool):  # configs saved when --amp was on/off
-                v = "auto" if v else "off"
-            elif k == "backbone_weights" and v is None:  # saved before the ImageNet default
-                v = "random"
             kwargs[k] = v
         return cls(**kwargs)
+
+
+def _stored(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored train_config in today's terms: ``amp`` once a switch (devices.amp_mode), and
+    ``backbone_weights`` None from before the ImageNet default (= "random")."""
+    from napari_cellseg.model.devices import amp_mode
+
+    d = dict(d)
+    if "amp" in d:
+        d["amp"] = amp_mode(d["amp"])
+    if "backbone_weights" in d and d["backbone_weights"] is None:
+        d["backbone_weights"] = "random"
+    return d
 
 
 # One line of help per field; the CLI uses these (and the widget may show them as tooltips).
@@ -257,7 +270,8 @@ HELP: dict[str, str] = {
     "resume": "continue an interrupted run from OUT/last.ckpt (model, optimizer, scheduler, scaler, random "
               "states, sampler position, log): the same numbers as an uninterrupted run; the run's settings "
               "(data, split, selection, model) come from last.ckpt, only "
-              + ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE[2:]) + " may change",
+              + ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE[2:]) + " may change (the "
+              "others keep the run's values); moved data: give its new place (the same image ids)",
     "device": "auto (CUDA if available), cpu, cuda, cuda:1 ...",
     "amp": "mixed precision: auto = bf16 autocast on GPUs with bfloat16, fp16 + GradScaler on older GPUs, "
            "off on CPU; or bf16, fp16, off",

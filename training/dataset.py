@@ -160,13 +160,23 @@ class InstanceDataset:
 
 
 class EpochSampler:
-    """Indices of one epoch as ``(epoch, i)`` pairs: a permutation drawn from (seed, epoch)
-    alone (``set_epoch``), split across DDP ranks (padded to a multiple of the world size, as
-    DistributedSampler). Deterministic, so a resumed run sees exactly the same batches; works
-    with persistent DataLoader workers (the epoch travels inside each index)."""
+    """Indices of one epoch as ``(epoch, draw)`` pairs, deterministic from (seed, epoch) alone
+    (``set_epoch``), so a resumed run sees exactly the same batches; works with persistent
+    DataLoader workers (the epoch travels inside each index).
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True, world: int = 1, rank: int = 0):
+    ``length`` items per epoch are taken from ONE stream of passes over the ``n_samples`` items:
+    pass ``p`` (1, 2, ..) is a permutation drawn from (seed, p), and epoch ``e`` (from 1) takes the
+    stream's positions ``[(e - 1) * length, e * length)``. So with ``--steps-per-epoch`` (length !=
+    n_samples) every item is drawn over the epochs, each as often as any other (+-1), instead of
+    the same ``length`` items every epoch; with length == n_samples epoch ``e`` is pass ``e``. A draw is
+    ``k * n_samples + item`` (``k``: the pass counted from the epoch's first), so ``draw %
+    n_samples`` is the item and no two draws of an epoch share an augmentation seed. Split across
+    DDP ranks (padded cyclically to a multiple of the world size, as DistributedSampler)."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True, world: int = 1, rank: int = 0,
+                 n_samples: int | None = None):
         self.length, self.seed, self.shuffle, self.world, self.rank = length, seed, shuffle, world, rank
+        self.n_samples = n_samples or length
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -175,10 +185,25 @@ class EpochSampler:
     def __len__(self) -> int:
         return -(-self.length // self.world)
 
+    def _pass(self, p: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n_samples)
+        return np.random.default_rng([self.seed % 2**32, p % 2**32]).permutation(self.n_samples)
+
+    def draws(self) -> np.ndarray:
+        """The epoch's draws, before the split across ranks."""
+        n, start = self.n_samples, (self.epoch - 1) * self.length
+        end, first = start + self.length, start // n
+        parts, pos = [], start
+        while pos < end:
+            k = pos // n  # pass k + 1 holds the stream's positions [k * n, (k + 1) * n)
+            a, b = pos - k * n, min(n, end - k * n)
+            parts.append((k - first) * n + self._pass(k + 1)[a:b])
+            pos = k * n + b
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     def __iter__(self):
-        order = (np.random.default_rng([self.seed % 2**32, self.epoch]).permutation(self.length)
-                 if self.shuffle else np.arange(self.length))
-        order = np.resize(order, len(self) * self.world)  # pad cyclically to a multiple of world
+        order = np.resize(self.draws(), len(self) * self.world)  # pad cyclically to a multiple of world
         return iter([(self.epoch, int(i)) for i in order[self.rank::self.world]])
 
 

@@ -75,18 +75,32 @@ def val_step(pipeline, arrays, targets, detect: bool = True):
     return losses, dets
 
 
-def choose_thresholds(detections, gts, tune: bool = True) -> tuple[float, Thresholds]:
+MIN_TUNE_CELLS = 30
+"""A fine-tuning run stores thresholds tuned on its own validation only when the validation
+images used for the mAP hold at least this many ground-truth cells; with fewer, the grid's best
+pair is noise (a fine-tune on 2 small images stored box_conf 0.95, which became the next
+session's default) and the run keeps its --init-checkpoint's thresholds."""
+
+
+def count_cells(gts) -> int:
+    """Ground-truth cells in label images (ids > 0)."""
+    return int(sum(len(np.unique(g)) - (1 if g.min() == 0 else 0) for g in gts if g is not None and g.size))
+
+
+def choose_thresholds(detections, gts, tune: bool = True, base: Thresholds = DEFAULT_THRESHOLDS
+                      ) -> tuple[float, Thresholds]:
     """Val mAP and the thresholds to store in the checkpoint.
 
     ``detections``: one ``napari_cellseg.inference.predictor.Detections`` per val image (run once);
     ``gts``: their ground-truth label images. ``tune`` picks the pair with the best mean mAP on
-    ``napari_cellseg.inference.tuning``'s grid (ties: nearest to 0.5/0.5); otherwise 0.5/0.5. The mAP is
-    then measured on the same Detections at that pair (``to_labels`` + metrics.average_precision).
+    ``napari_cellseg.inference.tuning``'s grid (ties: as ``tuning.sweep`` breaks them); otherwise ``base``
+    (0.5/0.5, or the --init-checkpoint's). The mAP is then measured on the same Detections at
+    that pair (``to_labels`` + metrics.average_precision).
     """
     from napari_cellseg.inference.metrics import average_precision
 
     detections, gts = list(detections), list(gts)
-    thr = DEFAULT_THRESHOLDS  # (a Thresholds; reads like the old dict: thr["box_conf"], {**thr})
+    thr = base
     if not detections:
         return 0.0, thr
     if tune:

@@ -5,8 +5,10 @@ images, as cellpose 2.0's human-in-the-loop retraining.
 The preset: start from the current model (``init_checkpoint``: its architecture, its object
 size), native-scale random crops (``CROP``), short epochs of ``STEPS_PER_EPOCH`` steps, the best
 epoch kept by validation mAP on held-out images (fewer than 4 images are cut into 2x2 tiles so
-one tile can be held out), thresholds re-tuned on them. ``minutes`` bounds the wall time: the run
-stops between epochs when the next one would not fit (the files of the last complete epoch stay).
+one tile can be held out), thresholds re-tuned on them when they hold at least
+``evaluate.MIN_TUNE_CELLS`` cells (else the current model's are kept). ``minutes`` bounds the
+wall time: the run stops between epochs when the next one would not fit (the files of the last
+complete epoch stay).
 
 Headless (numpy, torch through the engine); a generator of the engine's progress events that
 returns a :class:`FinetuneResult`.

@@ -21,16 +21,13 @@ AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def resolve_amp(mode: str, device) -> str:
-    """``--amp`` -> the precision a run uses: "off", "bf16" or "fp16". auto: bf16 autocast (no
-    scaler) on GPUs with bfloat16, fp16 + GradScaler on older GPUs, off elsewhere (CPU)."""
-    from napari_cellseg.model.devices import cuda_has_bf16
+    """``--amp`` -> the precision a run uses: "off", "bf16" or "fp16"; auto: devices.auto_precision
+    (bf16 autocast on GPUs with bfloat16, fp16 + GradScaler on older GPUs, off on CPU)."""
+    from napari_cellseg.model.devices import amp_mode, auto_precision, cuda_has_bf16
 
-    if mode in (True, False):  # configs saved before --amp took a mode
-        mode = "auto" if mode else "off"
+    mode = amp_mode(mode)
     if mode == "auto":
-        if device.type != "cuda":
-            return "off"
-        return "bf16" if cuda_has_bf16(device) else "fp16"
+        return auto_precision(device)
     if mode == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
         raise ConfigError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp auto")
     return mode

@@ -1,26 +1,57 @@
 """The state of a training run on disk and in memory, apart from the loops: the output folder
-(``prepare_output``), log.csv (``LOG_FIELDS``, ``_write_log``) and config.json, the RNG states and
+(``prepare_output``), log.csv (``LogRow``, ``LOG_FIELDS``, ``_write_log``) and config.json, the RNG states and
 ``read_resume`` / ``resume_best`` (what ``--resume`` needs from OUT/last.ckpt), and the background checkpoint writer
 (``_Writer`` over CPU snapshots). Everything written goes through atomic writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import TrainConfig
 
-LOG_FIELDS = ["epoch", "train_loss", "train_mask_loss", "val_loss", "val_mask_loss", "val_map",
-              "box_conf", "mask_threshold", "lr", "steps", "optimizer_steps", "skipped_batches",
-              "scaler_skipped", "amp", "loader_start_s", "train_s", "val_s", "save_s", "time_s", "best"]
-"""log.csv columns. skipped_batches: steps with a non-finite loss or gradient (on any rank);
-scaler_skipped: steps the fp16 GradScaler skipped (inf gradients at its scale); the weights
-moved on optimizer_steps of steps. loader_start_s: wait for the first batch (worker start-up on
-epoch 1); train_s / val_s / save_s (checkpoints, log, figures) / time_s: seconds."""
+@dataclass
+class LogRow:
+    """One epoch of a run: a line of log.csv (its columns are LOG_FIELDS, in this order), an
+    entry of last.ckpt's ``history`` and the ``row`` of an "epoch" event (as ``as_dict()``).
+    skipped_batches: steps with a non-finite loss or gradient (on any rank); scaler_skipped:
+    steps the fp16 GradScaler skipped (inf gradients at its scale); the weights moved on
+    optimizer_steps of steps. loader_start_s: wait for the first batch (worker start-up on
+    epoch 1); train_s / val_s / save_s (checkpoints, log, figures) / time_s: seconds. Epoch 0 is
+    the --init-checkpoint model (no training: NaN train losses)."""
+
+    epoch: int
+    train_loss: float
+    train_mask_loss: float
+    val_loss: float
+    val_mask_loss: float
+    val_map: float
+    box_conf: float
+    mask_threshold: float
+    lr: float
+    steps: int = 0
+    optimizer_steps: int = 0
+    skipped_batches: int = 0
+    scaler_skipped: int = 0
+    amp: str = "off"
+    loader_start_s: float = 0.0
+    train_s: float = 0.0
+    val_s: float = 0.0
+    save_s: float = 0.0
+    time_s: float = 0.0
+    best: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+LOG_FIELDS = [f.name for f in dataclasses.fields(LogRow)]
 
 
 TIMING_FIELDS = ("loader_start_s", "train_s", "val_s", "save_s", "time_s")
@@ -30,7 +61,16 @@ class OutputError(ValueError):
     """The output folder cannot be used."""
 
 
-def prepare_output(out: Path, resume: bool) -> None:
+class SaveError(RuntimeError):
+    """A file of the run could not be written (full disk ...): the message names it and the way on."""
+
+
+OUTPUTS = ("last.ckpt", "best_model.bin", "log.csv", "config.json", "loss.png")
+
+
+def prepare_output(out: Path, resume: bool) -> list[str]:
+    """Check OUT for a new run / a resume (OutputError otherwise) and remove what an interrupted
+    save left there (io.atomic's ``.NAME.*.tmp`` of the run's files); returns the removed names."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -42,6 +82,60 @@ def prepare_output(out: Path, resume: bool) -> None:
         raise OutputError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
     if resume and not (out / "last.ckpt").is_file():
         raise OutputError(f"{out}: --resume needs {out / 'last.ckpt'}, which does not exist")
+    leftovers = [p for name in OUTPUTS for p in out.glob(f".{name}.*.tmp")]
+    leftovers += list((out / "figures").glob(".*.png.*.tmp")) + list(out.glob(".write-test-*"))
+    removed = []
+    for path in leftovers:
+        try:
+            path.unlink()
+            removed.append(str(path.relative_to(out)))
+        except OSError:
+            pass
+    return removed
+
+
+def save_failure(path, exc: BaseException) -> SaveError:
+    """One line for a file the run could not write: a full disk (ENOSPC, or torch.save's
+    "[enforce fail at inline_container.cc] unexpected pos" / "file write failed") says so; the
+    earlier complete files are kept (atomic writes), so the way on is --resume."""
+    import errno
+
+    text = " ".join(str(exc).split())
+    full = getattr(exc, "errno", None) == errno.ENOSPC or any(
+        k in text for k in ("unexpected pos", "file write failed", "No space left"))
+    why = "the disk is full" if full else (text.split(". ")[0] or type(exc).__name__)
+    out = Path(path).parent
+    return SaveError(f"{path}: could not be written ({why}); the files of the last finished epoch are kept "
+                     f"in {out}: {'free some space, then ' if full else ''}continue with cellseg-train --out "
+                     f"{out} --resume --epochs N")
+
+
+def read_last(path: Path) -> dict:
+    """OUT/last.ckpt as read_checkpoint reads it; a damaged file (truncated by a full disk or a
+    copy) says that it cannot be resumed and what can be done (OutputError)."""
+    from napari_cellseg.model.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as exc:
+        if "not a readable" not in str(exc) and "is empty" not in str(exc):
+            raise  # another format version, a foreign dict ...: its own line says what to do
+        best = Path(path).parent / "best_model.bin"
+        way = (f"start a new run from its best model: --init-checkpoint {best} --out NEW" if best.is_file()
+               else f"start the run again in another --out (or delete {path})")
+        raise OutputError(f"{exc}; --resume cannot continue from it: {way}") from None
+
+
+def check_out_not_data(out: Path, config: TrainConfig) -> None:
+    """OUT is never a data folder itself: the run's files (loss.png, log.csv, checkpoints) would
+    land among the images and labels (and the next load or --resume would take loss.png for an
+    image). A folder inside one is fine: images are not searched in subfolders."""
+    for flag, folder in (("--image-dir", config.image_dir), ("--label-dir", config.label_dir),
+                         ("--images", config.images)):
+        if folder and os.path.realpath(os.path.expanduser(str(out))) == os.path.realpath(os.path.expanduser(folder)):
+            raise OutputError(f"--out {out}: is the {flag} folder; the run's files (loss.png, log.csv, "
+                              f"checkpoints) would land among the data: choose another folder, e.g. "
+                              f"--out {Path(out) / 'run'}")
 
 
 def check_inputs_kept(out: Path, inputs) -> None:
@@ -132,9 +226,7 @@ RESUME_KEYS = ("optimizer", "scheduler", "epoch", "history", "state_dict")
 
 def read_resume(path: Path) -> dict:
     """OUT/last.ckpt, checked for everything --resume needs (one clear line otherwise)."""
-    from napari_cellseg.model.checkpoint import read_checkpoint
-
-    obj = read_checkpoint(path)
+    obj = read_last(path)
     missing = [k for k in RESUME_KEYS if k not in obj]
     if missing:
         raise OutputError(f"{path}: cannot resume, it has no {' / '.join(missing)} state (a model-only "
@@ -142,46 +234,37 @@ def read_resume(path: Path) -> dict:
     return obj
 
 
-def check_same_split(obj: dict, val_ids: list[str], path) -> None:
-    """--resume validates on the images the run validated on (last.ckpt's ``info.val_ids``): a
-    best_model.bin chosen across two validation sets would be chosen on numbers that cannot be
-    compared. The split is drawn again from the data and the seed, so data that changed (images
-    added, removed or renamed) gives another one: OutputError naming an image that differs.
-    Files without ``val_ids`` are not checked."""
+def check_same_split(obj: dict, val_ids: list[str], path, train_ids: list[str] | None = None) -> None:
+    """--resume trains and validates on the images of the run (last.ckpt's ``info.val_ids`` and,
+    when it holds them all, ``info.train_ids``): a best_model.bin chosen across two validation
+    sets would be chosen on numbers that cannot be compared, and data given in a new place
+    (a moved folder) must be the run's. The split is drawn again from the data and the seed, so
+    data that changed (images added, removed or renamed) gives another one: OutputError naming
+    an image that differs. Files without ``val_ids`` are not checked."""
     info = obj.get("info")
-    stored = info.get("val_ids") if isinstance(info, dict) else None
-    if not isinstance(stored, list):
-        return
-    stored = [str(i) for i in stored]
-    if sorted(stored) == sorted(val_ids):
-        return
-    gone, new = sorted(set(stored) - set(val_ids)), sorted(set(val_ids) - set(stored))
-    example = f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new"
-    raise OutputError(f"{path}: the data gives another validation set than the run's ({len(stored)} image(s); "
-                      f"{example}): --resume needs the run's data unchanged (a run whose stack planes were "
-                      f"named NAME[z], by an older napari-cellseg, cannot be resumed either); start a new run "
-                      f"with --init-checkpoint {Path(path).parent / 'best_model.bin'}")
+    info = info if isinstance(info, dict) else {}
+    pairs = [("validation", info.get("val_ids"), val_ids)]
+    stored_train = info.get("train_ids")
+    if train_ids is not None and isinstance(stored_train, list) and info.get("n_train") == len(stored_train):
+        pairs.append(("training", stored_train, train_ids))
+    for what, stored, now in pairs:
+        if not isinstance(stored, list):
+            continue
+        stored = [str(i) for i in stored]
+        if sorted(stored) == sorted(now):
+            continue
+        gone, new = sorted(set(stored) - set(now)), sorted(set(now) - set(stored))
+        example = f"{gone[0]!r} is gone" if gone else f"{new[0]!r} is new"
+        raise OutputError(f"{path}: the data gives another {what} set than the run's ({len(stored)} image(s); "
+                          f"{example}): --resume needs the run's data unchanged (a run whose stack planes were "
+                          f"named NAME[z], by an older napari-cellseg, cannot be resumed either); start a new "
+                          f"run with --init-checkpoint {Path(path).parent / 'best_model.bin'}")
 
 
 def resume_best(obj: dict, select_by: str):
     """last.ckpt's ``best`` if it was measured by ``select_by`` (``best_by``: "loss" = val loss,
-    "map" = -val mAP), else None. Files written before ``best_by`` (whose ``best`` may be of the
-    other criterion): recomputed from their history with ``select_by`` (the run's), over the
-    epochs whose optimizer stepped."""
-    import math
-
-    if obj.get("best_by"):
-        return obj.get("best") if obj["best_by"] == select_by else None
-    key, sign = ("val_map", -1.0) if select_by == "map" else ("val_loss", 1.0)
-    values = []
-    for row in obj.get("history") or []:
-        try:
-            value, steps = sign * float(row[key]), float(row.get("optimizer_steps", 1))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if math.isfinite(value) and steps > 0:
-            values.append(value)
-    return min(values) if values else None
+    "map" = -val mAP), else None (never compared across criteria)."""
+    return obj.get("best") if obj.get("best_by") == select_by else None
 
 
 class _Frozen:
@@ -239,4 +322,4 @@ class _Writer:
             self.thread = None
         if self.error and raise_errors:
             (path, exc), self.error = self.error, None
-            raise OutputError(f"{path}: could not write the checkpoint ({exc})")
+            raise save_failure(path, exc)

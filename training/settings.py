@@ -5,8 +5,9 @@ A run's effective config is made of
     widget: the fields that differ from the defaults, ``given_fields``), on top of the
     ``TrainConfig`` defaults;
   * on ``--resume`` (OUT/last.ckpt exists): every setting of the run as it started, from
-    last.ckpt's ``train_config`` and its model ``config`` (``_resumed_config``); only
-    ``config.RESUME_MAY_CHANGE`` (how long and on what the remaining epochs train) may change,
+    last.ckpt's ``train_config`` and its model ``config`` (``_resumed_config``); only a GIVEN
+    ``config.RESUME_MAY_CHANGE`` flag (how long and on what the remaining epochs train) changes
+    one (said in one line), data folders may be given in a new place (``RESUME_MAY_MOVE``),
     init_checkpoint and backbone_weights are ignored, any other given flag with another value is a
     ``ConfigError`` naming both values;
   * when fine-tuning (``--init-checkpoint``): that checkpoint's architecture (a given architecture
@@ -23,7 +24,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import RESUME_MAY_CHANGE, ConfigError, TrainConfig
+from .config import RESUME_MAY_CHANGE, RESUME_MAY_MOVE, ConfigError, TrainConfig
 
 
 def _checkpoint_config(path) -> dict:
@@ -96,13 +97,16 @@ def _architecture_conflict(given, mine, theirs, free=()):
     return None
 
 
-def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfig:
-    """The run's config from ``last`` (its train_config and model), with the RESUME_MAY_CHANGE
-    fields of ``cfg``; a given field that disagrees with the run -> ConfigError naming both values."""
-    from napari_cellseg.model.checkpoint import read_checkpoint
+def _resumed_config(cfg: TrainConfig, given: set[str], last: Path, notes: list | None = None) -> TrainConfig:
+    """The run's config from ``last`` (its train_config and model). Of ``cfg`` only the given
+    fields are taken: RESUME_MAY_CHANGE ones and moved data folders (RESUME_MAY_MOVE), each
+    change said in one line appended to ``notes``; any other given field that disagrees with
+    the run -> ConfigError naming both values."""
     from napari_cellseg.model.maskrcnn import ModelConfig
 
-    obj = read_checkpoint(last)
+    from .runstate import read_last
+
+    obj = read_last(last)
     model = ModelConfig.from_dict(obj.get("config") or {})
     saved = obj.get("train_config")
     if not isinstance(saved, dict):  # no run settings stored: the caller's, with the run's model
@@ -119,29 +123,64 @@ def _resumed_config(cfg: TrainConfig, given: set[str], last: Path) -> TrainConfi
     # a fine-tune run started before the architecture rule took --init-checkpoint's architecture
     # over any given flags: repeating that first command must not be refused for them
     old_fine_tune = bool(saved.get("init_checkpoint")) and not obj.get(ARCH_CHECKED)
-    may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE if n not in ("out", "resume"))
-
-    def refuse(flag, mine, theirs):
-        raise ConfigError(f"{flag}: the run in {last.parent} was started with {_shown(theirs)}, got "
-                          f"{_shown(mine)}; --resume continues it as it started (only {may} may change): "
-                          f"drop {flag}, or start a new run in another --out")
-
     conflict = None if old_fine_tune else _architecture_conflict(given, cfg.model, model)
     if conflict:
-        refuse(*conflict)
+        _refuse_on_resume(last, *conflict)
+    changed = _take_given(cfg, run, given, last)
+    _stored_paths_absolute(run, only_existing=True)
+    _check_data_there(run, given)
+    if changed and notes is not None:
+        notes.append("--resume: " + ", ".join(changed))
+    return run.validate()
+
+
+def _refuse_on_resume(last: Path, flag: str, mine, theirs):
+    may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE if n not in ("out", "resume"))
+    raise ConfigError(f"{flag}: the run in {last.parent} was started with {_shown(theirs)}, got "
+                      f"{_shown(mine)}; --resume continues it as it started (only {may} may change): "
+                      f"drop {flag}, or start a new run in another --out")
+
+
+_SOURCES = (("train_csv", "images"), ("image_dir", "label_dir"))
+
+
+def _take_given(cfg: TrainConfig, run: TrainConfig, given: set[str], last: Path) -> list[str]:
+    """Copy the given fields a resume may change (RESUME_MAY_CHANGE, RESUME_MAY_MOVE) from
+    ``cfg`` into ``run``; refuse any other given field that differs. A moved data source drops
+    the other kind of source (a --train-csv run resumed from folders). Returns "--flag NEW (the
+    run had OLD)" for each changed value (--epochs and --out are the resume's own)."""
+    changed, moved = [], set()
     for name in sorted(given):
-        if name.startswith("model.") or name in RESUME_MAY_CHANGE or name in _RESUME_IGNORES \
-                or not hasattr(run, name):
+        if name.startswith("model.") or name in _RESUME_IGNORES or not hasattr(run, name):
             continue
         mine, theirs = getattr(cfg, name), getattr(run, name)
-        if name in _PATH_FIELDS and mine and theirs and _same_stored_path(mine, theirs):
-            setattr(run, name, mine)  # the same folder, given from where it resolves
-        elif not _same(name, mine, theirs):
-            refuse("--" + name.replace("_", "-"), mine, theirs)
-    for name in RESUME_MAY_CHANGE:
-        setattr(run, name, getattr(cfg, name))
-    _stored_paths_absolute(run, only_existing=True)
-    return run.validate()
+        same = (_same_stored_path(mine, theirs) if name in RESUME_MAY_MOVE and mine and theirs
+                else _same(name, mine, theirs))
+        if not same and name not in RESUME_MAY_CHANGE and name not in RESUME_MAY_MOVE:
+            _refuse_on_resume(last, "--" + name.replace("_", "-"), mine, theirs)
+        if not same and name not in ("out", "resume", "epochs"):
+            changed.append(f"--{name.replace('_', '-')} {_shown(mine)} (the run had {_shown(theirs)})")
+            moved |= {name} & set(RESUME_MAY_MOVE)
+        if name in RESUME_MAY_MOVE and not mine:
+            continue  # an empty path is no new place
+        setattr(run, name, mine)  # (a path given from where it resolves: the same folder)
+    for source in _SOURCES:
+        if moved and not moved & set(source):
+            for name in source:
+                setattr(run, name, None)
+    run.out, run.resume, run.epochs = cfg.out, True, cfg.epochs  # the resume's own, always
+    return changed
+
+
+def _check_data_there(run: TrainConfig, given: set[str]) -> None:
+    """A stored data folder that is gone (moved): one line saying how to give its new place."""
+    for name in RESUME_MAY_MOVE:
+        value = getattr(run, name)
+        if value and name not in given and not os.path.exists(os.path.expanduser(value)):
+            flags = ("--image-dir NEW --label-dir NEW" if run.image_dir else "--train-csv NEW.csv --images NEW")
+            raise ConfigError(f"--{name.replace('_', '-')}: the run's {value} is not there any more; if the "
+                              f"data moved, add its new place to the resume: --resume {flags} (the same "
+                              f"images: their ids are checked)")
 
 
 def given_fields(config: TrainConfig) -> set[str]:
@@ -157,7 +196,7 @@ def given_fields(config: TrainConfig) -> set[str]:
                     if getattr(config.model, f.name) != getattr(m0, f.name)}
 
 
-def effective_config(config: TrainConfig, given=None) -> TrainConfig:
+def effective_config(config: TrainConfig, given=None, notes: list | None = None) -> TrainConfig:
     """A validated COPY of ``config`` with what the run derives filled in (the caller's object is
     never changed): native_scale when training at native size; on --resume the model config of
     OUT/last.ckpt (``_resumed_config``); when fine-tuning the architecture of --init-checkpoint
@@ -177,7 +216,7 @@ def effective_config(config: TrainConfig, given=None) -> TrainConfig:
     given = given_fields(cfg) if given is None else set(given)
     last = Path(cfg.out) / "last.ckpt"
     if cfg.resume and last.is_file():  # a resumed run goes on with the settings it started with
-        return _resumed_config(cfg, given, last)
+        return _resumed_config(cfg, given, last, notes)
     _stored_paths_absolute(cfg)
     if cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture
         src = _checkpoint_config(cfg.init_checkpoint)

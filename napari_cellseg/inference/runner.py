@@ -50,13 +50,31 @@ def cpu_has_bf16() -> bool:
 
 def _resolve_precision(precision: str, device) -> str:
     check_precision(precision, PredictError)
-    if precision == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "auto":  # one meaning with training's --amp auto: model.devices.auto_precision
+        from napari_cellseg.model.devices import auto_precision
+
+        mode = auto_precision(device)
+        return "fp32" if mode == "off" else mode
     if precision == "fp16" and device.type != "cuda":
         raise PredictError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
     return precision
+
+
+def _inference_steps(gen):
+    """Drive the generator ``gen`` with ``torch.inference_mode()`` on while it computes and off
+    at every yield. Inference mode is thread-local: a ``with`` block held open across a yield
+    leaks into the consumer's thread, and a consumer that stops early (a cancelled napari
+    worker) leaves that pooled thread in inference mode, where the next training job fails
+    ("does not require grad")."""
+    import torch
+
+    while True:
+        try:
+            with torch.inference_mode():
+                event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield event
 
 
 def resized_size(shape, factor: float) -> tuple[int, int]:
@@ -213,15 +231,16 @@ class Runner:
 
     def _forward(self, arrays, scale: float = 1.0, factor=None, box_filter=None):
         """The forward generator. ``factor`` (a number or one per array) replaces the model's
-        own rule times ``scale`` (kept for callers of the old signature)."""
-        import torch
+        own rule times ``scale``. Inference mode is on only while a step computes, never across
+        a yield (see :func:`_inference_steps`)."""
+        return (yield from _inference_steps(self._forward_steps(arrays, scale, factor, box_filter)))
 
-        with torch.inference_mode():
-            images, orig_sizes = self.prepare(arrays, self._factors(arrays, scale, factor))
-            yield {"stage": "backbone", "fraction": 0.05}
-            feats = self.features(images)
-            return (yield from self.iter_detect(images, feats, orig_sizes, box_filter,
-                                                float(scale) if factor is None else 1.0))
+    def _forward_steps(self, arrays, scale, factor, box_filter):
+        images, orig_sizes = self.prepare(arrays, self._factors(arrays, scale, factor))
+        yield {"stage": "backbone", "fraction": 0.05}
+        feats = self.features(images)
+        return (yield from self.iter_detect(images, feats, orig_sizes, box_filter,
+                                            float(scale) if factor is None else 1.0))
 
     def iter_detect(self, images, feats, orig_sizes, box_filter=None, scale: float = 1.0):
         """Generator (progress events from "proposals" on): the heads of the network in

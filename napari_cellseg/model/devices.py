@@ -1,9 +1,7 @@
-"""Device rules: which torch device a name means (:func:`resolve_device`), whether a CUDA device
-has bfloat16 (:func:`cuda_has_bf16`), and which torch.distributed backend a run uses
-(:func:`ddp_backend`). Used by prediction, the CLI, the widgets and training alike. What
-"auto" precision picks is decided where it is used: ``inference.runner`` for prediction
-(``--precision``), ``training.loops.resolve_amp`` for training (``--amp``). torch is imported
-inside the functions."""
+"""The device rules: which torch device a name means, what the "auto" precision is on it
+(``auto_precision``: training's --amp and inference's precision alike), and which
+torch.distributed backend a run uses. Used by prediction, the CLI, the widgets and training.
+torch is imported inside the functions."""
 
 from __future__ import annotations
 
@@ -48,3 +46,21 @@ def cuda_has_bf16(device) -> bool:
     import torch
 
     return getattr(device, "type", "") == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def auto_precision(device) -> str:
+    """What "auto" precision means on ``device``, for training and inference alike: "bf16"
+    autocast on a CUDA GPU that has bfloat16 (no GradScaler needed), "fp16" on an older CUDA GPU
+    (training adds a GradScaler), "off" (float32) elsewhere: bf16 on a CPU changes the numbers
+    and is only used when asked for."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return "off"
+    return "bf16" if cuda_has_bf16(device) else "fp16"
+
+
+def amp_mode(value) -> str:
+    """A stored ``amp`` setting as a mode: configs written when --amp was a switch hold True
+    (= "auto") or False (= "off"); a mode string is returned as it is."""
+    if value is True or value is False:
+        return "auto" if value else "off"
+    return value

@@ -7,6 +7,7 @@ checkpoint always rebuilds the exact network that produced it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -23,7 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConfigError(ValueError):
-    """A model config value out of range: ``field: problem``."""
+    """A setting out of range, of a model config (``field: problem``) or of a training run
+    (``--flag: problem``; training.config uses this class too)."""
 
 
 # bounds of every integer field: wide enough for any sensible Mask R-CNN, small enough that a
@@ -67,6 +69,60 @@ def check_backbone_name(name) -> str:
         raise ConfigError(f"backbone: {name!r} is not a timm model name known locally "
                           f"(see timm.list_models())")
     return name
+
+
+MAX_WEIGHT_BYTES = 2**30
+"""The largest network a config may describe: its float32 weights (``weight_estimate``). ConvNeXt
+up to large with the default heads fits (convnext_tiny: 0.18 GiB, convnext_large: 0.81 GiB);
+convnext_xlarge (1.4 GiB), convnext_xxlarge (3.2 GiB) or every head at its widest do not. Training needs about 4x the weights (gradients, two AdamW moments) plus activations."""
+
+
+@functools.lru_cache(maxsize=32)
+def _backbone_shape(name: str) -> tuple[int, tuple[int, ...]]:
+    """(weights, channels of the 4 feature levels) of a timm backbone, from a model made on
+    torch's "meta" device: shapes only, no memory, no weights (under a second even for
+    convnext_xxlarge)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        body = timm.create_model(name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3))
+    return sum(p.numel() for p in body.parameters()), tuple(body.feature_info.channels())
+
+
+def weight_estimate(config: "ModelConfig") -> dict[str, int]:
+    """Weights per part of the network ``build_model(config)`` makes, counted from the config
+    (the backbone from its shapes alone, ``_backbone_shape``): nothing is built or allocated."""
+    n, channels = _backbone_shape(config.backbone)
+    f, h, m, k = config.fpn_channels, config.box_head_size, config.mask_head_channels, config.num_classes
+    a = len(config.aspect_ratios)
+    parts = {
+        "backbone": n,
+        "fpn": sum(c * f + f for c in channels) + len(channels) * (9 * f * f + f),
+        "rpn": 9 * f * f + f + (f + 1) * a + (f + 1) * 4 * a,
+        "box_head": f * 49 * h + h + h * h + h + (h + 1) * k * 5,
+        "mask_head": 9 * f * m + m + (config.mask_head_layers - 1) * (9 * m * m + m) + 4 * m * m + m + (m + 1) * k,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_size(config: "ModelConfig") -> "ModelConfig":
+    """Refuse (ConfigError naming the parts) a network whose float32 weights would exceed
+    MAX_WEIGHT_BYTES, before anything is built: a checkpoint (or flags) naming convnext_xxlarge
+    is refused in a fraction of a second instead of allocating gigabytes. Returns ``config``."""
+    parts = weight_estimate(config)
+    size = 4 * parts["total"]
+    if size > MAX_WEIGHT_BYTES:
+        big = ", ".join(f"{k} {v / 1e6:.0f}M" for k, v in parts.items() if k != "total" and v >= 1e6)
+        largest = max((k for k in parts if k != "total"), key=parts.get)
+        field = {"backbone": "backbone", "box_head": "box_head_size", "mask_head": "mask_head_channels"}.get(
+            largest, "fpn_channels")  # the field that sizes the largest part
+        raise ConfigError(f"{field}: {config.backbone} with fpn_channels {config.fpn_channels}, box_head_size "
+                          f"{config.box_head_size} and mask_head_channels {config.mask_head_channels} makes "
+                          f"{parts['total'] / 1e6:.0f}M weights ({big}): {size / 2**30:.1f} GiB in float32, "
+                          f"training ~4x that; the limit is {MAX_WEIGHT_BYTES / 2**30:.0f} GiB")
+    return config
 
 
 @dataclass
@@ -170,7 +226,7 @@ class ModelConfig:
                 kwargs[k] = tuple(v) if isinstance(v, list) else v
         if "backbone" in kwargs:
             check_backbone_name(kwargs["backbone"])
-        return cls(**kwargs).validate()
+        return check_size(cls(**kwargs).validate())
 
 
 def _create_body(config: ModelConfig, backbone_weights: str | Path | None):
@@ -283,7 +339,7 @@ def build_model(config: ModelConfig | None = None, backbone_weights: str | Path 
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
     from torchvision.ops import MultiScaleRoIAlign
 
-    config = config or ModelConfig()
+    config = check_size(config or ModelConfig())
     backbone = build_backbone(config, backbone_weights)
     n_levels = 5
     if len(config.anchor_sizes) != n_levels:

@@ -1,5 +1,5 @@
-"""Issue 15, library side of the file commands: to-labels checks everything before writing (D7),
-to-csv output reads back (D6), evaluate scales to many cells (D4)."""
+"""The file commands on hostile input: to-labels checks everything before writing,
+to-csv output reads back, evaluate scales to many cells."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from napari_cellseg.commands.main import main
 
 @pytest.mark.parametrize("how", ["shape", "images"])
 def test_to_labels_writes_nothing_when_a_later_row_is_out_of_bounds(tmp_path, capsys, how):
-    """D7: img1 was written before row 3 (img2) was found past the image end."""
+    """img1 was written before row 3 (img2) was found past the image end."""
     csv = tmp_path / "sub.csv"
     csv.write_text("id,predicted\nimg1,1 2\nimg2,3 1\nimg2,15 9\n")
     images = tmp_path / "images"
@@ -51,7 +51,7 @@ def test_to_labels_image_sizes_from_headers_only(tmp_path, monkeypatch, capsys):
 
 
 def test_to_csv_output_reads_back_in_to_labels_and_evaluate(tmp_path, capsys):
-    """D6: a 142,635-character RLE written by to-csv is read by to-labels and evaluate."""
+    """A 142,635-character RLE written by to-csv is read by to-labels and evaluate."""
     labels = np.zeros((16000, 64), np.uint16)
     labels[:, 0] = 1
     src = tmp_path / "lab"

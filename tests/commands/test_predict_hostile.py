@@ -1,7 +1,7 @@
-"""Issue 15, CLI side: `cellseg predict` under hostile inputs, run as a subprocess like a user.
+"""`cellseg predict` under hostile inputs, run as a subprocess like a user.
 
-D1 lock on --out, D2 non-UTF-8 file names, D5 whitespace in ids, D11 --out a folder, D12 tiny
-images, D14 --resume onto a bad CSV, D15 unchecked flags, a bad checkpoint diameter.
+The lock on --out, non-UTF-8 file names, whitespace in ids, --out a folder, tiny
+images, --resume onto a bad CSV, unchecked flags, a bad checkpoint diameter.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _copy(env, folder: Path, *names) -> Path:
     return folder
 
 
-# ---- D1: an exclusive lock on --out and its journals ------------------------------------------
+# ---- an exclusive lock on --out and its journals ------------------------------------------
 def test_second_writer_exits_2_at_once_and_keeps_the_first_runs_journal(env, tmp_path):
     from napari_cellseg.io.atomic import output_lock
     from napari_cellseg.io.journal import Journal, journal_path
@@ -96,7 +96,7 @@ def test_output_lock_is_exclusive_and_cleans_up(tmp_path):
         pass
 
 
-# ---- D2: a non-UTF-8 file name is reported and skipped, the run is kept ------------------------
+# ---- a non-UTF-8 file name is reported and skipped, the run is kept ------------------------
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes")
 def test_non_utf8_file_name_is_skipped_and_the_run_kept(env, tmp_path):
     from napari_cellseg.io.annotations import read_annotations
@@ -115,7 +115,7 @@ def test_non_utf8_file_name_is_skipped_and_the_run_kept(env, tmp_path):
         assert _leftovers(tmp_path, "sub.csv") == []
 
 
-# ---- D5: ids with leading/trailing spaces are written stripped, so --resume finds them ---------
+# ---- ids with leading/trailing spaces are written stripped, so --resume finds them ---------
 def test_ids_with_spaces_are_written_stripped_and_not_duplicated_by_resume(env, tmp_path):
     from napari_cellseg.io.annotations import read_annotations
 
@@ -131,7 +131,7 @@ def test_ids_with_spaces_are_written_stripped_and_not_duplicated_by_resume(env, 
     assert out.read_text() == first
 
 
-# ---- D11 / D15: --out and the flags are checked before anything is predicted -------------------
+# ---- --out and the flags are checked before anything is predicted -------------------
 def test_out_is_a_folder_refused_before_predicting(env, tmp_path):
     out = tmp_path / "results"
     out.mkdir()
@@ -157,7 +157,7 @@ def test_bad_flags_refused_with_the_field_named(env, tmp_path, flags, field):
     assert not out.exists() and _leftovers(tmp_path, "sub.csv") == []
 
 
-# ---- D12: tiny images are predicted (no row lost), never shrunk to nothing ---------------------
+# ---- tiny images are predicted (no row lost), never shrunk to nothing ---------------------
 @pytest.mark.parametrize("native", [False, True])
 def test_tiny_images_are_predicted_not_skipped(env, tmp_path, native):
     import imageio.v3 as iio
@@ -179,7 +179,7 @@ def test_tiny_images_are_predicted_not_skipped(env, tmp_path, native):
     assert sorted(ann.ids) == ["one", "row"]
 
 
-# ---- D14: --resume onto an invalid CSV: one line naming file and row, exit 2, CSV untouched ----
+# ---- --resume onto an invalid CSV: one line naming file and row, exit 2, CSV untouched ----
 @pytest.mark.parametrize("content, row", [
     (b"id,predicted\na_img,1 2\nb_img,1 2 x\n", "row 3"),
     (b"id,predicted\na_img,1 2\nb_img,3 2 1 1\n", "row 3"),

@@ -115,7 +115,7 @@ def test_stack_layer_exports_every_plane(tmp_path):
 
 
 def test_stack_csv_round_trips_as_one_stack_layer(tmp_path):
-    """Issue 14 item 10: `<stem>_000...` ids open as one stack-shaped Labels layer; exporting
+    """`<stem>_000...` ids open as one stack-shaped Labels layer; exporting
     it again gives the same rows."""
     stack = np.zeros((4, 40, 50), np.int32)
     stack[0], stack[1], stack[3] = _labels(1), _labels(2), _labels(3)

@@ -226,7 +226,7 @@ def test_sweep_without_segment_result_says_why(make_napari_viewer, qtbot):
 
 
 def test_plugin_menu_review_never_compares_a_layer_with_itself(make_napari_viewer, qtbot):
-    """Issue 14 item 2: docked from the Plugins menu with only a ground truth open, Review must
+    """Docked from the Plugins menu with only a ground truth open, Review must
     not score it against itself (it showed mAP 1.000); the overlay keeps the layer selection;
     Use best reaches the Segment widget through the registry."""
     from napari_cellseg.gui import registry

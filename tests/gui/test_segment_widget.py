@@ -462,7 +462,7 @@ def test_cell_diameter_control(make_napari_viewer, qtbot, tiny_checkpoint, tmp_p
 
 def test_plugin_menu_path_locks_edits_resets_and_never_warns(make_napari_viewer, qtbot, tiny_checkpoint,
                                                              errors):
-    """Issue 14 items 1, 5, 12: through napari's proxy, a paint or fill stroke (the layer's own
+    """Through napari's proxy, a paint or fill stroke (the layer's own
     path) locks the sliders and shows Reset; Segment names a button that is on screen; no
     FutureWarning from private attribute access."""
     import warnings
@@ -525,7 +525,7 @@ def test_window_fits_a_small_saved_size(make_napari_viewer, qtbot):
 
 
 def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path):
-    """Issue 14 item 3: Segment, Review and Train docked from the Plugins menu fit 1280x800:
+    """Segment, Review and Train docked from the Plugins menu fit 1280x800:
     the docks scroll instead of growing the window, and the canvas keeps >= 400 px. Run under
     ``xvfb-run -s "-screen 0 1280x800x24"`` to see it on a laptop-sized screen (any larger
     screen works too: the window is set to 1280x800)."""
@@ -657,7 +657,7 @@ def test_calibrate_writes_the_diameter_and_segment_agrees(make_napari_viewer, qt
 
 def test_segment_and_calibrate_run_the_pipeline_with_the_forms_options(make_napari_viewer, qtbot,
                                                                        tiny_checkpoint, monkeypatch, errors):
-    """Issue 16: the widget builds PredictOptions from its form (device, diameter, thresholds)
+    """The widget builds PredictOptions from its form (device, diameter, thresholds)
     and predicts through pipeline.Pipeline, like the CLI, tune and training validation."""
     from napari_cellseg.inference import pipeline
     from napari_cellseg.options import PredictOptions
@@ -692,7 +692,7 @@ def test_segment_and_calibrate_run_the_pipeline_with_the_forms_options(make_napa
 
 
 def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
-    """Issue 14 item 5: every button, box, slider and field of the three docks explains itself
+    """Every button, box, slider and field of the three docks explains itself
     (its own tooltip or that of the control group it sits in)."""
     from qtpy.QtWidgets import (QAbstractButton, QAbstractSlider, QAbstractSpinBox, QComboBox,
                                 QLineEdit, QScrollBar)
@@ -718,7 +718,7 @@ def test_every_control_has_a_tooltip(make_napari_viewer, qtbot):
 
 def test_segment_waits_for_pytorch_loading_on_a_worker(make_napari_viewer, qtbot, tiny_checkpoint,
                                                       monkeypatch):
-    """Issue 14 item 4: PyTorch loads on a worker; meanwhile Segment (and Calibrate) are
+    """PyTorch loads on a worker; meanwhile Segment (and Calibrate) are
     disabled with a message, and the GUI thread never imports it."""
     import threading
 

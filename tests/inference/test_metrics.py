@@ -80,7 +80,7 @@ def test_median_diameter_of_disks_and_layers():
     assert abs(median_diameter(layers) - 20) < 1.5  # mean of 10 and 30
 
 
-# ---- issue 15, D4: sparse IoU (overlapping pairs only) ------------------------------------------
+# ---- sparse IoU (overlapping pairs only) ------------------------------------------
 def _grid_labels(n_side: int, cell: int, shift: int = 0):
     """n_side^2 square cells of cell x cell px; ``shift`` moves the prediction right by px."""
     size = n_side * cell
@@ -91,7 +91,7 @@ def _grid_labels(n_side: int, cell: int, shift: int = 0):
 
 
 def test_100k_cells_in_bounded_memory():
-    """D4: 100,000 x 100,000 cells was a 74.5 GiB dense matrix; now memory follows the pixels."""
+    """100,000 x 100,000 cells was a 74.5 GiB dense matrix; now memory follows the pixels."""
     import tracemalloc
 
     from napari_cellseg.inference.metrics import overlaps

@@ -380,7 +380,7 @@ def test_resolve_scale_and_diameter():
 
 
 def test_size_messages_say_the_factor_used_and_typing_the_size_gives_it():
-    """Issue 14 item 6: "estimated at N px: resized xF" where typing N gives exactly xF."""
+    """"estimated at N px: resized xF" where typing N gives exactly xF."""
     from napari_cellseg.inference.pipeline import _AutoSize
     from napari_cellseg.inference.sizing import size_message
 
@@ -476,3 +476,22 @@ def test_auto_size_batched_over_images_equals_one_by_one(tiny):
     assert [d.image_shape for d in together] == [(96, 128), (64, 64)]
     assert [d.scale for d in together] == [drain(iter_auto_scale(pred, [a]))[0].scale
                                            for a in mixed]
+
+
+def test_a_forward_stopped_early_leaves_its_thread_out_of_inference_mode(tiny):
+    """Inference mode is thread-local: the forward generator must not hold it across a yield,
+    or a cancelled napari worker leaves its pooled thread in inference mode and the next
+    training job on it fails ("does not require grad")."""
+    model, config = tiny
+    runner = Predictor.from_model(model, config).runner
+    gen = runner.iter_forward([_image((64, 80))], [1.0])
+    events = [next(gen), next(gen)]  # stopped mid-forward, as a cancelled worker stops
+    assert events[0]["stage"] == "backbone" and not torch.is_inference_mode_enabled()
+    gen.close()
+    assert not torch.is_inference_mode_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()  # autograd works on this thread afterwards
+    assert x.grad is not None
+    # and a full forward still runs without grad
+    dets = drain(runner.iter_forward([_image((64, 80))], [1.0]))
+    assert len(dets) == 1 and not torch.is_inference_mode_enabled()

@@ -132,7 +132,7 @@ def test_write_rejects_bad_labels_and_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ---- issue 15 ------------------------------------------------------------------------------
+# ---- hostile CSV files ------------------------------------------------------------------------------
 @pytest.mark.parametrize("header, column", [
     ("id,annotation,width,height,id", "id"),
     ("id,annotation,width,height,width", "width"),
@@ -140,7 +140,7 @@ def test_write_rejects_bad_labels_and_leaves_no_file(tmp_path):
     ("id, annotation ,annotation", "annotation"),
 ])
 def test_duplicate_header_column_named(tmp_path, header, column):
-    """D8: a duplicate column is one CsvError naming it (was AttributeError / a wrong message)."""
+    """A duplicate column is one CsvError naming it (was AttributeError / a wrong message)."""
     path = tmp_path / "dup.csv"
     n = len(header.split(","))
     path.write_text(header + "\n" + ",".join(["a", "1 1"] + ["3"] * (n - 2)) + "\n")
@@ -150,7 +150,7 @@ def test_duplicate_header_column_named(tmp_path, header, column):
 
 
 def test_longest_rle_written_is_read_back(tmp_path):
-    """D6: a vertical stripe in a 16000x64 image is a 142,635-character RLE (csv's default
+    """A vertical stripe in a 16000x64 image is a 142,635-character RLE (csv's default
     field limit is 131,072); it reads back."""
     labels = np.zeros((16000, 64), np.int32)
     labels[:, 0] = 1
@@ -162,7 +162,7 @@ def test_longest_rle_written_is_read_back(tmp_path):
 
 
 def test_field_limit_follows_the_size_cap():
-    """D6: one place sets csv's field limit, from the longest RLE MAX_PIXELS allows."""
+    """One place sets csv's field limit, from the longest RLE MAX_PIXELS allows."""
     import csv
     import io
 
@@ -179,7 +179,7 @@ def test_field_limit_follows_the_size_cap():
 
 @pytest.mark.parametrize("raw", [" a", "a ", "\ta\r", " a  "])
 def test_ids_normalised_the_same_by_readers_and_writers(tmp_path, raw):
-    """D5: one id normalisation: what the writer writes is what the reader gives back."""
+    """One id normalisation: what the writer writes is what the reader gives back."""
     from napari_cellseg.io.annotations import normalize_id
 
     assert normalize_id(raw) == "a"
@@ -194,7 +194,7 @@ def test_ids_normalised_the_same_by_readers_and_writers(tmp_path, raw):
 
 @pytest.mark.parametrize("field", ["1 2\x1f", "\x851 2", "1 2\xa0", "1\u30002"])
 def test_csv_field_whitespace_is_the_rle_whitespace(tmp_path, field):
-    """D13: the reader strips only what the decoder treats as whitespace, so a look-alike is
+    """The reader strips only what the decoder treats as whitespace, so a look-alike is
     refused at reading, naming the row (it used to pass the reader and fail in rle_decode)."""
     path = tmp_path / "ws.csv"
     path.write_text(f"id,predicted\na,1 1\nb,{field}\n", encoding="utf-8")
@@ -203,7 +203,7 @@ def test_csv_field_whitespace_is_the_rle_whitespace(tmp_path, field):
 
 
 def test_nul_and_non_utf8_name_file_and_row(tmp_path):
-    """D14: NUL bytes and non-UTF-8 text are refused naming the file and the row."""
+    """NUL bytes and non-UTF-8 text are refused naming the file and the row."""
     path = tmp_path / "bad.csv"
     path.write_bytes(b"id,predicted\na,1 1\nb,1 \x001\n")
     with pytest.raises(CsvError, match=r"bad.csv: row 3: NUL byte"):

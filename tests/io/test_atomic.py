@@ -10,7 +10,7 @@ from napari_cellseg.io.atomic import atomic_write
 
 
 def test_folder_as_target_is_named_before_writing(tmp_path):
-    """D11 (library side): the error named the temp file, after everything was written."""
+    """The error named the temp file, after everything was written."""
     target = tmp_path / "out.csv"
     target.mkdir()
     written = []

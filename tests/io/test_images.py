@@ -84,7 +84,7 @@ def test_list_images(tmp_path):
         list_images(tmp_path / "nope")
 
 
-# ---- issue 15: limits from the header (D3), two channels are channels (D10) ---------------------
+# ---- limits from the header, two channels are channels --------------------------------------------
 def _forbid_decoding(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("pixels were decoded")
@@ -95,7 +95,7 @@ def _forbid_decoding(monkeypatch):
 
 @pytest.mark.slow
 def test_huge_tiled_compressed_tiff_refused_from_header(tmp_path, monkeypatch):
-    """D3: a 17000x17000 tiled zlib TIFF (a few hundred KB) took 8 GiB; now the header refuses it."""
+    """A 17000x17000 tiled zlib TIFF (a few hundred KB) took 8 GiB; now the header refuses it."""
     path = tmp_path / "huge.tif"
     tile = np.zeros((1024, 1024), np.uint8)
     n = (-(-17000 // 1024)) ** 2

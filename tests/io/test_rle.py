@@ -164,7 +164,7 @@ def test_fuzz_decode_correct_mask_or_value_error(rle, shape):
 
 @pytest.mark.parametrize("rle", ["1 2\x1f", "\xa01 2", "1\x852", "1\u30002", "1 2\u2028"])
 def test_non_ascii_whitespace_is_not_a_separator(rle):
-    """D13: one definition of whitespace; look-alikes are refused, naming the token."""
+    """One definition of whitespace; look-alikes are refused, naming the token."""
     with pytest.raises(RleError, match="is not a non-negative integer"):
         rle_decode(rle, (4, 5))
     with pytest.raises(RleError):
@@ -194,7 +194,7 @@ def test_strip_field_uses_the_same_whitespace():
     (["1 2", "1 1 1 1", "1 2 3"], 1),        # overlap before an odd token count
 ])
 def test_parse_rles_names_the_first_bad_string(rles, first):
-    """D13: the first bad string is named, whatever kinds of problem the later ones have."""
+    """The first bad string is named, whatever kinds of problem the later ones have."""
     with pytest.raises(RleError) as info:
         parse_rles(rles, 20)
     assert info.value.index == first

@@ -140,7 +140,7 @@ def test_resolve_checkpoint(tmp_path):
             resolve_checkpoint(None)
 
 
-# ---- issue 15, D9: the checkpoint schema is validated before anything is built -----------------
+# ---- the checkpoint schema is validated before anything is built -----------------
 def _variant(tiny, tmp_path, name, **changes):
     """A copy of the tiny checkpoint with top-level keys (or config.KEY) replaced."""
     _, _, path = tiny
@@ -216,7 +216,7 @@ def test_raw_readers_check_the_format(tiny, tmp_path):
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_bad_contents_refused_before_building(tiny, tmp_path, monkeypatch, case):
-    """D9: one CheckpointError 'FILE: field: problem'; no model is built, nothing is fetched."""
+    """One CheckpointError 'FILE: field: problem'; no model is built, nothing is fetched."""
     import timm
 
     import napari_cellseg.model.checkpoint as ckpt_mod
@@ -253,7 +253,7 @@ def test_non_finite_weights_refused(tiny, tmp_path):
 
 
 def test_plain_text_file_is_named(tmp_path):
-    """D9: a text file 'hello' gave 'KeyError: 101'."""
+    """A text file 'hello' gave 'KeyError: 101'."""
     path = tmp_path / "hello.bin"
     path.write_text("hello")
     with pytest.raises(CheckpointError, match=r"hello.bin: not a readable PyTorch checkpoint "
@@ -301,3 +301,20 @@ def test_code_version_names_this_checkout_only(tmp_path, monkeypatch):
                          env={**os.environ, "PYTHONPATH": str(other / "site")})
     assert out.returncode == 0, out.stderr
     assert "'git_commit': None" in out.stdout and "'git_dirty': None" in out.stdout
+
+
+def test_checkpoint_naming_a_huge_backbone_is_refused_before_building(tmp_path, monkeypatch):
+    """A schema-valid checkpoint whose config names convnext_xxlarge: CheckpointError naming the
+    file, the size and the limit, without building the network (it used to take 12.5 s and 4 GB)."""
+    import torch
+
+    from napari_cellseg.model import maskrcnn
+    from napari_cellseg.model.checkpoint import CheckpointError, FORMAT, load_checkpoint
+    from napari_cellseg.model.maskrcnn import ModelConfig
+
+    path = tmp_path / "huge.bin"
+    torch.save({"format": FORMAT, "config": ModelConfig(backbone="convnext_xxlarge").to_dict(),
+                "state_dict": {"w": torch.zeros(2_000_000)}, "thresholds": {}, "info": {}}, path)
+    monkeypatch.setattr(maskrcnn, "build_backbone", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(CheckpointError, match=rf"^{path}: config\.backbone: convnext_xxlarge .*the limit is 1 GiB"):
+        load_checkpoint(path)

@@ -146,7 +146,7 @@ def test_default_convnext_tiny_builds():
     assert model.transform.min_size == (520,) and model.transform.max_size == 704
 
 
-# ---- issue 15, D9: ModelConfig validation ------------------------------------------------------
+# ---- ModelConfig validation ------------------------------------------------------
 @pytest.mark.parametrize("field, value, problem", [
     ("fpn_channels", 0, r"fpn_channels: must be an integer in \[1, 1024\], got 0"),
     ("fpn_channels", True, "fpn_channels: must be an integer"),
@@ -183,3 +183,56 @@ def test_from_dict_checks_backbone_against_local_timm_names():
     assert ModelConfig.from_dict({"backbone": "convnext_atto.d2_in1k"}).backbone == "convnext_atto.d2_in1k"
     with pytest.raises(ConfigError, match="must be a mapping"):
         ModelConfig.from_dict(["backbone"])
+
+
+def test_weight_estimate_counts_the_network_build_model_makes():
+    """The size check counts from the config alone; it is exact for what build_model builds."""
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model, weight_estimate
+
+    from conftest import TINY_MODEL
+
+    for config in (ModelConfig(**TINY_MODEL), ModelConfig(**{**TINY_MODEL, "mask_head_layers": 2,
+                                                                "aspect_ratios": (1.0,), "num_classes": 3})):
+        model = build_model(config)
+        assert weight_estimate(config)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_network_too_large_is_refused_before_it_is_built(monkeypatch):
+    """convnext_xxlarge (~3.4 GiB of float32 weights), or heads too wide together: ConfigError
+    naming the parts and the limit, from the config alone (build_backbone is never reached)."""
+    from napari_cellseg.model import maskrcnn
+    from napari_cellseg.model.maskrcnn import ConfigError, ModelConfig, build_model
+
+    monkeypatch.setattr(maskrcnn, "build_backbone", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(ConfigError, match=r"^backbone: convnext_xxlarge .* makes 8\d\dM weights \(backbone 843M"
+                                          r".*GiB in float32.*the limit is 1 GiB"):
+        build_model(ModelConfig(backbone="convnext_xxlarge"))
+    with pytest.raises(ConfigError, match=r"^box_head_size: convnext_atto with .*box_head 222M, mask_head 42M\)"):
+        ModelConfig.from_dict({"backbone": "convnext_atto", "fpn_channels": 1024, "box_head_size": 4096,
+                               "mask_head_channels": 1024})
+    ModelConfig.from_dict({"backbone": "convnext_large"})  # 0.81 GiB: allowed
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_auto_precision_means_one_thing_per_device_for_training_and_inference(monkeypatch, has_bf16):
+    """"auto": bf16 on a CUDA GPU with bfloat16, fp16 on an older one, float32 on CPU, whether
+    training (--amp auto) or predicting (precision auto) asks; inference said fp16 on every GPU."""
+    from napari_cellseg.inference.runner import _resolve_precision
+    from napari_cellseg.model import devices
+    from training.loops import resolve_amp
+
+    monkeypatch.setattr(devices, "cuda_has_bf16", lambda device: has_bf16)
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert devices.auto_precision(gpu) == resolve_amp("auto", gpu) == _resolve_precision("auto", gpu) \
+        == ("bf16" if has_bf16 else "fp16")
+    assert devices.auto_precision(cpu) == resolve_amp("auto", cpu) == "off" and _resolve_precision("auto", cpu) == "fp32"
+    assert [devices.amp_mode(v) for v in (True, False, "bf16")] == ["auto", "off", "bf16"]
+
+
+def test_one_config_error_class():
+    from napari_cellseg.model.maskrcnn import ConfigError
+    from training.config import ConfigError as TrainConfigError, TrainConfig
+
+    assert TrainConfigError is ConfigError
+    with pytest.raises(ConfigError, match="^--epochs: must be >= 1"):
+        TrainConfig(epochs=0).validate()

@@ -188,6 +188,7 @@ def test_foreign_backbone_weights_file_refused_before_any_output(tmp_path, capsy
     (["--backbone", "hf-hub:timm/convnext_atto.d2_in1k"], "--backbone: 'hf-hub:timm/convnext_atto.d2_in1k' "
                                                           "is not a local timm model name"),
     (["--backbone", "convnext_nope"], "--backbone: 'convnext_nope' is not a timm model name known locally"),
+    (["--backbone", "convnext_xxlarge"], "--backbone: convnext_xxlarge with fpn_channels 32"),
 ])
 def test_architecture_flags_checked_before_any_output(tmp_path, capsys, flags, message):
     """red team 6: TrainConfig.validate never checked the model flags: --fpn-channels 0 was a

@@ -215,6 +215,32 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_splits_ranks():
     assert all(len(p) == 4 for p in parts) and {i for p in parts for _, i in p} == set(range(10))
 
 
+def test_epoch_sampler_with_steps_per_epoch_draws_every_item_over_the_epochs():
+    """--steps-per-epoch: 3 draws per epoch from 9 images see all 9 in epochs 1-3, each once;
+    over 9 epochs each image is drawn 3 times (in proportion); epoch draws never repeat a key."""
+    s = EpochSampler(3, seed=5, n_samples=9)
+    seen = []
+    for epoch in (1, 2, 3):
+        s.set_epoch(epoch)
+        seen += [i % 9 for _, i in s]
+    assert sorted(seen) == list(range(9))
+    counts = np.zeros(9, int)
+    for epoch in range(1, 10):
+        s.set_epoch(epoch)
+        counts += np.bincount([i % 9 for _, i in s], minlength=9)
+    assert counts.tolist() == [3] * 9
+    many = EpochSampler(20, seed=5, n_samples=9)  # more draws than images: every image, distinct keys
+    many.set_epoch(4)
+    keys = [i for _, i in many]
+    assert len(set(keys)) == 20 and set(k % 9 for k in keys) == set(range(9))
+    assert keys == [i for _, i in many]  # a function of (seed, epoch): resume sees the same batches
+    ranks = [EpochSampler(3, seed=5, world=2, rank=r, n_samples=9) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(1)
+    s.set_epoch(1)
+    assert {i for r in ranks for _, i in r} == {i for _, i in s}  # DDP: the ranks split the same draws
+
+
 def test_augmentation_depends_on_epoch_and_index_only():
     im, lab = synth(3)
     ds = InstanceDataset(array_samples([im], [lab]), train_pipeline(crop_size=64, scale_range=(0.5, 2.0), seed=1),

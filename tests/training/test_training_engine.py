@@ -35,7 +35,7 @@ def folder(tmp_path):
 
 # ---------------------------------------------------------------- AMP
 def test_amp_modes_resolve_per_device():
-    from training.engine import resolve_amp
+    from training.loops import resolve_amp
 
     cpu = torch.device("cpu")
     assert resolve_amp("auto", cpu) == "off"  # never on CPU unless asked
@@ -143,7 +143,7 @@ def _toy_batches(n, seed=0):
 
 
 def test_train_one_epoch_counts_nonfinite_and_never_steps_on_them():
-    from training.engine import _health_warning, train_one_epoch
+    from training.loops import _health_warning, train_one_epoch
 
     model = Toy(nan_rank=0, nan_step=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -167,7 +167,7 @@ class SteepToy(Toy):
 
 
 def test_fp16_scaler_skips_are_counted_apart():
-    from training.engine import train_one_epoch
+    from training.loops import train_one_epoch
 
     model = SteepToy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -181,7 +181,7 @@ def test_fp16_scaler_skips_are_counted_apart():
 def _ddp_rank(rank, world, init_file, result_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from training.engine import train_one_epoch
+    from training.loops import train_one_epoch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -320,7 +320,7 @@ def test_loader_keeps_workers_pins_memory_on_cuda_and_prefetches():
     from training.data import array_samples
     from training.dataset import EpochSampler, InstanceDataset
     from training.augment import test_pipeline
-    from training.engine import _loader
+    from training.loops import _loader
     from test_training_data import synth
 
     im, lab = synth(0)
@@ -398,7 +398,7 @@ def test_resume_keeps_the_runs_settings_and_refuses_changed_ones(folder, tmp_pat
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     capsys.readouterr()
     for flag, value, saved in (("--select-by", "loss", "map"), ("--seed", "1", "7"),
-                               ("--val-fraction", "0.5", "0.3"), ("--image-dir", str(labels), str(images)),
+                               ("--val-fraction", "0.5", "0.3"),
                                ("--lr", "0.001", "0.0001"), ("--fpn-channels", "64", "32")):
         assert main([*args, "--epochs", "2", "--resume", flag, value]) == 2, flag
         err = capsys.readouterr().err.strip().splitlines()
@@ -452,23 +452,6 @@ def test_resume_reads_best_with_its_criterion():
     assert resume_best({"best": -0.5, "best_by": "map"}, "map") == -0.5
     assert resume_best({"best": -0.5, "best_by": "map"}, "loss") is None  # never compared across criteria
     assert resume_best({}, "loss") is None
-
-
-def test_resume_recomputes_best_of_a_file_without_best_by_from_its_history():
-    """An old bug stored best = -mAP in runs selecting by loss, without best_by: such a best
-    (-0.4 < any loss) was never beaten again, so best_model.bin never updated. Files without
-    best_by get best recomputed from their history with the run's select_by, over the epochs
-    whose optimizer stepped."""
-    from training.runstate import resume_best
-
-    history = [{"epoch": 1, "val_loss": 1.5, "val_map": 0.4, "optimizer_steps": 2},
-               {"epoch": 2, "val_loss": 1.2, "val_map": 0.3, "optimizer_steps": 2},
-               {"epoch": 3, "val_loss": 0.9, "val_map": 0.6, "optimizer_steps": 0},  # never stepped
-               {"epoch": 4, "val_loss": float("nan"), "val_map": 0.0, "optimizer_steps": 2}]
-    damaged = {"best": -0.4, "train_config": {"select_by": "loss"}, "history": history}
-    assert resume_best(damaged, "loss") == 1.2
-    assert resume_best(damaged, "map") == -0.4
-    assert resume_best({"best": 1.2, "history": history[2:3]}, "loss") is None  # no stepped epoch
 
 
 # ---------------------------------------------------------------- fine-tune start and --resume: one architecture rule
@@ -591,8 +574,10 @@ def test_resume_from_another_folder_with_relative_paths(folder, tmp_path, monkey
     _last_ckpt(tmp_path / "run", run, architecture_checked=True)
     eff = effective_config(*parse_args(there))
     assert (eff.image_dir, eff.label_dir) == (str(images), str(labels))
-    with pytest.raises(ConfigError, match="^--label-dir: the run in"):
-        effective_config(*parse_args([*there, "--label-dir", os.path.join("..", rel[0])]))
+    notes = []  # another folder is taken as the data's new place (its image ids are checked at load)
+    eff = effective_config(*parse_args([*there, "--label-dir", os.path.join("..", rel[0])]), notes=notes)
+    assert eff.label_dir == str(images) and notes == [f"--resume: --label-dir {os.path.join('..', rel[0])} "
+                                                      f"(the run had {rel[1]})"]
     monkeypatch.chdir(tmp_path)  # from where it started, without the paths: made absolute
     eff = effective_config(*parse_args(["--out", "run", "--resume"]))
     assert (eff.image_dir, eff.label_dir) == (str(images), str(labels))
@@ -626,3 +611,88 @@ def test_label_file_without_an_image_is_one_warning_line(folder, tmp_path, capsy
     lines = [ln for ln in err.splitlines() if "orphan.tif" in ln]
     assert len(lines) == 1 and lines[0].startswith("cellseg-train: warning:"), err
     assert "DataWarning" not in err
+
+
+def test_resume_with_only_out_and_epochs_keeps_every_flag_of_the_run(folder, tmp_path):
+    """`--out RUN --resume --epochs N` continues with the run's own batch size, steps per epoch,
+    scale range, augment, grad clip, figures, device, amp, ...; a flag typed with a new value is
+    taken where it may change, and said in one line."""
+    from training.cli import parse_args
+    from training.settings import effective_config
+
+    images, labels = folder
+    out = tmp_path / "run"
+    first = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out), *TINY, "--epochs", "2",
+             "--batch-size", "2", "--steps-per-epoch", "3", "--scale-range", "0.8", "1.25", "--no-augment",
+             "--grad-clip", "0.5", "--no-figures", "--device", "cpu", "--amp", "off", "--workers", "1",
+             "--freeze-backbone-epochs", "1", "--crop-size", "64"]
+    run = effective_config(*parse_args(first))
+    _last_ckpt(out, run, architecture_checked=True)
+    notes = []
+    eff = effective_config(*parse_args(["--out", str(out), "--resume", "--epochs", "3"]), notes=notes)
+    kept = ("batch_size", "steps_per_epoch", "scale_range", "augment", "grad_clip", "figures", "device", "amp",
+            "workers", "freeze_backbone_epochs", "crop_size", "image_dir", "label_dir", "model")
+    assert {k: getattr(eff, k) for k in kept} == {k: getattr(run, k) for k in kept}
+    assert (eff.epochs, eff.resume, notes) == (3, True, [])
+    eff = effective_config(*parse_args(["--out", str(out), "--resume", "--epochs", "3", "--batch-size", "4",
+                                        "--grad-clip", "0.5"]), notes=notes)
+    assert (eff.batch_size, eff.grad_clip, eff.steps_per_epoch) == (4, 0.5, 3)
+    assert notes == ["--resume: --batch-size 4 (the run had 2)"]
+
+
+def test_resume_of_a_run_whose_data_folder_moved(folder, tmp_path, capsys):
+    """The stored data folder is gone: one line saying how to give its new place; given so (the
+    same image ids) the run resumes from there; other images are refused."""
+    import shutil
+    from training.cli import parse_args
+    from training.config import ConfigError
+    from training.settings import effective_config
+
+    images, labels = folder
+    out = tmp_path / "run"
+    run = effective_config(*parse_args(["--image-dir", str(images), "--label-dir", str(labels), "--out", str(out),
+                                        *TINY, "--epochs", "1", "--no-figures"]))
+    _last_ckpt(out, run, architecture_checked=True)
+    moved = tmp_path / "moved"
+    shutil.move(str(images.parent), str(moved))
+    with pytest.raises(ConfigError, match=r"^--image-dir: the run's .* is not there any more; .*--resume "
+                                          r"--image-dir NEW --label-dir NEW"):
+        effective_config(*parse_args(["--out", str(out), "--resume", "--epochs", "2"]))
+    notes = []
+    eff = effective_config(*parse_args(["--out", str(out), "--resume", "--epochs", "2", "--image-dir",
+                                        str(moved / "images"), "--label-dir", str(moved / "labels")]), notes=notes)
+    assert (eff.image_dir, eff.label_dir) == (str(moved / "images"), str(moved / "labels"))
+    assert len(notes) == 1 and f"--image-dir {moved / 'images'} (the run had {images})" in notes[0]
+
+
+@pytest.mark.slow
+def test_resume_with_only_out_and_epochs_gives_the_uninterrupted_numbers(folder, tmp_path, capsys, monkeypatch):
+    """`--epochs 2`, then `--out RUN --resume --epochs 3`, with flags off their defaults: epoch 3
+    has the train loss of 3 uninterrupted epochs; with --steps-per-epoch every training image
+    is loaded over the epochs."""
+    from training import dataset
+
+    images, labels = folder
+    flags = ["--image-dir", str(images), "--label-dir", str(labels), *TINY, "--batch-size", "2", "--crop-size", "64",
+             "--steps-per-epoch", "1",
+             "--scale-range", "0.8", "1.25", "--grad-clip", "0.5", "--no-figures", "--no-tune-thresholds",
+             "--val-fraction", "0.2"]
+    loaded = []
+    getitem = dataset.InstanceDataset.__getitem__
+
+    def record(self, key):
+        if isinstance(key, tuple):
+            loaded.append(self.samples[key[1] % len(self.samples)].image_id)
+        return getitem(self, key)
+
+    monkeypatch.setattr(dataset.InstanceDataset, "__getitem__", record)
+    assert main([*flags, "--out", str(tmp_path / "whole"), "--epochs", "3"]) == 0
+    assert len(set(loaded)) == 4  # 4 training images, 1 step x batch 2 per epoch: all of them by epoch 2
+    assert main([*flags, "--out", str(tmp_path / "cut"), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "cut"), "--resume", "--epochs", "3"]) == 0
+    assert "--resume:" not in capsys.readouterr().err  # nothing changed, nothing said
+    whole, cut = rows(tmp_path / "whole"), rows(tmp_path / "cut")
+    print("epoch-3 train loss: uninterrupted", whole[2]["train_loss"], "resumed", cut[2]["train_loss"])
+    assert [r["train_loss"] for r in cut] == [r["train_loss"] for r in whole]
+    assert [r["val_loss"] for r in cut] == [r["val_loss"] for r in whole]

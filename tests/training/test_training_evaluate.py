@@ -1,4 +1,4 @@
-"""training.evaluate / engine.evaluate: val Detections from the Predictor, thresholds from the
+"""training.evaluate / loops.evaluate: val Detections from the Predictor, thresholds from the
 shared napari_cellseg.inference.tuning sweep, val mAP measured on the same Detections."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_engine_evaluate_uses_predictor_once_per_image_and_restores_train_mode()
     from training.config import TrainConfig
     from training.data import array_samples
     from training.dataset import InstanceDataset
-    from training.engine import evaluate
+    from training.loops import evaluate
 
     torch.manual_seed(0)
     mc = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
@@ -160,12 +160,12 @@ def _same_detections(a, b, exact=True):
 
 
 def test_one_pass_validation_equals_the_two_pass_path():
-    """engine.evaluate runs the backbone once per val image: the same val loss (fp tolerance:
+    """loops.evaluate runs the backbone once per val image: the same val loss (fp tolerance:
     the backbone input is channels_last, as in the pipeline) and the same Detections, bit for bit,
     as the train-mode forward + Predictor path; images beyond max_val_images: loss only."""
     import torch
     from training.config import TrainConfig
-    from training.engine import evaluate
+    from training.loops import evaluate
 
     model, mc, ds = _val_case()
     torch.manual_seed(1)
