@@ -1,21 +1,24 @@
 """Channel choice + invert on skimage's IHC image (blue hematoxylin nuclei, dark on bright):
-cells found by the bundled demo model with the image as shown vs one channel, inverted.
+cells found by the bundled demo model with the image as shown vs one channel, inverted
+(the ``--channel`` / ``--invert`` of ``cellseg predict``: ``options.ImageInput``).
 
     python benchmarks/bench_ihc_channels.py
 """
 import time
 
 from skimage.data import immunohistochemistry
-from napari_cellseg.inference.predictor import Predictor
-from napari_cellseg.io.channels import prepare
+
+from napari_cellseg.inference.pipeline import Pipeline
+from napari_cellseg.options import PredictOptions
+
 img = immunohistochemistry()
-p = Predictor.from_checkpoint(None, device="cpu")
-th = p.thresholds
 counts = {}
-for ch, inv in [("all", False), ("all", True), ("red", True), ("grey", True)]:
+for channel, invert in [(0, False), (0, True), (1, True), (3, True)]:
     t = time.time()
-    d = p.predict(prepare(img, ch, inv), scale="auto")
-    n = int(d.to_labels(th["box_conf"], th["mask_threshold"], th.get("min_area", 0)).max())
-    counts[ch, inv] = n
-    print(f"channel={ch} invert={inv}: {n} cells, diameter {d.diameter}, scale {d.scale:.2f}, {time.time()-t:.0f}s", flush=True)
-print(f"red + invert finds {counts['red', True] / max(counts['all', False], 1):.2f}x the cells of the image as shown")
+    pipe = Pipeline.from_options(PredictOptions(device="cpu", diameter="auto", channel=channel, invert=invert))
+    d = pipe.predict(img)
+    n = int(pipe.labels(d).max())
+    counts[channel, invert] = n
+    print(f"channel={channel} invert={invert}: {n} cells, diameter {d.diameter}, scale {d.scale:.2f}, "
+          f"{time.time() - t:.0f}s", flush=True)
+print(f"red + invert finds {counts[1, True] / max(counts[0, False], 1):.2f}x the cells of the image as shown")

@@ -1,4 +1,5 @@
-"""Options as data: ``Thresholds`` (how raw detections become labels) and ``PredictOptions``
+"""Options as data: ``Thresholds`` (how raw detections become labels), ``ImageInput`` (which
+channels of an image the model sees and how their intensities are scaled) and ``PredictOptions``
 (everything a prediction run needs besides the images), and the range rules they are held to.
 
 The home of the threshold defaults and of each range rule on prediction options: a scale
@@ -165,6 +166,75 @@ class Thresholds:
 DEFAULT_THRESHOLDS = Thresholds()
 THRESHOLD_FIELDS = tuple(f.name for f in fields(Thresholds))  # PredictOptions has an override for each
 
+INTENSITIES = ("percentile", "raw")
+MAX_CHANNEL = 64  # the highest channel number accepted (io.images reads up to MAX_CHANNELS)
+
+
+def _channel(name: str, value) -> int:
+    try:
+        return _count(name, value, 0, MAX_CHANNEL)
+    except OptionError:
+        raise OptionError(f"{name} must be a channel number from 1 (0 = {'all / grey' if name == 'channel' else 'none'}), "
+                          f"got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How an image becomes the model's input (the rule itself: :mod:`napari_cellseg.io.images`).
+
+    intensity: "percentile" (each channel's 1st..99th percentile -> 0..1, as cellpose's
+    normalize99; the default) or "raw" (the dtype's range: 8-bit / 255, 16-bit / 65535, floats
+    as they are); channel: the cell channel, numbered from 1 as cellpose does (0 = all channels:
+    grey or RGB as they are, the mean of any other number of channels); channel2: an optional
+    nuclear channel (0 = none); invert: dark cells on a bright background (1 - the cell channel).
+    Stored in every checkpoint trained by this project (``info.train_config``) and the
+    defaults when that model predicts.
+    """
+
+    intensity: str = "percentile"
+    channel: int = 0
+    channel2: int = 0
+    invert: bool = False
+
+    def __post_init__(self):
+        if self.intensity not in INTENSITIES:
+            raise OptionError(f"intensity must be one of {', '.join(INTENSITIES)}, got {self.intensity!r}")
+        object.__setattr__(self, "channel", _channel("channel", self.channel))
+        object.__setattr__(self, "channel2", _channel("channel2", self.channel2))
+        if not isinstance(self.invert, bool):
+            raise OptionError(f"invert must be true or false, got {self.invert!r}")
+        if self.channel2 and not self.channel:
+            raise OptionError(f"channel2 {self.channel2} (nuclear) needs a cell channel: give channel >= 1 too")
+        if self.channel2 and self.channel2 == self.channel:
+            raise OptionError(f"channel2 must differ from channel (both {self.channel})")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "input") -> "ImageInput":
+        """From a (checkpoint's train_config) dict: its intensity / channel / channel2 / invert,
+        unknown keys ignored; a bad value raises OptionError naming ``where`` and the field.
+        None (a model trained before these fields existed) gives the defaults."""
+        if data is None:
+            return cls()
+        if isinstance(data, ImageInput):
+            return data
+        if not isinstance(data, Mapping):
+            raise OptionError(f"{where} must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except OptionError as exc:
+            raise OptionError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **overrides) -> "ImageInput":
+        """A copy with every override that is not None applied (CLI flags / widget fields)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+DEFAULT_INPUT = ImageInput()
+
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -175,7 +245,8 @@ class PredictOptions:
     have it, fp16 on older ones, fp32 on CPU); diameter: cell diameter in px, "auto" or None; scale: an explicit resize
     factor (wins over diameter); tile_size / tile_overlap: network px, 0 = never tile, None = the
     defaults (:func:`tile_settings`); thresholds: overrides of the checkpoint's thresholds
-    (None fields keep the checkpoint's value).
+    (None fields keep the checkpoint's value); intensity / channel / channel2 / invert:
+    overrides of the checkpoint's :class:`ImageInput` (None keeps the value it was trained with).
     """
 
     checkpoint: str | None = None
@@ -191,6 +262,10 @@ class PredictOptions:
     min_area: int | None = None
     fill_holes: bool | None = None
     keep_largest: bool | None = None
+    intensity: str | None = None
+    channel: int | None = None
+    channel2: int | None = None
+    invert: bool | None = None
 
     def __post_init__(self):
         check_precision(self.precision)
@@ -212,8 +287,9 @@ class PredictOptions:
             object.__setattr__(self, "tile_size", None if self.tile_size is None else tile)
             object.__setattr__(self, "tile_overlap", None if self.tile_overlap is None else overlap)
         object.__setattr__(self, "batch_size", _count("batch_size", self.batch_size, 1, 1024))
-        # the threshold overrides are checked by building them once
+        # the threshold and input overrides are checked by building them once
         self.thresholds(DEFAULT_THRESHOLDS)
+        self.image_input(DEFAULT_INPUT)
 
     @classmethod
     def from_args(cls, args) -> "PredictOptions":
@@ -224,6 +300,11 @@ class PredictOptions:
         if "checkpoint" in values:
             values["checkpoint"] = str(values["checkpoint"])
         return cls(**values)
+
+    def image_input(self, base: ImageInput | Mapping | None = None) -> ImageInput:
+        """The effective input rule: ``base`` (the checkpoint's) with these overrides applied."""
+        return ImageInput.from_dict(base).with_overrides(
+            intensity=self.intensity, channel=self.channel, channel2=self.channel2, invert=self.invert)
 
     def thresholds(self, base: Thresholds | Mapping | None = None) -> Thresholds:
         """The effective thresholds: ``base`` (the checkpoint's) with these overrides applied."""

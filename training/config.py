@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from napari_cellseg.model.maskrcnn import ConfigError, ModelConfig, check_backbone_name, check_size
+from napari_cellseg.options import INTENSITIES, ImageInput, OptionError
 
 # ConfigError: the one class for a bad setting (napari_cellseg.model.maskrcnn); the message names
 # the field, as ``--flag: problem`` for training's flags
@@ -28,7 +29,7 @@ def _as_flag(exc: ConfigError) -> ConfigError:
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SEED_MAX = 2**32 - 1  # NumPy's seed range; the sampler and augmentation use seed % 2**32 anyway
 BACKBONE_WEIGHTS = ("imagenet", "random")  # or a local file
-CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "map")}
+CHOICES: dict[str, tuple[str, ...]] = {"amp": AMP_MODES, "select_by": ("loss", "map"), "intensity": INTENSITIES}
 """Fields with a closed set of values (the CLI's choices, the widget's combo boxes).
 ``backbone_weights`` takes BACKBONE_WEIGHTS or a file path."""
 
@@ -75,6 +76,12 @@ class TrainConfig:
     steps_per_epoch: int = 0
     scale_range: tuple[float, float] = (1.0, 1.0)
     augment: bool = True
+    # the model's input (options.ImageInput; the rule: napari_cellseg.io.images): stored in every
+    # checkpoint (info.train_config) and the defaults when the model predicts
+    intensity: str = "percentile"
+    channel: int = 0
+    channel2: int = 0
+    invert: bool = False
     # model initialisation
     backbone_weights: str = "imagenet"
     init_checkpoint: str | None = None
@@ -149,11 +156,21 @@ class TrainConfig:
             bad("images", "--train-csv needs --images DIR (the folder with the images it names)")
         if bool(self.image_dir) != bool(self.label_dir):
             bad("label_dir", "--image-dir and --label-dir go together")
+        try:
+            self.image_input()
+        except OptionError as exc:
+            field, _, why = str(exc).partition(" ")
+            bad(field, why)
         try:  # the architecture flags: the same bounds a checkpoint's config is held to
             self.model.validate()  # (cheap: the backbone's form only, see check_backbone)
         except ConfigError as exc:
             raise _as_flag(exc) from None
         return self
+
+    def image_input(self) -> ImageInput:
+        """How this run's images become the model's input (every training and validation image,
+        and the model's default when it predicts). Raises OptionError."""
+        return ImageInput(self.intensity, self.channel, self.channel2, self.invert)
 
     def check_backbone(self) -> "TrainConfig":
         """``--backbone`` against timm's local model names (never the Hub). Separate from
@@ -235,6 +252,14 @@ HELP: dict[str, str] = {
                 "--diameter/auto sizing rescales images to it (as cellpose's diam_mean); fine-tuning "
                 "keeps the --init-checkpoint's value unless this is given",
     "augment": "flips, 90-degree rotations, shift/scale/rotate, noise/blur, brightness/contrast",
+    "intensity": "percentile: each channel's 1st-99th percentile -> 0-1 (cellpose's normalize99, every "
+                 "dtype, 8-bit too); raw: the dtype's range (8-bit / 255, 16-bit / 65535). Stored in the "
+                 "checkpoint: cellseg predict uses it unless told otherwise",
+    "channel": "cell channel of the images, numbered from 1 as in cellpose (0 = all channels: grey or RGB "
+               "as they are, the mean of other channel counts); stored in the checkpoint",
+    "channel2": "optional nuclear channel (0 = none): the cell channel goes to the model's red + green "
+                "inputs, this one to blue; stored in the checkpoint",
+    "invert": "invert the cell channel (dark cells on a bright background); stored in the checkpoint",
     "backbone_weights": "backbone start for a run from scratch: 'imagenet' (timm's pretrained weights, downloaded "
                         "once into the Hugging Face cache; offline the run stops at once), 'random', or a local "
                         "weights FILE of this --backbone (timm .safetensors/.pth; every backbone weight must "

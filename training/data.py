@@ -54,12 +54,12 @@ class Sample:
 
 
 # ---------------------------------------------------------------- image reading / normalising
-def _info(path: Path):
+def _info(path: Path, labels: bool = False):
     """images.image_info (the header, limits checked, images.layout's planes/channels) as a DataError."""
     from napari_cellseg.io.images import ImageError, image_info
 
     try:
-        return image_info(path)
+        return image_info(path, labels)
     except ImageError as exc:
         raise DataError(str(exc)) from None
 
@@ -102,12 +102,16 @@ def _check_label_info(path: Path, info) -> None:
                         f"single-channel integer image")
 
 
-def to_float_image(array: np.ndarray) -> np.ndarray:
-    """HxW / HxWx{1,3,4} array -> float32 HxWx3 in [0, 1], the normalisation the Predictor uses
-    (io.images.to_rgb_float)."""
-    from napari_cellseg.io.images import to_rgb_float
+def to_float_image(array: np.ndarray, rule=None, where: str = "image") -> np.ndarray:
+    """HxW / HxWxC array -> float32 HxWx3 in [0, 1] by the one rule the pipeline uses
+    (``images.model_input``; ``rule`` = the run's ``TrainConfig.image_input()``, None = defaults),
+    as a DataError naming ``where``."""
+    from napari_cellseg.io.images import ImageError, model_input
 
-    return np.asarray(to_rgb_float(array), dtype=np.float32)
+    try:
+        return np.asarray(model_input(array, rule, where), dtype=np.float32)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _compact(img: np.ndarray) -> np.ndarray:
@@ -182,8 +186,8 @@ def pixels_to_layers(cells, shape) -> np.ndarray:
     return np.stack(layers)
 
 
-def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: str) -> Sample:
-    img = to_float_image(image)
+def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: str, rule=None) -> Sample:
+    img = to_float_image(image, rule, where)
     if img.shape[:2] != layers.shape[1:]:
         raise DataError(f"{where}: image is {img.shape[1]}x{img.shape[0]} (WxH) but its labels are "
                         f"{layers.shape[2]}x{layers.shape[1]}")
@@ -191,7 +195,7 @@ def _make_sample(image_id: str, image: np.ndarray, layers: np.ndarray, where: st
 
 
 # ---------------------------------------------------------------- sources
-def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
+def load_folder_samples(image_dir, label_dir, warn=None, rule=None) -> list[Sample]:
     """images/NAME.ext + labels/NAME.tif, matched by image id (files.files_by_id: file stem by
     annotations.normalize_id; one id twice, e.g. a.png + a.tif, is refused). A Z-stack with a
     matching label stack gives one sample per plane that carries labels (ids NAME_000 .., as
@@ -217,7 +221,7 @@ def load_folder_samples(image_dir, label_dir, warn=None) -> list[Sample]:
     samples, masks = [], {}  # label file name -> regions of its first mask-like plane
     source: dict[str, Path] = {}  # sample id -> image file: a plane id (st_000) may be a file's id too
     for image_id, ipath in images.items():
-        pair = _folder_pair(image_id, ipath, labels[image_id])
+        pair = _folder_pair(image_id, ipath, labels[image_id], rule)
         for s in pair:
             if s.image_id in source:
                 raise DataError(f"{ipath}: image id {s.image_id!r} is also given by {source[s.image_id]} "
@@ -250,15 +254,15 @@ def _regions_of_one_id(layers: np.ndarray) -> int:
     return n if n >= MASK_REGIONS else 0
 
 
-def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
+def _folder_pair(stem: str, ipath: Path, lpath: Path, rule=None) -> list[Sample]:
     """The samples of one image file and its label file: checked on the headers, then decoded."""
-    iinfo, linfo = _info(ipath), _info(lpath)
+    iinfo, linfo = _info(ipath), _info(lpath, labels=True)
     _check_label_info(lpath, linfo)
     if (iinfo.height, iinfo.width) != (linfo.height, linfo.width):
         raise DataError(f"{ipath}: image is {iinfo.width}x{iinfo.height} (WxH) but its labels "
                         f"{lpath.name} are {linfo.width}x{linfo.height}")
     if linfo.planes == 1 and iinfo.planes == 1:
-        return [_make_sample(stem, _read(ipath), labels_to_layers(_read_labels(lpath), str(lpath)), str(ipath))]
+        return [_make_sample(stem, _read(ipath), labels_to_layers(_read_labels(lpath), str(lpath)), str(ipath), rule)]
     if linfo.planes == 1:
         raise DataError(f"{ipath}: image is a stack of {iinfo.planes} planes of {iinfo.width}x{iinfo.height} "
                         f"but its labels {lpath.name} are a single {linfo.width}x{linfo.height} plane: give "
@@ -273,7 +277,8 @@ def _folder_pair(stem: str, ipath: Path, lpath: Path) -> list[Sample]:
         lab = _read_labels(lpath, z)
         if lab.any():
             samples.append(_make_sample(plane_id(stem, (z,), (linfo.planes,)), _read(ipath, z),
-                                        labels_to_layers(lab, f"{lpath} [plane {z}]"), f"{ipath} [plane {z}]"))
+                                        labels_to_layers(lab, f"{lpath} [plane {z}]"), f"{ipath} [plane {z}]",
+                                        rule))
     return samples
 
 
@@ -334,7 +339,7 @@ def _resolve_csv_ids(ann, csv_path, image_dir, warn=None) -> dict[str, tuple[Pat
     return found
 
 
-def load_csv_samples(csv_path, image_dir, warn=None) -> list[Sample]:
+def load_csv_samples(csv_path, image_dir, warn=None, rule=None) -> list[Sample]:
     """Kaggle train.csv (one RLE row per cell) + the folder of the images it names. Ids are
     resolved as the other commands do: file stem (files.files_by_id), or ``STEM_000`` .. for the
     planes of a stack STEM.tif (images.plane_id, the ids ``cellseg predict`` writes), one plane
@@ -356,17 +361,18 @@ def load_csv_samples(csv_path, image_dir, warn=None) -> list[Sample]:
         shape = shapes[image_id]
         layers = rles_to_layers(ann.rles(image_id), tuple(shape))  # RLEs checked above
         where = str(path) if plane is None else f"{path} [plane {plane}]"
-        samples.append(_make_sample(image_id, _read(path, plane), layers, where))
+        samples.append(_make_sample(image_id, _read(path, plane), layers, where, rule))
     return samples
 
 
 def array_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                  ids: Sequence[str] | None = None) -> list[Sample]:
-    """In-memory images (any dtype, grey or RGB) and instance label images (the napari widget)."""
+                  ids: Sequence[str] | None = None, rule=None) -> list[Sample]:
+    """In-memory images (any dtype, grey or any channels) and instance label images (the napari
+    widget), by ``rule`` (``TrainConfig.image_input()``; None = the defaults)."""
     if len(images) != len(labels):
         raise DataError(f"{len(images)} images but {len(labels)} label images")
     ids = list(ids) if ids is not None else [f"image{i}" for i in range(len(images))]
-    return [_make_sample(str(i), np.asarray(im), labels_to_layers(np.asarray(lab), f"labels of {i}"), str(i))
+    return [_make_sample(str(i), np.asarray(im), labels_to_layers(np.asarray(lab), f"labels of {i}"), str(i), rule)
             for i, im, lab in zip(ids, images, labels)]
 
 
@@ -381,10 +387,12 @@ def _tiles(shape: Sequence[int], n: int = 2):
 
 
 def few_image_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                      ids: Sequence[str] | None = None, min_untiled: int = MIN_IMAGES_UNTILED) -> list[Sample]:
-    """:func:`array_samples`, but with fewer than ``min_untiled`` images every image is cut into
-    2x2 tiles (ids ``NAME@r0c1``) so that the grouped train/val split can hold out part of a
-    single image (the napari Train widget, ``training.finetune``)."""
+                      ids: Sequence[str] | None = None, min_untiled: int = MIN_IMAGES_UNTILED,
+                      rule=None) -> list[Sample]:
+    """:func:`array_samples` (images by ``rule``, the run's ``TrainConfig.image_input()``), but
+    with fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
+    so that the grouped train/val split can hold out part of a single image (the napari Train
+    widget, ``training.finetune``)."""
     if len(images) != len(labels):
         raise DataError(f"{len(images)} images but {len(labels)} label images")
     ids = list(ids) if ids is not None else [f"image{i}" for i in range(len(images))]
@@ -396,16 +404,18 @@ def few_image_samples(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]
             out_ids.append(f"{name}@{suffix}" if suffix else str(name))
             out_images.append(image[sl])
             out_labels.append(lab[sl])
-    return array_samples(out_images, out_labels, out_ids)
+    return array_samples(out_images, out_labels, out_ids, rule)
 
 
 def load_samples(config, warn=None) -> list[Sample]:
-    """The samples of the config's data source; ``warn`` takes one-line warnings (``_warn``)."""
+    """The samples of the config's data source, its images by ``config.image_input()`` (the one
+    input rule: intensity, channels, invert); ``warn`` takes one-line warnings (``_warn``)."""
+    rule = config.image_input()
     if config.train_csv:
-        samples = load_csv_samples(config.train_csv, config.images, warn)
+        samples = load_csv_samples(config.train_csv, config.images, warn, rule)
         source = f"{config.train_csv}: every row says 'no cell'"
     elif config.image_dir:
-        samples = load_folder_samples(config.image_dir, config.label_dir, warn)
+        samples = load_folder_samples(config.image_dir, config.label_dir, warn, rule)
         source = f"{config.label_dir}: every label image is empty"
     else:
         raise DataError("no training data: give --train-csv CSV --images DIR or --image-dir DIR --label-dir DIR")

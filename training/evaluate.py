@@ -26,7 +26,10 @@ def val_predictor(net, model_config, device):
     from napari_cellseg.inference.pipeline import Pipeline
 
     runner = Runner(net, dataclasses.replace(model_config, native_scale=True), device=str(device))
-    return Pipeline(runner, PredictOptions(device=str(device), scale=1.0))
+    # the val images are the model's input already (training.data read them by the run's input
+    # rule): "raw" + all channels passes them on unchanged, never normalised twice
+    return Pipeline(runner, PredictOptions(device=str(device), scale=1.0, intensity="raw", channel=0,
+                                           channel2=0, invert=False))
 
 
 def val_step(pipeline, arrays, targets, detect: bool = True):

@@ -83,8 +83,8 @@ def finetune(images: list[np.ndarray], labels: list[np.ndarray], init_checkpoint
         raise ValueError(f"minutes must be a number > 0, got {minutes!r}")
     if not images:
         raise DataError("no corrected image to fine-tune on")
-    samples = few_image_samples(images, labels, ids)
     config = preset_config(init_checkpoint, out_dir, minutes=minutes, device=device, **overrides)
+    samples = few_image_samples(images, labels, ids, rule=config.image_input())
     budget = None if minutes is None else float(minutes) * 60.0
     t0 = time.perf_counter()
     history: list[dict] = []

@@ -300,6 +300,7 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
     _add_postprocess_options(p)
     _add_size_options(p)
+    _add_input_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
@@ -320,6 +321,23 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--tile-overlap", type=int, metavar="PX",
                    help="tile overlap in network pixels, >= the largest cell (default 128)")
     p.set_defaults(func=_cmd_predict)
+
+
+def _add_input_options(p) -> None:
+    """How images become the model's input (options.ImageInput; the rule: io/images.py). Every
+    flag defaults to what the checkpoint was trained with."""
+    p.add_argument("--channel", type=int, metavar="N",
+                   help="cell channel, numbered from 1 as in cellpose (0 = all channels: grey or RGB "
+                        "as they are, the mean of other channel counts). Default: the checkpoint's (0)")
+    p.add_argument("--channel2", type=int, metavar="N",
+                   help="optional nuclear channel (0 = none): the cell channel goes to the model's "
+                        "red + green inputs, this one to blue. Default: the checkpoint's (0)")
+    p.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                   help="invert the cell channel (dark cells on a bright background). Default: the checkpoint's")
+    p.add_argument("--intensity", choices=("percentile", "raw"),
+                   help="percentile: each channel's 1st-99th percentile -> 0-1 (cellpose's normalize99, "
+                        "every dtype); raw: the dtype's range (8-bit / 255). Default: the checkpoint's "
+                        "(percentile)")
 
 
 def _add_postprocess_options(p) -> None:
@@ -358,6 +376,7 @@ def _add_tune(subparsers) -> None:
     p.add_argument("--min-area", type=int, help="drop cells smaller than this (default: checkpoint's)")
     _add_postprocess_options(p)
     _add_size_options(p)
+    _add_input_options(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
     p.add_argument("--json", action="store_true",
                    help='print {"box_conf", "mask_threshold", "map", "table": [...]} as JSON')

@@ -131,11 +131,12 @@ def expand_items(files: Sequence[Path], skipped: list | None = None) -> list[Ite
     return items
 
 
-def load_item(item: Item):
-    """float32 HxWx3 of an item (one plane of a stack read without loading the others)."""
+def load_item(item: Item, rule=None):
+    """float32 HxWx3 of an item (one plane of a stack read without loading the others), by
+    ``rule`` (the pipeline's ImageInput: intensity, channels, invert)."""
     from napari_cellseg.io.images import load_plane
 
-    return load_plane(item.path, item.plane)
+    return load_plane(item.path, item.plane, rule=rule)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -165,13 +166,13 @@ def _threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
-def _prefetched(items: Sequence[Item], pool, depth: int):
+def _prefetched(items: Sequence[Item], pool, depth: int, rule=None):
     """``(item, array or exception)`` in input order, decoded ``depth`` items ahead on ``pool``."""
     from collections import deque
 
     def load(item):
         try:
-            return load_item(item)
+            return load_item(item, rule)
         except (ValueError, OSError, MemoryError) as exc:
             return exc
 
@@ -218,7 +219,7 @@ class BatchLoop:
         with ThreadPoolExecutor(self.threads, thread_name_prefix="cellseg-load") as loader, \
                 ThreadPoolExecutor(self.threads, thread_name_prefix="cellseg-encode") as self.post:
             depth = 2 * self.batch_size + self.threads
-            for pos, (item, array) in enumerate(_prefetched(items, loader, depth=depth)):
+            for pos, (item, array) in enumerate(_prefetched(items, loader, depth=depth, rule=self.pipeline.input)):
                 if isinstance(array, BaseException):
                     self._fail(pos, item, array)
                     continue
@@ -260,8 +261,8 @@ class BatchLoop:
         from napari_cellseg.progress import drain
 
         pipe = self.pipeline
-        return drain(iter_sized(pipe.runner, arrays, pipe.scale, pipe.thresholds, pipe.tile_size,
-                                pipe.tile_overlap))
+        return drain(iter_sized(pipe.runner, arrays, pipe.scale, tile_size=pipe.tile_size,
+                                tile_overlap=pipe.tile_overlap))
 
     def _encode(self, item, dets):  # on a worker thread: paste, threshold, encode, write the TIFF
         from napari_cellseg.io.files import write_label_tiff

@@ -98,7 +98,7 @@ def run_rank(options, inputs: Sequence, out: Path, *, resume: bool = False, seco
             for k, (image_id, path, plane) in enumerate(todo, start=1):
                 label = display_path(path) if plane is None else f"{display_path(path)} [plane {plane}]"
                 try:
-                    row = rank_image(pipeline, load_plane(path, plane), second)
+                    row = rank_image(pipeline, load_plane(path, plane, rule=pipeline.input), second)
                 except (ValueError, OSError, MemoryError) as exc:
                     reason = " ".join(str(exc).split())
                     reason = reason if reason.startswith(str(path)) else f"{label}: {reason}"

@@ -5,7 +5,11 @@ Detections out) and below every user of prediction (``cellseg predict`` / ``tune
 widgets, training validation). It owns, each written once:
 
 * the object size: an explicit scale, a diameter, or ``"auto"`` (measure the cells in a first
-  pass, predict again at ``reference / diameter``; rules in :mod:`napari_cellseg.inference.sizing`);
+  pass with the model's own thresholds, never the user's, predict again at ``reference /
+  diameter``; rules in :mod:`napari_cellseg.inference.sizing`);
+* the image input: paths and arrays become the model's input by ``io.images``' one rule, with
+  the checkpoint's ``ImageInput`` (intensity, channels, invert; :func:`checkpoint_input`) as the
+  default and the options' overrides;
 * tiling: images larger than ``tile_size`` network px run in overlapping tiles, stitched into one
   Detections (geometry in :mod:`napari_cellseg.inference.tiling`);
 * batching across images: up to ``batch_size`` images per forward, each at its own factor; with
@@ -26,21 +30,37 @@ import numpy as np
 from napari_cellseg.inference.detections import Detections
 from napari_cellseg.inference.metrics import median_diameter
 from napari_cellseg.inference.runner import Runner
-from napari_cellseg.options import PredictOptions, Thresholds, tile_settings
+from napari_cellseg.options import ImageInput, OptionError, PredictOptions, Thresholds, tile_settings
 from napari_cellseg.progress import drain, relay
-from napari_cellseg.inference.sizing import (AUTO_PASSES, check_scale, describe_scale, next_auto_scale, resolve_scale, size_message)
+from napari_cellseg.inference.sizing import (AUTO_PASSES, check_scale, describe_scale, next_auto_scale, resolve_scale, size_message, size_thresholds)
 from napari_cellseg.inference.tiling import (TILE_OVERLAP, TILE_SIZE, core_keep, image_tiles, merge_detections, needs_tiling)
 
-__all__ = ["Pipeline", "as_image", "iter_tiled", "iter_at", "iter_auto_scale", "iter_sized", "iter_batches"]
+__all__ = ["Pipeline", "as_image", "checkpoint_input", "iter_tiled", "iter_at", "iter_auto_scale", "iter_sized",
+           "iter_batches"]
 
 
-def as_image(image) -> np.ndarray:
-    """A path or an array -> normalised float32 HxWx3 (images.py's rule)."""
+def as_image(image, rule: ImageInput | None = None) -> np.ndarray:
+    """A path or an array -> the model's float32 HxWx3 (images.py's rule; ``rule`` = the
+    intensity / channel / invert choice, None = the defaults)."""
     from napari_cellseg.io import images
 
     if isinstance(image, np.ndarray):
-        return images.to_rgb_float(image)
-    return images.load_image(image)
+        return images.to_rgb_float(image, rule=rule)
+    return images.load_image(image, rule=rule)
+
+
+def checkpoint_input(runner) -> ImageInput:
+    """The ImageInput a model was trained with (its checkpoint's ``info.train_config``: intensity,
+    channel, channel2, invert), validated; the defaults for a model that stores none. A bad
+    stored value raises PredictError naming the checkpoint."""
+    from napari_cellseg.inference.runner import PredictError
+
+    stored = (getattr(runner, "info", None) or {}).get("train_config")
+    where = f"{getattr(runner, 'checkpoint_path', None) or 'checkpoint'}: info.train_config"
+    try:
+        return ImageInput.from_dict(stored if isinstance(stored, dict) else None, where=where)
+    except OptionError as exc:
+        raise PredictError(str(exc)) from None
 
 
 def iter_tiled(runner, array: np.ndarray, factor: float, tile: int = TILE_SIZE,
@@ -135,15 +155,17 @@ def _pass_range(k: int) -> tuple[float, float]:
     return 0.99 - left, left / 2
 
 
-def iter_auto_scale(runner, arrays: list, thresholds: Thresholds | None = None,
-                    tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP):
+def iter_auto_scale(runner, arrays: list, *, tile_size: int | None = TILE_SIZE,
+                    tile_overlap: int = TILE_OVERLAP):
     """scale="auto" for a batch of images: predict at 1, measure the median diameter of the
-    confident masks, predict again at ``reference / diameter`` until the factor settles (within
+    masks kept by the model's own thresholds (``sizing.size_thresholds``: never the user's, so
+    the size, and so the result, of a run never depends on the thresholds it is shown at),
+    predict again at ``reference / diameter`` until the factor settles (within
     20 %, at most AUTO_PASSES passes). An image where nothing is found is retried at 2.5x and
     then 0.4x. Each pass runs the images still measuring together (grouped by factor).
     Returns one Detections per image (``.scale`` = the factor used, ``.diameter`` = the size it
     stands for; None when nothing was found)."""
-    th = runner.thresholds if thresholds is None else thresholds
+    th = size_thresholds(runner)
     states = [_AutoSize(runner.reference_diameter, th) for _ in arrays]
     for k in range(AUTO_PASSES):
         active = [i for i, s in enumerate(states) if s.result is None]
@@ -166,20 +188,21 @@ def iter_auto_scale(runner, arrays: list, thresholds: Thresholds | None = None,
     return [s.result for s in states]
 
 
-def iter_sized(runner, arrays: list, scale: float | str, thresholds: Thresholds | None = None,
-               tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP):
+def iter_sized(runner, arrays: list, scale: float | str, *, tile_size: int | None = TILE_SIZE,
+               tile_overlap: int = TILE_OVERLAP):
     """Generator: the arrays at ``scale``: "auto" (:func:`iter_auto_scale`, which measures with
-    ``thresholds``) or one factor for all (:func:`iter_at`). Returns one Detections per array.
-    The one place that tells the two apart (Pipeline, iter_batches and cellseg predict call it)."""
+    the model's own thresholds) or one factor for all (:func:`iter_at`). Returns one Detections
+    per array. The one place that tells the two apart (Pipeline, iter_batches and cellseg predict
+    call it)."""
     check_scale(scale)
     if isinstance(scale, str):  # "auto" (check_scale refused any other string)
-        return (yield from iter_auto_scale(runner, arrays, thresholds, tile_size, tile_overlap))
+        return (yield from iter_auto_scale(runner, arrays, tile_size=tile_size, tile_overlap=tile_overlap))
     return (yield from iter_at(runner, arrays, [float(scale)] * len(arrays), tile_size, tile_overlap))
 
 
 def iter_batches(runner, arrays: Iterable[np.ndarray], scale: float | str = 1.0, batch_size: int = 1,
-                 tile_size: int | None = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
-                 thresholds: Thresholds | None = None) -> Iterator[tuple[int, Detections]]:
+                 tile_size: int | None = TILE_SIZE,
+                 tile_overlap: int = TILE_OVERLAP) -> Iterator[tuple[int, Detections]]:
     """Yield ``(index, Detections)`` for every array, up to ``batch_size`` images of one size per
     forward (consecutive images of another size start a new batch)."""
     check_scale(scale)
@@ -187,7 +210,7 @@ def iter_batches(runner, arrays: Iterable[np.ndarray], scale: float | str = 1.0,
 
     def run(batch):
         idx, arrs = zip(*batch)
-        return zip(idx, drain(iter_sized(runner, list(arrs), scale, thresholds, tile_size, tile_overlap)))
+        return zip(idx, drain(iter_sized(runner, list(arrs), scale, tile_size=tile_size, tile_overlap=tile_overlap)))
 
     for i, arr in enumerate(arrays):
         if batch and batch[-1][1].shape[:2] != arr.shape[:2]:  # one size per forward: a smaller
@@ -212,6 +235,7 @@ class Pipeline:
         self.tile_size, self.tile_overlap = tile_settings(options.tile_size, options.tile_overlap)
         self.scale = resolve_scale(runner, options.scale, options.diameter)
         self.batch_size = options.batch_size
+        self.input: ImageInput = options.image_input(checkpoint_input(runner))
 
     @classmethod
     def from_options(cls, options: PredictOptions) -> "Pipeline":
@@ -231,13 +255,18 @@ class Pipeline:
     def _tile(self, tile):
         return self.tile_size if isinstance(tile, str) and tile == "auto" else (int(tile) if tile else 0)
 
+    def as_image(self, image) -> np.ndarray:
+        """A path or an array (one plane, as stored) -> the model's input by ``self.input``."""
+        return as_image(image, self.input)
+
     def iter_predict(self, image, scale: float | str | None = None, tile="auto"):
-        """Generator: progress events, returns the Detections of one image (path or array)."""
+        """Generator: progress events, returns the Detections of one image (path or array, as
+        stored: ``self.input`` picks its channels and scales its intensities)."""
         yield {"stage": "load", "fraction": 0.0}
-        arr = as_image(image)
+        arr = self.as_image(image)
         scale = self.scale if scale is None else scale
-        return (yield from iter_sized(self.runner, [arr], scale, self.thresholds, self._tile(tile),
-                                      self.tile_overlap))[0]
+        return (yield from iter_sized(self.runner, [arr], scale, tile_size=self._tile(tile),
+                                      tile_overlap=self.tile_overlap))[0]
 
     def predict(self, image, scale: float | str | None = None, tile="auto") -> Detections:
         return drain(self.iter_predict(image, scale, tile))
@@ -245,10 +274,10 @@ class Pipeline:
     def predict_many(self, images: Iterable, batch_size: int | None = None,
                      scale: float | str | None = None) -> Iterator[tuple[int, Detections]]:
         """``(index, Detections)`` for every image (paths or arrays), batched."""
-        return iter_batches(self.runner, (as_image(i) for i in images),
+        return iter_batches(self.runner, (self.as_image(i) for i in images),
                             self.scale if scale is None else scale,
                             self.batch_size if batch_size is None else batch_size,
-                            self.tile_size, self.tile_overlap, self.thresholds)
+                            self.tile_size, self.tile_overlap)
 
     def labels(self, detections: Detections) -> np.ndarray:
         return detections.to_labels(self.thresholds)

@@ -93,7 +93,7 @@ def segment_box(runner, image: np.ndarray, box: tuple[float, float, float, float
     r = pipeline.runner if pipeline is not None else runner
     th = Thresholds.from_dict(thresholds if thresholds is not None else
                               (pipeline.thresholds if pipeline is not None else r.thresholds))
-    arr = as_image(image)
+    arr = pipeline.as_image(image) if pipeline is not None else as_image(image)
     shape = arr.shape[:2]
     y0, x0, y1, x1 = _check_box(box, shape)
     factor = _factor(r, pipeline, shape, (y0, x0, y1, x1), scale)

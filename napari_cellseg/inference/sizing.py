@@ -6,9 +6,13 @@ diameter ``d`` means the factor ``reference / d``; ``scale="auto"`` measures the
 pass and predicts again (the loop is :func:`napari_cellseg.inference.pipeline.iter_auto_scale`; the
 decisions are here: :func:`next_auto_scale`, :func:`clamp_scale`). The size messages users see
 are written here too, so "estimated at 24 px: resized x1.67" is exactly what typing 24 gives.
+The size estimate measures the cells with the model's own stored thresholds
+(:func:`size_thresholds`), never the user's: a slider or ``--box-conf`` changes which cells are
+kept, not the size the image is predicted at (so ``cellseg tune``'s mAP is what ``cellseg
+predict`` gives with the thresholds tune reports).
 
 Rules only: numbers in, numbers out. The functions that take ``predictor`` only read its
-``reference_diameter`` / ``size_normalised``; nothing here runs the network.
+``reference_diameter`` / ``size_normalised`` / ``thresholds``; nothing here runs the network.
 """
 
 from __future__ import annotations
@@ -18,15 +22,22 @@ import math
 import numpy as np
 
 from napari_cellseg.inference.runner import DEFAULT_DIAMETER, PredictError
-from napari_cellseg.options import SCALE_RANGE, valid_diameter, valid_scale  # PredictOptions uses them too
+from napari_cellseg.options import SCALE_RANGE, Thresholds, valid_diameter, valid_scale  # PredictOptions uses them too
 
 __all__ = ["AUTO_PASSES", "AUTO_SCALE_RANGE", "SCALE_RANGE", "DEFAULT_DIAMETER", "check_scale",
            "clamp_scale", "scale_for_diameter", "diameter_for_scale", "resolve_scale",
-           "describe_scale", "next_auto_scale", "size_message"]
+           "describe_scale", "next_auto_scale", "size_message", "size_thresholds"]
 
 AUTO_PASSES = 4  # scale="auto": most network passes per image
 AUTO_SCALE_RANGE = (0.25, 4.0)  # the size-normalisation clamp: auto size and training's resize
 _SETTLED = math.log(1.2)  # auto size stops when the next factor is within 20 % of this one
+
+
+def size_thresholds(predictor) -> Thresholds:
+    """The detection settings of the size estimate: the model's own (the checkpoint's stored
+    thresholds), whatever thresholds the user predicts with."""
+    stored = getattr(predictor, "thresholds", None)
+    return Thresholds.from_dict(stored, where="the model's thresholds")
 
 
 def check_scale(scale) -> None:

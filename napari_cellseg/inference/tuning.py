@@ -244,13 +244,14 @@ def _match_images(gt_path, images_dir, note: Callable[[str], None]) -> _TuneData
 
 def _predict_pairs(pipeline, data: _TuneData, progress_factory=None) -> list:
     """One forward pass per image: ``(Detections, ground-truth labels)`` pairs."""
-    from napari_cellseg.io.images import load_plane
+    from napari_cellseg.io.images import read_plane
 
     ids = list(data.sources)
     bar = progress_factory(total=len(ids), desc="tune: predict") if progress_factory else None
     pairs = []
     try:
-        inputs = (path if plane is None else load_plane(path, plane) for path, plane in data.sources.values())
+        inputs = (path if plane is None else read_plane(path, plane)  # as stored: the pipeline's input rule
+                  for path, plane in data.sources.values())
         for k, dets in pipeline.predict_many(inputs):
             image_id = ids[k]
             labels = data.gt.labels(image_id, data.shapes[image_id])

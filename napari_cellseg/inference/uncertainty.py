@@ -158,11 +158,15 @@ def second_pass(runner_or_pipeline, image, *, scale: float | str | None = None) 
     tiling and thresholds), or a Runner / Predictor (wrapped in a default Pipeline).
     ``image``: an array or a path, as ``Pipeline.predict`` takes it. ``scale``: the first
     pass's (``detections.scale``: no second size search), default the pipeline's."""
-    from napari_cellseg.inference.pipeline import Pipeline, as_image
+    from napari_cellseg.inference.pipeline import Pipeline
 
     pipe = runner_or_pipeline if isinstance(runner_or_pipeline, Pipeline) else Pipeline(runner_or_pipeline)
-    arr = as_image(image)
-    dets = pipe.predict(np.ascontiguousarray(arr[:, ::-1]), scale=scale)
+    from napari_cellseg.io.images import read_raw
+
+    raw = np.asarray(image) if isinstance(image, np.ndarray) else read_raw(image)
+    # the image as stored, flipped (X is axis 1 of HxW and HxWxC): the pipeline's input rule
+    # then sees the same values as in the first pass
+    dets = pipe.predict(np.ascontiguousarray(raw[:, ::-1]), scale=scale)
     return flip_detections(dets)
 
 

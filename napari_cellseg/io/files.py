@@ -35,7 +35,7 @@ def read_label_image(path: Path, plane: int | None = None):
     ImageError. One plane of one channel by images.layout (HxWx1, a 1xHxW stack) is that HxW plane."""
     from napari_cellseg.io.images import ImageError, layout, read_plane
 
-    labels = read_plane(path, plane)
+    labels = read_plane(path, plane, labels=True)  # ids have no channel axis: planes as stored
     where = str(path) if plane is None else f"{path} [plane {plane}]"
     planes, h, w, channels = layout(labels.shape, where)
     if planes == 1 and channels == 1:
@@ -205,7 +205,7 @@ class LabelFiles(Mapping):
         self.files: dict[str, tuple[Path, int | None, tuple[int, int] | None]] = {}
         for image_id, path in files.items():
             try:
-                info = image_info(path)
+                info = image_info(path, labels=True)
             except (ImageError, OSError):
                 info = None  # raised again when this id is read (shape / labels)
             n = info.planes if info is not None else 1

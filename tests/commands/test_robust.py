@@ -45,7 +45,7 @@ def test_stack_planes_and_unicode_paths_with_spaces(ckpt, tmp_path, capsys):
     _images(folder, ["plain ä"])
     rng = np.random.default_rng(1)
     stack = (rng.random((3, 64, 80)) * 4000).astype(np.uint16)
-    tifffile.imwrite(folder / "stack ß.tif", stack)
+    tifffile.imwrite(folder / "stack ß.tif", stack, metadata={"axes": "ZYX"})  # (else 3 channels)
     out = tmp_path / "résultats 1" / "sub mission.csv"
     out.parent.mkdir()
     rc = main(["predict", str(folder), "--out", str(out), "--checkpoint", str(ckpt), "--device", "cpu",

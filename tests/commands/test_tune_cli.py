@@ -77,7 +77,9 @@ def test_tune_json_best_is_argmax_and_write(setup, tmp_path):
     assert len(table) == 12
     assert doc["box_confs"] == BOX_CONFS and doc["mask_thresholds"] == MASKS
     best = max(table, key=lambda r: r["map"])
-    assert doc["map"] == pytest.approx(best["map"]) == pytest.approx(1.0)
+    # ~1: the GT was made in this process, tune runs in another (other thread count: scores differ
+    # in the last bits, and the random model's scores crowd the 0.53 threshold)
+    assert doc["map"] == pytest.approx(best["map"]) == pytest.approx(1.0, abs=0.01)
     assert (doc["box_conf"], doc["mask_threshold"]) == TARGET
     assert len({round(r["map"], 9) for r in table}) > 2  # the grid really matters
     # --write stored the pair; the checkpoint still loads
@@ -222,7 +224,8 @@ def test_tune_takes_the_plane_ids_of_a_stack(setup, tmp_path, capsys):
     root, ckpt = setup
     image = tifffile.imread(root / "images" / "img0.tif")
     (tmp_path / "im").mkdir()
-    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]))  # plane 0 blank
+    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]),
+                     metadata={"axes": "ZYX"})  # plane 0 blank (axes: else 2 channels)
     gt = tifffile.imread(root / "gt" / "img0.tif")
     write_annotations(tmp_path / "gt.csv", {"stack_001": gt, "gone": gt}, format="train")
     out = _tune_inprocess(capsys, "--checkpoint", ckpt, "--gt", tmp_path / "gt.csv", "--images", tmp_path / "im",
@@ -231,7 +234,8 @@ def test_tune_takes_the_plane_ids_of_a_stack(setup, tmp_path, capsys):
     doc = json.loads(out.stdout)
     assert doc["n_images"] == 1
     # plane 1 was predicted (the GT is the model's own output on it at TARGET), not plane 0
-    assert doc["map"] == pytest.approx(1.0) and (doc["box_conf"], doc["mask_threshold"]) == TARGET
+    # ~1: the random model's scores crowd the 0.53 threshold; the last bits of a forward may differ
+    assert doc["map"] == pytest.approx(1.0, abs=0.01) and (doc["box_conf"], doc["mask_threshold"]) == TARGET
     notes = [ln for ln in out.stderr.splitlines() if "'gone'" in ln]
     assert len(notes) == 1 and "1 of 2 ground-truth image(s) have no image" in notes[0]
 
@@ -247,7 +251,7 @@ def test_tune_refuses_an_id_naming_a_file_and_a_plane(setup, tmp_path, capsys):
     root, ckpt = setup
     image = tifffile.imread(root / "images" / "img0.tif")
     (tmp_path / "im").mkdir()
-    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]))
+    tifffile.imwrite(tmp_path / "im" / "stack.tif", np.stack([np.zeros_like(image), image]), metadata={"axes": "ZYX"})
     tifffile.imwrite(tmp_path / "im" / "stack_001.tif", image)
     gt = tifffile.imread(root / "gt" / "img0.tif")
     write_annotations(tmp_path / "gt.csv", {"stack_001": gt}, format="train")

@@ -559,23 +559,81 @@ def test_three_docks_fit_a_laptop_screen(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: docks["Segment cells"]._torch_ready, timeout=TIMEOUT)
 
 
-def test_channel_choice_and_invert():
-    from napari_cellseg.io.channels import ChannelError, prepare
+def test_channel_picker_lists_a_files_channels_and_segments_them(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                 tmp_path, monkeypatch, errors):
+    """A 2-channel CxYxX TIFF opened with napari's own reader: the picker offers its channels by
+    the names in its metadata (before: red / green / blue for any image, and the file was a
+    stack of two planes), and Segment predicts one image from the chosen cell + nuclear
+    channels, as cellseg predict --channel 2 --channel2 1 does."""
+    import tifffile
 
-    rgb = np.zeros((4, 5, 3), np.uint8)
-    rgb[..., 2] = 200
-    rgb[0, 0, 2] = 10
-    rgb[..., 0] = 50
-    blue = prepare(rgb, "blue")
-    assert blue.shape == (4, 5) and blue[0, 0] == 10 and blue[1, 1] == 200
-    inv = prepare(rgb, "blue", invert=True)
-    assert inv[0, 0] == 200 and inv[1, 1] == 10  # dark objects become bright, same range
-    assert prepare(rgb, "grey").shape == (4, 5) and prepare(rgb, "all") is not None
-    assert prepare(rgb, "all").shape == rgb.shape
-    grey = np.arange(20, dtype=np.uint16).reshape(4, 5)
-    np.testing.assert_array_equal(prepare(grey, "grey", invert=True), 19 - grey)
-    with pytest.raises(ChannelError, match="one channel"):
-        prepare(grey, "red")
+    from napari_cellseg.inference import pipeline
+    from napari_cellseg.options import ImageInput
+
+    seen = []
+    orig = pipeline.Pipeline.as_image
+
+    def record(self, image):
+        seen.append((self.input, np.asarray(image).shape))
+        return orig(self, image)
+
+    monkeypatch.setattr(pipeline.Pipeline, "as_image", record)
+    two = np.stack([_image(1), _image(2)])
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, two, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "actin"]}})
+    viewer, w = _widget_with(make_napari_viewer, qtbot, tiny_checkpoint, image=False)
+    viewer.open(str(path), plugin="napari")
+    qtbot.waitUntil(lambda: w.image_combo.currentText() == "two", timeout=10_000)
+    labels = [w.channel_combo.itemText(i) for i in range(w.channel_combo.count())]
+    assert labels == ["all channels", "1: DAPI", "2: actin"]
+    assert [w.channel2_combo.itemText(i) for i in range(w.channel2_combo.count())] == ["none", "1: DAPI", "2: actin"]
+    w.channel_combo.setCurrentIndex(2)
+    w.channel2_combo.setCurrentIndex(1)
+    _segment(qtbot, w)
+    assert errors == []
+    assert seen == [(ImageInput(channel=2, channel2=1), (96, 128, 2))]
+    assert viewer.layers["two cells"].data.shape == (96, 128)
+    viewer.add_image(_image(3), name="grey")  # a grey image offers its one channel
+    w.image_combo.setCurrentText("grey")
+    assert [w.channel_combo.itemText(i) for i in range(w.channel_combo.count())] == [
+        "all channels (grey)", "1: channel 1"]
+    assert not w.channel2_combo.isEnabled()
+
+
+def test_a_slider_on_one_image_never_changes_anothers_size_estimate(make_napari_viewer, qtbot, tmp_path,
+                                                                   monkeypatch, errors):
+    """The auto size measured the cells with the sliders' thresholds: box confidence 0.2 left
+    from image A made image B's estimate 17 px instead of 40. It uses the model's own now."""
+    import torch
+
+    from napari_cellseg.inference import pipeline
+    from napari_cellseg.model.checkpoint import save_checkpoint
+    from napari_cellseg.model.maskrcnn import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="convnext_atto", fpn_channels=32, mask_head_channels=32, box_head_size=128,
+                      box_score_thresh=0.0, box_detections_per_img=60, native_scale=True, diameter=40.0)
+    ckpt = tmp_path / "sized.bin"
+    save_checkpoint(ckpt, build_model(cfg), cfg, thresholds={"box_conf": 0.6, "mask_threshold": 0.45})
+    used = []
+    orig = pipeline._AutoSize.__init__
+
+    def record(self, reference, thresholds):
+        used.append((thresholds.box_conf, thresholds.mask_threshold))
+        orig(self, reference, thresholds)
+
+    monkeypatch.setattr(pipeline._AutoSize, "__init__", record)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, ckpt, name="A")
+    viewer.add_image(_image(5), name="B")
+    w.image_combo.setCurrentText("A")
+    _segment(qtbot, w)
+    w.box_slider.setValue(0.2)
+    w.mask_slider.setValue(0.2)
+    w.image_combo.setCurrentText("B")
+    _segment(qtbot, w)
+    assert errors == []
+    assert result_of(viewer.layers["B cells"]).thresholds["box_conf"] == pytest.approx(0.2)  # shown at 0.2
+    assert used == [(0.6, 0.45), (0.6, 0.45)]  # ...but sized with the model's own thresholds
 
 
 def test_calibrate_writes_the_diameter_and_segment_agrees(make_napari_viewer, qtbot, tiny_checkpoint,

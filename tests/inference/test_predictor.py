@@ -34,7 +34,11 @@ def _image(shape, seed=0):
 
 
 def stock_labels(model, image, box_conf=0.5, mask_threshold=0.5):
-    """torchvision's own forward (masks pasted full size) + starter overlap removal."""
+    """torchvision's own forward (masks pasted full size) + starter overlap removal, on the
+    image as the pipeline gives it to the network (images.py's one intensity rule)."""
+    from napari_cellseg.io.images import to_rgb_float
+
+    image = to_rgb_float(image)
     with torch.inference_mode():
         out = model([torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))])[0]
     scores, masks = out["scores"].numpy(), out["masks"][:, 0].numpy() > mask_threshold
@@ -460,17 +464,17 @@ def test_auto_size_batched_over_images_equals_one_by_one(tiny):
     model, config = tiny
     pred = Runner(model, config)
     arrays = [_image((96, 128), seed=s) for s in (5, 6, 7)]
-    together = drain(iter_auto_scale(pred, arrays, Thresholds()))
+    together = drain(iter_auto_scale(pred, arrays))
     for array, d in zip(arrays, together):
-        alone = drain(iter_auto_scale(pred, [array], Thresholds()))[0]
+        alone = drain(iter_auto_scale(pred, [array]))[0]
         assert d.scale == alone.scale and d.image_shape == alone.image_shape
         np.testing.assert_allclose(d.scores, alone.scores, atol=1e-4)
         assert min_instance_iou(alone.to_labels(), d.to_labels()) >= 0.98
     # images of different sizes share a forward too (zero-padded like torchvision's own batching)
     mixed = [_image((96, 128), seed=5), _image((64, 64), seed=6)]
-    together = drain(iter_auto_scale(pred, mixed, Thresholds()))
+    together = drain(iter_auto_scale(pred, mixed))
     assert [d.image_shape for d in together] == [(96, 128), (64, 64)]
-    assert [d.scale for d in together] == [drain(iter_auto_scale(pred, [a], Thresholds()))[0].scale
+    assert [d.scale for d in together] == [drain(iter_auto_scale(pred, [a]))[0].scale
                                            for a in mixed]
 
 

@@ -186,7 +186,7 @@ def test_auto_size_progress_moves_with_the_tiles():
     fake.reference_diameter = float(median_diameter(fake.predict(image).to_labels(fake.thresholds)))
     fake.calls.clear()
     events = []
-    gen = iter_auto_scale(fake, [arr], fake.thresholds, 256, 96)
+    gen = iter_auto_scale(fake, [arr], tile_size=256, tile_overlap=96)
     while True:
         try:
             events.append(next(gen))

@@ -4,6 +4,9 @@ import pytest
 import tifffile
 
 from napari_cellseg.io.images import ImageError, list_images, load_image, read_raw, to_rgb_float
+from napari_cellseg.options import ImageInput
+
+RAW = ImageInput(intensity="raw")
 
 
 def _check(out, shape):
@@ -18,9 +21,11 @@ def test_formats_and_depths(tmp_path):
     iio.imwrite(tmp_path / "rgba.png", rng.integers(0, 256, (20, 30, 4), dtype=np.uint8))
     iio.imwrite(tmp_path / "c.jpg", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     tifffile.imwrite(tmp_path / "g16.tif", rng.integers(100, 3000, (20, 30), dtype=np.uint16))
-    out = load_image(tmp_path / "g.png")
+    out = load_image(tmp_path / "g.png", rule=RAW)
     _check(out, (20, 30))
     assert np.allclose(out[..., 0], grey8 / 255) and np.array_equal(out[..., 0], out[..., 2])
+    lo, hi = np.percentile(grey8, (1, 99))  # the default: percentile, 8-bit too
+    assert np.allclose(load_image(tmp_path / "g.png")[..., 0], np.clip((grey8 - lo) / (hi - lo), 0, 1))
     _check(load_image(tmp_path / "rgba.png"), (20, 30))
     _check(load_image(tmp_path / "c.jpg"), (20, 30))
     g16 = load_image(tmp_path / "g16.tif")
@@ -49,13 +54,14 @@ def test_stack_plane_of_real_data(nuclei_data, nuclei_planes):
 
 
 def test_in_memory_floats_and_constant():
-    f = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
-    assert np.allclose(to_rgb_float(f)[..., 1], f)
+    f = np.linspace(0.2, 0.6, 12, dtype=np.float32).reshape(3, 4)
+    assert np.allclose(to_rgb_float(f, rule=RAW)[..., 1], f)  # raw: floats as they are
+    assert to_rgb_float(f).max() == 1.0 and to_rgb_float(f).min() == 0.0
     assert not to_rgb_float(np.full((4, 4), 7, np.uint16)).any()
 
 
 def test_bad_images_name_the_file(tmp_path):
-    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 8, 9), np.uint8))
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((2, 3, 8, 9), np.uint8), photometric="minisblack")
     (tmp_path / "junk.png").write_bytes(b"this is not a png")
     (tmp_path / "empty.tif").write_bytes(b"")
     for name, problem in [("4d.tif", "4-D image"), ("junk.png", "cannot read image"),
@@ -127,8 +133,10 @@ def test_plane_channel_and_total_limits(tmp_path, monkeypatch):
     five = tmp_path / "five.tif"
     tifffile.imwrite(five, np.zeros((8, 9, 5), np.uint8), photometric="rgb", extrasamples=[0, 0])
     _forbid_decoding(monkeypatch)
+    monkeypatch.setattr(images, "MAX_CHANNELS", 4)
     with pytest.raises(ImageError, match="five.tif: 5 channels"):
         read_raw(five)
+    monkeypatch.setattr(images, "MAX_CHANNELS", 16)
     monkeypatch.setattr(images, "MAX_PLANES", 4)
     with pytest.raises(ImageError, match="stack.tif: 5 planes .* over the limit of 4 planes"):
         read_raw(stack)
@@ -141,23 +149,27 @@ def test_plane_channel_and_total_limits(tmp_path, monkeypatch):
     assert read_plane(stack, 4).shape == (8, 9)  # one page: within the limits
 
 
-def test_two_channels_are_grey_plus_alpha(tmp_path):
-    """HxWx2 TIFF was 256 'planes' of 256x2; grey+alpha PNG 'a stack of 256 planes'."""
+def test_two_channel_tiff_is_two_channels_and_png_la_is_grey_plus_alpha(tmp_path):
+    """A YxXx2 TIFF was read as grey + alpha (its second channel dropped: 0 cells); only PNG's LA
+    mode has an alpha. In memory, HxWx2 is two channels too."""
     from napari_cellseg.io.images import image_info
 
     rng = np.random.default_rng(0)
     la = rng.integers(0, 256, (256, 256, 2), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "la.tif", la)
+    tifffile.imwrite(tmp_path / "two.tif", la)
     iio.imwrite(tmp_path / "la.png", la)
-    for name in ("la.tif", "la.png"):
-        info = image_info(tmp_path / name)
-        assert (info.planes, info.height, info.width, info.channels) == (1, 256, 256, 2)
-        out = load_image(tmp_path / name)
-        _check(out, (256, 256))
-        assert np.allclose(out[..., 0], la[..., 0] / 255)  # grey kept, alpha dropped
-    assert np.allclose(to_rgb_float(la)[..., 2], la[..., 0] / 255)
-    stack = to_rgb_float(np.stack([la, la]), plane=1)  # a stack of grey+alpha planes
-    _check(stack, (256, 256))
+    info = image_info(tmp_path / "two.tif")
+    assert (info.planes, info.height, info.width, info.channels) == (1, 256, 256, 2)
+    second = load_image(tmp_path / "two.tif", rule=ImageInput(intensity="raw", channel=2))
+    assert np.allclose(second[..., 0], la[..., 1] / 255)  # the second channel is there
+    info = image_info(tmp_path / "la.png")
+    assert (info.planes, info.height, info.width, info.channels) == (1, 256, 256, 1)
+    out = load_image(tmp_path / "la.png", rule=RAW)
+    _check(out, (256, 256))
+    assert np.allclose(out[..., 0], la[..., 0] / 255)  # grey kept, alpha dropped
+    both = to_rgb_float(la, rule=ImageInput(intensity="raw", channel=1, channel2=2))
+    assert np.allclose(both[..., 1], la[..., 0] / 255) and np.allclose(both[..., 2], la[..., 1] / 255)
+    _check(to_rgb_float(np.stack([la, la]), plane=1), (256, 256))  # a stack of 2-channel planes
 
 
 def test_stack_planes_read_one_at_a_time_with_the_same_rule(tmp_path, monkeypatch):
@@ -165,7 +177,7 @@ def test_stack_planes_read_one_at_a_time_with_the_same_rule(tmp_path, monkeypatc
     from napari_cellseg.io.images import image_info, layout, load_plane, read_plane
 
     stack = np.arange(4 * 6 * 7, dtype=np.uint16).reshape(4, 6, 7)
-    tifffile.imwrite(tmp_path / "s.tif", stack)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")  # (tifffile: not RGBA)
     tifffile.imwrite(tmp_path / "h.tif", stack[:, None], imagej=True)  # Z x C=1 x Y x X
     assert image_info(tmp_path / "s.tif").planes == 4
     assert layout((4, 1, 6, 7)) == (4, 6, 7, 1) and layout((6, 7, 2)) == (1, 6, 7, 2)

@@ -209,6 +209,8 @@ def test_architecture_flags_checked_before_any_output(tmp_path, capsys, flags, m
     (["--seed", "-5"], "--seed: must be an integer in [0, 4294967295], got -5"),
     (["--lr", "inf"], "--lr: must be a finite number, got inf"),
     (["--grad-clip", "nan"], "--grad-clip: must be a finite number, got nan"),
+    (["--channel", "-1"], "--channel: must be a channel number from 1 (0 = all / grey), got -1"),
+    (["--channel2", "2"], "--channel2: 2 (nuclear) needs a cell channel: give channel >= 1 too"),
 ])
 def test_training_flags_bounded_before_any_output(tmp_path, capsys, flags, message):
     """red team 8: --max-val-images -1 scored no image (val mAP 0, untuned thresholds stored),

@@ -113,8 +113,9 @@ def test_folder_source_stacks_and_mismatch(tmp_path):
     (stack_dir / "im").mkdir(parents=True); (stack_dir / "lab").mkdir()
     ims, labs = zip(*(synth(k) for k in range(4)))
     labs = list(labs); labs[1] = np.zeros_like(labs[1])
-    tifffile.imwrite(stack_dir / "im" / "st.tif", np.stack(ims))
-    tifffile.imwrite(stack_dir / "lab" / "st.tif", np.stack(labs).astype(np.uint32))
+    zyx = {"metadata": {"axes": "ZYX"}}  # without axes a first axis of 2-5 is channels (CxYxX)
+    tifffile.imwrite(stack_dir / "im" / "st.tif", np.stack(ims), **zyx)
+    tifffile.imwrite(stack_dir / "lab" / "st.tif", np.stack(labs).astype(np.uint32), **zyx)
     assert [s.image_id for s in load_folder_samples(stack_dir / "im", stack_dir / "lab")] == ["st_000", "st_002", "st_003"]
     tifffile.imwrite(labels / "s1.tif", np.zeros((100, 128), np.int32))
     with pytest.raises(DataError, match="s1.tif.*128x128.*128x100"):
@@ -280,8 +281,8 @@ def test_colour_coded_label_image_is_refused_not_read_as_a_stack(tmp_path):
     assert sample.image_id == "a" and sample.image.shape == (48, 64, 1) and sample.n_instances == 6
     # an RGB stack (ZxHxWx3) with its label stack (ZxHxW): one sample per labelled plane
     ims, labs = zip(*(synth(k, (48, 64)) for k in range(3)))
-    tifffile.imwrite(images / "a.tif", np.stack([_rgb8(i) for i in ims]))
-    tifffile.imwrite(labels / "a.tif", np.stack(labs).astype(np.uint16))
+    tifffile.imwrite(images / "a.tif", np.stack([_rgb8(i) for i in ims]), metadata={"axes": "ZYXS"})
+    tifffile.imwrite(labels / "a.tif", np.stack(labs).astype(np.uint16), metadata={"axes": "ZYX"})
     (images / "a.png").unlink(), (labels / "a.png").unlink()
     got = load_folder_samples(images, labels)
     assert [s.image_id for s in got] == ["a_000", "a_001", "a_002"]
@@ -297,7 +298,7 @@ def _stack_csv(tmp_path):
 
     (tmp_path / "img").mkdir()
     ims, labs = zip(*(synth(k, (48, 64)) for k in range(4)))
-    tifffile.imwrite(tmp_path / "img" / "stack.tif", np.stack(ims[:3]))
+    tifffile.imwrite(tmp_path / "img" / "stack.tif", np.stack(ims[:3]), metadata={"axes": "ZYX"})
     iio.imwrite(tmp_path / "img" / "one.png", (ims[3] >> 8).astype(np.uint8))
     csv = tmp_path / "train.csv"
     write_annotations(csv, {"stack_000": labs[0], "stack_002": labs[2], "one": labs[3]}, format="train")
@@ -402,8 +403,8 @@ def test_stack_planes_are_named_as_predict_names_them_and_never_twice(tmp_path):
     root = tmp_path / "d"
     (root / "im").mkdir(parents=True)
     (root / "lab").mkdir()
-    tifffile.imwrite(root / "im" / "st.tif", np.stack(ims))
-    tifffile.imwrite(root / "lab" / "st.tif", np.stack(labs).astype(np.uint16))
+    tifffile.imwrite(root / "im" / "st.tif", np.stack(ims), metadata={"axes": "ZYX"})
+    tifffile.imwrite(root / "lab" / "st.tif", np.stack(labs).astype(np.uint16), metadata={"axes": "ZYX"})
     assert [s.image_id for s in load_folder_samples(root / "im", root / "lab")] == ["st_000", "st_001", "st_002"]
     tifffile.imwrite(root / "im" / "st_001.tif", ims[0])
     tifffile.imwrite(root / "lab" / "st_001.tif", labs[0])
@@ -431,11 +432,11 @@ def test_all_empty_labels_say_so_not_change_the_seed(tmp_path):
 def test_stack_image_with_a_single_label_plane_is_named_as_a_stack(tmp_path):
     """A 3-plane stack with a 2-D label was reported as 'image is 96x3 (WxH)'."""
     images, labels = write_folder(tmp_path / "f", n=1)
-    tifffile.imwrite(images / "s0.tif", np.stack([synth(0)[0]] * 3))
+    tifffile.imwrite(images / "s0.tif", np.stack([synth(0)[0]] * 3), metadata={"axes": "ZYX"})
     with pytest.raises(DataError, match=r"s0\.tif: image is a stack of 3 planes of 128x128 but its labels "
                                         r"s0\.tif are a single 128x128 plane: give a label stack"):
         load_folder_samples(images, labels)
-    tifffile.imwrite(labels / "s0.tif", np.stack([synth(0)[1]] * 2).astype(np.uint16))
+    tifffile.imwrite(labels / "s0.tif", np.stack([synth(0)[1]] * 2).astype(np.uint16), metadata={"axes": "ZYX"})
     with pytest.raises(DataError, match=r"labels.s0\.tif: a stack of 2 label planes but the image s0\.tif "
                                         r"has 3 planes"):
         load_folder_samples(images, labels)
@@ -526,9 +527,45 @@ def test_binary_mask_warning_counts_label_files_not_planes(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
     pairs = [synth(k) for k in range(3)]
-    tifffile.imwrite(tmp_path / "images" / "z.tif", np.stack([im for im, _ in pairs]))
-    tifffile.imwrite(tmp_path / "labels" / "z.tif", np.stack([(lab > 0).astype(np.uint8) for _, lab in pairs]))
+    tifffile.imwrite(tmp_path / "images" / "z.tif", np.stack([im for im, _ in pairs]), metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "labels" / "z.tif", np.stack([(lab > 0).astype(np.uint8) for _, lab in pairs]), metadata={"axes": "ZYX"})
     said = []
     samples = load_folder_samples(tmp_path / "images", tmp_path / "labels", warn=said.append)
     assert len(samples) == 3
     assert len(said) == 1 and ": 1 label image(s) hold one id over many separate regions, e.g. z.tif" in said[0]
+
+
+def test_training_images_follow_the_input_rule_of_the_config(tmp_path):
+    """Training reads a user's channels as predict does: a CxYxX ImageJ TIFF (DAPI, cytoplasm)
+    with --channel 2 --channel2 1 --invert gives cell -> R, G (inverted) and nuclear -> B, each
+    percentile-normalised (before: the file was two 'planes' and 8-bit was divided by 255)."""
+    from training.config import TrainConfig
+    from training.data import load_samples
+
+    rng = np.random.default_rng(0)
+    dapi = rng.integers(10, 60, (64, 80)).astype(np.uint8)
+    cyto = rng.integers(100, 140, (64, 80)).astype(np.uint8)
+    lab = np.zeros((64, 80), np.uint16)
+    lab[10:30, 10:30], lab[35:60, 40:70] = 1, 2
+    (tmp_path / "im").mkdir()
+    (tmp_path / "lab").mkdir()
+    tifffile.imwrite(tmp_path / "im" / "a.tif", np.stack([dapi, cyto]), imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "lab" / "a.tif", lab)
+    cfg = TrainConfig(image_dir=str(tmp_path / "im"), label_dir=str(tmp_path / "lab"), channel=2, channel2=1,
+                      invert=True).validate()
+    (sample,) = load_samples(cfg)
+    img = sample.image.astype(np.float32)
+
+    def p99(a):
+        lo, hi = np.percentile(a, (1, 99))
+        return np.clip((a.astype(np.float32) - lo) / (hi - lo), 0, 1)
+
+    assert sample.image_id == "a" and img.shape == (64, 80, 3)
+    np.testing.assert_allclose(img[..., 0], 1 - p99(cyto), atol=1e-3)
+    np.testing.assert_allclose(img[..., 1], img[..., 0])
+    np.testing.assert_allclose(img[..., 2], p99(dapi), atol=1e-3)
+    with pytest.raises(DataError, match="channel 3 but the image has 2 channels"):
+        load_samples(TrainConfig(image_dir=str(tmp_path / "im"), label_dir=str(tmp_path / "lab"), channel=3))
+    with pytest.raises(Exception, match="--channel2: .*needs a cell channel"):
+        TrainConfig(image_dir="x", label_dir="y", channel2=1).validate()
+    assert TrainConfig.from_dict(cfg.to_dict()).image_input() == cfg.image_input()

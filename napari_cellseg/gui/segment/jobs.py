@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cellseg.io.channels import prepare
-
 
 def checkpoint_thresholds(checkpoint):
     """The thresholds stored in a checkpoint (defaults filled in), without building the model.
@@ -49,18 +47,23 @@ def load_torch_job(checkpoint=None):
 from napari_cellseg.progress import relay_map as relay  # noqa: E402  (the one relay loop: progress.py)
 
 
-def predict_options(checkpoint, device, diameter=None, thresholds=None):
+INPUT_KEYS = ("intensity", "channel", "channel2", "invert")
+
+
+def predict_options(checkpoint, device, diameter=None, thresholds=None, image_input=None):
     """The Segment form -> ``options.PredictOptions`` (the one option type the CLI, tune, the
     widgets and training validation all build). ``diameter``: px, "auto" or None (the model's
     own size); ``thresholds``: the sliders' ``options.Thresholds`` (every field overrides the
-    checkpoint's). Raises OptionError."""
+    checkpoint's); ``image_input``: the channel picker (channel, channel2, invert: as --channel /
+    --channel2 / --invert). Raises OptionError."""
     from dataclasses import fields
 
     from napari_cellseg.options import PredictOptions
 
     overrides = {f.name: getattr(thresholds, f.name) for f in fields(thresholds)} if thresholds else {}
+    i = dict(image_input or {})
     return PredictOptions(checkpoint=str(checkpoint), device=str(device), diameter=diameter,
-                          **overrides)
+                          **overrides, **{k: i[k] for k in INPUT_KEYS if k in i})
 
 
 def _runner(options, cache):
@@ -90,7 +93,7 @@ def pipeline_for(options, cache):
     return _pipeline(options, cache)
 
 
-def segment_job(options, planes: dict, cache, channel="all", invert=False):
+def segment_job(options, planes: dict, cache):
     """Worker body: load (or reuse) the model, run ``pipeline.Pipeline(runner, options)`` once
     per plane, return ``({plane prefix: Detections}, options.Thresholds)``. ``options``: the
     PredictOptions of the form (:func:`predict_options`): device, size (diameter / "auto" /
@@ -98,8 +101,9 @@ def segment_job(options, planes: dict, cache, channel="all", invert=False):
     checkpoint's with the form's overrides).
 
     ``planes`` maps a plane prefix (``()`` for a 2D image) to its 2D array; a plane is read only
-    when its turn comes, so a lazy (dask/zarr) stack is never loaded whole. Each plane goes
-    through ``channels.prepare(channel, invert)`` first. Progress events carry the overall
+    when its turn comes, so a lazy (dask/zarr) stack is never loaded whole. Each plane is given
+    as stored (HxW or HxWxC): the pipeline picks its channels and scales its intensities by the
+    options' channel / channel2 / invert (io.images' one rule). Progress events carry the overall
     fraction and "plane i/n"; the worker can be cancelled between any two events.
     """
     yield {"stage": "loading model", "fraction": 0.0}
@@ -107,7 +111,7 @@ def segment_job(options, planes: dict, cache, channel="all", invert=False):
     out, n = {}, len(planes)
     for i, (prefix, array) in enumerate(planes.items()):
         where = f"plane {i + 1}/{n}: " if n > 1 else ""
-        gen = pipeline.iter_predict(prepare(np.asarray(array), channel, invert))
+        gen = pipeline.iter_predict(np.asarray(array))
         out[prefix] = yield from relay(gen, lambda e, i=i, where=where: {
             **e, "stage": where + str(e.get("stage", "")), "fraction": (i + float(e.get("fraction", 0.0))) / n})
     yield {"stage": "masks", "fraction": 1.0}
@@ -116,7 +120,7 @@ def segment_job(options, planes: dict, cache, channel="all", invert=False):
     return out, pipeline.thresholds
 
 
-def calibrate_job(options, image, cache, channel="all", invert=False):
+def calibrate_job(options, image, cache):
     """Worker body of "Calibrate": the median cell diameter (image px) from the pipeline's
     automatic size estimate (``options`` with ``diameter="auto"``), and the resize factor that
     diameter gives (the same rule as typing it into the diameter box). Returns
@@ -127,7 +131,7 @@ def calibrate_job(options, image, cache, channel="all", invert=False):
 
     yield {"stage": "loading model", "fraction": 0.0}
     pipeline = _pipeline(replace(options, diameter="auto", scale=None), cache)
-    gen = pipeline.iter_predict(prepare(np.asarray(image), channel, invert))
+    gen = pipeline.iter_predict(np.asarray(image))
     dets = yield from relay(gen, lambda e: {**e, "stage": "measuring: " + str(e.get("stage", ""))})
     diameter = getattr(dets, "diameter", None)
     if not diameter:

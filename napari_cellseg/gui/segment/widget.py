@@ -28,7 +28,6 @@ from napari_cellseg.gui.layout import ScrollDock, button, row_of
 from napari_cellseg.gui.compat import reset_undo_history, same_layer, unwrap
 from napari_cellseg.gui.segment.panels import PanelActions, build_edit_box, build_export_box
 from napari_cellseg.gui.settings import DIAMETER_TIP, save_settings, size_note
-from napari_cellseg.io.channels import CHANNELS
 from napari_cellseg.options import OptionError, Thresholds
 
 SEGMENT_TIP = ("Run the network once on the image (the sliders below then work without "
@@ -116,14 +115,17 @@ class SegmentWidget(PanelActions, ScrollDock):
                                     "estimate) and write it into the box, like cellpose's calibrate", self.calibrate)
         form.addRow("Cell diameter", row_of((self.diameter_spin, 1), self.calibrate_btn))
         self.channel_combo = QComboBox()
-        for key, (label, _) in CHANNELS.items():
-            self.channel_combo.addItem(label, key)
-        self.channel_combo.setToolTip("Channel to segment (cellpose's 'chan to segment'): for RGB "
-                                      "stains pick the channel where the cells stand out")
+        self.channel_combo.setToolTip("Cell channel (cellpose's 'chan to segment'; cellseg predict "
+                                      "--channel): the image's own channels, named as its file names them")
         self.invert_check = QCheckBox("invert")
         self.invert_check.setToolTip("Dark cells on a bright background (brightfield, histology): "
                                      "invert so the cells are bright, as the model expects")
         form.addRow("Channel", row_of((self.channel_combo, 1), self.invert_check))
+        self.channel2_combo = QComboBox()
+        self.channel2_combo.setToolTip("Optional nuclear channel (cellpose's chan2; --channel2): the cell "
+                                       "channel goes to the model's red + green inputs, this one to blue")
+        form.addRow("Nuclei", self.channel2_combo)
+        self.image_combo.currentIndexChanged.connect(self._refresh_channels)
         self.all_planes = QCheckBox("every plane of the stack")
         self.all_planes.setToolTip(ALL_PLANES_TIP)
         form.addRow("Planes", self.all_planes)
@@ -214,6 +216,48 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.image_combo.blockSignals(False)
         self.image_combo.setPlaceholderText("open an image first")
         self._update_tune_panel()
+        self._refresh_channels()
+
+    # ------------------------------------------------------------ channels
+    def _channels_of(self, layer) -> tuple[int, tuple[str, ...], int | None]:
+        """(channels, names, axis of the channels in the layer's data or None = last / none):
+        an RGB layer's colours, a file-backed CxYxX / YxXxC layer's channels (images.stored_channels:
+        the file's axes metadata), else one grey channel."""
+        from napari_cellseg.io.images import stored_channels
+
+        if getattr(layer, "rgb", False):
+            return min(int(layer.data.shape[-1]), 3), (), None
+        path = getattr(getattr(layer, "source", None), "path", None)
+        if path and not getattr(layer, "multiscale", False):
+            axis, names = stored_channels(path, layer.data.shape)
+            if axis is not None and axis >= layer.data.ndim - 3:  # CxYxX / YxXxC (one plane)
+                return int(layer.data.shape[axis]), names, axis
+        return 1, (), None
+
+    def _refresh_channels(self, *_):
+        from napari_cellseg.io.images import channel_labels
+
+        try:
+            n, names, _ = self._channels_of(self._image_layer())
+        except InputError:
+            n, names = 1, ()
+        keep = (self.channel_combo.currentData(), self.channel2_combo.currentData())
+        rgb = None if n != 3 or names else True
+        for combo, items in ((self.channel_combo, channel_labels(n, names, rgb)),
+                             (self.channel2_combo, [(0, "none")] + channel_labels(n, names, rgb)[1:])):
+            combo.blockSignals(True)
+            combo.clear()
+            for number, label in items:
+                combo.addItem(label, number)
+            combo.blockSignals(False)
+        for combo, old in zip((self.channel_combo, self.channel2_combo), keep):
+            i = combo.findData(old) if old is not None else -1
+            combo.setCurrentIndex(max(i, 0))
+        self.channel2_combo.setEnabled(n > 1)
+
+    def _channel_planes(self, layer, axis: int) -> dict:
+        """The plane of a CxYxX / YxXxC layer with its channels last, for the pipeline."""
+        return {(): np.moveaxis(np.asarray(layer.data), axis, -1)}
 
     def _on_active_layer(self, event=None):
         """The Image picker follows the image layer selected in the layer list."""
@@ -303,8 +347,11 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.cancel_btn.setEnabled(self._worker is not None)
 
     # ------------------------------------------------------------ segment / cancel
-    def _prepare_options(self):
-        return self.channel_combo.currentData(), self.invert_check.isChecked()
+    def _input_options(self) -> dict:
+        """The channel picker as PredictOptions fields (numbered from 1, 0 = all / none)."""
+        return {"channel": int(self.channel_combo.currentData() or 0),
+                "channel2": int(self.channel2_combo.currentData() or 0),
+                "invert": self.invert_check.isChecked()}
 
     def segment(self):
         from napari.qt.threading import create_worker
@@ -313,7 +360,10 @@ class SegmentWidget(PanelActions, ScrollDock):
             return
         try:
             layer = self._image_layer()
-            if self.all_planes.isChecked() and len(spatial_shape(layer)) > 2:
+            axis = self._channels_of(layer)[2]
+            if axis is not None:  # the channels of a file's CxYxX plane: one image, not planes
+                planes, what = self._channel_planes(layer, axis), ""
+            elif self.all_planes.isChecked() and len(spatial_shape(layer)) > 2:
                 planes = stack_planes(layer)
                 what = f" ({len(planes)} planes)"
             else:
@@ -321,10 +371,9 @@ class SegmentWidget(PanelActions, ScrollDock):
                 planes = {plane: image}
                 what = f" plane {plane}" if plane else ""
             checkpoint = self._checkpoint()
-            self._check_channel(layer)
             diameter = float(self.diameter_spin.value()) or None  # 0 = the model's own size
             options = predict_options(checkpoint, self.device_combo.currentText(), diameter,
-                                      self.thresholds())
+                                      self.thresholds(), self._input_options())
         except (InputError, OptionError) as exc:
             self._error(str(exc))
             return
@@ -336,10 +385,9 @@ class SegmentWidget(PanelActions, ScrollDock):
                 self._info("Segment cancelled: your hand edits are unchanged.")
                 return
         save_settings({"last_checkpoint": checkpoint})
-        channel, invert = self._prepare_options()
-        worker = create_worker(segment_job, options, planes, self._predictors, channel, invert,
+        worker = create_worker(segment_job, options, planes, self._predictors,
                                _ignore_errors=True)  # errors are shown by _on_failed
-        worker.returned.connect(functools.partial(self._on_done, layer, checkpoint, plan))
+        worker.returned.connect(functools.partial(self._on_done, layer, checkpoint, plan, channel_axis=axis))
         self._job_layer = layer
         self._run(worker, f"Segmenting {layer.name}{what}…", "Segmentation")
 
@@ -376,11 +424,6 @@ class SegmentWidget(PanelActions, ScrollDock):
         self._info(message)
         worker.start()
 
-    def _check_channel(self, layer):
-        channel = self.channel_combo.currentData()
-        if CHANNELS[channel][1] is not None and not getattr(layer, "rgb", False):
-            raise InputError(f"{layer.name!r} has one channel: choose channel 'all' or 'grey'")
-
     def calibrate(self):
         """Measure the cells' diameter on the shown plane and write it into the diameter box."""
         from napari.qt.threading import create_worker
@@ -389,17 +432,18 @@ class SegmentWidget(PanelActions, ScrollDock):
             return
         try:
             layer = self._image_layer()
-            image, _ = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
+            axis = self._channels_of(layer)[2]
+            if axis is not None:
+                image = next(iter(self._channel_planes(layer, axis).values()))
+            else:
+                image, _ = image_plane(layer, self.viewer.dims.current_step, self.viewer.dims.ndisplay)
             checkpoint = self._checkpoint()
-            self._check_channel(layer)
             options = predict_options(checkpoint, self.device_combo.currentText(), "auto",
-                                      self.thresholds())
+                                      self.thresholds(), self._input_options())
         except (InputError, OptionError) as exc:
             self._error(str(exc))
             return
-        channel, invert = self._prepare_options()
-        worker = create_worker(calibrate_job, options, image, self._predictors, channel, invert,
-                               _ignore_errors=True)
+        worker = create_worker(calibrate_job, options, image, self._predictors, _ignore_errors=True)
         worker.returned.connect(functools.partial(self._on_calibrated, layer.name))
         self._run(worker, f"Calibrating: measuring the cells in {layer.name}…", "Calibration")
 
@@ -445,7 +489,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         self.progress.setVisible(False)
         self._set_busy()
 
-    def _on_done(self, image_layer, checkpoint, plan, value):
+    def _on_done(self, image_layer, checkpoint, plan, value, channel_axis=None):
         new, thresholds = value
         self.progress.setValue(100)
         if not any(same_layer(x, image_layer) for x in self.viewer.layers):
@@ -453,7 +497,11 @@ class SegmentWidget(PanelActions, ScrollDock):
                         "was added.")
             return
         name = result_layer_name(image_layer.name)
-        lyr, note = self._result_target(name, spatial_shape(image_layer))
+        shape = spatial_shape(image_layer)
+        keep = [i for i in range(len(shape)) if i != channel_axis]  # a file's channel axis: not in the result
+        shape, where = tuple(shape[i] for i in keep), {k: np.asarray(getattr(image_layer, k))[keep]
+                                                       for k in ("scale", "translate")}
+        lyr, note = self._result_target(name, shape)
         if lyr is not None and result_of(lyr).edited and plan is None:
             # painted on while the network ran: the hand edits win; this run is not applied
             self._update_tune_panel()
@@ -464,8 +512,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         old = result_of(lyr) if lyr is not None else None
         if lyr is None:
             dtype = label_dtype(max(len(d) for d in new.values()))
-            lyr = self.viewer.add_labels(np.zeros(spatial_shape(image_layer), dtype), name=name,
-                                         scale=image_layer.scale, translate=image_layer.translate)
+            lyr = self.viewer.add_labels(np.zeros(shape, dtype), name=name, **where)
         planes, kept = dict(new), {}
         if old is not None and plan == KEEP:  # every plane keeps its hand-edited cells
             planes = {**old.segmented(), **new}

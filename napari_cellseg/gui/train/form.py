@@ -205,7 +205,8 @@ def check_pairs(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
             raise DataError(f"{name}: the labels layer is empty (no cells to learn from)")
 
 
-def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_untiled: int = MIN_IMAGES_UNTILED):
+def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_untiled: int = MIN_IMAGES_UNTILED,
+                  rule=None):
     """(name, image HxW[xC], labels HxW) pairs -> training samples (``data.array_samples``).
 
     With fewer than ``min_untiled`` images every image is cut into 2x2 tiles (ids ``NAME@r0c1``)
@@ -215,7 +216,7 @@ def layer_samples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], min_until
 
     check_pairs(pairs)
     return few_image_samples([np.asarray(p[1]) for p in pairs], [np.asarray(p[2]) for p in pairs],
-                             [p[0] for p in pairs], min_untiled)
+                             [p[0] for p in pairs], min_untiled, rule)
 
 
 def train_job(config: TrainConfig, pairs=None):
@@ -234,7 +235,7 @@ def train_job(config: TrainConfig, pairs=None):
         samples = None
         if pairs is not None:
             yield {"stage": "setup", "message": f"preparing {len(pairs)} image(s)"}
-            samples = layer_samples(pairs)
+            samples = layer_samples(pairs, rule=config.image_input())
         result = yield from train(config, samples)
         done = True
         return result
