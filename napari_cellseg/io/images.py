@@ -388,7 +388,7 @@ def channel_labels(channels: int, names=(), rgb: bool | None = None) -> list[tup
     names = list(names or ())
     if not names and rgb:
         names = ["red", "green", "blue", "alpha"][:channels]
-    out = [(0, "all channels (grey)" if channels == 1 else "all channels")]
+    out = [(0, "grey image" if channels == 1 else "all channels")]
     for k in range(channels):
         name = names[k] if k < len(names) and names[k] else f"channel {k + 1}"
         out.append((k + 1, f"{k + 1}: {name}"))

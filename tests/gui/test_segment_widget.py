@@ -596,7 +596,7 @@ def test_channel_picker_lists_a_files_channels_and_segments_them(make_napari_vie
     viewer.add_image(_image(3), name="grey")  # a grey image offers its one channel
     w.image_combo.setCurrentText("grey")
     assert [w.channel_combo.itemText(i) for i in range(w.channel_combo.count())] == [
-        "all channels (grey)", "1: channel 1"]
+        "grey image", "1: channel 1"]
     assert not w.channel2_combo.isEnabled()
 
 
