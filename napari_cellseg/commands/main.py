@@ -292,18 +292,7 @@ def _add_predict(subparsers) -> None:
                     "(zero-padded, 3 digits). Rows stream to the CSV (atomic rewrites); a bad "
                     "image is reported and skipped: exit 1 if any failed, 2 on usage errors. "
                     "Under torchrun each rank takes files[rank::world] and rank 0 writes the CSV.")
-    p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--out", required=True, type=Path, help="CSV file to write (atomically)")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
-    p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
-    p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
-    _add_postprocess_options(p)
-    _add_size_options(p)
-    _add_input_options(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
+    _add_run_options(p, "CSV file to write (atomically)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--format", choices=("kaggle", "starter"),
                    help="kaggle: id,predicted; starter: idx,id,annotation (default: kaggle; with "
@@ -315,12 +304,30 @@ def _add_predict(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an --out that holds rows and existing label TIFFs in --labels-dir "
                         "(without it the run stops, naming the file)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _add_run_options(p, out_help: str) -> None:
+    """The flags of every command that runs the network over image files (predict, rank): the
+    images, --out, the checkpoint, threshold / size / input overrides, device, precision, tiles.
+    They become one PredictOptions (PredictOptions.from_args)."""
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, type=Path, help=out_help)
+    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
+    p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
+    p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
+    p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
+    _add_postprocess_options(p)
+    _add_size_options(p)
+    _add_input_options(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
     p.add_argument("--tile-size", type=int, metavar="PX",
                    help="predict images larger than PX network pixels in overlapping tiles "
                         "(default 1024; 0 = never tile; smaller = less memory)")
     p.add_argument("--tile-overlap", type=int, metavar="PX",
                    help="tile overlap in network pixels, >= the largest cell (default 128)")
-    p.set_defaults(func=_cmd_predict)
 
 
 def _add_input_options(p) -> None:
@@ -401,20 +408,7 @@ def _add_rank(subparsers) -> None:
                     "the most uncertain image first. Rows stream to the CSV (atomic rewrites); "
                     "--resume skips ids already ranked; a bad image is reported and skipped "
                     "(exit 1), usage errors exit 2.")
-    p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--out", required=True, type=Path, help="ranking CSV to write (atomically)")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--box-conf", type=float, help="keep detections scoring at least this")
-    p.add_argument("--mask-threshold", type=float, help="mask probability threshold")
-    p.add_argument("--min-area", type=int, help="drop cells smaller than this many pixels")
-    _add_postprocess_options(p)
-    _add_size_options(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
-                   help="fp32; bf16 autocast (CPUs with native bf16); fp16 autocast (CUDA)")
-    p.add_argument("--tile-size", type=int, metavar="PX",
-                   help="predict images larger than PX network pixels in tiles (default 1024; 0 = never)")
-    p.add_argument("--tile-overlap", type=int, metavar="PX", help="tile overlap in network pixels")
+    _add_run_options(p, "ranking CSV to write (atomically)")
     p.add_argument("--second-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="also predict each image flipped and count the disagreement (default: on; "
                         "--no-second-pass halves the time)")

@@ -127,3 +127,19 @@ def test_read_ranking_names_the_bad_row(tmp_path):
     path.write_text("id,uncertainty,cells,doubtful_cells\na,0.5,1,0\na,0.4,1,0\n", encoding="utf-8")
     with pytest.raises(RankingError, match="row 3: id 'a' appears twice"):
         read_ranking(path)
+
+
+def test_rank_takes_the_same_run_flags_as_predict():
+    """One list of the network-run flags (commands/main._add_run_options): rank has predict's
+    channel, size, threshold, device, precision and tile flags, with the same choices."""
+    from napari_cellseg.commands.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+
+    def flags(name):
+        return {o: (a.choices, a.default) for a in sub[name]._actions for o in a.option_strings}
+
+    predict, rank = flags("predict"), flags("rank")
+    shared = {"--channel", "--channel2", "--invert", "--intensity", "--diameter", "--box-conf",
+              "--precision", "--device", "--tile-size", "--tile-overlap", "--checkpoint"}
+    assert shared <= set(rank) and all(rank[f] == predict[f] for f in shared)
