@@ -102,8 +102,40 @@ def _count(name: str, value, lo: int = 0, hi: int = 2**31 - 1) -> int:
     return int(v)
 
 
+class _FrozenOptions:
+    """What Thresholds and ImageInput share: built from a (checkpoint) dict, written back as one,
+    and copied with overrides. ``WHERE`` names the object in error messages."""
+
+    WHERE = "options"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str | None = None):
+        """Build from a dict; unknown keys are ignored, a bad value raises OptionError naming
+        ``where`` and the field. None (e.g. a model trained before the fields existed) gives the
+        defaults; an instance is returned as it is."""
+        where = cls.WHERE if where is None else where
+        if data is None:
+            return cls()
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise OptionError(f"{where} must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except OptionError as exc:
+            raise OptionError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **overrides):
+        """A copy with every override that is not None applied (CLI flags / widget fields)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
 @dataclass(frozen=True)
-class Thresholds:
+class Thresholds(_FrozenOptions):
     """Turning raw detections into a label image.
 
     box_conf: keep detections scoring at least this; mask_threshold: a pixel belongs to a cell
@@ -111,6 +143,8 @@ class Thresholds:
     fill_holes / keep_largest: per-cell post-processing (cellpose-style), inside each cell's box
     (fill_holes on by default: it raised held-out mAP; keep_largest off: it did not).
     """
+
+    WHERE = "thresholds"
 
     box_conf: float = 0.5
     mask_threshold: float = 0.5
@@ -126,25 +160,6 @@ class Thresholds:
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "thresholds") -> "Thresholds":
-        """Build from a (checkpoint) dict; unknown keys are ignored, a bad value raises
-        OptionError naming ``where`` and the field."""
-        if data is None:
-            return cls()
-        if isinstance(data, Thresholds):
-            return data
-        if not isinstance(data, Mapping):
-            raise OptionError(f"{where} must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except OptionError as exc:
-            raise OptionError(f"{where}: {exc}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     # read-only mapping protocol: ``th["box_conf"]``, ``dict(th)``, ``{**th}`` (the training log
     # rows, checkpoint thresholds and the widgets' layer metadata read them so)
     def keys(self):
@@ -158,9 +173,6 @@ class Thresholds:
     def get(self, key: str, default=None):
         return getattr(self, key) if key in self.keys() else default
 
-    def with_overrides(self, **overrides) -> "Thresholds":
-        """A copy with every override that is not None applied (CLI flags / widget fields)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -179,7 +191,7 @@ def _channel(name: str, value) -> int:
 
 
 @dataclass(frozen=True)
-class ImageInput:
+class ImageInput(_FrozenOptions):
     """How an image becomes the model's input (the rule itself: :mod:`napari_cellseg.io.images`).
 
     intensity: "percentile" (each channel's 1st..99th percentile -> 0..1, as cellpose's
@@ -190,6 +202,8 @@ class ImageInput:
     Stored in every checkpoint trained by this project (``info.train_config``) and the
     defaults when that model predicts.
     """
+
+    WHERE = "input"
 
     intensity: str = "percentile"
     channel: int = 0
@@ -208,29 +222,6 @@ class ImageInput:
         if self.channel2 and self.channel2 == self.channel:
             raise OptionError(f"channel2 must differ from channel (both {self.channel})")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "input") -> "ImageInput":
-        """From a (checkpoint's train_config) dict: its intensity / channel / channel2 / invert,
-        unknown keys ignored; a bad value raises OptionError naming ``where`` and the field.
-        None (a model trained before these fields existed) gives the defaults."""
-        if data is None:
-            return cls()
-        if isinstance(data, ImageInput):
-            return data
-        if not isinstance(data, Mapping):
-            raise OptionError(f"{where} must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except OptionError as exc:
-            raise OptionError(f"{where}: {exc}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def with_overrides(self, **overrides) -> "ImageInput":
-        """A copy with every override that is not None applied (CLI flags / widget fields)."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 DEFAULT_INPUT = ImageInput()
