@@ -386,7 +386,12 @@ class PredictRun:
             own_group = self._join_group()
             try:
                 pipeline = self._pipeline()
-                return self._run(pipeline)
+                status = self._run(pipeline)
+                if own_group:  # every rank is done with the group before any tears it down (a
+                    import torch.distributed as dist  # gloo rank aborted at exit once without it)
+
+                    dist.barrier()
+                return status
             finally:
                 if own_group:
                     import torch.distributed as dist
