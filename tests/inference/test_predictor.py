@@ -160,6 +160,20 @@ def test_slider_moves_on_cached_detections_equal_a_fresh_drawing():
         assert got.max() == len(rows) and set(np.unique(got[got > 0])) == set(range(1, len(rows) + 1))
 
 
+def test_prepare_computes_what_every_slider_move_reuses():
+    """Segment cells calls prepare() in its worker: the moves after it reuse its work."""
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 60, (30, 2))
+    d = _dets(np.concatenate([xy, xy + 20], 1), rng.uniform(0, 1, 30), rng.random((30, 28, 28)))
+    th = Thresholds(box_conf=0.3, mask_threshold=0.4, fill_holes=True)
+    assert d.prepare(th) is d
+    crops, state, mosaic = d._cache, d._kept, d._mosaic
+    assert crops is not None and "enclosed" in state[1] and mosaic is not None
+    for conf in (0.0, 0.5, 0.9):
+        d.to_labels(Thresholds(box_conf=conf, mask_threshold=0.4, fill_holes=True))
+        assert d._cache is crops and d._kept is state and d._mosaic is mosaic
+
+
 def test_post_processing_fill_holes_and_keep_largest():
     """A ring (hole in the middle) with a stray fragment, and a second cell elsewhere."""
     probs = np.zeros((2, 28, 28), np.float32)
@@ -454,6 +468,36 @@ def test_post_processing_equals_the_per_cell_definition(seed):
     for fill, largest in ((True, False), (False, True), (True, True)):
         np.testing.assert_array_equal(postprocess(labels.copy(), fill, largest),
                                       _naive_postprocess(labels, fill, largest))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slider_moves_with_post_processing_equal_the_definition(seed):
+    """to_labels computes each cell's won pixels and chosen piece once per mask threshold and
+    fills holes only where the drawing has them: every slider sequence must still draw what the
+    definition draws (plain drawing -> per-cell keep_largest / fill_holes -> min_area)."""
+    rng = np.random.default_rng(seed)
+    n, h, w = 60, 90, 110
+    xy = rng.uniform(-5, 100, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 40, (n, 2))], 1)
+    g = np.linspace(-1, 1, 28)
+    r = np.sqrt(g[:, None] ** 2 + g[None, :] ** 2)
+    rings = np.exp(-((r - rng.uniform(0.2, 0.7, (n, 1, 1))) ** 2) / 0.05)  # cells with holes
+    probs = np.clip(rings + rng.normal(0, 0.15, (n, 28, 28)), 0, 1).astype(np.float32)
+    d = Detections(boxes, rng.uniform(0, 1, n), probs, (h, w))
+    for conf, thr, area, fill, largest in [(0.0, 0.5, 0, True, False), (0.5, 0.5, 0, True, False),
+                                           (0.2, 0.3, 20, True, True), (0.7, 0.3, 0, False, True),
+                                           (0.1, 0.6, 5, True, True), (0.1, 0.6, 0, False, False)]:
+        got, rows = d.to_labels(conf, thr, area, return_rows=True, fill_holes=fill, keep_largest=largest)
+        fresh = Detections(d.boxes, d.scores, d.probs, (h, w))
+        plain, plain_rows = fresh.to_labels(conf, thr, return_rows=True)
+        want = _naive_postprocess(plain, fill, largest)
+        sizes = np.bincount(want.ravel(), minlength=len(plain_rows) + 1)
+        keep = np.flatnonzero(sizes[1:] >= max(area, 1))
+        lut = np.zeros(len(plain_rows) + 1, np.int32)
+        lut[keep + 1] = np.arange(1, len(keep) + 1)
+        np.testing.assert_array_equal(got, lut[want], err_msg=str((conf, thr, area, fill, largest)))
+        np.testing.assert_array_equal(rows, plain_rows[keep])
+        assert fill is False or not (got == 0).all()
 
 
 def test_auto_size_batched_over_images_equals_one_by_one(tiny):

@@ -116,7 +116,7 @@ def segment_job(options, planes: dict, cache):
             **e, "stage": where + str(e.get("stage", "")), "fraction": (i + float(e.get("fraction", 0.0))) / n})
     yield {"stage": "masks", "fraction": 1.0}
     for dets in out.values():  # paste the masks here, off the GUI thread: the first slider
-        dets.to_labels(pipeline.thresholds)  # move then costs what every other move costs
+        dets.prepare(pipeline.thresholds)  # move then costs what every other move costs
     return out, pipeline.thresholds
 
 
