@@ -4,9 +4,11 @@ napari ships its own CSV reader (points / shapes tables), so with two readers Fi
 CSV asks which one to use, every time. :func:`prefer_csv_reader` records this plugin as the
 reader for ``*.csv`` in napari's documented reader preference
 (``napari.settings.get_settings().plugins.extension2reader``, the table in Preferences >
-Plugins), once: when a widget of this plugin is first opened, unless the user already chose a
-reader for CSVs. A CSV that is not in our formats then fails with our one-line error, and napari
-offers its other readers.
+Plugins), once: when napari first activates this plugin (any of its docks, its sample images, or
+this reader picked in napari's dialog: ``on_activate`` in napari.yaml), unless the user already
+chose a reader for CSVs. A CSV that is not in our formats then fails with our one-line error,
+and napari offers its other readers. napari runs no plugin code before that, so a File > Open on
+a CSV in a napari that never used this plugin asks once (docs/napari.md: the setting to make).
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def prefer_csv_reader() -> bool:
         return True
     except Exception:  # settings unavailable (headless, read-only config): napari asks then
         return False
+
+
+def activate(context=None) -> None:
+    """napari.yaml's ``on_activate``: napari calls it the first time any contribution of this
+    plugin is used in a session."""
+    prefer_csv_reader()
 
 
 def get_reader(path):

@@ -975,6 +975,40 @@ def test_csv_opens_with_our_reader_without_asking(make_napari_viewer, qtbot, tmp
     qtbot.waitUntil(lambda: seg._torch_ready, timeout=TIMEOUT)
 
 
+@pytest.mark.parametrize("first_use", ["reader picked in napari's dialog", "sample image"])
+def test_first_use_of_the_plugin_makes_our_reader_the_csv_choice(make_napari_viewer, tmp_path, first_use):
+    """napari activates the plugin (napari.yaml on_activate) the first time any contribution is
+    used, docks or not: from then on File > Open on a CSV uses our reader without asking."""
+    import npe2
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    from napari_cellseg.io.annotations import write_annotations
+
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:10, 5:12] = 1
+    path = tmp_path / "cells.csv"
+    write_annotations(path, {"cells": labels}, format="train")
+    npe2.PluginManager.instance().deactivate("napari-cellseg")  # a napari that never used it
+    prefs = get_settings().plugins
+    prefs.extension2reader = {}
+    viewer = make_napari_viewer()
+    try:
+        with pytest.raises(MultipleReaderError):  # never used: napari asks, once
+            viewer.open(path, plugin=None)
+        assert "*.csv" not in prefs.extension2reader
+        if first_use == "sample image":
+            viewer.open_sample("napari-cellseg", "nuclei")
+        else:  # what napari's "Choose reader" dialog does with the user's pick
+            viewer.open(path, plugin="napari-cellseg")
+        assert prefs.extension2reader.get("*.csv") == "napari-cellseg"
+        viewer.layers.clear()
+        added = viewer.open(path, plugin=None)  # File > Open: no dialog now
+        np.testing.assert_array_equal(added[0].data, labels)
+    finally:
+        prefs.extension2reader = {}
+
+
 @pytest.mark.parametrize("order", ["review first", "segment first"])
 def test_review_pairs_the_new_result_with_the_ground_truth(make_napari_viewer, qtbot, tiny_checkpoint,
                                                            order, errors):
