@@ -27,11 +27,22 @@ from pathlib import Path
 from .config import RESUME_MAY_CHANGE, RESUME_MAY_MOVE, ConfigError, TrainConfig
 
 
-def _checkpoint_config(path) -> dict:
+def _checkpoint_config(path) -> tuple[dict, dict]:
+    """(model config, image input) stored in a checkpoint: the input rule (intensity, channel,
+    channel2, invert) of its ``info.train_config``, only the fields it stores."""
+    from dataclasses import fields
+
     from napari_cellseg.model.checkpoint import read_checkpoint
+    from napari_cellseg.options import ImageInput
 
     obj = read_checkpoint(path)
-    return obj.get("config", {}) if isinstance(obj, dict) else {}
+    if not isinstance(obj, dict):
+        return {}, {}
+    info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
+    stored = info.get("train_config") if isinstance(info.get("train_config"), dict) else {}
+    image_input = {k: stored[k] for k in (f.name for f in fields(ImageInput)) if k in stored}
+    ImageInput.from_dict(image_input, where=f"{path}: info.train_config")  # a bad value: one line
+    return obj.get("config", {}), image_input
 
 
 _PATH_FIELDS = ("train_csv", "images", "image_dir", "label_dir", "init_checkpoint", "backbone_weights")
@@ -218,8 +229,15 @@ def effective_config(config: TrainConfig, given=None, notes: list | None = None)
     if cfg.resume and last.is_file():  # a resumed run goes on with the settings it started with
         return _resumed_config(cfg, given, last, notes)
     _stored_paths_absolute(cfg)
-    if cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture
-        src = _checkpoint_config(cfg.init_checkpoint)
+    if cfg.init_checkpoint:  # fine-tuning keeps the checkpoint's architecture and input rule
+        src, image_input = _checkpoint_config(cfg.init_checkpoint)
+        # the input the model was trained on (channels, intensity), unless the run gives its own
+        inherited = {k: v for k, v in image_input.items() if k not in given and getattr(cfg, k) != v}
+        for name, value in inherited.items():
+            setattr(cfg, name, value)
+        if inherited and notes is not None:
+            notes.append("--init-checkpoint: the model's input kept ("
+                         + ", ".join(f"{k} {v}" for k, v in inherited.items()) + ")")
         diameter = cfg.model.diameter or float(src.get("diameter") or 0.0)
         if src:
             conflict = _architecture_conflict(given, cfg.model, ModelConfig.from_dict(src), _FINE_TUNE_FREE)

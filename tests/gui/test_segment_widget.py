@@ -975,6 +975,27 @@ def test_csv_opens_with_our_reader_without_asking(make_napari_viewer, qtbot, tmp
     qtbot.waitUntil(lambda: seg._torch_ready, timeout=TIMEOUT)
 
 
+def test_the_models_own_channels_are_preselected(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """A model trained on channel 2 with nuclei in 3, inverted (its checkpoint's train_config):
+    the pickers show that, as cellseg predict uses it by default; a grey image shows grey, and
+    the RGB image again the model's channels."""
+    import torch
+
+    obj = torch.load(tiny_checkpoint, weights_only=True)
+    obj["info"] = {"train_config": {"channel": 2, "channel2": 3, "invert": True}}
+    path = tmp_path / "green.bin"
+    torch.save(obj, path)
+    rgb = np.stack([_image(1), _image(2), _image(3)], -1).clip(0, 255).astype(np.uint8)
+    viewer, w = _widget_with(make_napari_viewer, qtbot, path, image=rgb)
+    assert (w.channel_combo.currentText(), w.channel2_combo.currentText()) == ("2: green", "3: blue")
+    assert w._input_options() == {"channel": 2, "channel2": 3, "invert": True}
+    viewer.add_image(_image(), name="grey")
+    w.image_combo.setCurrentText("grey")
+    assert w.channel_combo.currentText() == "grey image" and w.channel2_combo.currentData() == 0
+    w.image_combo.setCurrentText("img")
+    assert w._input_options() == {"channel": 2, "channel2": 3, "invert": True}
+
+
 @pytest.mark.parametrize("first_use", ["reader picked in napari's dialog", "sample image"])
 def test_first_use_of_the_plugin_makes_our_reader_the_csv_choice(make_napari_viewer, tmp_path, first_use):
     """napari activates the plugin (napari.yaml on_activate) the first time any contribution is

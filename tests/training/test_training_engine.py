@@ -368,6 +368,36 @@ def test_fine_tuning_a_native_scale_checkpoint_trains_at_native_size(folder, tmp
     assert (eff.width, eff.height, eff.crop_size) == (704, 520, 64) and eff.model.native_scale
 
 
+def test_fine_tuning_keeps_the_models_channels_and_intensity_unless_given(folder, tmp_path):
+    """A model trained on channel 2 (inverted, raw intensity) is fine-tuned on what it was trained
+    on: its stored input rule is the run's, unless the run gives its own (and says so)."""
+    import torch
+
+    from training.cli import parse_args
+    from training.settings import effective_config
+
+    images, labels = folder
+    start = _native_checkpoint(tmp_path / "start.bin")
+    obj = torch.load(start, weights_only=True)
+    obj["info"] = dict(obj.get("info") or {}, train_config={"intensity": "raw", "channel": 2, "invert": True})
+    torch.save(obj, start)
+    base = ["--image-dir", str(images), "--label-dir", str(labels), "--out", str(tmp_path / "ft"),
+            "--init-checkpoint", str(start)]
+    notes: list[str] = []
+    for cfg, given in (parse_args(base),
+                       (TrainConfig(image_dir=str(images), label_dir=str(labels), init_checkpoint=str(start)), None)):
+        eff = effective_config(cfg, given, notes)
+        assert (eff.intensity, eff.channel, eff.channel2, eff.invert) == ("raw", 2, 0, True)
+    assert notes and "intensity raw" in notes[0] and "channel 2" in notes[0] and "invert True" in notes[0]
+    eff = effective_config(*parse_args([*base, "--channel", "1", "--intensity", "percentile"]))
+    assert (eff.intensity, eff.channel, eff.invert) == ("percentile", 1, True)
+    bad = tmp_path / "bad.bin"
+    obj["info"]["train_config"] = {"channel": -3}
+    torch.save(obj, bad)
+    with pytest.raises(ValueError, match="bad.bin: info.train_config"):
+        effective_config(*parse_args([*base[:-1], str(bad)]))
+
+
 def test_fine_tuning_with_an_explicit_resize_that_conflicts_is_one_line_exit_2(folder, tmp_path, capsys):
     """--width/--height given against a checkpoint that normalises cell size: refused before
     anything is written (the derived config is validated)."""

@@ -14,34 +14,38 @@ from pathlib import Path
 import numpy as np
 
 
-def checkpoint_thresholds(checkpoint):
-    """The thresholds stored in a checkpoint (defaults filled in), without building the model.
+def checkpoint_settings(checkpoint):
+    """The thresholds and the image input (channels, invert, intensity: ``info.train_config``)
+    stored in a checkpoint, defaults filled in, without building the model.
 
     Raises CheckpointError / OptionError naming the file."""
     from napari_cellseg.model.checkpoint import read_checkpoint
-    from napari_cellseg.options import Thresholds
+    from napari_cellseg.options import ImageInput, Thresholds
 
     obj = read_checkpoint(checkpoint)
     stored = obj.get("thresholds") if "state_dict" in obj else None
-    return Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds")
+    info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
+    train_config = info.get("train_config") if isinstance(info.get("train_config"), dict) else None
+    return (Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds"),
+            ImageInput.from_dict(train_config, where=f"{checkpoint}: info.train_config"))
 
 
 def load_torch_job(checkpoint=None):
-    """Import torch + the predictor (slow the first time), then the checkpoint's thresholds.
+    """Import torch + the predictor (slow the first time), then the checkpoint's settings.
 
-    Returns ``(options.Thresholds or None, error message or None)``. ``_torch_guard.block_triton``
-    must have run in the GUI thread first."""
+    Returns ``(options.Thresholds or None, options.ImageInput or None, error message or None)``.
+    ``_torch_guard.block_triton`` must have run in the GUI thread first."""
     from napari_cellseg.gui.torch_guard import import_torch
 
     import_torch()
     from napari_cellseg.inference import predictor as predict  # noqa: F401  (torchvision, timm: the slow part)
 
     if not checkpoint:
-        return None, None
+        return None, None, None
     try:
-        return checkpoint_thresholds(checkpoint), None
+        return (*checkpoint_settings(checkpoint), None)
     except ValueError as exc:  # CheckpointError / OptionError: one line naming the file
-        return None, str(exc)
+        return None, None, str(exc)
 
 
 from napari_cellseg.progress import relay_map as relay  # noqa: E402  (the one relay loop: progress.py)

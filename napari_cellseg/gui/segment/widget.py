@@ -50,6 +50,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         self._predictors: dict = {}
         self._worker = None
         self._loader = None
+        self._model_input = None  # the chosen model's own channels (options.ImageInput), once read
         self._torch_ready = False
         self._bound: set[int] = set()
         self._job_layer = None  # the image layer the running job reads
@@ -250,7 +251,11 @@ class SegmentWidget(PanelActions, ScrollDock):
             for number, label in items:
                 combo.addItem(label, number)
             combo.blockSignals(False)
-        for combo, old in zip((self.channel_combo, self.channel2_combo), keep):
+        model = self._model_input
+        for combo, old, own in zip((self.channel_combo, self.channel2_combo), keep,
+                                   (model.channel, model.channel2) if model else (0, 0)):
+            if not old:  # "all channels" / "none" (the default) follows the model's own channel
+                old = own
             i = combo.findData(old) if old is not None else -1
             combo.setCurrentIndex(max(i, 0))
         self.channel2_combo.setEnabled(n > 1)
@@ -304,7 +309,7 @@ class SegmentWidget(PanelActions, ScrollDock):
         worker.start()
 
     def _on_torch_ready(self, checkpoint, value):
-        thresholds, problem = value
+        thresholds, image_input, problem = value
         self._torch_ready, self._loader = True, None
         try:
             self.model_combo.currentData()
@@ -317,14 +322,28 @@ class SegmentWidget(PanelActions, ScrollDock):
             self._info("Ready: press Segment.")
         if problem:
             self._error(problem)
-        elif thresholds is not None and self._result_layer() is None:
-            self._show_thresholds(thresholds)
+        else:
+            if thresholds is not None and self._result_layer() is None:
+                self._show_thresholds(thresholds)
+            self._show_input(image_input)
         self._set_busy()
 
     def _on_model_changed(self, *_):
         if self._torch_ready and self._worker is None and self._result_layer() is None:
             self._torch_ready = False
             self._start_torch_loader()  # torch is loaded: this only reads the thresholds
+
+    def _show_input(self, image_input):
+        """Put the model's own channels and invert (its checkpoint's ``options.ImageInput``) on
+        the pickers, where the image has those channels: cellseg predict's defaults."""
+        self._model_input = image_input
+        if image_input is None:
+            return
+        for combo, number in ((self.channel_combo, image_input.channel), (self.channel2_combo, image_input.channel2)):
+            i = combo.findData(number)
+            if i >= 0:
+                combo.setCurrentIndex(i)
+        self.invert_check.setChecked(image_input.invert)
 
     def _show_thresholds(self, thresholds: Thresholds):
         """Put an ``options.Thresholds`` on the controls without redrawing."""
