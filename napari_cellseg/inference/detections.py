@@ -60,7 +60,7 @@ class Detections:
     def _crops(self):
         """Pasted float crops of every detection, flattened: (pixel index, id = row + 1, prob,
         offsets of each row's pixels, each row's clipped window y0, y1, x0, x1, the best earlier
-        probability of the same pixel (:func:`_blocked`))."""
+        probability of the same pixel: see :func:`_paste_crops`)."""
         if self._cache is None:
             self._cache = _paste_crops(self.probs, self.boxes, self.image_shape)
         return self._cache
@@ -183,6 +183,9 @@ def _paste_crops(probs: np.ndarray, boxes: np.ndarray, image_shape):
     y_c = (b[:, 3] + b[:, 1]) * 0.5
     eb = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1).to(torch.int64).numpy()
     pix, owner, prob, counts = [], [], [], np.zeros(n + 1, np.int64)
+    # blocked: for each crop pixel, the best probability an earlier (better-scoring) row gives
+    # that image pixel (-1: none); the pixel is this row's at mask threshold t iff prob > t >= it
+    best, blocked = np.full(h_img * w_img, -1.0, np.float32), []
     for i in range(n):
         x0, y0, x1, y1 = (int(v) for v in eb[i])
         w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
@@ -196,6 +199,9 @@ def _paste_crops(probs: np.ndarray, boxes: np.ndarray, image_shape):
         flat = (np.arange(cy0, cy1)[:, None] * w_img + np.arange(cx0, cx1)[None, :]).ravel()
         pix.append(flat)
         prob.append(crop.ravel())
+        before = best[flat]
+        blocked.append(before)
+        best[flat] = np.maximum(before, prob[-1])
         owner.append(np.full(flat.size, i + 1, np.int32))  # the id: row + 1
         counts[i + 1] = flat.size
     offsets = np.cumsum(counts)
@@ -204,27 +210,8 @@ def _paste_crops(probs: np.ndarray, boxes: np.ndarray, image_shape):
         return e, e.astype(np.int32), e.astype(np.float32), offsets, windows, e.astype(np.float32)
     # int32 pixel indices where they fit: half the memory traffic of every slider move
     index_type = np.int32 if h_img * w_img < 2**31 else np.int64
-    pix = np.concatenate(pix).astype(index_type, copy=False)
-    prob = np.concatenate(prob).astype(np.float32)
-    return pix, np.concatenate(owner), prob, offsets, windows, _blocked(pix, prob)
-
-
-def _blocked(pix: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """For each crop pixel (rows in descending score), the highest probability an earlier row
-    gives the same image pixel (-1 where none does): the pixel is that row's at a mask threshold
-    ``t`` exactly when ``prob > t >= blocked``."""
-    order = np.argsort(pix, kind="stable")  # by image pixel, rows still in score order
-    by_pixel = prob[order]
-    first = np.ones(len(order), bool)
-    first[1:] = pix[order[1:]] != pix[order[:-1]]
-    group = np.cumsum(first)  # a running maximum that restarts at each pixel: offset by 2/group
-    running = np.maximum.accumulate(by_pixel + 2.0 * group) - 2.0 * group
-    before = np.empty(len(order), np.float32)
-    before[1:] = running[:-1]
-    before[first] = -1.0
-    out = np.empty(len(order), np.float32)
-    out[order] = before
-    return out
+    return (np.concatenate(pix).astype(index_type, copy=False), np.concatenate(owner),
+            np.concatenate(prob).astype(np.float32), offsets, windows, np.concatenate(blocked))
 
 
 def postprocess(labels: np.ndarray, fill_holes: bool = False, keep_largest: bool = False) -> np.ndarray:

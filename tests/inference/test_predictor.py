@@ -174,6 +174,26 @@ def test_prepare_computes_what_every_slider_move_reuses():
         assert d._cache is crops and d._kept is state and d._mosaic is mosaic
 
 
+def test_drawing_equals_painting_every_crop_lowest_score_first():
+    """The won pixels come from each crop pixel's best earlier probability (no drawing per
+    threshold): the labels must equal painting each detection's crop above the threshold, the
+    lowest score first, at thresholds equal to probabilities that occur (exact comparisons)."""
+    rng = np.random.default_rng(7)
+    n, h, w = 50, 60, 70
+    xy = rng.uniform(-5, 55, (n, 2))
+    d = Detections(np.concatenate([xy, xy + rng.uniform(3, 35, (n, 2))], 1), rng.uniform(0, 1, n),
+                   rng.random((n, 28, 28)).astype(np.float32) ** 3, (h, w))
+    pix, ids, prob, offsets = d._crops()[:4]
+    for t in (0.0, 0.5, float(prob[len(prob) // 3]), float(prob[len(prob) // 2]), float(np.float32(1e-4))):
+        want = np.zeros(h * w, np.int64)
+        for r in reversed(range(n)):
+            a, z = offsets[r], offsets[r + 1]
+            want[pix[a:z][prob[a:z] > np.float32(t)]] = r + 1
+        got, got_rows = d.to_labels(0.0, t, return_rows=True)
+        np.testing.assert_array_equal(got_rows[got.ravel()[want > 0] - 1], want[want > 0] - 1)
+        assert ((got.ravel() > 0) == (want > 0)).all()
+
+
 def test_post_processing_fill_holes_and_keep_largest():
     """A ring (hole in the middle) with a stray fragment, and a second cell elsewhere."""
     probs = np.zeros((2, 28, 28), np.float32)
