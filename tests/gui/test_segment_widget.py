@@ -975,6 +975,17 @@ def test_csv_opens_with_our_reader_without_asking(make_napari_viewer, qtbot, tmp
     qtbot.waitUntil(lambda: seg._torch_ready, timeout=TIMEOUT)
 
 
+def test_loading_freezes_the_imported_objects_out_of_full_collections(make_napari_viewer, qtbot):
+    """A full garbage collection scanned every object torch, timm and napari had made (~500k:
+    235 ms of frozen napari at random moments); once PyTorch is loaded they are frozen (gc.freeze)
+    and a full collection costs what the session's own objects cost."""
+    import gc
+
+    viewer, w = _widget_with(make_napari_viewer, qtbot, None)
+    assert gc.get_freeze_count() > 50_000
+    assert len(gc.get_objects(generation=2)) < gc.get_freeze_count()
+
+
 def test_the_models_own_channels_are_preselected(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
     """A model trained on channel 2 with nuclei in 3, inverted (its checkpoint's train_config):
     the pickers show that, as cellseg predict uses it by default; a grey image shows grey, and
