@@ -160,19 +160,6 @@ class Thresholds(_FrozenOptions):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
-    # read-only mapping protocol: ``th["box_conf"]``, ``dict(th)``, ``{**th}`` (the training log
-    # rows, checkpoint thresholds and the widgets' layer metadata read them so)
-    def keys(self):
-        return [f.name for f in fields(self)]
-
-    def __getitem__(self, key: str):
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        return getattr(self, key) if key in self.keys() else default
-
 
 
 DEFAULT_THRESHOLDS = Thresholds()

@@ -65,7 +65,7 @@ def code_version() -> dict:
     return found
 
 
-def save_checkpoint(path, model, config: ModelConfig, thresholds: dict | None = None,
+def save_checkpoint(path, model, config: ModelConfig, thresholds: "Thresholds | dict | None" = None,
                     info: dict | None = None, extra: dict | None = None) -> None:
     """Write a checkpoint atomically. ``extra`` adds keys (optimizer state for last.ckpt...)."""
     from napari_cellseg.io.atomic import atomic_torch_save
@@ -76,7 +76,8 @@ def save_checkpoint(path, model, config: ModelConfig, thresholds: dict | None = 
         "format": FORMAT,
         "config": config.to_dict(),
         "state_dict": state,
-        "thresholds": {**DEFAULT_THRESHOLDS, **(thresholds or {})},
+        "thresholds": {**DEFAULT_THRESHOLDS, **(thresholds.to_dict() if isinstance(thresholds, Thresholds)
+                                                 else dict(thresholds or {}))},
         "info": dict(info or {}),
     }
     if extra:

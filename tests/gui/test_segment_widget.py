@@ -632,7 +632,7 @@ def test_a_slider_on_one_image_never_changes_anothers_size_estimate(make_napari_
     w.image_combo.setCurrentText("B")
     _segment(qtbot, w)
     assert errors == []
-    assert result_of(viewer.layers["B cells"]).thresholds["box_conf"] == pytest.approx(0.2)  # shown at 0.2
+    assert result_of(viewer.layers["B cells"]).thresholds.box_conf == pytest.approx(0.2)  # shown at 0.2
     assert used == [(0.6, 0.45), (0.6, 0.45)]  # ...but sized with the model's own thresholds
 
 

@@ -329,8 +329,8 @@ def test_thresholds_changed_by_assignment_and_validated(tiny):
 
     model, config = tiny
     pred = Runner(model, config, thresholds={"box_conf": 0.6})
-    with pytest.raises(TypeError):
-        pred.thresholds["box_conf"] = 0.3
+    with pytest.raises(AttributeError):  # frozen
+        pred.thresholds.box_conf = 0.3
     pred.thresholds = pred.thresholds.with_overrides(box_conf=0.3)
     assert pred.thresholds == Thresholds(box_conf=0.3)
     pred.thresholds = {"box_conf": 0.4, "min_area": 5}  # a dict is validated into Thresholds

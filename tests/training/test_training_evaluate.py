@@ -33,13 +33,13 @@ def test_choose_thresholds_is_the_sweep_argmax_and_map_is_measured():
     v_map, thr = ev.choose_thresholds(dets, gts)
     assert (thr.box_conf, thr.mask_threshold) == (pytest.approx(0.65), pytest.approx(0.35))
     assert isinstance(thr, Thresholds)  # the checkpoint's "thresholds" content, one type everywhere
-    assert {**thr}["box_conf"] == thr.box_conf  # still reads like the old dict
+    assert thr.to_dict()["box_conf"] == thr.box_conf  # what a checkpoint stores
     assert v_map == pytest.approx(1.0)
 
     other = [fake_detections(rng, n=20).to_labels(0.0, 0.5) for _ in dets]  # a different GT
     v_map, thr = ev.choose_thresholds(dets, other)
     best = sweep(zip(dets, other)).best
-    assert (thr["box_conf"], thr["mask_threshold"]) == (best["box_conf"], best["mask_threshold"])
+    assert (thr.box_conf, thr.mask_threshold) == (best["box_conf"], best["mask_threshold"])
     direct = np.mean([average_precision(g, d.to_labels(thr))
                       for d, g in zip(dets, other)])
     assert v_map == pytest.approx(direct)
