@@ -298,7 +298,8 @@ class _Mosaic:
         self.key = self.oy * self.width + self.ox  # increasing with the row
         rows = ids - 1
         ys, xs = np.divmod(pix, image_width)
-        self.spot = (self.oy[rows] + ys - windows[rows, 0]) * self.width + self.ox[rows] + xs - windows[rows, 2]
+        spot = (self.oy[rows] + ys - windows[rows, 0]) * self.width + self.ox[rows] + xs - windows[rows, 2]
+        self.spot = spot.astype(np.int32) if self.shape[0] * self.width < 2**31 else spot  # half the memory
 
     def enclosed(self, own: np.ndarray):
         """(image pixel, id) of the pixels each detection's ``own`` crop pixels enclose
