@@ -975,15 +975,32 @@ def test_csv_opens_with_our_reader_without_asking(make_napari_viewer, qtbot, tmp
     qtbot.waitUntil(lambda: seg._torch_ready, timeout=TIMEOUT)
 
 
-def test_loading_freezes_the_imported_objects_out_of_full_collections(make_napari_viewer, qtbot):
+def test_loading_freezes_long_lived_objects_and_frees_layers_removed_later(make_napari_viewer, qtbot):
     """A full garbage collection scanned every object torch, timm and napari had made (~500k:
-    235 ms of frozen napari at random moments); once PyTorch is loaded they are frozen (gc.freeze)
-    and a full collection costs what the session's own objects cost."""
+    235 ms of frozen napari at random moments); once PyTorch is loaded they are frozen
+    (gc.freeze). A layer open at that moment is frozen too: removing it later must still free
+    it (and its image), and a layer made after the freeze is freed as usual."""
     import gc
+    import weakref
 
-    viewer, w = _widget_with(make_napari_viewer, qtbot, None)
-    assert gc.get_freeze_count() > 50_000
+    from napari_cellseg.gui import collector
+    from napari_cellseg.gui.compat import unwrap
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((300, 300), np.float32), name="before")
+    collector._state["frozen"] = False  # as in a fresh napari process
+    _, w = viewer.window.add_plugin_dock_widget("napari-cellseg", "Segment cells")
+    qtbot.waitUntil(lambda: w._torch_ready, timeout=TIMEOUT)
+    assert gc.get_freeze_count() > 50_000 and collector._state["frozen"]
     assert len(gc.get_objects(generation=2)) < gc.get_freeze_count()
+    viewer.add_image(np.zeros((300, 300), np.float32), name="after")
+    refs = [weakref.ref(unwrap(viewer.layers[name])) for name in ("before", "after")]
+    for name in ("before", "after"):
+        viewer.layers.remove(name)
+    qtbot.wait(50)
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    assert gc.get_freeze_count() > 50_000  # frozen again after the collection
 
 
 def test_the_models_own_channels_are_preselected(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):

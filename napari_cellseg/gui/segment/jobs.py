@@ -30,19 +30,6 @@ def checkpoint_settings(checkpoint):
             ImageInput.from_dict(train_config, where=f"{checkpoint}: info.train_config"))
 
 
-def freeze_imported_objects() -> None:
-    """Exclude what is alive now (after importing torch, torchvision, timm, napari: ~500,000
-    objects, nearly all modules, classes and functions that live as long as the process) from
-    Python's cyclic garbage collector (``gc.freeze``), once per process. Each full collection
-    scanned them all: 235 ms with napari frozen, at random moments (a slider move, a result
-    shown). Objects made later are collected as before; reference counting frees frozen ones."""
-    import gc
-
-    if not getattr(freeze_imported_objects, "done", False):
-        gc.freeze()
-        freeze_imported_objects.done = True
-
-
 def load_torch_job(checkpoint=None):
     """Import torch + the predictor (slow the first time), then the checkpoint's settings.
 
@@ -58,7 +45,6 @@ def load_torch_job(checkpoint=None):
     import scipy.linalg  # noqa: F401
     import skimage.color  # noqa: F401
 
-    freeze_imported_objects()
     if not checkpoint:
         return None, None, None
     try:

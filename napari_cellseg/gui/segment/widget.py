@@ -21,6 +21,7 @@ from superqt import QLabeledDoubleSlider
 
 from napari_cellseg.gui.segment import edit as _edit
 from napari_cellseg.gui import registry
+from napari_cellseg.gui.collector import freeze_long_lived
 from napari_cellseg.gui.reader import prefer_csv_reader
 from napari_cellseg.gui.segment.jobs import calibrate_job, load_torch_job, predict_options, segment_job
 from napari_cellseg.gui.layers import (META_KEY, InputError, Result, draw_labels, hand_cells, image_id_for_layer, label_dtype, image_plane, result_layer_name, result_of, spatial_shape, stack_planes)
@@ -316,6 +317,7 @@ class SegmentWidget(PanelActions, ScrollDock):
             self.model_combo.currentData()
         except RuntimeError:  # the widget was closed while PyTorch loaded
             return
+        freeze_long_lived(self.viewer)  # PyTorch is imported: no more 235 ms full collections
         if checkpoint != self.model_combo.currentData():  # the model changed meanwhile
             self._on_model_changed()
             return
