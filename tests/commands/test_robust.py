@@ -146,17 +146,32 @@ def test_absurd_sizes_refused_before_allocating(tmp_path, capsys):
 
 
 # ---- kill -9 fault tests -----------------------------------------------------------------------
+# the writers below loop forever until killed: each also exits when its parent (pytest) is gone,
+# so a test run that is itself killed leaves no writer behind
+_ORPHAN_GUARD = """
+import os as _os, threading as _threading, time as _time
+_parent = _os.getppid()
+def _watch():
+    while _os.getppid() == _parent:
+        _time.sleep(0.5)
+    _os._exit(1)
+_threading.Thread(target=_watch, daemon=True).start()
+"""
+
+
 def _kill_during(code: str, ready: Path, delays, env=None):
     """Run ``code`` in a subprocess; once ``ready`` exists, SIGKILL it after each delay in turn."""
     for delay in delays:
-        proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **(env or {})})
-        deadline = time.time() + 120
-        while not ready.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        assert ready.exists(), "the writer never started"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_GUARD + code], env={**os.environ, **(env or {})})
+        try:
+            deadline = time.time() + 120
+            while not ready.exists() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.02)
+            assert ready.exists(), "the writer never started"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         ready.unlink()
 
 
