@@ -72,7 +72,7 @@ def main() -> None:
 
     image, truth = make_image("nuclei", (args.size, args.size), seed=3, diameter=args.diameter)
     viewer = napari.Viewer()
-    viewer.window._qt_window.resize(1280, 800)
+    viewer.window.resize(1280, 800)
     app = QApplication.instance()
     viewer.add_image(image, name="big")
     beat = Heartbeat()

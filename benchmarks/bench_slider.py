@@ -113,7 +113,9 @@ def main(repeats: int = 30) -> None:
                                for _ in range(max(repeats // 3, 3))])) * 1000
     widget.box_slider.setValue(0.05)
     nocache_ms = timed(True, widget.mask_slider)
-    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    from napari_cellseg.gui.compat import scene_canvas
+
+    canvas = scene_canvas(viewer)
     bare = []
     for _ in values:  # the same paint with no data change: the GL floor of this machine
         canvas.update()

@@ -35,6 +35,14 @@ def reset_undo_history(layer) -> None:
         real.data = real.data
 
 
+def scene_canvas(viewer):
+    """The vispy SceneCanvas that draws the viewer's layers (benchmarks time its repaint), or
+    None where this napari keeps it elsewhere."""
+    qt_viewer = getattr(unwrap(getattr(unwrap(viewer), "window", None)), "_qt_viewer", None)
+    canvas = getattr(qt_viewer, "canvas", None)
+    return getattr(canvas, "_scene_canvas", None)
+
+
 def close_notifications(viewer) -> int:
     """Close napari's notification pop-ups on the viewer's window; returns how many."""
     try:

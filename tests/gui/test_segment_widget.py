@@ -752,9 +752,12 @@ def test_napari_compat_adapter(make_napari_viewer, qtbot):
 
     from napari.utils._proxies import PublicOnlyProxy
 
-    from napari_cellseg.gui.compat import close_notifications, reset_undo_history, same_layer
+    from napari_cellseg.gui.compat import close_notifications, reset_undo_history, same_layer, scene_canvas
 
     viewer = make_napari_viewer(show=True)  # a shown window, so a pop-up on it is visible
+    from vispy.scene import SceneCanvas
+
+    assert isinstance(scene_canvas(PublicOnlyProxy(viewer)), SceneCanvas)  # bench_slider's repaint
     lyr = viewer.add_labels(np.zeros((10, 10), np.int32), name="x")
     other = viewer.add_labels(np.zeros((10, 10), np.int32), name="y")
     proxy = PublicOnlyProxy(viewer)
