@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from napari_cellseg.io.files import display_path, non_utf8_name
-from napari_cellseg.io.images import ImageError, image_info, list_images, load_plane, plane_id
+from napari_cellseg.io.files import display_path
+from napari_cellseg.io.images import list_images, load_plane
 from napari_cellseg.io.atomic import output_lock
-from napari_cellseg.io.journal import Journal, check_out, journal_path, journal_paths, normalize_id
+from napari_cellseg.io.journal import Journal, check_out, journal_path, journal_paths
 from napari_cellseg.io.ranking import DOUBTFUL, flush_ranking, ranked_ids
 
 __all__ = ["run_rank", "rank_items", "rank_image", "FLUSH_EVERY"]
@@ -28,29 +28,11 @@ FLUSH_EVERY = int(os.environ.get("CELLSEG_FLUSH_EVERY", 50))  # images between a
 
 
 def rank_items(inputs: Sequence) -> list[tuple[str, Path, int | None]]:
-    """``(id, path, plane)`` of every image (stack planes one each, ids as predict names them).
-    A duplicate id or a file name that is not UTF-8 is a usage error (ValueError)."""
-    out, seen = [], {}
-    for f in list_images(inputs):
-        message = non_utf8_name(f)
-        if message:
-            raise ValueError(message)
-        stem = normalize_id(f.stem)
-        try:
-            planes = image_info(f).planes
-        except (ImageError, OSError):
-            planes = 1  # unreadable: reported and skipped when it is loaded
-        entries = [(stem, f, None)] if planes <= 1 else \
-            [(plane_id(stem, (k,), (planes,)), f, k) for k in range(planes)]
-        for image_id, path, plane in entries:
-            if not image_id:
-                raise ValueError(f"{display_path(path)}: the file name gives an empty image id")
-            if image_id in seen:
-                raise ValueError(f"{display_path(path)}: image id {image_id!r} also given by "
-                                 f"{display_path(seen[image_id])}")
-            seen[image_id] = path
-            out.append((image_id, path, plane))
-    return out
+    """``(id, path, plane)`` of every image: cellseg predict's items (stack planes one each, the
+    same ids). A duplicate id or a file name that is not UTF-8 is a usage error (ValueError)."""
+    from napari_cellseg.commands.predict import expand_items
+
+    return [(it.image_id, it.path, it.plane) for it in expand_items(list_images(inputs))]
 
 
 def rank_image(pipeline, array, second: bool = True) -> dict:
