@@ -32,14 +32,13 @@ def _checkpoint_config(path) -> tuple[dict, dict]:
     channel2, invert) of its ``info.train_config``, only the fields it stores."""
     from dataclasses import fields
 
-    from napari_cellseg.model.checkpoint import read_checkpoint
+    from napari_cellseg.model.checkpoint import read_checkpoint, stored_train_config
     from napari_cellseg.options import ImageInput
 
     obj = read_checkpoint(path)
     if not isinstance(obj, dict):
         return {}, {}
-    info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
-    stored = info.get("train_config") if isinstance(info.get("train_config"), dict) else {}
+    stored = stored_train_config(obj.get("info"))
     image_input = {k: stored[k] for k in (f.name for f in fields(ImageInput)) if k in stored}
     ImageInput.from_dict(image_input, where=f"{path}: info.train_config")  # a bad value: one line
     return obj.get("config", {}), image_input

@@ -54,11 +54,11 @@ def checkpoint_input(runner) -> ImageInput:
     channel, channel2, invert), validated; the defaults for a model that stores none. A bad
     stored value raises PredictError naming the checkpoint."""
     from napari_cellseg.inference.runner import PredictError
+    from napari_cellseg.model.checkpoint import stored_train_config
 
-    stored = (getattr(runner, "info", None) or {}).get("train_config")
     where = f"{getattr(runner, 'checkpoint_path', None) or 'checkpoint'}: info.train_config"
     try:
-        return ImageInput.from_dict(stored if isinstance(stored, dict) else None, where=where)
+        return ImageInput.from_dict(stored_train_config(getattr(runner, "info", None)), where=where)
     except OptionError as exc:
         raise PredictError(str(exc)) from None
 

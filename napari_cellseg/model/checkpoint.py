@@ -65,6 +65,13 @@ def code_version() -> dict:
     return found
 
 
+def stored_train_config(info) -> dict:
+    """The ``train_config`` a checkpoint's ``info`` stores (the TrainConfig it was trained with,
+    image input included); {} for a model that stores none."""
+    stored = info.get("train_config") if isinstance(info, dict) else None
+    return stored if isinstance(stored, dict) else {}
+
+
 def save_checkpoint(path, model, config: ModelConfig, thresholds: "Thresholds | dict | None" = None,
                     info: dict | None = None, extra: dict | None = None) -> None:
     """Write a checkpoint atomically. ``extra`` adds keys (optimizer state for last.ckpt...)."""

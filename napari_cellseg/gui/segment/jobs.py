@@ -19,15 +19,14 @@ def checkpoint_settings(checkpoint):
     stored in a checkpoint, defaults filled in, without building the model.
 
     Raises CheckpointError / OptionError naming the file."""
-    from napari_cellseg.model.checkpoint import read_checkpoint
+    from napari_cellseg.model.checkpoint import read_checkpoint, stored_train_config
     from napari_cellseg.options import ImageInput, Thresholds
 
     obj = read_checkpoint(checkpoint)
     stored = obj.get("thresholds") if "state_dict" in obj else None
-    info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
-    train_config = info.get("train_config") if isinstance(info.get("train_config"), dict) else None
     return (Thresholds.from_dict(stored, where=f"{checkpoint}: thresholds"),
-            ImageInput.from_dict(train_config, where=f"{checkpoint}: info.train_config"))
+            ImageInput.from_dict(stored_train_config(obj.get("info")),
+                                 where=f"{checkpoint}: info.train_config"))
 
 
 def load_torch_job(checkpoint=None):
